@@ -1,0 +1,209 @@
+"""Collectives read from a compiled program's optimized HLO, with loop trip counts applied.
+
+XLA's own cost analysis counts a while body once; here every instruction is weighted by how many
+times its computation runs: the product of the `known_trip_count`s of the while loops around it.
+Replica groups (explicit `{{0,1},{2,3}}`, iota `[2,4]<=[8]`, `[4,2]<=[2,4]T(1,0)` or the named
+`mesh['axis_0'=2,...] {'axis_2'}` form) are turned into the mesh axes they run over: with global
+device ids, id i is the i-th device of the mesh in row-major order.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2,
+    "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+}  # fmt: skip
+
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\))?.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\dm\d\w*)?)\[([\d,]*)\]")
+_CALLEES = re.compile(
+    r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)"
+)
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective instruction of the compiled program.
+
+    Attributes:
+        kind: all-reduce, all-gather, reduce-scatter, all-to-all or collective-permute.
+        axes: the mesh axes its groups span, e.g. ("tensor",); () for a no-op group of one.
+        shapes: the arrays it moves, as (dtype, shape); a combined (tuple) collective has several.
+        bytes: bytes of one execution, summed over `shapes` (the result for all-gather, the operand
+            for the others).
+        trips: how many times it runs per program execution (product of enclosing trip counts).
+        op_name: the JAX operation it came from, from the HLO metadata.
+    """
+
+    kind: str
+    axes: tuple[str, ...]
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    bytes: int
+    trips: int
+    op_name: str
+
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes * self.trips
+
+
+def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    out = []
+    for dtype, dims in _ARRAY.findall(type_text):
+        if dtype in DTYPE_BYTES:
+            out.append((dtype, tuple(int(d) for d in dims.split(",") if d)))
+    return out
+
+
+def _nbytes(arrays: Sequence[tuple[str, tuple[int, ...]]]) -> int:
+    return sum(DTYPE_BYTES[dt] * math.prod(shape) for dt, shape in arrays)
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Splits `a, b, c` at commas that are not inside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _moved_arrays(kind: str, type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    arrays = _arrays(type_text)
+    if kind.endswith("-start"):
+        base = kind.removesuffix("-start")
+        if base == "all-gather" or base == "collective-permute":
+            # Async forms return (operands, results[, contexts]): count the results once.
+            pieces = _split_top_level(type_text.strip()[1:-1])
+            arrays = _arrays(pieces[1] if base == "all-gather" else pieces[0])
+    return arrays
+
+
+def parse_groups(attrs: str, num_devices: int) -> list[list[int]] | None:
+    """The device-id groups of a collective's attribute text, or None when it has none."""
+    m = re.search(r"source_target_pairs=\{(.*?)\}\}", attrs)
+    if m:
+        return [[int(x) for x in p.split(",")] for p in re.findall(r"\{(\d+,\d+)", m.group(0))]
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    if m:
+        sizes = [int(v) for v in re.findall(r"=(\d+)", m.group(1))]
+        names = re.findall(r"'(\w+)'=", m.group(1))
+        chosen = [names.index(a) for a in re.findall(r"'(\w+)'", m.group(2))]
+        ids = np.arange(math.prod(sizes)).reshape(sizes)
+        rest = [i for i in range(len(sizes)) if i not in chosen]
+        moved = np.transpose(ids, rest + chosen)
+        return moved.reshape(-1, math.prod(sizes[i] for i in chosen) or 1).tolist()
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", attrs)
+    if m:
+        shape = [int(v) for v in m.group(1).split(",")]
+        ids = np.arange(math.prod(shape)).reshape([int(v) for v in m.group(2).split(",")])
+        if m.group(3):
+            ids = ids.transpose([int(v) for v in m.group(3).split(",")])
+        return ids.reshape(shape[0], -1).tolist()
+    m = re.search(r"replica_groups=\{(\{[\d,{} ]*\})?\}", attrs)
+    if m:
+        groups = [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m.group(0))]
+        return groups or [list(range(num_devices))]
+    return None
+
+
+def axes_of_groups(
+    groups: list[list[int]], mesh_shape: Sequence[int], axis_names: Sequence[str]
+) -> tuple[str, ...]:
+    """The mesh axes along which the members of each group differ."""
+    varying: set[int] = set()
+    for g in groups:
+        c = np.array(np.unravel_index(np.array(g), mesh_shape))
+        varying |= {k for k in range(len(mesh_shape)) if len(set(c[k].tolist())) > 1}
+    return tuple(axis_names[k] for k in sorted(varying))
+
+
+def collectives(
+    hlo_text: str, mesh_shape: Sequence[int], axis_names: Sequence[str]
+) -> list[Collective]:
+    """Every collective in an optimized HLO module, with its axes, bytes and trip count."""
+    num_devices = math.prod(mesh_shape)
+    bodies: dict[str, list[tuple[str, str, str, str]]] = defaultdict(list)
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        if current is None:
+            m = _COMPUTATION.match(line)
+            if m and not line.lstrip().startswith(("HloModule", "//")):
+                current = m.group(1)
+                if line.startswith("ENTRY"):
+                    entry = current
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        m = _INSTRUCTION.match(line)
+        if m:
+            name, type_text, op, rest = m.groups()
+            bodies[current].append((name, type_text, op, rest))
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+
+    trips: dict[str, int] = defaultdict(int)
+
+    def visit(computation: str, weight: int) -> None:
+        trips[computation] += weight
+        for _, _, op, rest in bodies.get(computation, ()):
+            if op in COLLECTIVES or op.removesuffix("-start") in COLLECTIVES:
+                continue  # to_apply of a reduction, not a call
+            factor = 1
+            if op == "while":
+                m = _TRIP.search(rest)
+                factor = int(m.group(1)) if m else 1
+            callees = [c for _, c in _CALLEES.findall(rest)]
+            for branches in _BRANCHES.findall(rest):
+                callees += [b.strip().lstrip("%") for b in branches.split(",")]
+            for callee in callees:
+                if callee in bodies:
+                    visit(callee, weight * factor)
+
+    visit(entry, 1)
+    found = []
+    for computation, instructions in bodies.items():
+        for _, type_text, op, rest in instructions:
+            kind = op.removesuffix("-start")
+            if kind not in COLLECTIVES or trips[computation] == 0:
+                continue
+            groups = parse_groups(rest, num_devices)
+            axes = axes_of_groups(groups, mesh_shape, axis_names) if groups else tuple(axis_names)
+            arrays = _moved_arrays(op, type_text)
+            name = re.search(r'op_name="([^"]*)"', rest)
+            found.append(
+                Collective(
+                    kind=kind,
+                    axes=axes,
+                    shapes=tuple(arrays),
+                    bytes=_nbytes(arrays),
+                    trips=trips[computation],
+                    op_name=name.group(1) if name else "",
+                )
+            )
+    return found
+
+
+def while_trip_counts(hlo_text: str) -> list[int]:
+    """The known trip counts of every while loop in the module (for FLOP corrections later)."""
+    return [int(n) for n in _TRIP.findall(hlo_text)]

@@ -1,0 +1,153 @@
+"""The `jaxpar` command: argument parsing, dispatch, and bad input turned into exit code 2.
+
+JAX is imported only after the mesh spec is known, because the number of simulated CPU devices
+has to be set before JAX starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from jaxpar.config import Config, load_config, validate_for_mesh
+from jaxpar.errors import JaxparError
+from jaxpar.mesh import MeshSpec, parse_mesh, prepare
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise JaxparError(f"{self.prog}: {message} (see --help)")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config; keys as in README")
+    p.add_argument("--mesh", metavar="SPEC", help="mesh like data=2,tensor=4 (overrides parallel.mesh)")
+    p.add_argument("--devices", type=int, metavar="N", help="simulate N CPU devices")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=50")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="jaxpar", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a model (defaults: a small model on 8 CPU devices)")
+    _add_config_args(p)
+    p.add_argument("--out", metavar="DIR", help="run folder (default: a new folder under runs/)")
+
+    p = sub.add_parser("mesh", help="print a mesh: sizes, devices and groups")
+    p.add_argument("spec", metavar="SPEC", help="e.g. data=2,pipeline=2,tensor=2")
+    p.add_argument("--devices", type=int, metavar="N", help="simulate N CPU devices")
+
+    p = sub.add_parser("shardings", help="print every parameter's layout on the mesh")
+    _add_config_args(p)
+    return parser
+
+
+def _config_and_mesh(args: argparse.Namespace) -> tuple[Config, MeshSpec]:
+    """Loads the config, sets up the devices and checks the config against the resolved mesh."""
+    overrides = list(args.overrides)
+    if args.mesh is not None:
+        overrides.append(f"parallel.mesh={args.mesh}")
+    config = load_config(args.config, overrides)
+    spec = prepare(parse_mesh(config.parallel.mesh), args.devices)
+    validate_for_mesh(config, *spec.sizes)
+    from jaxpar.train.step import compute_dtype
+
+    resolved_dtype = compute_dtype(config.train.dtype).name
+    return config.replace(**{"parallel.mesh": str(spec), "train.dtype": resolved_dtype}), spec
+
+
+def _new_run_dir() -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = Path("runs") / stamp, 1
+    while path.exists():
+        n += 1
+        path = Path("runs") / f"{stamp}-{n}"
+    return path
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else _new_run_dir()
+    if (out / "metrics.jsonl").exists() or (out.exists() and not out.is_dir()):
+        raise JaxparError(f"--out {str(out)!r} already holds a run; choose a new folder")
+    config, spec = _config_and_mesh(args)
+    from rich.console import Console
+
+    from jaxpar.mesh import make_mesh
+    from jaxpar.train.loop import train
+
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"run folder: {out}")
+    summary = train(config, make_mesh(spec), out, console)
+    console.print(
+        f"\ndone: {summary.steps} steps, loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}, "
+        f"{summary.tokens_per_s:,.0f} tokens/s, compile {summary.compile_s:.1f}s, "
+        f"train {summary.train_s:.1f}s"
+    )
+    if summary.sample:
+        console.print("\nsample:", style="bold")
+        console.print(summary.sample, markup=False)
+    console.print(f"\nmetrics: {out / 'metrics.jsonl'}   config: {out / 'config.yaml'}")
+    return 0
+
+
+def cmd_mesh(args: argparse.Namespace) -> int:
+    from jaxpar.mesh import describe, make_mesh
+
+    spec = prepare(parse_mesh(args.spec), args.devices)
+    print(describe(make_mesh(spec)))
+    return 0
+
+
+def cmd_shardings(args: argparse.Namespace) -> int:
+    config, spec = _config_and_mesh(args)
+    from rich.console import Console
+    from rich.table import Table
+
+    from jaxpar.analysis.params import param_rows, tree_bytes_per_device
+    from jaxpar.mesh import make_mesh
+    from jaxpar.train.step import Trainer
+
+    trainer = Trainer(config, make_mesh(spec))
+    rows = param_rows(trainer.abstract_params, trainer.param_shardings)
+    table = Table(title=f"parameters on mesh {spec}, rules '{trainer.rules.name}'")
+    for column in ("parameter", "shape", "logical axes", "PartitionSpec", "bytes/device"):
+        table.add_column(column, justify="right" if column == "bytes/device" else "left")
+    for r in rows:
+        spec_text = "P(" + ", ".join(repr(a) for a in r.spec) + ")"
+        table.add_row(r.name, str(r.shape), ", ".join(r.logical_axes), spec_text, f"{r.bytes_per_device:,}")
+    console = Console(highlight=False, width=max(120, Console().width))
+    console.print(table)
+    total = sum(r.bytes for r in rows)
+    per_device = sum(r.bytes_per_device for r in rows)
+    abstract = trainer.init_state_abstract()
+    opt_bytes = tree_bytes_per_device(abstract.opt_state, trainer.state_shardings.opt_state)
+    console.print(
+        f"parameters: {config.model.num_params:,} ({total:,} bytes); per device {per_device:,} "
+        f"bytes = total / {total / per_device:.2f}; optimizer state per device {opt_bytes:,} bytes"
+    )
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "mesh": cmd_mesh, "shardings": cmd_shardings}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; bad input prints one line to stderr and returns 2."""
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except JaxparError as e:
+        print(f"jaxpar: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jaxpar: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> NoReturn:
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Typed configuration: frozen dataclasses, loaded from YAML plus dotted `key=value` overrides.
+
+This module does not import jax, so the CLI can read and validate a config (and decide how many
+CPU devices to simulate) before JAX initialises its backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxpar.errors import JaxparError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-style decoder. Sizes are global (before any sharding)."""
+
+    layers: int = 4
+    dim: int = 256
+    heads: int = 8
+    kv_heads: int = 4
+    mlp_dim: int = 768
+    vocab: int = 256
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count, embeddings and LM head included."""
+        d, f, v = self.dim, self.mlp_dim, self.vocab
+        attn = d * self.heads * self.head_dim * 2 + d * self.kv_heads * self.head_dim * 2
+        block = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_embeddings else d * v
+        return v * d + self.layers * block + d + head
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop. `batch_size` is global: the sum over data-parallel replicas."""
+
+    steps: int = 300
+    seed: int = 0
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+    # "auto": float32 on CPU, bfloat16 on GPU/TPU. Parameters always stay float32.
+    dtype: str = "auto"
+    sample_tokens: int = 200
+    sample_prompt: str = "def "
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A glob of local text files; `{stdlib}` expands to the Python standard library's folder."""
+
+    path: str = "{stdlib}/*.py"
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is laid out: the mesh spec and whether to shard parameters over `data` too."""
+
+    mesh: str = "data=2,tensor=4"
+    fsdp: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> Config:
+        """Returns a validated copy with dotted overrides, e.g. `replace(**{"train.steps": 5})`."""
+        return load_config(None, [f"{k}={v}" for k, v in overrides.items()], base=self)
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "parallel": ParallelConfig,
+}
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_name(t: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[t]
+
+
+def _coerce(key: str, value: Any, t: type, from_text: bool) -> Any:
+    """Converts `value` to type `t`, or raises naming the key, the value and the expected type."""
+    bad = JaxparError(f"config key {key!r} must be {_type_name(t)}, got {value!r}")
+    if from_text:
+        text = str(value).strip()
+        if t is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise bad
+        if t is int:
+            try:
+                return int(text)
+            except ValueError:
+                raise bad from None
+        if t is float:
+            try:
+                return float(text)
+            except ValueError:
+                raise bad from None
+        return text
+    # Typed YAML values: ints may stand for floats, but bools are never numbers.
+    if isinstance(value, bool) and t is not bool:
+        raise bad
+    if t is float and isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, t):
+        raise bad
+    return value
+
+
+def _set(
+    tree: dict[str, dict[str, Any]], key: str, value: Any, from_text: bool
+) -> None:
+    section, _, name = key.partition(".")
+    if section not in _SECTION_TYPES or not name:
+        raise JaxparError(
+            f"unknown config key {key!r} (keys look like SECTION.NAME with SECTION one of "
+            f"{', '.join(_SECTION_TYPES)})"
+        )
+    types_ = _field_types(_SECTION_TYPES[section])
+    if name not in types_:
+        raise JaxparError(
+            f"unknown config key {key!r} (valid keys in {section!r}: {', '.join(types_)})"
+        )
+    tree[section][name] = _coerce(key, value, types_[name], from_text)
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise JaxparError(f"config file {str(path)!r} does not exist")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise JaxparError(f"config file {str(path)!r} is not valid YAML{at}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise JaxparError(
+            f"config file {str(path)!r} must hold a mapping of sections "
+            f"({', '.join(_SECTION_TYPES)}), got {type(doc).__name__}"
+        )
+    return doc
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    base: Config | None = None,
+) -> Config:
+    """Builds a validated `Config` from defaults (or `base`), a YAML file, then `key=value` overrides.
+
+    Raises:
+        JaxparError: a missing or malformed file, an unknown key, a value of the wrong type, or a
+            value out of range; the message names it.
+    """
+    tree = (base or Config()).to_dict()
+    if path is not None:
+        for section, values in _read_yaml(path).items():
+            if section not in _SECTION_TYPES:
+                raise JaxparError(
+                    f"unknown config section {section!r} in {str(path)!r} "
+                    f"(valid: {', '.join(_SECTION_TYPES)})"
+                )
+            if not isinstance(values, Mapping):
+                raise JaxparError(f"config section {section!r} must be a mapping, got {values!r}")
+            for name, value in values.items():
+                _set(tree, f"{section}.{name}", value, from_text=False)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise JaxparError(f"override {item!r} must look like SECTION.NAME=VALUE")
+        _set(tree, key.strip(), value, from_text=True)
+    config = Config(**{name: cls(**tree[name]) for name, cls in _SECTION_TYPES.items()})
+    validate(config)
+    return config
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise JaxparError(f"config key {key!r} must be positive, got {value!r}")
+
+
+def validate(config: Config) -> None:
+    """Checks values that make sense on their own, whatever the mesh."""
+    m, t = config.model, config.train
+    for name in ("layers", "dim", "heads", "kv_heads", "mlp_dim", "vocab"):
+        _positive(f"model.{name}", getattr(m, name))
+    for name in ("rope_theta", "norm_eps"):
+        _positive(f"model.{name}", getattr(m, name))
+    for name in ("steps", "batch_size", "seq_len", "lr"):
+        _positive(f"train.{name}", getattr(t, name))
+    if m.dim % m.heads:
+        raise JaxparError(
+            f"model.dim={m.dim} must be divisible by model.heads={m.heads} (head_dim = dim / heads)"
+        )
+    if m.head_dim % 2:
+        raise JaxparError(f"head_dim = model.dim / model.heads = {m.head_dim} must be even for RoPE")
+    if m.heads % m.kv_heads:
+        raise JaxparError(
+            f"model.heads={m.heads} must be a multiple of model.kv_heads={m.kv_heads} "
+            "(each kv head serves heads / kv_heads query heads)"
+        )
+    if t.warmup_steps < 0:
+        raise JaxparError(f"config key 'train.warmup_steps' must be >= 0, got {t.warmup_steps}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise JaxparError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {t.min_lr_ratio}")
+    if t.grad_clip <= 0:
+        raise JaxparError(f"config key 'train.grad_clip' must be positive, got {t.grad_clip}")
+    if t.sample_tokens < 0:
+        raise JaxparError(f"config key 'train.sample_tokens' must be >= 0, got {t.sample_tokens}")
+    if t.dtype not in DTYPES:
+        raise JaxparError(f"train.dtype={t.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def validate_for_mesh(config: Config, data: int, pipeline: int, tensor: int) -> None:
+    """Checks the sizes that must divide over the mesh axes (global sizes, per-axis sizes)."""
+    m, t = config.model, config.train
+    for name in ("heads", "kv_heads", "mlp_dim", "vocab"):
+        value = getattr(m, name)
+        if value % tensor:
+            raise JaxparError(
+                f"model.{name}={value} is not divisible by tensor={tensor}; use a tensor size that "
+                f"divides it ({', '.join(str(d) for d in _divisors(value) if d <= 64)})"
+            )
+    if t.batch_size % data:
+        raise JaxparError(
+            f"train.batch_size={t.batch_size} is not divisible by data={data}; the global batch "
+            f"is split evenly over the data replicas (try a multiple of {data})"
+        )
+    if config.parallel.fsdp and m.dim % data:
+        raise JaxparError(
+            f"model.dim={m.dim} is not divisible by data={data}, which FSDP shards it over"
+        )
+    if pipeline > 1:
+        raise JaxparError(
+            f"pipeline={pipeline}: pipeline parallelism is not built yet; use pipeline=1"
+        )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+

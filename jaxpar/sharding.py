@@ -1,0 +1,163 @@
+"""Logical axis names, the rules that map them to mesh axes, and spec resolution.
+
+Model code names the logical axes of every parameter and key activation (constants below) and
+never a mesh axis. A frozen `Rules` object, one preset per strategy, decides where each logical axis
+lands. Parameters and activations use different names for the model dimension (`embed` vs
+`act_embed`, ...) because FSDP shards a weight's `embed` over `data` while the activations keep
+`batch` there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from jaxpar.errors import JaxparError
+from jaxpar.mesh import AXES
+
+if TYPE_CHECKING:
+    import jax
+
+# Parameter axes.
+LAYERS = "layers"
+EMBED = "embed"
+HEADS = "heads"
+KV_HEADS = "kv_heads"
+HEAD_DIM = "head_dim"
+MLP = "mlp"
+VOCAB = "vocab"
+NORM = "norm"
+# Activation axes.
+BATCH = "batch"
+SEQ = "seq"
+ACT_EMBED = "act_embed"
+ACT_HEADS = "act_heads"
+ACT_KV_HEADS = "act_kv_heads"
+ACT_MLP = "act_mlp"
+ACT_VOCAB = "act_vocab"
+
+LOGICAL_AXES = (
+    LAYERS, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, NORM,
+    BATCH, SEQ, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB,
+)  # fmt: skip
+
+MeshAxes = str | tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Maps logical axis names to mesh axes (None: replicated). Hashable, so usable as jit static.
+
+    Attributes:
+        name: the preset's name, for printing.
+        mapping: (logical, mesh axes) pairs; every logical name in `LOGICAL_AXES` appears once.
+    """
+
+    name: str
+    mapping: tuple[tuple[str, MeshAxes], ...]
+
+    def __post_init__(self) -> None:
+        seen = [logical for logical, _ in self.mapping]
+        for logical in seen:
+            if logical not in LOGICAL_AXES:
+                raise JaxparError(
+                    f"rules {self.name!r}: unknown logical axis {logical!r} "
+                    f"(valid: {', '.join(LOGICAL_AXES)})"
+                )
+            if seen.count(logical) > 1:
+                raise JaxparError(f"rules {self.name!r}: logical axis {logical!r} is mapped twice")
+        for logical, target in self.mapping:
+            for axis in _as_tuple(target):
+                if axis not in AXES:
+                    raise JaxparError(
+                        f"rules {self.name!r}: {logical!r} maps to unknown mesh axis {axis!r} "
+                        f"(valid: {', '.join(AXES)})"
+                    )
+
+    def mesh_axes(self, logical: str | None) -> MeshAxes:
+        if logical is None:
+            return None
+        for name, target in self.mapping:
+            if name == logical:
+                return target
+        if logical in LOGICAL_AXES:
+            return None
+        raise JaxparError(f"unknown logical axis {logical!r} (valid: {', '.join(LOGICAL_AXES)})")
+
+    def spec(self, logical_axes: Sequence[str | None]) -> jax.sharding.PartitionSpec:
+        """The PartitionSpec for an array whose dimensions carry `logical_axes`.
+
+        Raises:
+            JaxparError: an unknown logical name, or two dimensions landing on one mesh axis.
+        """
+        from jax.sharding import PartitionSpec
+
+        targets = [self.mesh_axes(a) for a in logical_axes]
+        used: dict[str, str | None] = {}
+        for logical, target in zip(logical_axes, targets, strict=True):
+            for axis in _as_tuple(target):
+                if axis in used:
+                    raise JaxparError(
+                        f"rules {self.name!r}: logical axes {used[axis]!r} and {logical!r} of "
+                        f"{tuple(logical_axes)} both map to mesh axis {axis!r}"
+                    )
+                used[axis] = logical
+        return PartitionSpec(*targets)
+
+    def constrain(self, x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+        """Pins an activation's sharding (inside jit, under `jax.set_mesh`)."""
+        import jax
+
+        if jax.sharding.get_abstract_mesh().empty:
+            return x
+        return jax.lax.with_sharding_constraint(x, self.spec(logical_axes))
+
+
+def _as_tuple(target: MeshAxes) -> tuple[str, ...]:
+    if target is None:
+        return ()
+    return (target,) if isinstance(target, str) else tuple(target)
+
+
+def _rules(name: str, **mapping: MeshAxes) -> Rules:
+    return Rules(name, tuple(mapping.items()))
+
+
+_DATA = {BATCH: "data"}
+_MEGATRON = {
+    HEADS: "tensor", KV_HEADS: "tensor", MLP: "tensor", VOCAB: "tensor",
+    ACT_HEADS: "tensor", ACT_KV_HEADS: "tensor", ACT_MLP: "tensor", ACT_VOCAB: "tensor",
+}  # fmt: skip
+
+REPLICATED = _rules("replicated")
+DATA_PARALLEL = _rules("data-parallel", **_DATA)
+MEGATRON = _rules("megatron", **_DATA, **_MEGATRON)
+# ZeRO-3: every weight's model dimension is also split over `data`; XLA gathers each layer's
+# weights just before use and reduce-scatters their gradients. Norm scales stay replicated.
+FSDP = _rules("fsdp", **_DATA, **_MEGATRON, **{EMBED: "data"})
+
+PRESETS: Mapping[str, Rules] = {r.name: r for r in (REPLICATED, DATA_PARALLEL, MEGATRON, FSDP)}
+
+
+def rules_for(data: int, tensor: int, fsdp: bool) -> Rules:
+    """The preset for a mesh: FSDP when asked, else Megatron TP+DP, DP, or replicated by axis sizes."""
+    if fsdp:
+        return FSDP
+    if tensor > 1:
+        return MEGATRON
+    return DATA_PARALLEL if data > 1 else REPLICATED
+
+
+def param_specs(abstract_params: Any, rules: Rules) -> Any:
+    """Maps each NNX Param (with `logical_axes` metadata) to its PartitionSpec; same tree."""
+    import jax
+    from flax import nnx
+
+    def spec_of(v: Any) -> Any:
+        axes = v.get_metadata().get("logical_axes")
+        if axes is None or len(axes) != v.get_value().ndim:
+            raise JaxparError(f"parameter of shape {v.get_value().shape} has logical axes {axes}")
+        return rules.spec(axes)
+
+    return jax.tree.map(spec_of, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -121,7 +121,8 @@ def parse_groups(attrs: str, num_devices: int) -> list[list[int]] | None:
         return ids.reshape(shape[0], -1).tolist()
     m = re.search(r"replica_groups=\{(\{[\d,{} ]*\})?\}", attrs)
     if m:
-        groups = [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m.group(0))]
+        found = re.findall(r"\{([\d,]+)\}", m.group(0))
+        groups = [[int(x) for x in g.split(",")] for g in found]
         return groups or [list(range(num_devices))]
     return None
 

@@ -103,10 +103,11 @@ def train(config: Config, mesh: jax.sharding.Mesh, out: Path, console: Console) 
     if t.sample_tokens:
         prompt = np.frombuffer(t.sample_prompt.encode(), dtype=np.uint8).astype(np.int32)
         rows = mesh_spec_of(mesh).data  # one prompt per data replica keeps the batch divisible
-        ids = generate(
-            trainer.graphdef, state.params, np.tile(prompt, (rows, 1)), t.sample_tokens,
-            t.seq_len, seed=t.seed, dtype=trainer.dtype,
-        )  # fmt: skip
+        with jax.set_mesh(mesh):
+            ids = generate(
+                trainer.graphdef, state.params, np.tile(prompt, (rows, 1)), t.sample_tokens,
+                t.seq_len, seed=t.seed, dtype=trainer.dtype,
+            )  # fmt: skip
         text = bytes(np.asarray(ids[0], dtype=np.uint8)).decode("utf-8", errors="replace")
         sample = t.sample_prompt + text
     # Step 0 waits for nothing in flight; later steps show the steady state.

@@ -155,13 +155,14 @@ class Trainer:
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": self.schedule(state.step),
         }
         return TrainState(state.step + 1, params, opt_state), metrics
 
     @cached_property
     def jitted_step(self) -> Any:
+        """The jitted step; trace it under `jax.set_mesh(self.mesh)` (as `lower` does)."""
         replicated = NamedSharding(self.mesh, PartitionSpec())
         return jax.jit(
             self._step,
@@ -191,8 +192,16 @@ class Trainer:
             jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(self.tx.init, params)
         )
 
-    def compile(self) -> tuple[jax.stages.Compiled, float]:
-        """Compiles the train step; returns it with the compile time in seconds."""
+    @cached_property
+    def _compiled(self) -> tuple[jax.stages.Compiled, float]:
         start = time.perf_counter()
         compiled = self.lower().compile()
         return compiled, time.perf_counter() - start
+
+    def compile(self) -> tuple[jax.stages.Compiled, float]:
+        """The compiled train step (compiled once) and the seconds its compilation took."""
+        return self._compiled
+
+    def step(self, state: TrainState, tokens_BT: jax.Array) -> tuple[TrainState, dict]:
+        """One update on a (B, T+1) token batch laid out by `batch_sharding`; donates `state`."""
+        return self._compiled[0](state, tokens_BT)

@@ -1,0 +1,156 @@
+"""Communication read from the compiled train step's HLO, and the HLO reader itself."""
+
+import functools
+
+import jax
+import pytest
+
+from jaxpar.analysis.comm import megatron_check, megatron_expected_bytes, traffic
+from jaxpar.analysis.hlo import axes_of_groups, collectives, parse_groups
+from jaxpar.analysis.params import tree_bytes_per_device
+from jaxpar.config import load_config
+from jaxpar.mesh import AXES, make_mesh, parse_mesh
+from jaxpar.train.step import Trainer
+
+SIZES = [
+    "model.layers=3", "model.dim=64", "model.heads=8", "model.kv_heads=8", "model.mlp_dim=96",
+    "model.vocab=256", "train.batch_size=16", "train.seq_len=16", "train.dtype=float32",
+]  # fmt: skip
+
+
+@functools.cache
+def compiled_collectives(mesh_spec: str, fsdp: bool = False):
+    config = load_config(None, [*SIZES, f"parallel.fsdp={fsdp}"])
+    mesh = make_mesh(parse_mesh(mesh_spec))
+    trainer = Trainer(config, mesh)
+    compiled, _ = trainer.compile()
+    found = collectives(compiled.as_text(), tuple(mesh.shape[a] for a in AXES), AXES)
+    return trainer, found
+
+
+@pytest.mark.parametrize(
+    "mesh_spec,fsdp", [("data=2,tensor=4", False), ("tensor=8", False), ("data=4,tensor=2", True)]
+)
+def test_tensor_parallel_traffic_is_megatrons_minimum(mesh_spec, fsdp):
+    trainer, found = compiled_collectives(mesh_spec, fsdp)
+    config = trainer.config
+    b_local = config.train.batch_size // trainer.mesh.shape["data"]
+    check = megatron_check(found, config.model, b_local, config.train.seq_len, act_bytes=4)
+    # Per layer 2 forward + 2 backward, plus embedding forward and LM-head backward.
+    assert check.measured_activation == check.expected_activation == 4 * 3 + 2
+    assert check.measured_ce == 3
+    assert check.measured_bytes == check.expected_bytes
+    assert check.expected_bytes == (14 * b_local * 16 * 64 + 3 * b_local * 16) * 4
+    assert check.unexpected == ()
+    assert check.exact
+    # Nothing but all-reduces ever runs over the tensor groups: no weight is gathered.
+    assert {c.kind for c in found if "tensor" in c.axes} == {"all-reduce"}
+
+
+def test_data_parallel_gradients_are_reduced_once():
+    trainer, found = compiled_collectives("data=8")
+    param_bytes = tree_bytes_per_device(trainer.abstract_params, trainer.param_shardings)
+    grad_bytes = sum(
+        c.trips * sum(4 * _size(s) for _, s in c.shapes if _size(s) > 1)
+        for c in found
+        if c.axes == ("data",) and c.kind == "all-reduce"
+    )
+    assert grad_bytes == param_bytes
+    assert not [c for c in found if c.axes == ("tensor",)]
+
+
+def test_tensor_and_data_parallel_gradient_bytes_are_the_local_shard():
+    trainer, found = compiled_collectives("data=2,tensor=4")
+    param_bytes = tree_bytes_per_device(trainer.abstract_params, trainer.param_shardings)
+    grad_bytes = sum(
+        c.trips * sum(4 * _size(s) for _, s in c.shapes if _size(s) > 1)
+        for c in found
+        if c.axes == ("data",) and c.kind == "all-reduce"
+    )
+    assert grad_bytes == param_bytes
+
+
+def test_fsdp_gathers_weights_over_data_only():
+    _, found = compiled_collectives("data=4,tensor=2", True)
+    by_kind = {(t.kind, t.axes): t for t in traffic(found)}
+    assert ("all-gather", ("data",)) in by_kind
+    assert not [c for c in found if c.kind == "all-gather" and c.axes != ("data",)]
+
+
+def test_megatron_expected_bytes_formula():
+    config = load_config(None, SIZES)
+    # L=3, b=2, s=16, d=64, float32: (4*3 + 2) * 2*16*64 * 4 + 3 * 2*16 * 4
+    assert megatron_expected_bytes(config.model, 2, 16, 4) == 14 * 2048 * 4 + 384
+
+
+def _size(shape):
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+# The reader on hand-written HLO: every replica-group form and nested loop trip counts.
+
+HLO = """HloModule test, entry_computation_layout={()->f32[]}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%inner_body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]) parameter(0)
+  %x = f32[4,8] get-tuple-element(%p), index=1
+  %ar = f32[4,8]{1,0} all-reduce(%x), channel_id=1, replica_groups=[2,4]<=[8], use_global_device_ids=true, to_apply=%add
+  ROOT %t = (s32[], f32[4,8]) tuple(%i, %ar)
+}
+
+%outer_body (q: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %q = (s32[], f32[4,8]) parameter(0)
+  %w = (s32[], f32[4,8]) while(%q), condition=%cond, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
+  %y = f32[4,8] get-tuple-element(%w), index=1
+  %ag = bf16[8,8]{1,0} all-gather(%y), channel_id=2, replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}, use_global_device_ids=true
+  ROOT %u = (s32[], f32[4,8]) tuple(%j, %y)
+}
+
+ENTRY %main () -> f32[] {
+  %init = (s32[], f32[4,8]) tuple(%zero, %z)
+  %loop = (s32[], f32[4,8]) while(%init), condition=%cond, body=%outer_body, backend_config={"known_trip_count":{"n":"5"}}
+  %r = (f32[2], f32[]) all-reduce(%v, %c), channel_id=3, replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=4] {'axis_0'}, to_apply=%add
+  %cp = f32[16]{0} collective-permute(%v), channel_id=4, source_target_pairs={{0,2},{2,0},{4,6},{6,4}}
+  ROOT %o = f32[] constant(0)
+}
+"""
+
+
+def test_hlo_reader_applies_nested_trip_counts_and_reads_every_group_form():
+    found = {c.kind: c for c in collectives(HLO, (2, 2, 2), AXES)}
+    ar_inner = [c for c in collectives(HLO, (2, 2, 2), AXES) if c.kind == "all-reduce"][0]
+    assert ar_inner.trips == 15 and ar_inner.bytes == 128 and ar_inner.axes == ("pipeline", "tensor")
+    assert ar_inner.total_bytes == 15 * 128
+    gather = found["all-gather"]
+    assert gather.trips == 5 and gather.bytes == 128 and gather.axes == ("data",)
+    permute = found["collective-permute"]
+    assert permute.trips == 1 and permute.axes == ("pipeline",)
+
+
+def test_replica_group_forms():
+    assert parse_groups("replica_groups={{0,1},{2,3}}", 4) == [[0, 1], [2, 3]]
+    assert parse_groups("replica_groups={}", 4) == [[0, 1, 2, 3]]
+    assert parse_groups("replica_groups=[2,4]<=[8]", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert parse_groups("replica_groups=[4,2]<=[2,4]T(1,0)", 8) == [
+        [0, 4], [1, 5], [2, 6], [3, 7]
+    ]  # fmt: skip
+    named = "replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=4] {'axis_2'}"
+    assert parse_groups(named, 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    named = "replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=4] {'axis_0'}"
+    assert parse_groups(named, 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert axes_of_groups([[0, 4], [1, 5]], (2, 1, 4), AXES) == ("data",)
+    assert axes_of_groups([[0], [1]], (2, 1, 4), AXES) == ()
+
+
+def test_the_devices_of_a_collective_are_mesh_positions():
+    mesh = make_mesh(parse_mesh("data=2,tensor=4"))
+    assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()]

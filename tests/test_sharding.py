@@ -1,0 +1,142 @@
+"""Exact PartitionSpecs of every parameter under each preset, and rule validation.
+
+Every dimension size is distinct (L=3, D=24, N=4, K=2, H=6, F=40, V=56), so a spec applied to the
+wrong (e.g. transposed) dimension shows up as a wrong shard shape.
+"""
+
+import math
+
+import jax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxpar import sharding as S
+from jaxpar.analysis.params import param_rows
+from jaxpar.config import load_config
+from jaxpar.errors import JaxparError
+from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.train.step import Trainer
+
+SIZES = [
+    "model.layers=3", "model.dim=24", "model.heads=4", "model.kv_heads=2",
+    "model.mlp_dim=40", "model.vocab=56", "train.batch_size=8", "train.seq_len=8",
+]  # fmt: skip
+
+SHAPES = {
+    "blocks.attn.wq_DNH": (3, 24, 4, 6),
+    "blocks.attn.wk_DKH": (3, 24, 2, 6),
+    "blocks.attn.wv_DKH": (3, 24, 2, 6),
+    "blocks.attn.wo_NHD": (3, 4, 6, 24),
+    "blocks.attn_norm.scale": (3, 24),
+    "blocks.mlp.w_gate_DF": (3, 24, 40),
+    "blocks.mlp.w_up_DF": (3, 24, 40),
+    "blocks.mlp.w_down_FD": (3, 40, 24),
+    "blocks.mlp_norm.scale": (3, 24),
+    "embed_VD": (56, 24),
+    "final_norm.scale": (24,),
+    "head_DV": (24, 56),
+}
+
+_T, _D = "tensor", "data"
+MEGATRON = {
+    "blocks.attn.wq_DNH": P(None, None, _T, None),
+    "blocks.attn.wk_DKH": P(None, None, _T, None),
+    "blocks.attn.wv_DKH": P(None, None, _T, None),
+    "blocks.attn.wo_NHD": P(None, _T, None, None),
+    "blocks.attn_norm.scale": P(None, None),
+    "blocks.mlp.w_gate_DF": P(None, None, _T),
+    "blocks.mlp.w_up_DF": P(None, None, _T),
+    "blocks.mlp.w_down_FD": P(None, _T, None),
+    "blocks.mlp_norm.scale": P(None, None),
+    "embed_VD": P(_T, None),
+    "final_norm.scale": P(None),
+    "head_DV": P(None, _T),
+}
+FSDP = {
+    "blocks.attn.wq_DNH": P(None, _D, _T, None),
+    "blocks.attn.wk_DKH": P(None, _D, _T, None),
+    "blocks.attn.wv_DKH": P(None, _D, _T, None),
+    "blocks.attn.wo_NHD": P(None, _T, None, _D),
+    "blocks.attn_norm.scale": P(None, None),
+    "blocks.mlp.w_gate_DF": P(None, _D, _T),
+    "blocks.mlp.w_up_DF": P(None, _D, _T),
+    "blocks.mlp.w_down_FD": P(None, _T, _D),
+    "blocks.mlp_norm.scale": P(None, None),
+    "embed_VD": P(_T, _D),
+    "final_norm.scale": P(None),
+    "head_DV": P(_D, _T),
+}
+REPLICATED = {name: P(*(None,) * len(shape)) for name, shape in SHAPES.items()}
+
+CASES = [
+    # (preset, mesh, fsdp flag, expected specs, expected shard shape of wq, of head)
+    ("replicated", "data=1", False, REPLICATED, (3, 24, 4, 6), (24, 56)),
+    ("data-parallel", "data=8", False, REPLICATED, (3, 24, 4, 6), (24, 56)),
+    ("megatron", "data=4,tensor=2", False, MEGATRON, (3, 24, 2, 6), (24, 28)),
+    ("fsdp", "data=4,tensor=2", True, FSDP, (3, 6, 2, 6), (6, 28)),
+]
+
+
+@pytest.mark.parametrize("preset,mesh_spec,fsdp,expected,wq_shard,head_shard", CASES)
+def test_exact_partition_specs(preset, mesh_spec, fsdp, expected, wq_shard, head_shard):
+    spec = parse_mesh(mesh_spec)
+    devices = jax.devices()[: spec.size]
+    config = load_config(None, [*SIZES, f"parallel.fsdp={fsdp}"])
+    trainer = Trainer(config, make_mesh(spec, devices))
+    assert trainer.rules is S.PRESETS[preset]
+    rows = {r.name: r for r in param_rows(trainer.abstract_params, trainer.param_shardings)}
+    assert {name: r.shape for name, r in rows.items()} == SHAPES
+    assert {name: r.spec for name, r in rows.items()} == expected
+    shardings = {
+        ".".join(map(str, path)): v.get_value()
+        for path, v in nnx.to_flat_state(trainer.param_shardings)
+    }
+    shard = {name: shardings[name].shard_shape(SHAPES[name]) for name in rows}
+    assert shard["blocks.attn.wq_DNH"] == wq_shard
+    assert shard["head_DV"] == head_shard
+    for name, r in rows.items():
+        assert r.bytes_per_device == 4 * math.prod(shard[name])
+
+
+def test_optimizer_state_follows_parameter_shardings():
+    config = load_config(None, [*SIZES, "parallel.fsdp=true"])
+    trainer = Trainer(config, make_mesh(parse_mesh("data=4,tensor=2")))
+    adam = trainer.state_shardings.opt_state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
+    flat_mu = {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(adam.mu)}
+    assert flat_mu["blocks.attn.wq_DNH"].spec == FSDP["blocks.attn.wq_DNH"]
+    assert flat_mu["head_DV"].spec == FSDP["head_DV"]
+    assert adam.count.spec == P()
+
+
+def test_activation_names_stay_off_data_under_fsdp():
+    assert S.FSDP.spec((S.BATCH, S.SEQ, S.ACT_EMBED)) == P("data", None, None)
+    assert S.FSDP.spec((S.BATCH, S.SEQ, S.ACT_VOCAB)) == P("data", None, "tensor")
+
+
+def test_conflicting_axes_raise():
+    with pytest.raises(JaxparError, match="both map to mesh axis 'data'"):
+        S.FSDP.spec((S.BATCH, S.EMBED))
+
+
+def test_unknown_logical_name_raises():
+    with pytest.raises(JaxparError, match="unknown logical axis 'hidden'"):
+        S.MEGATRON.spec(("hidden", S.MLP))
+
+
+def test_rules_validate_their_mapping():
+    with pytest.raises(JaxparError, match="unknown mesh axis 'model'"):
+        S.Rules("bad", ((S.MLP, "model"),))
+    with pytest.raises(JaxparError, match="unknown logical axis 'hidden'"):
+        S.Rules("bad", (("hidden", "tensor"),))
+    with pytest.raises(JaxparError, match="mapped twice"):
+        S.Rules("bad", ((S.MLP, "tensor"), (S.MLP, None)))
+
+
+@pytest.mark.parametrize(
+    "data,tensor,fsdp,name",
+    [(1, 1, False, "replicated"), (8, 1, False, "data-parallel"), (2, 4, False, "megatron"),
+     (1, 8, False, "megatron"), (4, 2, True, "fsdp"), (8, 1, True, "fsdp")],
+)  # fmt: skip
+def test_preset_choice(data, tensor, fsdp, name):
+    assert S.rules_for(data, tensor, fsdp).name == name

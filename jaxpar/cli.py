@@ -20,12 +20,14 @@ from jaxpar.mesh import MeshSpec, parse_mesh, prepare
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise JaxparError(f"{self.prog}: {message} (see --help)")
+        raise JaxparError(f"{message} (see '{self.prog} --help')")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config; keys as in README")
-    p.add_argument("--mesh", metavar="SPEC", help="mesh like data=2,tensor=4 (overrides parallel.mesh)")
+    p.add_argument(
+        "--mesh", metavar="SPEC", help="mesh like data=2,tensor=4 (overrides parallel.mesh)"
+    )
     p.add_argument("--devices", type=int, metavar="N", help="simulate N CPU devices")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=50")
 
@@ -119,7 +121,9 @@ def cmd_shardings(args: argparse.Namespace) -> int:
         table.add_column(column, justify="right" if column == "bytes/device" else "left")
     for r in rows:
         spec_text = "P(" + ", ".join(repr(a) for a in r.spec) + ")"
-        table.add_row(r.name, str(r.shape), ", ".join(r.logical_axes), spec_text, f"{r.bytes_per_device:,}")
+        table.add_row(
+            r.name, str(r.shape), ", ".join(r.logical_axes), spec_text, f"{r.bytes_per_device:,}"
+        )
     console = Console(highlight=False, width=max(120, Console().width))
     console.print(table)
     total = sum(r.bytes for r in rows)

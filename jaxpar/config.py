@@ -7,6 +7,7 @@ CPU devices to simulate) before JAX initialises its backend.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -120,6 +121,8 @@ def _coerce(key: str, value: Any, t: type, from_text: bool) -> Any:
     """Converts `value` to type `t`, or raises naming the key, the value and the expected type."""
     bad = JaxparError(f"config key {key!r} must be {_type_name(t)}, got {value!r}")
     if from_text:
+        if t is str:
+            return str(value)  # verbatim: a prompt may end in a space
         text = str(value).strip()
         if t is bool:
             lowered = text.lower()
@@ -149,9 +152,7 @@ def _coerce(key: str, value: Any, t: type, from_text: bool) -> Any:
     return value
 
 
-def _set(
-    tree: dict[str, dict[str, Any]], key: str, value: Any, from_text: bool
-) -> None:
+def _set(tree: dict[str, dict[str, Any]], key: str, value: Any, from_text: bool) -> None:
     section, _, name = key.partition(".")
     if section not in _SECTION_TYPES or not name:
         raise JaxparError(
@@ -191,7 +192,7 @@ def load_config(
     overrides: Sequence[str] = (),
     base: Config | None = None,
 ) -> Config:
-    """Builds a validated `Config` from defaults (or `base`), a YAML file, then `key=value` overrides.
+    """Builds a validated `Config`: defaults (or `base`), then a YAML file, then overrides.
 
     Raises:
         JaxparError: a missing or malformed file, an unknown key, a value of the wrong type, or a
@@ -220,7 +221,7 @@ def load_config(
 
 
 def _positive(key: str, value: float) -> None:
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:
         raise JaxparError(f"config key {key!r} must be positive, got {value!r}")
 
 
@@ -238,7 +239,9 @@ def validate(config: Config) -> None:
             f"model.dim={m.dim} must be divisible by model.heads={m.heads} (head_dim = dim / heads)"
         )
     if m.head_dim % 2:
-        raise JaxparError(f"head_dim = model.dim / model.heads = {m.head_dim} must be even for RoPE")
+        raise JaxparError(
+            f"head_dim = model.dim / model.heads = {m.head_dim} must be even for RoPE"
+        )
     if m.heads % m.kv_heads:
         raise JaxparError(
             f"model.heads={m.heads} must be a multiple of model.kv_heads={m.kv_heads} "
@@ -247,9 +250,17 @@ def validate(config: Config) -> None:
     if t.warmup_steps < 0:
         raise JaxparError(f"config key 'train.warmup_steps' must be >= 0, got {t.warmup_steps}")
     if not 0 <= t.min_lr_ratio <= 1:
-        raise JaxparError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {t.min_lr_ratio}")
-    if t.grad_clip <= 0:
-        raise JaxparError(f"config key 'train.grad_clip' must be positive, got {t.grad_clip}")
+        raise JaxparError(
+            f"config key 'train.min_lr_ratio' must be in [0, 1], got {t.min_lr_ratio}"
+        )
+    _positive("train.grad_clip", t.grad_clip)
+    for name in ("b1", "b2"):
+        if not 0 <= getattr(t, name) < 1:
+            raise JaxparError(
+                f"config key 'train.{name}' must be in [0, 1), got {getattr(t, name)}"
+            )
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+        raise JaxparError(f"config key 'train.weight_decay' must be >= 0, got {t.weight_decay}")
     if t.sample_tokens < 0:
         raise JaxparError(f"config key 'train.sample_tokens' must be >= 0, got {t.sample_tokens}")
     if t.dtype not in DTYPES:
@@ -287,4 +298,3 @@ def _divisors(n: int) -> list[int]:
 
 def dump_yaml(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
-

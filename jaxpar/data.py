@@ -42,7 +42,9 @@ class Corpus:
         Raises:
             JaxparError: no files match, or they hold too little text.
         """
-        paths = sorted(p for p in glob.glob(expand_path(pattern), recursive=True) if Path(p).is_file())
+        paths = sorted(
+            p for p in glob.glob(expand_path(pattern), recursive=True) if Path(p).is_file()
+        )
         if not paths:
             raise JaxparError(
                 f"data.path={pattern!r} matches no files; give a glob of local text files, "
@@ -52,16 +54,19 @@ class Corpus:
         return cls(tokens=np.concatenate(chunks), files=len(paths))
 
     def check_fits(self, seq_len: int) -> None:
-        if len(self.tokens) <= seq_len + 1:
+        if len(self.tokens) < seq_len + 1:
             raise JaxparError(
                 f"data.path holds {len(self.tokens)} bytes, too few for train.seq_len={seq_len}; "
                 "add text or lower train.seq_len"
             )
 
-    def batch_rows(self, seed: int, step: int, batch: int, seq_len: int, rows: np.ndarray) -> np.ndarray:
+    def batch_rows(
+        self, seed: int, step: int, batch: int, seq_len: int, rows: np.ndarray
+    ) -> np.ndarray:
         """Rows `rows` of step `step`'s global (batch, seq_len + 1) int32 batch."""
         rng = np.random.default_rng([seed, step])
-        starts = rng.integers(0, len(self.tokens) - seq_len - 1, size=batch)[rows]
+        # Windows of seq_len + 1 tokens; the last one starts at len - seq_len - 1.
+        starts = rng.integers(0, len(self.tokens) - seq_len, size=batch)[rows]
         index = starts[:, None] + np.arange(seq_len + 1)[None, :]
         return self.tokens[index].astype(np.int32)
 

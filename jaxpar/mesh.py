@@ -83,7 +83,9 @@ def parse_mesh(spec: str) -> MeshSpec:
             continue
         axis, sep, value = part.partition("=")
         if not sep:
-            raise JaxparError(f"mesh spec {spec!r}: {part!r} must look like AXIS=SIZE, e.g. tensor=2")
+            raise JaxparError(
+                f"mesh spec {spec!r}: {part!r} must look like AXIS=SIZE, e.g. tensor=2"
+            )
         if axis not in AXES:
             raise JaxparError(
                 f"mesh spec {spec!r}: unknown axis {axis!r} (valid axes: {', '.join(AXES)})"
@@ -125,7 +127,8 @@ def simulate_devices(num_devices: int) -> None:
             have = len(jax.devices("cpu"))
             if have != num_devices and jax.default_backend() == "cpu":
                 raise JaxparError(
-                    f"JAX already started with {have} CPU devices; cannot simulate {num_devices}"
+                    f"the mesh needs {num_devices} devices but JAX already started with {have} "
+                    "CPU devices in this process; use a mesh of that size"
                 )
             return
     flags = os.environ.get("XLA_FLAGS", "")
@@ -181,10 +184,15 @@ def describe(mesh: jax.sharding.Mesh) -> str:
         d = mesh.devices[coord]
         lines.append(f"  ({', '.join(map(str, coord))})  ->  device {d.id}")
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
-    lines += ["", f"tensor groups (devices sharing one layer's shards), {spec.tensor} devices each:"]
+    lines += [
+        "",
+        f"tensor groups (devices sharing one layer's shards), {spec.tensor} devices each:",
+    ]
     lines += [f"  {g}" for g in groups(mesh, "tensor")]
     lines += ["", "pipeline stages (devices holding each stage's layers):"]
-    lines += [f"  stage {s}: {sorted(ids[:, s, :].flatten().tolist())}" for s in range(spec.pipeline)]
+    lines += [
+        f"  stage {s}: {sorted(ids[:, s, :].flatten().tolist())}" for s in range(spec.pipeline)
+    ]
     lines += ["", "data replicas (devices holding one whole copy of the model):"]
     lines += [f"  replica {r}: {sorted(ids[r].flatten().tolist())}" for r in range(spec.data)]
     return "\n".join(lines)

@@ -141,7 +141,7 @@ PRESETS: Mapping[str, Rules] = {r.name: r for r in (REPLICATED, DATA_PARALLEL, M
 
 
 def rules_for(data: int, tensor: int, fsdp: bool) -> Rules:
-    """The preset for a mesh: FSDP when asked, else Megatron TP+DP, DP, or replicated by axis sizes."""
+    """The preset for a mesh: FSDP when asked, else Megatron, data-parallel or replicated."""
     if fsdp:
         return FSDP
     if tensor > 1:

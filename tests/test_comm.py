@@ -128,7 +128,9 @@ ENTRY %main () -> f32[] {
 def test_hlo_reader_applies_nested_trip_counts_and_reads_every_group_form():
     found = {c.kind: c for c in collectives(HLO, (2, 2, 2), AXES)}
     ar_inner = [c for c in collectives(HLO, (2, 2, 2), AXES) if c.kind == "all-reduce"][0]
-    assert ar_inner.trips == 15 and ar_inner.bytes == 128 and ar_inner.axes == ("pipeline", "tensor")
+    assert (
+        ar_inner.trips == 15 and ar_inner.bytes == 128 and ar_inner.axes == ("pipeline", "tensor")
+    )
     assert ar_inner.total_bytes == 15 * 128
     gather = found["all-gather"]
     assert gather.trips == 5 and gather.bytes == 128 and gather.axes == ("data",)

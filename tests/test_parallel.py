@@ -36,9 +36,9 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def trainer_for(mesh_spec: str, fsdp: bool) -> Trainer:
+def trainer_for(mesh_spec: str, fsdp: bool, *extra: str) -> Trainer:
     spec = parse_mesh(mesh_spec)
-    config = load_config(None, [*SIZES, f"parallel.fsdp={fsdp}"])
+    config = load_config(None, [*SIZES, f"parallel.fsdp={fsdp}", *extra])
     return Trainer(config, make_mesh(spec, jax.devices()[: spec.size]))
 
 
@@ -101,6 +101,24 @@ def test_layout_matches_single_device(mesh_spec, fsdp):
     assert losses[-1] < losses[0] - 0.5  # it trains, not just agrees
     errors = {name: rel_err(params[name], ref_params[name]) for name in params}
     assert max(errors.values()) < 1e-5, errors
+
+
+def test_tied_embeddings_match_single_device():
+    ref_loss, ref_grads = grads(trainer_for("data=1", False, "model.tie_embeddings=true"))
+    loss, g = grads(trainer_for("data=2,tensor=4", False, "model.tie_embeddings=true"))
+    assert "head_DV" not in g
+    assert abs(loss - ref_loss) / abs(ref_loss) < 1e-5
+    errors = {name: rel_err(g[name], ref_grads[name]) for name in g}
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    trainer = trainer_for("data=2,tensor=4", False, "train.dtype=bfloat16")
+    state = trainer.init_state()
+    state, metrics = trainer.step(state, jax.device_put(batches()[0], trainer.batch_sharding))
+    assert np.isfinite(float(metrics["loss"]))
+    assert {v.dtype for v in jax.tree.leaves(state.params)} == {np.dtype("float32")}
+    assert abs(float(metrics["loss"]) - reference()[0][0][0]) < 0.05  # bf16 rounding, same model
 
 
 def test_parameters_are_sharded_as_the_rules_say():

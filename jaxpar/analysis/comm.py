@@ -98,7 +98,11 @@ def megatron_check(
             size = math.prod(shape)
             if c.kind == "all-reduce" and size == 1:
                 scalars += c.trips
-            elif c.kind == "all-reduce" and c.axes == ("tensor",) and shape == (batch_local, seq, cfg.dim):
+            elif (
+                c.kind == "all-reduce"
+                and c.axes == ("tensor",)
+                and shape == (batch_local, seq, cfg.dim)
+            ):
                 activation += c.trips
                 measured_bytes += c.trips * size * DTYPE_BYTES[dtype]
             elif c.kind == "all-reduce" and c.axes == ("tensor",) and shape == (batch_local, seq):

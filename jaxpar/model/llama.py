@@ -21,7 +21,6 @@ from flax import nnx
 from jaxpar.config import ModelConfig
 from jaxpar.sharding import (
     ACT_EMBED,
-    ACT_HEADS,
     ACT_KV_HEADS,
     ACT_MLP,
     ACT_VOCAB,
@@ -170,7 +169,9 @@ class Llama(nnx.Module):
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if not cfg.tie_embeddings:
-            self.head_DV = _param(rngs, (cfg.dim, cfg.vocab), 1 / math.sqrt(cfg.dim), (EMBED, VOCAB))
+            self.head_DV = _param(
+                rngs, (cfg.dim, cfg.vocab), 1 / math.sqrt(cfg.dim), (EMBED, VOCAB)
+            )
 
     def embed(self, tokens_BT: jax.Array, dtype: jnp.dtype) -> jax.Array:
         # A one-hot contraction over the vocab-sharded table is Megatron's vocab-parallel
@@ -183,10 +184,7 @@ class Llama(nnx.Module):
     def logits(self, x_BTD: jax.Array) -> jax.Array:
         """float32 logits (B, T, V), split over `tensor` along V; never gathered here."""
         x_BTD = self.final_norm(x_BTD)
-        if self.cfg.tie_embeddings:
-            w_DV = self.embed_VD[...].T
-        else:
-            w_DV = self.head_DV[...]
+        w_DV = self.embed_VD[...].T if self.cfg.tie_embeddings else self.head_DV[...]
         logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, w_DV.astype(x_BTD.dtype))
         return self.rules.constrain(logits_BTV.astype(jnp.float32), (BATCH, SEQ, ACT_VOCAB))
 
@@ -211,7 +209,7 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """Mean next-token negative log-likelihood, vocab-parallel.
 
     With V split over `tensor`, the max, the sum of exponentials and the target logit are each
-    partial per rank and reduced with one all-reduce of (B, T); the full (B, T, V) is never gathered.
+    partial per rank and reduced with one all-reduce of (B, T); (B, T, V) is never gathered.
     """
     m_BT = jax.lax.stop_gradient(jnp.max(logits_BTV, axis=-1))
     shifted_BTV = logits_BTV - m_BT[..., None]

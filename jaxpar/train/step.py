@@ -150,7 +150,9 @@ class Trainer:
             return jax.jit(init, out_shardings=self.state_shardings)()
 
     def _step(self, state: TrainState, tokens_BT: jax.Array) -> tuple[TrainState, dict]:
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, self.graphdef, tokens_BT, self.dtype)
+        loss, grads = jax.value_and_grad(loss_fn)(
+            state.params, self.graphdef, tokens_BT, self.dtype
+        )
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {

@@ -53,12 +53,12 @@ class ModelConfig:
 class TrainConfig:
     """The optimisation loop. `batch_size` is global: the sum over data-parallel replicas."""
 
-    steps: int = 300
+    steps: int = 150
     seed: int = 0
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 3e-3
-    warmup_steps: int = 30
+    warmup_steps: int = 15
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     b1: float = 0.9

@@ -38,7 +38,7 @@ def test_defaults_equal_the_dataclass_defaults():
     # a few concrete defaults the CLI documents
     assert config.parallel.mesh == "data=2,tensor=4"
     assert config.parallel.fsdp is False
-    assert config.train.steps == 300
+    assert config.train.steps == 150
     assert config.train.dtype == "auto"
     assert config.data.path == "{stdlib}/*.py"
 
@@ -327,10 +327,10 @@ def test_replace_round_trip():
     assert config == Config()  # the original is untouched (frozen)
     # only the named fields changed
     assert changed.model == config.model
-    assert dataclasses.replace(changed.train, steps=300, lr=3e-3) == config.train
+    assert dataclasses.replace(changed.train, steps=150, lr=3e-3) == config.train
     back = changed.replace(
         **{
-            "train.steps": 300,
+            "train.steps": 150,
             "train.lr": 3e-3,
             "parallel.fsdp": False,
             "parallel.mesh": "data=2,tensor=4",

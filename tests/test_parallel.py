@@ -1,7 +1,11 @@
 """Every parallel layout computes what the single-device model computes (float32).
 
-Relative error is measured per tensor as max|a - b| / max|b|, so near-zero elements don't make
-the check meaningless and a single wrong shard does not hide in an average.
+Gradients are compared per tensor as max|a - b| / max|b|: near-zero elements don't make the
+check meaningless, and a single wrong shard cannot hide in an average. Parameters after several
+Adam steps are compared as ||a - b|| / ||b||: Adam divides each element's update by that element's
+own gradient magnitude, so for an element whose gradient is tiny the float32 summation-order noise of
+a sharded reduction (~1e-7 relative in the gradient) is amplified into its update; a max-norm bound
+there would measure Adam's conditioning, not the layout.
 """
 
 import functools
@@ -34,6 +38,11 @@ MESHES = [
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def rel_err_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def trainer_for(mesh_spec: str, fsdp: bool, *extra: str) -> Trainer:
@@ -99,7 +108,7 @@ def test_layout_matches_single_device(mesh_spec, fsdp):
     losses, params = run(trainer)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert losses[-1] < losses[0] - 0.5  # it trains, not just agrees
-    errors = {name: rel_err(params[name], ref_params[name]) for name in params}
+    errors = {name: rel_err_l2(params[name], ref_params[name]) for name in params}
     assert max(errors.values()) < 1e-5, errors
 
 

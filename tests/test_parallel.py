@@ -3,9 +3,9 @@
 Gradients are compared per tensor as max|a - b| / max|b|: near-zero elements don't make the
 check meaningless, and a single wrong shard cannot hide in an average. Parameters after several
 Adam steps are compared as ||a - b|| / ||b||: Adam divides each element's update by that element's
-own gradient magnitude, so for an element whose gradient is tiny the float32 summation-order noise of
-a sharded reduction (~1e-7 relative in the gradient) is amplified into its update; a max-norm bound
-there would measure Adam's conditioning, not the layout.
+own gradient magnitude, so for an element whose gradient is tiny the float32 summation-order noise
+of a sharded reduction (~1e-7 relative in the gradient) is amplified into its update; a max-norm
+bound there would measure Adam's conditioning, not the layout.
 """
 
 import functools

@@ -1,8 +1,9 @@
 """A Llama-style decoder in Flax NNX with logical axis names on every parameter.
 
 Dimension key (suffixes on array names, letters in einsum strings):
-    B batch   T sequence   D model dim   N query heads   K kv heads   G query heads per kv head
-    H head dim   F mlp hidden   V vocab   L layers
+    B batch   T sequence (queries)   S sequence (keys, in attention only)   D model dim
+    N query heads   K kv heads   G query heads per kv head   H head dim   F mlp hidden   V vocab
+    C fused projections (G queries + key + value per kv head, or gate + up)
 
 Tensor parallelism is Megatron's, expressed only through logical names: q/k/v and gate/up are
 column-parallel (output dims `heads`/`kv_heads`/`mlp`), the attention output and MLP down are

@@ -163,28 +163,18 @@ def test_train_malformed_config_file(capsys, tmp_path):
     assert not out.exists()
 
 
-def test_train_config_file_is_a_list(capsys, tmp_path):
-    config = tmp_path / "list.yaml"
-    config.write_text("- train\n")
-    out = tmp_path / "run"
-    _expect_error(
-        capsys,
-        ["train", "--out", str(out), "--config", str(config)],
-        "must hold a mapping",
-        "got list",
-    )
-    assert not out.exists()
-
-
-def test_train_bad_value_in_config_file(capsys, tmp_path):
+@pytest.mark.parametrize(
+    "text,fragments",
+    [
+        ("- train\n", ("must hold a mapping", "got list")),
+        ("train:\n  steps: true\n", ("'train.steps' must be an integer, got True",)),
+    ],
+)
+def test_train_config_file_with_bad_content(capsys, tmp_path, text, fragments):
     config = tmp_path / "c.yaml"
-    config.write_text("train:\n  steps: true\n")
+    config.write_text(text)
     out = tmp_path / "run"
-    _expect_error(
-        capsys,
-        ["train", "--out", str(out), "--config", str(config)],
-        "'train.steps' must be an integer, got True",
-    )
+    _expect_error(capsys, ["train", "--out", str(out), "--config", str(config)], *fragments)
     assert not out.exists()
 
 

@@ -124,7 +124,8 @@ def cmd_shardings(args: argparse.Namespace) -> int:
         table.add_row(
             r.name, str(r.shape), ", ".join(r.logical_axes), spec_text, f"{r.bytes_per_device:,}"
         )
-    console = Console(highlight=False, width=max(120, Console().width))
+    terminal = Console()
+    console = Console(highlight=False, soft_wrap=True, width=max(160, terminal.width))
     console.print(table)
     total = sum(r.bytes for r in rows)
     per_device = sum(r.bytes_per_device for r in rows)

@@ -138,16 +138,19 @@ class Trainer:
         assert self.rules is not None
         return NamedSharding(self.mesh, self.rules.spec((BATCH, None)))
 
+    def _init(self, seed: int) -> TrainState:
+        _, params = nnx.split(self._new_model(seed))
+        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+
+    @cached_property
+    def _jitted_init(self) -> Any:
+        return jax.jit(self._init, static_argnums=0, out_shardings=self.state_shardings)
+
     def init_state(self, seed: int | None = None) -> TrainState:
         """Initialises parameters and optimizer state straight into their shardings."""
         seed = self.config.train.seed if seed is None else seed
-
-        def init() -> TrainState:
-            _, params = nnx.split(self._new_model(seed))
-            return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
-
         with jax.set_mesh(self.mesh):
-            return jax.jit(init, out_shardings=self.state_shardings)()
+            return self._jitted_init(seed)
 
     def _step(self, state: TrainState, tokens_BT: jax.Array) -> tuple[TrainState, dict]:
         loss, grads = jax.value_and_grad(loss_fn)(
@@ -189,10 +192,8 @@ class Trainer:
             return self.jitted_step.lower(abstract_state, tokens)
 
     def init_state_abstract(self) -> TrainState:
-        params = self.abstract_params
-        return TrainState(
-            jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(self.tx.init, params)
-        )
+        """Shapes and dtypes of the state, without allocating it."""
+        return jax.eval_shape(lambda: self._init(0))
 
     @cached_property
     def _compiled(self) -> tuple[jax.stages.Compiled, float]:

@@ -19,6 +19,8 @@ import yaml
 from jaxpar.errors import JaxparError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SCHEDULES = ("gpipe", "circular")
+REMAT = ("none", "full", "dots", "dots_no_batch")
 
 
 @dataclass(frozen=True)
@@ -86,11 +88,28 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """How the layer stack runs over the `pipeline` mesh axis (and micro-batching on any mesh).
+
+    With pipeline=1 the micro-batches run one after another: gradient accumulation.
+    """
+
+    schedule: str = "gpipe"
+    microbatches: int = 1
+    # Chunks of layers per stage for the circular schedule; micro-batches circle the ring this often.
+    repeats: int = 1
+    # Recompute each tick's stage activations in the backward pass: none, full, or a saving policy
+    # (dots: keep matmul outputs; dots_no_batch: keep only weight-like matmul outputs).
+    remat: str = "none"
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -105,6 +124,7 @@ _SECTION_TYPES = {
     "train": TrainConfig,
     "data": DataConfig,
     "parallel": ParallelConfig,
+    "pipeline": PipelineConfig,
 }
 
 
@@ -263,6 +283,22 @@ def validate(config: Config) -> None:
         raise JaxparError(f"config key 'train.weight_decay' must be >= 0, got {t.weight_decay}")
     if t.sample_tokens < 0:
         raise JaxparError(f"config key 'train.sample_tokens' must be >= 0, got {t.sample_tokens}")
+    p = config.pipeline
+    if p.schedule not in SCHEDULES:
+        raise JaxparError(
+            f"pipeline.schedule={p.schedule!r} is not a schedule; valid: {', '.join(SCHEDULES)}"
+        )
+    if p.remat not in REMAT:
+        raise JaxparError(f"pipeline.remat={p.remat!r} is not one of {', '.join(REMAT)}")
+    if p.repeats < 1:
+        raise JaxparError(f"pipeline.repeats={p.repeats} must be at least 1")
+    if p.microbatches < 1:
+        raise JaxparError(f"pipeline.microbatches={p.microbatches} must be at least 1")
+    if p.schedule == "gpipe" and p.repeats != 1:
+        raise JaxparError(
+            f"pipeline.repeats={p.repeats} needs pipeline.schedule=circular (gpipe has one chunk "
+            "of layers per stage)"
+        )
     if t.dtype not in DTYPES:
         raise JaxparError(f"train.dtype={t.dtype!r} is not one of {', '.join(DTYPES)}")
 
@@ -286,9 +322,24 @@ def validate_for_mesh(config: Config, data: int, pipeline: int, tensor: int) -> 
         raise JaxparError(
             f"model.dim={m.dim} is not divisible by data={data}, which FSDP shards it over"
         )
-    if pipeline > 1:
+    p = config.pipeline
+    chunks = pipeline * p.repeats
+    if m.layers < chunks:
         raise JaxparError(
-            f"pipeline={pipeline}: pipeline parallelism is not built yet; use pipeline=1"
+            f"model.layers={m.layers} is fewer than pipeline stages x repeats = {pipeline} x "
+            f"{p.repeats} = {chunks}; every chunk needs a layer"
+        )
+    per_replica = t.batch_size // data
+    for name, value in (("pipeline.microbatches", p.microbatches), ("pipeline stages", pipeline)):
+        if per_replica % value:
+            raise JaxparError(
+                f"per-replica batch train.batch_size / data = {per_replica} is not divisible by "
+                f"{name} = {value}; use a batch that is a multiple of {value * data}"
+            )
+    if p.schedule == "circular" and p.microbatches < pipeline:
+        raise JaxparError(
+            f"pipeline.microbatches={p.microbatches} < pipeline={pipeline}: the circular schedule "
+            "needs at least one micro-batch per stage in flight"
         )
 
 

@@ -4,7 +4,10 @@ Model code names the logical axes of every parameter and key activation (constan
 never a mesh axis. A frozen `Rules` object, one preset per strategy, decides where each logical axis
 lands. Parameters and activations use different names for the model dimension (`embed` vs
 `act_embed`, ...) because FSDP shards a weight's `embed` over `data` while the activations keep
-`batch` there.
+`batch` there. Likewise two batch names: `batch` inside the layer stack, where `pipeline` is a manual
+axis of the pipeline's shard_map, and `outer_batch` for the embedding, LM head and loss, which run
+outside the pipeline with the batch split over `data` and `pipeline` together (no stage repeats
+that work).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ if TYPE_CHECKING:
     import jax
 
 # Parameter axes.
+STAGE = "stage"
 LAYERS = "layers"
 EMBED = "embed"
 HEADS = "heads"
@@ -30,6 +34,7 @@ VOCAB = "vocab"
 NORM = "norm"
 # Activation axes.
 BATCH = "batch"
+OUTER_BATCH = "outer_batch"
 SEQ = "seq"
 ACT_EMBED = "act_embed"
 ACT_HEADS = "act_heads"
@@ -38,8 +43,8 @@ ACT_MLP = "act_mlp"
 ACT_VOCAB = "act_vocab"
 
 LOGICAL_AXES = (
-    LAYERS, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, NORM,
-    BATCH, SEQ, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB,
+    STAGE, LAYERS, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, NORM,
+    BATCH, OUTER_BATCH, SEQ, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB,
 )  # fmt: skip
 
 MeshAxes = str | tuple[str, ...] | None
@@ -124,7 +129,7 @@ def _rules(name: str, **mapping: MeshAxes) -> Rules:
     return Rules(name, tuple(mapping.items()))
 
 
-_DATA = {BATCH: "data"}
+_DATA = {STAGE: "pipeline", BATCH: "data", OUTER_BATCH: ("data", "pipeline")}
 _MEGATRON = {
     HEADS: "tensor", KV_HEADS: "tensor", MLP: "tensor", VOCAB: "tensor",
     ACT_HEADS: "tensor", ACT_KV_HEADS: "tensor", ACT_MLP: "tensor", ACT_VOCAB: "tensor",
@@ -140,13 +145,17 @@ FSDP = _rules("fsdp", **_DATA, **_MEGATRON, **{EMBED: "data"})
 PRESETS: Mapping[str, Rules] = {r.name: r for r in (REPLICATED, DATA_PARALLEL, MEGATRON, FSDP)}
 
 
-def rules_for(data: int, tensor: int, fsdp: bool) -> Rules:
-    """The preset for a mesh: FSDP when asked, else Megatron, data-parallel or replicated."""
+def rules_for(data: int, pipeline: int, tensor: int, fsdp: bool) -> Rules:
+    """The preset for a mesh: FSDP when asked, else Megatron, data-parallel or replicated.
+
+    Every preset but `replicated` puts `stage` on `pipeline`, so pipelining needs no preset of its
+    own; `replicated` is only chosen for a mesh of one device.
+    """
     if fsdp:
         return FSDP
     if tensor > 1:
         return MEGATRON
-    return DATA_PARALLEL if data > 1 else REPLICATED
+    return DATA_PARALLEL if data > 1 or pipeline > 1 else REPLICATED
 
 
 def param_specs(abstract_params: Any, rules: Rules) -> Any:

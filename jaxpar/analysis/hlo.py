@@ -138,12 +138,37 @@ def axes_of_groups(
     return tuple(axis_names[k] for k in sorted(varying))
 
 
-def collectives(
-    hlo_text: str, mesh_shape: Sequence[int], axis_names: Sequence[str]
-) -> list[Collective]:
-    """Every collective in an optimized HLO module, with its axes, bytes and trip count."""
-    num_devices = math.prod(mesh_shape)
-    bodies: dict[str, list[tuple[str, str, str, str]]] = defaultdict(list)
+@dataclass(frozen=True)
+class Instruction:
+    name: str
+    type_text: str
+    op: str
+    rest: str
+
+
+@dataclass(frozen=True)
+class HloModule:
+    """An optimized HLO module: its computations' instructions and how often each computation runs.
+
+    Attributes:
+        computations: computation name -> its instructions, in order.
+        trips: computation name -> executions per program run (0 when unreachable from ENTRY).
+    """
+
+    computations: dict[str, list[Instruction]]
+    trips: dict[str, int]
+
+    def instructions(self):
+        """(instruction, executions per run) for every reachable instruction."""
+        for computation, instructions in self.computations.items():
+            if self.trips.get(computation, 0):
+                for instruction in instructions:
+                    yield instruction, self.trips[computation]
+
+
+def parse(hlo_text: str) -> HloModule:
+    """Reads computations and weights each by the trip counts of the while loops around it."""
+    bodies: dict[str, list[Instruction]] = defaultdict(list)
     entry, current = None, None
     for line in hlo_text.splitlines():
         if current is None:
@@ -158,8 +183,7 @@ def collectives(
             continue
         m = _INSTRUCTION.match(line)
         if m:
-            name, type_text, op, rest = m.groups()
-            bodies[current].append((name, type_text, op, rest))
+            bodies[current].append(Instruction(*m.groups()))
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
 
@@ -167,44 +191,71 @@ def collectives(
 
     def visit(computation: str, weight: int) -> None:
         trips[computation] += weight
-        for _, _, op, rest in bodies.get(computation, ()):
-            if op in COLLECTIVES or op.removesuffix("-start") in COLLECTIVES:
+        for ins in bodies.get(computation, ()):
+            if ins.op in COLLECTIVES or ins.op.removesuffix("-start") in COLLECTIVES:
                 continue  # to_apply of a reduction, not a call
             factor = 1
-            if op == "while":
-                m = _TRIP.search(rest)
+            if ins.op == "while":
+                m = _TRIP.search(ins.rest)
                 factor = int(m.group(1)) if m else 1
-            callees = [c for _, c in _CALLEES.findall(rest)]
-            for branches in _BRANCHES.findall(rest):
+            callees = [c for _, c in _CALLEES.findall(ins.rest)]
+            for branches in _BRANCHES.findall(ins.rest):
                 callees += [b.strip().lstrip("%") for b in branches.split(",")]
             for callee in callees:
                 if callee in bodies:
                     visit(callee, weight * factor)
 
     visit(entry, 1)
+    return HloModule(dict(bodies), dict(trips))
+
+
+def collectives(
+    hlo: str | HloModule, mesh_shape: Sequence[int], axis_names: Sequence[str]
+) -> list[Collective]:
+    """Every collective in an optimized HLO module, with its axes, bytes and trip count."""
+    module = parse(hlo) if isinstance(hlo, str) else hlo
+    num_devices = math.prod(mesh_shape)
     found = []
-    for computation, instructions in bodies.items():
-        for _, type_text, op, rest in instructions:
-            kind = op.removesuffix("-start")
-            if kind not in COLLECTIVES or trips[computation] == 0:
-                continue
-            groups = parse_groups(rest, num_devices)
-            axes = axes_of_groups(groups, mesh_shape, axis_names) if groups else tuple(axis_names)
-            arrays = _moved_arrays(op, type_text)
-            name = re.search(r'op_name="([^"]*)"', rest)
-            found.append(
-                Collective(
-                    kind=kind,
-                    axes=axes,
-                    shapes=tuple(arrays),
-                    bytes=_nbytes(arrays),
-                    trips=trips[computation],
-                    op_name=name.group(1) if name else "",
-                )
+    for ins, trips in module.instructions():
+        kind = ins.op.removesuffix("-start")
+        if kind not in COLLECTIVES:
+            continue
+        groups = parse_groups(ins.rest, num_devices)
+        axes = axes_of_groups(groups, mesh_shape, axis_names) if groups else tuple(axis_names)
+        arrays = _moved_arrays(ins.op, ins.type_text)
+        name = re.search(r'op_name="([^"]*)"', ins.rest)
+        found.append(
+            Collective(
+                kind=kind,
+                axes=axes,
+                shapes=tuple(arrays),
+                bytes=_nbytes(arrays),
+                trips=trips,
+                op_name=name.group(1) if name else "",
             )
+        )
     return found
 
 
-def while_trip_counts(hlo_text: str) -> list[int]:
-    """The known trip counts of every while loop in the module (for FLOP corrections later)."""
-    return [int(n) for n in _TRIP.findall(hlo_text)]
+def dot_flops(hlo: str | HloModule) -> int:
+    """Matmul FLOPs of one program run on one device: 2 x output size x contracted size per dot,
+    times the executions of its computation (cost_analysis counts a loop body once)."""
+    module = parse(hlo) if isinstance(hlo, str) else hlo
+    total = 0
+    for computation, instructions in module.computations.items():
+        runs = module.trips.get(computation, 0)
+        if not runs:
+            continue
+        shapes = {ins.name: _arrays(ins.type_text) for ins in instructions}
+        for ins in instructions:
+            if ins.op != "dot":
+                continue
+            lhs = re.match(r"\s*(?:[^%]*?)%([\w.\-]+)", ins.rest)
+            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.rest)
+            out = _arrays(ins.type_text)
+            if not (lhs and contracting and out and shapes.get(lhs.group(1))):
+                raise ValueError(f"cannot read dot {ins.name}: {ins.rest[:200]}")
+            lhs_shape = shapes[lhs.group(1)][0][1]
+            k = math.prod(lhs_shape[int(i)] for i in contracting.group(1).split(",") if i)
+            total += runs * 2 * math.prod(out[0][1]) * k
+    return total

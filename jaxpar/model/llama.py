@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpar.config import ModelConfig
+from jaxpar.pipeline.layout import StageLayout
 from jaxpar.sharding import (
     ACT_EMBED,
     ACT_KV_HEADS,
@@ -33,12 +34,15 @@ from jaxpar.sharding import (
     LAYERS,
     MLP,
     NORM,
+    OUTER_BATCH,
     SEQ,
+    STAGE,
     VOCAB,
     Rules,
 )
 
 X_AXES = (BATCH, SEQ, ACT_EMBED)
+OUTER_X_AXES = (OUTER_BATCH, SEQ, ACT_EMBED)
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple[str, ...]) -> nnx.Param:
@@ -152,14 +156,24 @@ class Block(nnx.Module):
 
 
 class Llama(nnx.Module):
-    """Token embedding, L blocks stacked on a leading `layers` axis and run by a scan, final norm,
-    LM head (untied by default).
+    """Token embedding, a stack of blocks run by a scan, final norm, LM head (untied by default).
 
-    The scan keeps compile time flat in depth: XLA sees one block body with trip count L.
+    The blocks' parameters are stored by pipeline stage, [P, v * c, ...] on logical axes
+    (`stage`, `layers`, ...), as `layout` says; without pipelining that is [1, L, ...]. They are
+    drawn in logical layer order first, so a model initialises identically on every layout. A scan
+    keeps compile time flat in depth: XLA sees one block body with a trip count.
     """
 
-    def __init__(self, cfg: ModelConfig, rules: Rules, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        rules: Rules,
+        *,
+        rngs: nnx.Rngs,
+        layout: StageLayout | None = None,
+    ):
         self.cfg, self.rules = cfg, rules
+        self.layout = layout = layout or StageLayout(cfg.layers)
         self.embed_VD = _param(rngs, (cfg.vocab, cfg.dim), 1.0, (VOCAB, EMBED))
 
         @nnx.split_rngs(splits=cfg.layers)
@@ -167,7 +181,15 @@ class Llama(nnx.Module):
         def make_blocks(rngs: nnx.Rngs) -> Block:
             return Block(cfg, rules, rngs=rngs)
 
-        self.blocks = make_blocks(rngs)
+        graphdef, blocks_L = nnx.split(make_blocks(rngs))
+        blocks_SC = jax.tree.map(
+            lambda v: v.replace(
+                layout.to_stages(v.get_value()), logical_axes=(STAGE, *v.logical_axes)
+            ),
+            blocks_L,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+        self.blocks = nnx.merge(graphdef, blocks_SC)
         self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.head_DV = _param(
@@ -178,16 +200,16 @@ class Llama(nnx.Module):
         # A one-hot contraction over the vocab-sharded table is Megatron's vocab-parallel
         # embedding: each tensor rank looks up the ids it owns, then one all-reduce of (B, T, D).
         onehot_BTV = jax.nn.one_hot(tokens_BT, self.cfg.vocab, dtype=dtype)
-        onehot_BTV = self.rules.constrain(onehot_BTV, (BATCH, SEQ, ACT_VOCAB))
+        onehot_BTV = self.rules.constrain(onehot_BTV, (OUTER_BATCH, SEQ, ACT_VOCAB))
         x_BTD = jnp.einsum("BTV,VD->BTD", onehot_BTV, self.embed_VD[...].astype(dtype))
-        return self.rules.constrain(x_BTD, X_AXES)
+        return self.rules.constrain(x_BTD, OUTER_X_AXES)
 
     def logits(self, x_BTD: jax.Array) -> jax.Array:
         """float32 logits (B, T, V), split over `tensor` along V; never gathered here."""
-        x_BTD = self.final_norm(x_BTD)
+        x_BTD = self.final_norm(self.rules.constrain(x_BTD, OUTER_X_AXES))
         w_DV = self.embed_VD[...].T if self.cfg.tie_embeddings else self.head_DV[...]
         logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, w_DV.astype(x_BTD.dtype))
-        return self.rules.constrain(logits_BTV.astype(jnp.float32), (BATCH, SEQ, ACT_VOCAB))
+        return self.rules.constrain(logits_BTV.astype(jnp.float32), (OUTER_BATCH, SEQ, ACT_VOCAB))
 
     def __call__(
         self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, dtype=jnp.float32
@@ -196,13 +218,14 @@ class Llama(nnx.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         x_BTD = self.embed(tokens_BT, dtype)
-        graphdef, layers_state = nnx.split(self.blocks)
+        graphdef, blocks_SC = nnx.split(self.blocks)
+        blocks_L = jax.tree.map(self.layout.to_logical, blocks_SC)
 
         def body(x_BTD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
             block = nnx.merge(graphdef, layer_state)
             return self.rules.constrain(block(x_BTD, positions_BT), X_AXES), None
 
-        x_BTD, _ = jax.lax.scan(body, x_BTD, layers_state)
+        x_BTD, _ = jax.lax.scan(body, self.rules.constrain(x_BTD, X_AXES), blocks_L)
         return self.logits(x_BTD)
 
 

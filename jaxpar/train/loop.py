@@ -66,6 +66,14 @@ def train(config: Config, mesh: jax.sharding.Mesh, out: Path, console: Console) 
     state = trainer.init_state()
     step_fn, compile_s = trainer.compile()
     console.print(f"compiled the train step in {compile_s:.1f}s")
+    overhead = trainer.compute_overhead()
+    console.print(
+        f"pipeline: {trainer.schedule.describe()}; {trainer.layout.imbalance()}\n"
+        f"compute: {overhead.flops_per_device / 1e9:.3f} GFLOP per device per step = "
+        f"{overhead.ratio:.3f} x ideal; overhead {overhead.bubble:.1%} of the step, "
+        f"{overhead.stack_bubble:.1%} of the layer stack (theoretical bubble "
+        f"{trainer.schedule.bubble:.1%})"
+    )
 
     shape = trainer.batch_shape()
     tokens_per_step = t.batch_size * t.seq_len
@@ -102,7 +110,8 @@ def train(config: Config, mesh: jax.sharding.Mesh, out: Path, console: Console) 
     sample = ""
     if t.sample_tokens:
         prompt = np.frombuffer(t.sample_prompt.encode(), dtype=np.uint8).astype(np.int32)
-        rows = mesh_spec_of(mesh).data  # one prompt per data replica keeps the batch divisible
+        spec = mesh_spec_of(mesh)
+        rows = spec.data * spec.pipeline  # the batch is split over both outside the layers
         with jax.set_mesh(mesh):
             ids = generate(
                 trainer.graphdef, state.params, np.tile(prompt, (rows, 1)), t.sample_tokens,

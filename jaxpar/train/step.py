@@ -19,10 +19,15 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxpar.analysis.flops import ComputeOverhead, layer_stack_flops, model_flops
+from jaxpar.analysis.hlo import dot_flops
 from jaxpar.config import Config, TrainConfig
 from jaxpar.mesh import mesh_spec_of
 from jaxpar.model.llama import Llama, cross_entropy
-from jaxpar.sharding import BATCH, NORM, Rules, rules_for
+from jaxpar.pipeline.executor import run_pipeline
+from jaxpar.pipeline.layout import StageLayout
+from jaxpar.pipeline.schedule import Schedule
+from jaxpar.sharding import NORM, OUTER_BATCH, Rules, rules_for
 
 
 @jax.tree_util.register_dataclass
@@ -71,18 +76,12 @@ def make_optimizer(cfg: TrainConfig, abstract_params: nnx.State) -> optax.Gradie
     )
 
 
-def loss_fn(
-    params: nnx.State, graphdef: nnx.GraphDef, tokens_BT: jax.Array, dtype: jnp.dtype
-) -> jax.Array:
-    """Next-token loss of a (B, T+1) batch: predict tokens 1..T from tokens 0..T-1."""
-    model = nnx.merge(graphdef, params)
-    logits_BTV = model(tokens_BT[:, :-1], dtype=dtype)
-    return cross_entropy(logits_BTV, tokens_BT[:, 1:])
-
-
 @dataclass
 class Trainer:
     """A model, its optimizer and its train step, laid out on a mesh by a rules preset.
+
+    The layer stack always runs through the pipeline executor: with pipeline=1 its schedule is
+    plain micro-batching (gradient accumulation), so one config runs on every mesh.
 
     Attributes:
         config: the resolved config.
@@ -97,16 +96,19 @@ class Trainer:
     def __post_init__(self) -> None:
         spec = mesh_spec_of(self.mesh)
         if self.rules is None:
-            self.rules = rules_for(spec.data, spec.tensor, self.config.parallel.fsdp)
+            self.rules = rules_for(spec.data, spec.pipeline, spec.tensor, self.config.parallel.fsdp)
+        pipe = self.config.pipeline
+        self.layout = StageLayout(self.config.model.layers, spec.pipeline, pipe.repeats)
+        self.schedule = Schedule(pipe.schedule, spec.pipeline, pipe.microbatches, pipe.repeats)
         self.dtype = compute_dtype(self.config.train.dtype)
         abstract = nnx.eval_shape(lambda: self._new_model(0))
         self.graphdef, self.abstract_params = nnx.split(abstract)
         self.tx = make_optimizer(self.config.train, self.abstract_params)
-        self.schedule = lr_schedule(self.config.train)
+        self.lr = lr_schedule(self.config.train)
 
     def _new_model(self, seed: int) -> Llama:
         assert self.rules is not None
-        return Llama(self.config.model, self.rules, rngs=nnx.Rngs(params=seed))
+        return Llama(self.config.model, self.rules, rngs=nnx.Rngs(params=seed), layout=self.layout)
 
     @cached_property
     def param_shardings(self) -> nnx.State:
@@ -136,7 +138,7 @@ class Trainer:
     @property
     def batch_sharding(self) -> NamedSharding:
         assert self.rules is not None
-        return NamedSharding(self.mesh, self.rules.spec((BATCH, None)))
+        return NamedSharding(self.mesh, self.rules.spec((OUTER_BATCH, None)))
 
     def _init(self, seed: int) -> TrainState:
         _, params = nnx.split(self._new_model(seed))
@@ -152,16 +154,30 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             return self._jitted_init(seed)
 
-    def _step(self, state: TrainState, tokens_BT: jax.Array) -> tuple[TrainState, dict]:
-        loss, grads = jax.value_and_grad(loss_fn)(
-            state.params, self.graphdef, tokens_BT, self.dtype
+    def loss(self, params: nnx.State, tokens_BT: jax.Array) -> jax.Array:
+        """Next-token loss of a (B, T+1) batch: predict tokens 1..T from tokens 0..T-1."""
+        model = nnx.merge(self.graphdef, params)
+        x_BTD = model.embed(tokens_BT[:, :-1], self.dtype)
+        blocks_graphdef, blocks_state = nnx.split(model.blocks)
+        x_BTD = run_pipeline(
+            blocks_graphdef,
+            blocks_state,
+            x_BTD,
+            mesh=self.mesh,
+            schedule=self.schedule,
+            layout=self.layout,
+            remat=self.config.pipeline.remat,
         )
+        return cross_entropy(model.logits(x_BTD), tokens_BT[:, 1:])
+
+    def _step(self, state: TrainState, tokens_BT: jax.Array) -> tuple[TrainState, dict]:
+        loss, grads = jax.value_and_grad(self.loss)(state.params, tokens_BT)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss,
             "grad_norm": optax.tree.norm(grads),
-            "lr": self.schedule(state.step),
+            "lr": self.lr(state.step),
         }
         return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -208,3 +224,12 @@ class Trainer:
     def step(self, state: TrainState, tokens_BT: jax.Array) -> tuple[TrainState, dict]:
         """One update on a (B, T+1) token batch laid out by `batch_sharding`; donates `state`."""
         return self._compiled[0](state, tokens_BT)
+
+    def compute_overhead(self) -> ComputeOverhead:
+        """The compiled step's per-device matmul FLOPs (trip counts applied) against the ideal."""
+        m, t, n = self.config.model, self.config.train, self.mesh.devices.size
+        return ComputeOverhead(
+            flops_per_device=dot_flops(self.compile()[0].as_text()),
+            ideal_flops_per_device=model_flops(m, t.batch_size, t.seq_len) / n,
+            ideal_stack_flops_per_device=layer_stack_flops(m, t.batch_size, t.seq_len) / n,
+        )

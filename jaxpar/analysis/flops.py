@@ -1,0 +1,65 @@
+"""Model FLOPs, and the measured compute overhead of a compiled step (bubbles, padding, remat).
+
+`model_flops` counts the matmuls one train step of this model needs, no more: the forward pass,
+twice that backward, except the embedding's one-hot contraction, whose input (token ids) needs no
+gradient. `dot_flops` of a one-device compiled step equals it exactly (tested), so the ratio of a
+layout's per-device dot FLOPs to `model_flops / devices` is pure overhead: pipeline bubbles, padded
+layer slots and recomputation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jaxpar.config import ModelConfig
+
+
+def layer_stack_flops(cfg: ModelConfig, batch: int, seq: int) -> int:
+    """Matmul FLOPs of the decoder blocks in one train step: forward, and twice that backward."""
+    d, f, h = cfg.dim, cfg.mlp_dim, cfg.head_dim
+    n, k = cfg.heads, cfg.kv_heads
+    per_layer = 2 * d * (n + 2 * k) * h + 2 * n * h * d + 2 * 3 * d * f  # projections
+    per_layer += 2 * 2 * seq * n * h  # scores and probabilities x values, all key positions
+    return 3 * batch * seq * cfg.layers * per_layer
+
+
+def model_flops(cfg: ModelConfig, batch: int, seq: int) -> int:
+    """Matmul FLOPs of one train step (forward + backward) over a (batch, seq) token batch.
+
+    Beyond the blocks: the LM head (2 V D per token forward, twice that backward) and the one-hot
+    embedding (forward and weight gradient only: token ids have no gradient).
+    """
+    v, d = cfg.vocab, cfg.dim
+    return layer_stack_flops(cfg, batch, seq) + batch * seq * (3 * 2 * d * v + 2 * 2 * v * d)
+
+
+@dataclass(frozen=True)
+class ComputeOverhead:
+    """Per-device FLOPs of a compiled step against the ideal share of the model's FLOPs.
+
+    Attributes:
+        flops_per_device: matmul FLOPs one device runs per step, loop trip counts applied.
+        ideal_flops_per_device: the model's FLOPs over the number of devices.
+        ideal_stack_flops_per_device: the same for the layer stack alone, the part a pipeline
+            schedule runs (embedding and LM head run outside it, with no bubble).
+    """
+
+    flops_per_device: int
+    ideal_flops_per_device: float
+    ideal_stack_flops_per_device: float
+
+    @property
+    def ratio(self) -> float:
+        return self.flops_per_device / self.ideal_flops_per_device
+
+    @property
+    def bubble(self) -> float:
+        """Share of the step's computed FLOPs that are not the model's: 1 - ideal / measured."""
+        return 1 - self.ideal_flops_per_device / self.flops_per_device
+
+    @property
+    def stack_bubble(self) -> float:
+        """The same share within the layer stack; equals the schedule's bubble when nothing else
+        (padding, recomputation) adds work."""
+        outer = self.ideal_flops_per_device - self.ideal_stack_flops_per_device
+        return 1 - self.ideal_stack_flops_per_device / (self.flops_per_device - outer)

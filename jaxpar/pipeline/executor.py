@@ -1,0 +1,140 @@
+"""The pipeline executor: one `jax.shard_map`, manual over `pipeline` only, around a `lax.scan`
+over the schedule's ticks; activations move to the next stage with `lax.ppermute`.
+
+Dimension key: B batch, T sequence, D model dim, M micro-batches, b micro-batch rows, R data
+replicas, P stages, Q rows per (replica, stage) outside the pipeline.
+
+`data` and `tensor` stay automatic inside the shard_map, so the stage body is the ordinary
+tensor-parallel block and XLA partitions it exactly as without pipelining. The embedding, LM head and
+loss run outside, with the batch split over `data` and `pipeline` (`outer_batch`): nothing is
+computed twice. Stage 0 gathers the micro-batches' inputs at the start (one all-gather over
+`pipeline`) and the outputs are spread back over the stages at the end (one reduce-scatter); the
+backward pass runs the transposed collectives. Per tick each stage sends one (b, T, D) activation to
+the next, forward, and receives one cotangent, backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from jaxpar.pipeline.layout import StageLayout
+from jaxpar.pipeline.schedule import Schedule
+
+PIPE = "pipeline"
+
+_POLICIES: dict[str, Callable | None] = {
+    "full": None,  # save nothing: recompute the whole tick
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat(fn: Callable, remat: str) -> Callable:
+    if remat == "none":
+        return fn
+    return jax.checkpoint(fn, policy=_POLICIES[remat])
+
+
+def run_pipeline(
+    blocks_graphdef: nnx.GraphDef,
+    blocks_state: nnx.State,
+    x_BTD: jax.Array,
+    *,
+    mesh: jax.sharding.Mesh,
+    schedule: Schedule,
+    layout: StageLayout,
+    remat: str = "none",
+) -> jax.Array:
+    """Runs the layer stack on `x_BTD` as the schedule says; returns the last layer's output.
+
+    Args:
+        blocks_graphdef: graphdef of one stacked Block module (as in `Llama.blocks`).
+        blocks_state: its parameters, [P, v * c, ...] with the stage axis on `pipeline`.
+        x_BTD: embeddings, batch split over (`data`, `pipeline`).
+        remat: none, full, dots or dots_no_batch: recompute each tick's stage in the backward pass
+            (the tick, not each layer inside it: nested remat would recompute twice).
+
+    Returns:
+        (B, T, D), laid out like `x_BTD`.
+    """
+    p, m, v, c = schedule.stages, schedule.microbatches, schedule.repeats, layout.chunk_size
+    b_all, t, d = x_BTD.shape
+    r = mesh.shape["data"]
+    q, b_local = b_all // (r * p), b_all // (r * m)
+    jobs = v * m
+
+    def chunk(state_C: nnx.State, real_C: jax.Array, h_bTD: jax.Array) -> jax.Array:
+        """One stage's c layer slots for one tick."""
+        positions_bT = jnp.broadcast_to(jnp.arange(t), h_bTD.shape[:2])
+
+        def layer(h_bTD: jax.Array, slot: tuple[nnx.State, jax.Array]) -> tuple[jax.Array, None]:
+            layer_state, real = slot
+            out_bTD = nnx.merge(blocks_graphdef, layer_state)(h_bTD, positions_bT)
+            return jnp.where(real, out_bTD, h_bTD), None  # padded slots are the identity
+
+        h_bTD, _ = jax.lax.scan(layer, h_bTD, (state_C, real_C))
+        return h_bTD
+
+    chunk = _remat(chunk, remat)
+
+    def stages(state_1X: nnx.State, x_R1QTD: jax.Array) -> jax.Array:
+        stage = jax.lax.axis_index(PIPE)
+        valid_PVC = jnp.asarray(layout.valid)
+        state_X = jax.tree.map(lambda a: a[0], state_1X)  # this stage's v * c slots
+        x_RPQTD = jax.lax.all_gather(x_R1QTD, PIPE, axis=1, tiled=True) if p > 1 else x_R1QTD
+        # Micro-batch k holds rows [k * b_local, (k + 1) * b_local) of every data replica.
+        x_MbTD = x_RPQTD.reshape(r, m, b_local, t, d).transpose(1, 0, 2, 3, 4).reshape(m, -1, t, d)
+
+        def tick(carry: tuple[jax.Array, jax.Array], now: jax.Array):
+            recv_bTD, stash_MbTD = carry
+            job = jnp.clip(now - stage, 0, jobs - 1)
+            repeat, micro = job // m, job % m
+            # Stage 0 starts a micro-batch's first repeat from its embedding and later repeats
+            # from what came back around the ring; the other stages take what they received.
+            first_in = jnp.where(repeat == 0, x_MbTD[micro], stash_MbTD[micro])
+            h_bTD = jnp.where(stage == 0, first_in, recv_bTD)
+            state_C = jax.tree.map(
+                lambda a: jax.lax.dynamic_slice_in_dim(a, repeat * c, c, axis=0), state_X
+            )
+            out_bTD = chunk(state_C, valid_PVC[stage, repeat], h_bTD)
+            if p > 1:
+                ring = [(i, (i + 1) % p) for i in range(p)]
+                recv_bTD = jax.lax.ppermute(out_bTD, PIPE, ring)
+            else:
+                recv_bTD = out_bTD
+            # Stage 0 receives the last stage's job `now - (P - 1)`: keep it for its next repeat,
+            # or as the final output after the last repeat.
+            done = now - (p - 1)
+            keep = (stage == 0) & (done >= 0) & (done < jobs)
+            slot = jnp.clip(done, 0, jobs - 1) % m
+            kept_bTD = jnp.where(keep, recv_bTD, stash_MbTD[slot])
+            stash_MbTD = jax.lax.dynamic_update_index_in_dim(stash_MbTD, kept_bTD, slot, axis=0)
+            return (recv_bTD, stash_MbTD), None
+
+        zeros = jnp.zeros_like(x_MbTD)  # varying over `pipeline` already, like the input
+        carry = (zeros[0], zeros)
+        (_, y_MbTD), _ = jax.lax.scan(tick, carry, jnp.arange(schedule.ticks))
+
+        y_RPQTD = y_MbTD.reshape(m, r, b_local, t, d).transpose(1, 0, 2, 3, 4)
+        y_RPQTD = y_RPQTD.reshape(r, p, q, t, d)
+        if p == 1:
+            return y_RPQTD
+        # Only stage 0 holds the outputs; a reduce-scatter of (outputs on stage 0, zeros
+        # elsewhere) hands each stage its rows, exactly (x + 0 == x).
+        y_RPQTD = jnp.where(stage == 0, y_RPQTD, 0)
+        return jax.lax.psum_scatter(y_RPQTD, PIPE, scatter_dimension=1, tiled=True)
+
+    spec = PartitionSpec(None, PIPE)
+    y_RPQTD = jax.shard_map(
+        stages,
+        mesh=mesh,
+        in_specs=(PartitionSpec(PIPE), spec),
+        out_specs=spec,
+        axis_names={PIPE},
+    )(blocks_state, x_BTD.reshape(r, p, q, t, d))
+    return y_RPQTD.reshape(b_all, t, d)

@@ -96,7 +96,7 @@ class PipelineConfig:
 
     schedule: str = "gpipe"
     microbatches: int = 1
-    # Chunks of layers per stage for the circular schedule; micro-batches circle the ring this often.
+    # Chunks of layers per stage (circular schedule): micro-batches circle the ring this often.
     repeats: int = 1
     # Recompute each tick's stage activations in the backward pass: none, full, or a saving policy
     # (dots: keep matmul outputs; dots_no_batch: keep only weight-like matmul outputs).

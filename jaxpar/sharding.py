@@ -4,10 +4,10 @@ Model code names the logical axes of every parameter and key activation (constan
 never a mesh axis. A frozen `Rules` object, one preset per strategy, decides where each logical axis
 lands. Parameters and activations use different names for the model dimension (`embed` vs
 `act_embed`, ...) because FSDP shards a weight's `embed` over `data` while the activations keep
-`batch` there. Likewise two batch names: `batch` inside the layer stack, where `pipeline` is a manual
-axis of the pipeline's shard_map, and `outer_batch` for the embedding, LM head and loss, which run
-outside the pipeline with the batch split over `data` and `pipeline` together (no stage repeats
-that work).
+`batch` there. Likewise two batch names: `batch` inside the layer stack, where `pipeline` is a
+manual axis of the pipeline's shard_map, and `outer_batch` for the embedding, LM head and loss,
+which run outside the pipeline with the batch split over `data` and `pipeline` together (no stage
+repeats that work).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ Dimension key: B batch, T sequence, D model dim, M micro-batches, b micro-batch 
 replicas, P stages, Q rows per (replica, stage) outside the pipeline.
 
 `data` and `tensor` stay automatic inside the shard_map, so the stage body is the ordinary
-tensor-parallel block and XLA partitions it exactly as without pipelining. The embedding, LM head and
-loss run outside, with the batch split over `data` and `pipeline` (`outer_batch`): nothing is
+tensor-parallel block and XLA partitions it exactly as without pipelining. The embedding, LM head
+and loss run outside, with the batch split over `data` and `pipeline` (`outer_batch`): nothing is
 computed twice. Stage 0 gathers the micro-batches' inputs at the start (one all-gather over
 `pipeline`) and the outputs are spread back over the stages at the end (one reduce-scatter); the
 backward pass runs the transposed collectives. Per tick each stage sends one (b, T, D) activation to

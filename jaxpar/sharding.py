@@ -111,12 +111,23 @@ class Rules:
         return PartitionSpec(*targets)
 
     def constrain(self, x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-        """Pins an activation's sharding (inside jit, under `jax.set_mesh`)."""
-        import jax
+        """Pins an activation's sharding (inside jit, under `jax.set_mesh`).
 
-        if jax.sharding.get_abstract_mesh().empty:
+        Inside a shard_map, the axes it made manual are already split by hand, so the constraint
+        speaks only of the remaining automatic axes.
+        """
+        import jax
+        from jax.sharding import PartitionSpec
+
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
             return x
-        return jax.lax.with_sharding_constraint(x, self.spec(logical_axes))
+        spec = self.spec(logical_axes)
+        manual = set(mesh.manual_axes)
+        if manual:
+            kept = [tuple(a for a in _as_tuple(t) if a not in manual) for t in spec]
+            spec = PartitionSpec(*(k[0] if len(k) == 1 else (k or None) for k in kept))
+        return jax.lax.with_sharding_constraint(x, spec)
 
 
 def _as_tuple(target: MeshAxes) -> tuple[str, ...]:

@@ -307,9 +307,15 @@ def test_validate_for_mesh_fsdp_needs_dim_divisible_by_data():
     validate_for_mesh(config.replace(**{"parallel.fsdp": False}), 5, 1, 1)
 
 
-def test_validate_for_mesh_rejects_pipeline():
-    with pytest.raises(JaxparError, match=r"pipeline=2: pipeline parallelism is not built yet"):
-        validate_for_mesh(Config(), 2, 2, 2)
+def test_validate_for_mesh_accepts_pipelines_and_checks_their_sizes():
+    validate_for_mesh(Config(), 2, 2, 2)
+    deep = Config().replace(**{"model.layers": 8, "pipeline.schedule": "circular",
+                               "pipeline.repeats": 2, "pipeline.microbatches": 4})  # fmt: skip
+    validate_for_mesh(deep, 2, 2, 2)
+    with pytest.raises(JaxparError, match=r"fewer than pipeline stages x repeats = 4 x 2 = 8"):
+        validate_for_mesh(deep, 1, 4, 2)
+    with pytest.raises(JaxparError, match=r"is not divisible by pipeline stages = 4"):
+        validate_for_mesh(Config().replace(**{"train.batch_size": 6}), 1, 4, 2)
 
 
 # --- replace and YAML round-trip -----------------------------------------------------------------

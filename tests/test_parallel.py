@@ -18,21 +18,24 @@ from flax import nnx
 from jaxpar.config import load_config
 from jaxpar.data import Corpus
 from jaxpar.mesh import make_mesh, parse_mesh
-from jaxpar.train.step import Trainer, loss_fn
+from jaxpar.train.step import Trainer
 
 # GQA (16 heads over 8 kv heads) with every sharded size divisible by 8 so tensor=8 works.
 SIZES = [
-    "model.layers=2", "model.dim=64", "model.heads=16", "model.kv_heads=8", "model.mlp_dim=96",
+    "model.layers=4", "model.dim=64", "model.heads=16", "model.kv_heads=8", "model.mlp_dim=96",
     "model.vocab=256", "train.batch_size=16", "train.seq_len=32", "train.dtype=float32",
     "train.steps=5", "train.warmup_steps=1", "train.lr=1e-2",
 ]  # fmt: skip
 STEPS = 5
 MESHES = [
-    ("data=8", False),
-    ("tensor=8", False),
-    ("data=2,tensor=4", False),
-    ("data=4,tensor=2", True),  # FSDP (ZeRO-3) on top of tensor parallelism
-]
+    ("data=8", ()),
+    ("tensor=8", ()),
+    ("data=2,tensor=4", ()),
+    ("data=4,tensor=2", ("parallel.fsdp=true",)),  # FSDP (ZeRO-3) on top of tensor parallelism
+    ("data=2,pipeline=2,tensor=2", ("pipeline.schedule=circular", "pipeline.repeats=2",
+                                    "pipeline.microbatches=4")),
+    ("pipeline=4,tensor=2", ("pipeline.microbatches=8",)),
+]  # fmt: skip
 
 
 def rel_err(a, b) -> float:
@@ -45,9 +48,9 @@ def rel_err_l2(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def trainer_for(mesh_spec: str, fsdp: bool, *extra: str) -> Trainer:
+def trainer_for(mesh_spec: str, *extra: str) -> Trainer:
     spec = parse_mesh(mesh_spec)
-    config = load_config(None, [*SIZES, f"parallel.fsdp={fsdp}", *extra])
+    config = load_config(None, [*SIZES, *extra])
     return Trainer(config, make_mesh(spec, jax.devices()[: spec.size]))
 
 
@@ -63,39 +66,45 @@ def run(trainer: Trainer) -> tuple[list[float], dict]:
     for tokens in batches():
         state, metrics = trainer.step(state, jax.device_put(tokens, trainer.batch_sharding))
         losses.append(float(metrics["loss"]))
-    return losses, _flat(state.params)
+    return losses, logical(trainer, state.params)
 
 
 def grads(trainer: Trainer) -> tuple[float, dict]:
     state = trainer.init_state()
     tokens = jax.device_put(batches()[0], trainer.batch_sharding)
-    f = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(1, 3))
     with jax.set_mesh(trainer.mesh):
-        loss, g = f(state.params, trainer.graphdef, tokens, trainer.dtype)
-    return float(loss), _flat(g)
+        loss, g = jax.jit(jax.value_and_grad(trainer.loss))(state.params, tokens)
+    return float(loss), logical(trainer, g)
 
 
-def _flat(tree) -> dict:
-    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(tree)}
+def logical(trainer: Trainer, tree) -> dict:
+    """name -> array, with the blocks' [stage, slot, ...] turned back into [layer, ...]."""
+    out = {}
+    for path, v in nnx.to_flat_state(tree):
+        name, value = ".".join(map(str, path)), v.get_value()
+        out[name] = np.asarray(trainer.layout.to_logical(value) if path[0] == "blocks" else value)
+    return out
 
 
 @functools.cache
 def reference_init():
-    return _flat(trainer_for("data=1", False).init_state().params)
+    trainer = trainer_for("data=1")
+    return logical(trainer, trainer.init_state().params)
 
 
 @functools.cache
 def reference():
-    single = trainer_for("data=1", False)
+    single = trainer_for("data=1")
     return run(single), grads(single)
 
 
-@pytest.mark.parametrize("mesh_spec,fsdp", MESHES)
-def test_layout_matches_single_device(mesh_spec, fsdp):
+@pytest.mark.parametrize("mesh_spec,extra", MESHES)
+def test_layout_matches_single_device(mesh_spec, extra):
     (ref_losses, ref_params), (ref_loss, ref_grads) = reference()
-    trainer = trainer_for(mesh_spec, fsdp)
+    trainer = trainer_for(mesh_spec, *extra)
 
-    init = _flat(trainer.init_state().params)  # random init does not depend on the layout
+    # Random init does not depend on the layout.
+    init = logical(trainer, trainer.init_state().params)
     for name, value in init.items():
         np.testing.assert_array_equal(value, reference_init()[name], err_msg=name)
 
@@ -113,8 +122,8 @@ def test_layout_matches_single_device(mesh_spec, fsdp):
 
 
 def test_tied_embeddings_match_single_device():
-    ref_loss, ref_grads = grads(trainer_for("data=1", False, "model.tie_embeddings=true"))
-    loss, g = grads(trainer_for("data=2,tensor=4", False, "model.tie_embeddings=true"))
+    ref_loss, ref_grads = grads(trainer_for("data=1", "model.tie_embeddings=true"))
+    loss, g = grads(trainer_for("data=2,tensor=4", "model.tie_embeddings=true"))
     assert "head_DV" not in g
     assert abs(loss - ref_loss) / abs(ref_loss) < 1e-5
     errors = {name: rel_err(g[name], ref_grads[name]) for name in g}
@@ -122,7 +131,7 @@ def test_tied_embeddings_match_single_device():
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
-    trainer = trainer_for("data=2,tensor=4", False, "train.dtype=bfloat16")
+    trainer = trainer_for("data=2,tensor=4", "train.dtype=bfloat16")
     state = trainer.init_state()
     state, metrics = trainer.step(state, jax.device_put(batches()[0], trainer.batch_sharding))
     assert np.isfinite(float(metrics["loss"]))
@@ -131,8 +140,8 @@ def test_bfloat16_compute_keeps_float32_parameters():
 
 
 def test_parameters_are_sharded_as_the_rules_say():
-    trainer = trainer_for("data=2,tensor=4", False)
+    trainer = trainer_for("data=2,pipeline=2,tensor=2", "pipeline.microbatches=2")
     params = trainer.init_state().params
     wq = params["blocks"]["attn"]["wq_DNH"].get_value()
-    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
-    assert wq.addressable_shards[0].data.shape == (2, 64, 4, 4)
+    assert wq.sharding.spec == jax.sharding.PartitionSpec("pipeline", None, None, "tensor", None)
+    assert wq.addressable_shards[0].data.shape == (1, 2, 64, 8, 4)

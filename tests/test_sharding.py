@@ -24,57 +24,63 @@ SIZES = [
 ]  # fmt: skip
 
 SHAPES = {
-    "blocks.attn.wq_DNH": (3, 24, 4, 6),
-    "blocks.attn.wk_DKH": (3, 24, 2, 6),
-    "blocks.attn.wv_DKH": (3, 24, 2, 6),
-    "blocks.attn.wo_NHD": (3, 4, 6, 24),
-    "blocks.attn_norm.scale": (3, 24),
-    "blocks.mlp.w_gate_DF": (3, 24, 40),
-    "blocks.mlp.w_up_DF": (3, 24, 40),
-    "blocks.mlp.w_down_FD": (3, 40, 24),
-    "blocks.mlp_norm.scale": (3, 24),
+    "blocks.attn.wq_DNH": (1, 3, 24, 4, 6),
+    "blocks.attn.wk_DKH": (1, 3, 24, 2, 6),
+    "blocks.attn.wv_DKH": (1, 3, 24, 2, 6),
+    "blocks.attn.wo_NHD": (1, 3, 4, 6, 24),
+    "blocks.attn_norm.scale": (1, 3, 24),
+    "blocks.mlp.w_gate_DF": (1, 3, 24, 40),
+    "blocks.mlp.w_up_DF": (1, 3, 24, 40),
+    "blocks.mlp.w_down_FD": (1, 3, 40, 24),
+    "blocks.mlp_norm.scale": (1, 3, 24),
     "embed_VD": (56, 24),
     "final_norm.scale": (24,),
     "head_DV": (24, 56),
 }
 
-_T, _D = "tensor", "data"
+_T, _D, _S = "tensor", "data", "pipeline"
 MEGATRON = {
-    "blocks.attn.wq_DNH": P(None, None, _T, None),
-    "blocks.attn.wk_DKH": P(None, None, _T, None),
-    "blocks.attn.wv_DKH": P(None, None, _T, None),
-    "blocks.attn.wo_NHD": P(None, _T, None, None),
-    "blocks.attn_norm.scale": P(None, None),
-    "blocks.mlp.w_gate_DF": P(None, None, _T),
-    "blocks.mlp.w_up_DF": P(None, None, _T),
-    "blocks.mlp.w_down_FD": P(None, _T, None),
-    "blocks.mlp_norm.scale": P(None, None),
+    "blocks.attn.wq_DNH": P(_S, None, None, _T, None),
+    "blocks.attn.wk_DKH": P(_S, None, None, _T, None),
+    "blocks.attn.wv_DKH": P(_S, None, None, _T, None),
+    "blocks.attn.wo_NHD": P(_S, None, _T, None, None),
+    "blocks.attn_norm.scale": P(_S, None, None),
+    "blocks.mlp.w_gate_DF": P(_S, None, None, _T),
+    "blocks.mlp.w_up_DF": P(_S, None, None, _T),
+    "blocks.mlp.w_down_FD": P(_S, None, _T, None),
+    "blocks.mlp_norm.scale": P(_S, None, None),
     "embed_VD": P(_T, None),
     "final_norm.scale": P(None),
     "head_DV": P(None, _T),
 }
 FSDP = {
-    "blocks.attn.wq_DNH": P(None, _D, _T, None),
-    "blocks.attn.wk_DKH": P(None, _D, _T, None),
-    "blocks.attn.wv_DKH": P(None, _D, _T, None),
-    "blocks.attn.wo_NHD": P(None, _T, None, _D),
-    "blocks.attn_norm.scale": P(None, None),
-    "blocks.mlp.w_gate_DF": P(None, _D, _T),
-    "blocks.mlp.w_up_DF": P(None, _D, _T),
-    "blocks.mlp.w_down_FD": P(None, _T, _D),
-    "blocks.mlp_norm.scale": P(None, None),
+    "blocks.attn.wq_DNH": P(_S, None, _D, _T, None),
+    "blocks.attn.wk_DKH": P(_S, None, _D, _T, None),
+    "blocks.attn.wv_DKH": P(_S, None, _D, _T, None),
+    "blocks.attn.wo_NHD": P(_S, None, _T, None, _D),
+    "blocks.attn_norm.scale": P(_S, None, None),
+    "blocks.mlp.w_gate_DF": P(_S, None, _D, _T),
+    "blocks.mlp.w_up_DF": P(_S, None, _D, _T),
+    "blocks.mlp.w_down_FD": P(_S, None, _T, _D),
+    "blocks.mlp_norm.scale": P(_S, None, None),
     "embed_VD": P(_T, _D),
     "final_norm.scale": P(None),
     "head_DV": P(_D, _T),
 }
 REPLICATED = {name: P(*(None,) * len(shape)) for name, shape in SHAPES.items()}
+DATA_PARALLEL = {
+    name: P(_S, *(None,) * (len(shape) - 1))
+    if name.startswith("blocks")
+    else P(*(None,) * len(shape))
+    for name, shape in SHAPES.items()
+}
 
 CASES = [
     # (preset, mesh, fsdp flag, expected specs, expected shard shape of wq, of head)
-    ("replicated", "data=1", False, REPLICATED, (3, 24, 4, 6), (24, 56)),
-    ("data-parallel", "data=8", False, REPLICATED, (3, 24, 4, 6), (24, 56)),
-    ("megatron", "data=4,tensor=2", False, MEGATRON, (3, 24, 2, 6), (24, 28)),
-    ("fsdp", "data=4,tensor=2", True, FSDP, (3, 6, 2, 6), (6, 28)),
+    ("replicated", "data=1", False, REPLICATED, (1, 3, 24, 4, 6), (24, 56)),
+    ("data-parallel", "data=8", False, DATA_PARALLEL, (1, 3, 24, 4, 6), (24, 56)),
+    ("megatron", "data=4,tensor=2", False, MEGATRON, (1, 3, 24, 2, 6), (24, 28)),
+    ("fsdp", "data=4,tensor=2", True, FSDP, (1, 3, 6, 2, 6), (6, 28)),
 ]
 
 
@@ -139,4 +145,28 @@ def test_rules_validate_their_mapping():
      (1, 8, False, "megatron"), (4, 2, True, "fsdp"), (8, 1, True, "fsdp")],
 )  # fmt: skip
 def test_preset_choice(data, tensor, fsdp, name):
-    assert S.rules_for(data, tensor, fsdp).name == name
+    assert S.rules_for(data, 1, tensor, fsdp).name == name
+    if name != "replicated":
+        assert S.rules_for(data, 2, tensor, fsdp).name == name
+    assert S.rules_for(1, 4, 1, False).name == "data-parallel"
+
+
+def test_pipeline_stage_axis_lands_on_pipeline():
+    # 5 layers over 2 stages: chunks of 3 and 2 layers, padded to 3 slots per stage.
+    sizes = [s for s in SIZES if not s.startswith("model.layers")] + ["model.layers=5"]
+    trainer = Trainer(load_config(None, sizes), make_mesh(parse_mesh("data=2,pipeline=2,tensor=2")))
+    assert trainer.rules is S.MEGATRON
+    rows = {r.name: r for r in param_rows(trainer.abstract_params, trainer.param_shardings)}
+    assert rows["blocks.attn.wq_DNH"].shape == (2, 3, 24, 4, 6)
+    assert rows["blocks.attn.wq_DNH"].logical_axes == (
+        "stage",
+        "layers",
+        "embed",
+        "heads",
+        "head_dim",
+    )
+    assert {name: r.spec for name, r in rows.items()} == MEGATRON
+    # one stage's slots, half the heads: (1, 3, 24, 2, 6) float32 per device
+    assert rows["blocks.attn.wq_DNH"].bytes_per_device == 4 * 3 * 24 * 2 * 6
+    assert rows["head_DV"].bytes_per_device == 4 * 24 * 28
+    assert S.MEGATRON.spec((S.OUTER_BATCH, S.SEQ, S.ACT_VOCAB)) == P(("data", "pipeline"), None, _T)

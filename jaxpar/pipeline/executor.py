@@ -49,6 +49,7 @@ def run_pipeline(
     schedule: Schedule,
     layout: StageLayout,
     remat: str = "none",
+    fsdp: bool = False,
 ) -> jax.Array:
     """Runs the layer stack on `x_BTD` as the schedule says; returns the last layer's output.
 
@@ -58,6 +59,11 @@ def run_pipeline(
         x_BTD: embeddings, batch split over (`data`, `pipeline`).
         remat: none, full, dots or dots_no_batch: recompute each tick's stage in the backward pass
             (the tick, not each layer inside it: nested remat would recompute twice).
+        fsdp: the stage weights are also split over `data` (ZeRO-3). Otherwise `data` is made
+            manual too: each replica runs its own rows, and the weights' gradients are summed over
+            `data` once, where the shard_map ends, instead of once per tick; with FSDP `data` stays
+            automatic and XLA gathers each tick's weights and reduces their gradients per tick, as
+            ZeRO-3 does per micro-batch.
 
     Returns:
         (B, T, D), laid out like `x_BTD`.
@@ -65,8 +71,10 @@ def run_pipeline(
     p, m, v, c = schedule.stages, schedule.microbatches, schedule.repeats, layout.chunk_size
     b_all, t, d = x_BTD.shape
     r = mesh.shape["data"]
-    q, b_local = b_all // (r * p), b_all // (r * m)
+    q = b_all // (r * p)
+    b_local = p * q // m  # rows of one data replica in one micro-batch
     jobs = v * m
+    manual = {PIPE} if fsdp else {PIPE, "data"}
 
     def chunk(state_C: nnx.State, real_C: jax.Array, h_bTD: jax.Array) -> jax.Array:
         """One stage's c layer slots for one tick."""
@@ -86,9 +94,16 @@ def run_pipeline(
         stage = jax.lax.axis_index(PIPE)
         valid_PVC = jnp.asarray(layout.valid)
         state_X = jax.tree.map(lambda a: a[0], state_1X)  # this stage's v * c slots
+        if "data" in manual:
+            # The weights are the same on every data replica. Marking them as varying over `data`
+            # here, once, puts the gradient's sum over replicas (the transpose of this cast) here
+            # too, instead of at every use inside the tick loop.
+            state_X = jax.tree.map(lambda a: jax.lax.pcast(a, ("data",), to="varying"), state_X)
         x_RPQTD = jax.lax.all_gather(x_R1QTD, PIPE, axis=1, tiled=True) if p > 1 else x_R1QTD
+        r_here = x_RPQTD.shape[0]  # 1 when `data` is manual, else all replicas
         # Micro-batch k holds rows [k * b_local, (k + 1) * b_local) of every data replica.
-        x_MbTD = x_RPQTD.reshape(r, m, b_local, t, d).transpose(1, 0, 2, 3, 4).reshape(m, -1, t, d)
+        x_MbTD = x_RPQTD.reshape(r_here, m, b_local, t, d).transpose(1, 0, 2, 3, 4)
+        x_MbTD = x_MbTD.reshape(m, -1, t, d)
 
         def tick(carry: tuple[jax.Array, jax.Array], now: jax.Array):
             recv_bTD, stash_MbTD = carry
@@ -120,8 +135,8 @@ def run_pipeline(
         carry = (zeros[0], zeros)
         (_, y_MbTD), _ = jax.lax.scan(tick, carry, jnp.arange(schedule.ticks))
 
-        y_RPQTD = y_MbTD.reshape(m, r, b_local, t, d).transpose(1, 0, 2, 3, 4)
-        y_RPQTD = y_RPQTD.reshape(r, p, q, t, d)
+        y_RPQTD = y_MbTD.reshape(m, r_here, b_local, t, d).transpose(1, 0, 2, 3, 4)
+        y_RPQTD = y_RPQTD.reshape(r_here, p, q, t, d)
         if p == 1:
             return y_RPQTD
         # Only stage 0 holds the outputs; a reduce-scatter of (outputs on stage 0, zeros
@@ -129,12 +144,12 @@ def run_pipeline(
         y_RPQTD = jnp.where(stage == 0, y_RPQTD, 0)
         return jax.lax.psum_scatter(y_RPQTD, PIPE, scatter_dimension=1, tiled=True)
 
-    spec = PartitionSpec(None, PIPE)
+    spec = PartitionSpec("data" if "data" in manual else None, PIPE)
     y_RPQTD = jax.shard_map(
         stages,
         mesh=mesh,
         in_specs=(PartitionSpec(PIPE), spec),
         out_specs=spec,
-        axis_names={PIPE},
+        axis_names=manual,
     )(blocks_state, x_BTD.reshape(r, p, q, t, d))
     return y_RPQTD.reshape(b_all, t, d)

@@ -167,6 +167,7 @@ class Trainer:
             schedule=self.schedule,
             layout=self.layout,
             remat=self.config.pipeline.remat,
+            fsdp=self.config.parallel.fsdp,
         )
         return cross_entropy(model.logits(x_BTD), tokens_BT[:, 1:])
 

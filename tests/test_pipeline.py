@@ -1,0 +1,266 @@
+"""Pipeline parallelism: layout, schedules, equality with the sequential model, HLO traffic, bubble.
+
+The reference is the plain sequential model (`Llama.__call__`: one scan over the layers in logical
+order) on one device; the pipelined loss runs through the shard_map executor. Gradients are compared
+per tensor as max|a - b| / max|b| in float32.
+"""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxpar.analysis.flops import model_flops
+from jaxpar.analysis.hlo import collectives, dot_flops
+from jaxpar.cli import main
+from jaxpar.config import load_config
+from jaxpar.mesh import AXES, make_mesh, parse_mesh
+from jaxpar.model.llama import cross_entropy
+from jaxpar.pipeline.layout import StageLayout
+from jaxpar.pipeline.schedule import Schedule
+from jaxpar.train.step import Trainer
+
+SIZES = [
+    "model.dim=32", "model.heads=4", "model.kv_heads=2", "model.mlp_dim=64", "model.vocab=256",
+    "train.batch_size=16", "train.seq_len=16", "train.dtype=float32",
+]  # fmt: skip
+B, T, D = 16, 16, 32
+
+
+def gpipe(m: int) -> tuple[str, ...]:
+    return ("pipeline.schedule=gpipe", f"pipeline.microbatches={m}")
+
+
+def circular(m: int, v: int = 2) -> tuple[str, ...]:
+    return ("pipeline.schedule=circular", f"pipeline.repeats={v}", f"pipeline.microbatches={m}")
+
+
+@functools.cache
+def trainer(mesh_spec: str, layers: int, extra: tuple[str, ...]) -> Trainer:
+    spec = parse_mesh(mesh_spec)
+    config = load_config(None, [*SIZES, f"model.layers={layers}", *extra])
+    return Trainer(config, make_mesh(spec, jax.devices()[: spec.size]))
+
+
+@functools.cache
+def tokens() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(B, T + 1), dtype=np.int32)
+
+
+def logical_grads(tr: Trainer, g) -> dict:
+    out = {}
+    for path, v in nnx.to_flat_state(g):
+        value = v.get_value()
+        out[".".join(map(str, path))] = np.asarray(
+            tr.layout.to_logical(value) if path[0] == "blocks" else value
+        )
+    return out
+
+
+@functools.cache
+def sequential_reference(layers: int) -> tuple[float, dict]:
+    """Loss and gradients of the plain model on one device, no executor."""
+    tr = trainer("data=1", layers, ())
+
+    def loss(params, tokens_BT):
+        logits = nnx.merge(tr.graphdef, params)(tokens_BT[:, :-1])
+        return cross_entropy(logits, tokens_BT[:, 1:])
+
+    value, g = jax.jit(jax.value_and_grad(loss))(tr.init_state().params, tokens())
+    return float(value), logical_grads(tr, g)
+
+
+def pipelined(mesh_spec: str, layers: int, extra: tuple[str, ...]) -> tuple[float, dict]:
+    tr = trainer(mesh_spec, layers, extra)
+    params = tr.init_state().params
+    with jax.set_mesh(tr.mesh):
+        value, g = jax.jit(jax.value_and_grad(tr.loss))(
+            params, jax.device_put(tokens(), tr.batch_sharding)
+        )
+    return float(value), logical_grads(tr, g)
+
+
+CASES = [
+    # alone: P in {2, 4}, M in {P, 2P}, both schedules
+    *[
+        (f"pipeline={p}", 8, schedule(m))
+        for p in (2, 4)
+        for m in (p, 2 * p)
+        for schedule in (gpipe, circular)
+    ],
+    # with tensor and data parallelism on the same mesh
+    ("data=2,pipeline=2,tensor=2", 8, gpipe(2)),
+    ("data=2,pipeline=2,tensor=2", 8, circular(4)),
+    ("pipeline=4,tensor=2", 8, gpipe(4)),
+    ("pipeline=4,tensor=2", 8, circular(8)),
+    ("data=2,pipeline=4", 8, gpipe(8)),
+    # uneven layers: 6 over 4 stages, 7 over 2 stages x 2 repeats
+    ("pipeline=4", 6, gpipe(4)),
+    ("data=2,pipeline=2,tensor=2", 7, circular(2)),
+    # recomputation inside the tick changes nothing numerically
+    ("pipeline=2,tensor=2", 8, (*gpipe(4), "pipeline.remat=full")),
+    ("pipeline=4", 8, (*circular(4), "pipeline.remat=dots")),
+    # pipeline=1: micro-batches are gradient accumulation
+    ("data=4,tensor=2", 8, gpipe(4)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("mesh_spec,layers,extra", CASES)
+def test_pipeline_equals_sequential_model(mesh_spec, layers, extra):
+    ref_loss, ref_grads = sequential_reference(layers)
+    loss, g = pipelined(mesh_spec, layers, extra)
+    assert abs(loss - ref_loss) / ref_loss < 1e-5
+    assert g.keys() == ref_grads.keys()
+    for name in g:
+        assert g[name].shape == ref_grads[name].shape, name
+        err = np.max(np.abs(g[name] - ref_grads[name])) / np.max(np.abs(ref_grads[name]))
+        assert err < 1e-5, (name, err)
+
+
+def test_padded_slots_get_no_gradient():
+    tr = trainer("pipeline=4", 6, gpipe(4))
+    with jax.set_mesh(tr.mesh):
+        g = jax.jit(jax.grad(tr.loss))(
+            tr.init_state().params, jax.device_put(tokens(), tr.batch_sharding)
+        )
+    w = np.asarray(g["blocks"]["mlp"]["w_down_FD"].get_value())  # [P, slots, F, D]
+    padded = tr.layout.slot_layer < 0
+    assert padded.sum() == 2
+    assert np.all(w[padded] == 0) and np.all(np.abs(w[~padded]).max(axis=(1, 2)) > 0)
+
+
+# --- traffic between stages, read from the compiled step ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mesh_spec,extra",
+    [
+        ("data=2,pipeline=2,tensor=2", gpipe(4)),
+        ("pipeline=4", circular(4)),
+        ("pipeline=2,tensor=2", (*gpipe(4), "pipeline.remat=full")),
+    ],
+)
+def test_stage_traffic_is_one_activation_per_tick(mesh_spec, extra):
+    tr = trainer(mesh_spec, 8, extra)
+    found = collectives(tr.compile()[0].as_text(), tuple(tr.mesh.shape[a] for a in AXES), AXES)
+    sched, data = tr.schedule, tr.mesh.shape["data"]
+    micro_rows = B // (data * sched.microbatches)
+    activation = 4 * micro_rows * T * D  # float32 (b, T, D) per device
+
+    permutes = [c for c in found if c.kind == "collective-permute"]
+    assert all(c.axes == ("pipeline",) for c in permutes)
+    assert all(c.shapes == (("f32", (micro_rows, T, D)),) for c in permutes)
+    # one send per tick forward and one per tick backward; remat does not repeat them
+    assert sum(c.trips for c in permutes) == 2 * sched.ticks
+    assert sum(c.total_bytes for c in permutes) == 2 * sched.ticks * activation
+
+    # Over `pipeline` only activations move besides: the micro-batches' inputs gathered to stage 0
+    # and the outputs spread back (each data replica its own rows), once forward and once
+    # backward. Stage weights never move: they are the shard_map's stage-local inputs.
+    q = B // (data * sched.stages)
+    moved = sorted((c.kind, c.shapes[0][1], c.trips) for c in found if c.kind != "all-reduce" and
+                   c.kind != "collective-permute" and "pipeline" in c.axes)  # fmt: skip
+    assert moved == [
+        ("all-gather", (1, sched.stages, q, T, D), 1),
+        ("all-gather", (1, sched.stages, q, T, D), 1),
+        ("reduce-scatter", (1, 1, q, T, D), 1),
+        ("reduce-scatter", (1, 1, q, T, D), 1),
+    ]
+    assert all(c.axes == ("pipeline",) for c in found if c.kind in ("all-gather", "reduce-scatter"))
+    # The all-reduces that involve `pipeline` are the embedding / LM head gradients (the batch is
+    # split over data x pipeline outside the layers) and scalars: no stage weight among them.
+    v = 256 // tr.mesh.shape["tensor"]
+    outer = {(v, D), (D, v), (D,), ()}
+    for c in found:
+        if c.kind == "all-reduce" and "pipeline" in c.axes:
+            assert {shape for _, shape in c.shapes} <= outer, c
+
+
+# --- bubble ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [gpipe(4), gpipe(8), circular(4), circular(8)])
+def test_measured_bubble_of_the_layer_stack_equals_the_schedule(extra):
+    tr = trainer("pipeline=4", 8, extra)
+    overhead = tr.compute_overhead()
+    assert overhead.stack_bubble == pytest.approx(tr.schedule.bubble, abs=1e-12)
+    p, m, v = tr.schedule.stages, tr.schedule.microbatches, tr.schedule.repeats
+    assert tr.schedule.bubble == pytest.approx((p - 1) / (v * m + p - 1))
+    assert 0 < overhead.bubble < overhead.stack_bubble  # embedding and head are not bubbled
+
+
+def test_one_device_step_runs_exactly_the_model_flops():
+    tr = trainer("data=1", 8, ())
+    assert dot_flops(tr.compile()[0].as_text()) == model_flops(tr.config.model, B, T)
+    assert tr.compute_overhead().ratio == 1.0
+
+
+# --- layout and schedule as data -------------------------------------------------------------
+
+
+def test_uneven_layout_is_balanced_and_padded():
+    layout = StageLayout(layers=6, stages=4)
+    assert layout.chunk_sizes == (2, 2, 1, 1)
+    assert layout.slot_layer.tolist() == [[0, 1], [2, 3], [4, -1], [5, -1]]
+    assert "layers per stage [2, 2, 1, 1] in 2 slots each; 2/8 slots padded" in layout.imbalance()
+
+
+def test_circular_layout_interleaves_chunks():
+    layout = StageLayout(layers=8, stages=4, repeats=2)
+    assert layout.slot_layer.tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    layout = StageLayout(layers=7, stages=2, repeats=2)
+    assert layout.slot_layer.tolist() == [[0, 1, 4, 5], [2, 3, 6, -1]]
+
+
+@pytest.mark.parametrize("layers,stages,repeats", [(6, 4, 1), (8, 4, 2), (7, 2, 2), (5, 1, 1)])
+def test_layout_round_trip(layers, stages, repeats):
+    layout = StageLayout(layers, stages, repeats)
+    x = np.arange(layers * 3, dtype=np.float32).reshape(layers, 3) + 1
+    stacked = np.asarray(layout.to_stages(x))
+    assert stacked.shape == (stages, repeats * layout.chunk_size, 3)
+    assert np.all(stacked[layout.slot_layer < 0] == 0)
+    np.testing.assert_array_equal(np.asarray(layout.to_logical(stacked)), x)
+
+
+def test_schedule_tables():
+    g = Schedule("gpipe", stages=4, microbatches=4)
+    assert g.ticks == 7 and g.bubble == pytest.approx(3 / 7)
+    assert g.table()[3].tolist() == [-1, -1, -1, 0, 1, 2, 3]
+    c = Schedule("circular", stages=4, microbatches=4, repeats=2)
+    assert c.ticks == 11 and c.bubble == pytest.approx(3 / 11)
+    assert c.table()[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, -1, -1, -1]
+    busy = (c.table() >= 0).sum()
+    assert busy == 4 * 8 and 1 - busy / c.table().size == pytest.approx(c.bubble)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--mesh", "pipeline=4,tensor=2", "model.layers=3"],
+         "model.layers=3 is fewer than pipeline stages x repeats = 4 x 1 = 4"),
+        (["--mesh", "pipeline=2,tensor=4", "model.layers=3", *circular(2)],
+         "model.layers=3 is fewer than pipeline stages x repeats = 2 x 2 = 4"),
+        (["--mesh", "data=2,pipeline=2,tensor=2", "pipeline.microbatches=3"],
+         "per-replica batch train.batch_size / data = 8 is not divisible by "
+         "pipeline.microbatches = 3"),
+        (["--mesh", "data=2,pipeline=4", "train.batch_size=4"],
+         "per-replica batch train.batch_size / data = 2 is not divisible by pipeline stages = 4"),
+        (["pipeline.schedule=1f1b"], "pipeline.schedule='1f1b' is not a schedule; valid: gpipe"),
+        (["pipeline.repeats=0"], "pipeline.repeats=0 must be at least 1"),
+        (["pipeline.repeats=2"], "pipeline.repeats=2 needs pipeline.schedule=circular"),
+        (["--mesh", "pipeline=4,tensor=2", "model.layers=8", *circular(2)],
+         "pipeline.microbatches=2 < pipeline=4: the circular schedule"),
+        (["pipeline.remat=some"], "pipeline.remat='some' is not one of none, full"),
+    ],
+)  # fmt: skip
+def test_bad_pipeline_input_exits_2_with_one_line(capsys, tmp_path, args, fragment):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("jaxpar: error: ") and fragment in err, err
+    assert not out.exists()

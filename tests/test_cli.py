@@ -129,7 +129,6 @@ BAD_TRAIN = {
     "steps_zero": (["train.steps=0"], ["'train.steps' must be positive, got 0"]),
     "lr_zero": (["train.lr=0"], ["'train.lr' must be positive, got 0.0"]),
     "lr_negative": (["train.lr=-1"], ["'train.lr' must be positive, got -1.0"]),
-    "pipeline": (["--mesh", "data=2,pipeline=2,tensor=2"], ["pipeline=2: pipeline parallelism"]),
     "data_no_match": (
         [*MESH, *TINY, "data.path={tmp}/none/*.txt"],
         ["data.path='{tmp}/none/*.txt' matches no files"],

@@ -313,7 +313,7 @@ def test_validate_for_mesh_accepts_pipelines_and_checks_their_sizes():
                                "pipeline.repeats": 2, "pipeline.microbatches": 4})  # fmt: skip
     validate_for_mesh(deep, 2, 2, 2)
     with pytest.raises(JaxparError, match=r"fewer than pipeline stages x repeats = 4 x 2 = 8"):
-        validate_for_mesh(deep, 1, 4, 2)
+        validate_for_mesh(deep.replace(**{"model.layers": 6}), 1, 4, 2)
     with pytest.raises(JaxparError, match=r"is not divisible by pipeline stages = 4"):
         validate_for_mesh(Config().replace(**{"train.batch_size": 6}), 1, 4, 2)
 

@@ -74,7 +74,9 @@ def run_pipeline(
     q = b_all // (r * p)
     b_local = p * q // m  # rows of one data replica in one micro-batch
     jobs = v * m
-    manual = {PIPE} if fsdp else {PIPE, "data"}
+    # (XLA rejects the replica sum of a size-1 manual `data` axis; with one replica there is
+    # nothing to sum, so `data` is then left automatic.)
+    manual = {PIPE} if fsdp or r == 1 else {PIPE, "data"}
 
     def chunk(state_C: nnx.State, real_C: jax.Array, h_bTD: jax.Array) -> jax.Array:
         """One stage's c layer slots for one tick."""

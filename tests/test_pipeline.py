@@ -96,6 +96,7 @@ CASES = [
     ("pipeline=4,tensor=2", 8, gpipe(4)),
     ("pipeline=4,tensor=2", 8, circular(8)),
     ("data=2,pipeline=4", 8, gpipe(8)),
+    ("data=2,pipeline=2,tensor=2", 8, (*gpipe(4), "parallel.fsdp=true")),  # ZeRO-3 stages
     # uneven layers: 6 over 4 stages, 7 over 2 stages x 2 repeats
     ("pipeline=4", 6, gpipe(4)),
     ("data=2,pipeline=2,tensor=2", 7, circular(2)),

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
+
+from common import write_results
 
 from jaxpar.mesh import parse_mesh, prepare
 
@@ -59,18 +60,13 @@ def main() -> int:
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
 
-    out = Path("results")
-    out.mkdir(exist_ok=True)
-    (out / "compile_scaling.json").write_text(json.dumps(rows, indent=2) + "\n")
-    header = "| layers | M | ticks | compile s (min) | tries | HLO lines | instructions | loops |"
-    lines = [header, "|" + "---|" * 8]
-    for r in rows:
-        keys = ("compile_s_tries", "hlo_lines", "hlo_instructions", "while_loops")
-        lists = [" / ".join(f"{x:,}" for x in r[k]) for k in keys]
-        cells = [r["layers"], r["M"], r["ticks"], r["compile_s"], *lists]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    (out / "compile_scaling.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    keys = ("compile_s_tries", "hlo_lines", "hlo_instructions", "while_loops")
+    header = ["layers", "M", "ticks", "compile s (min)", "tries", "HLO lines", "instructions",
+              "loops"]  # fmt: skip
+    write_results("compile_scaling", rows, header, lambda r: [
+        r["layers"], r["M"], r["ticks"], r["compile_s"],
+        *(" / ".join(f"{x:,}" for x in r[k]) for k in keys),
+    ])  # fmt: skip
     return 0
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from common import write_results
 
 from jaxpar.mesh import parse_mesh, prepare
 
@@ -123,22 +124,13 @@ def main() -> int:
                 at_m8.append(trainer.schedule)
             print(json.dumps(rows[-1]), flush=True)
 
-    out = Path("results")
-    out.mkdir(exist_ok=True)
-    (out / "pipeline_bubble.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = [
-        "| schedule | M | v | ticks | bubble theory | bubble measured (stack) "
-        "| overhead measured (step) | FLOPs/device | ratio | compile s |",
-        "|" + "---|" * 10,
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['schedule']} | {r['M']} | {r['v']} | {r['ticks']} | {r['bubble_theory']:.2%} | "
-            f"{r['bubble_stack']:.2%} | {r['bubble_step']:.2%} | {r['flops_per_device']:,} | "
-            f"{r['ratio']:.3f} | {r['compile_s']} |"
-        )
-    (out / "pipeline_bubble.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    header = ["schedule", "M", "v", "ticks", "bubble theory", "bubble measured (stack)",
+              "overhead measured (step)", "FLOPs/device", "ratio", "compile s"]  # fmt: skip
+    out = write_results("pipeline_bubble", rows, header, lambda r: [
+        r["schedule"], r["M"], r["v"], r["ticks"], f"{r['bubble_theory']:.2%}",
+        f"{r['bubble_stack']:.2%}", f"{r['bubble_step']:.2%}", f"{r['flops_per_device']:,}",
+        f"{r['ratio']:.3f}", r["compile_s"],
+    ])  # fmt: skip
     plot_bubble(rows, spec.pipeline, out / "pipeline_bubble.png")
     plot_schedules(at_m8, out / "pipeline_schedule.png")
     return 0

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
+
+from common import write_results
 
 from jaxpar.mesh import parse_mesh, prepare
 
@@ -55,22 +56,13 @@ def main() -> int:
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
 
-    out = Path("results")
-    out.mkdir(exist_ok=True)
-    (out / "tp_comm.json").write_text(json.dumps(rows, indent=2) + "\n")
-    header = (
-        "| mesh | L | d | b/replica | s | all-reduces (measured / Megatron) "
-        "| bytes measured | bytes Megatron | other |"
-    )
-    lines = [header, "|" + "---|" * 9]
-    for r in rows:
-        lines.append(
-            f"| {r['mesh']} | {r['layers']} | {r['dim']} | {r['batch_per_replica']} | {r['seq']} | "
-            f"{r['allreduces_measured']} / {r['allreduces_megatron']} | {r['bytes_measured']:,} | "
-            f"{r['bytes_megatron']:,} | {r['other_tensor_collectives']} |"
-        )
-    (out / "tp_comm.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    header = ["mesh", "L", "d", "b/replica", "s", "all-reduces (measured / Megatron)",
+              "bytes measured", "bytes Megatron", "other"]  # fmt: skip
+    write_results("tp_comm", rows, header, lambda r: [
+        r["mesh"], r["layers"], r["dim"], r["batch_per_replica"], r["seq"],
+        f"{r['allreduces_measured']} / {r['allreduces_megatron']}", f"{r['bytes_measured']:,}",
+        f"{r['bytes_megatron']:,}", r["other_tensor_collectives"],
+    ])  # fmt: skip
     return 0
 
 

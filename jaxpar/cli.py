@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", metavar="DIR", help="run folder (default: a new folder under runs/)")
 
+    p = sub.add_parser("checkpoints", help="list a run's checkpoints")
+    p.add_argument("out", metavar="OUT", help="the run folder")
+
     p = sub.add_parser("mesh", help="print a mesh: sizes, devices and groups")
     p.add_argument("spec", metavar="SPEC", help="e.g. data=2,pipeline=2,tensor=2")
     p.add_argument("--devices", type=int, metavar="N", help="simulate N CPU devices")
@@ -74,26 +77,53 @@ def _new_run_dir() -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _new_run_dir()
-    if (out / "metrics.jsonl").exists() or (out.exists() and not out.is_dir()):
-        raise JaxparError(f"--out {str(out)!r} already holds a run; choose a new folder")
+    if out.exists() and not out.is_dir():
+        raise JaxparError(f"--out {str(out)!r} is a file; give a folder")
+    if (out / "metrics.jsonl").exists() and not (out / "checkpoints").is_dir():
+        raise JaxparError(
+            f"--out {str(out)!r} already holds a run without checkpoints to resume from; "
+            "choose a new folder"
+        )
     config, spec = _config_and_mesh(args)
     from rich.console import Console
 
     from jaxpar.mesh import make_mesh
-    from jaxpar.train.loop import train
+    from jaxpar.train.loop import TrainingAborted, train
 
     console = Console(highlight=False, soft_wrap=True)
     console.print(f"run folder: {out}")
-    summary = train(config, make_mesh(spec), out, console)
+    try:
+        summary = train(config, make_mesh(spec), out, console)
+    except TrainingAborted as e:
+        print(f"jaxpar: training aborted: {e}", file=sys.stderr)
+        return 1
+    if not summary.steps:
+        console.print(f"nothing to do: the checkpoint is at step {summary.start_step}")
+        return 0
+    end = summary.start_step + summary.steps
     console.print(
-        f"\ndone: {summary.steps} steps, loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}, "
-        f"{summary.tokens_per_s:,.0f} tokens/s, compile {summary.compile_s:.1f}s, "
-        f"train {summary.train_s:.1f}s"
+        f"\ndone: steps {summary.start_step}-{end - 1}, loss {summary.first_loss:.4f} -> "
+        f"{summary.last_loss:.4f}, {summary.tokens_per_s:,.0f} tokens/s, compile "
+        f"{summary.compile_s:.1f}s, train {summary.train_s:.1f}s"
+        + (f", {summary.skipped} non-finite steps skipped" if summary.skipped else "")
     )
     if summary.sample:
         console.print("\nsample:", style="bold")
         console.print(summary.sample, markup=False)
     console.print(f"\nmetrics: {out / 'metrics.jsonl'}   config: {out / 'config.yaml'}")
+    return 0
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    from jaxpar.checkpoint import list_checkpoints
+
+    rows = list_checkpoints(Path(args.out))
+    print(f"{'step':>8}  {'mesh':<28} {'size':>12}  state")
+    for r in rows:
+        state = "complete" if r.complete else "INCOMPLETE"
+        print(f"{r.step:>8}  {r.mesh:<28} {r.bytes:>12,}  {state}")
+    if not rows:
+        print("(no checkpoints yet)")
     return 0
 
 
@@ -138,7 +168,12 @@ def cmd_shardings(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "mesh": cmd_mesh, "shardings": cmd_shardings}
+COMMANDS = {
+    "train": cmd_train,
+    "checkpoints": cmd_checkpoints,
+    "mesh": cmd_mesh,
+    "shardings": cmd_shardings,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

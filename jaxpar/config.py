@@ -70,6 +70,15 @@ class TrainConfig:
     dtype: str = "auto"
     sample_tokens: int = 200
     sample_prompt: str = "def "
+    # A step whose loss or gradient is not finite is skipped (state unchanged); this many in a
+    # row abort the run, leaving the last good checkpoint in place.
+    max_bad_steps: int = 3
+    # Fault injection for testing the guard: comma-separated step indices whose loss is NaN.
+    fault_nan_steps: str = ""
+
+    @property
+    def nan_steps(self) -> frozenset[int]:
+        return frozenset(int(s) for s in self.fault_nan_steps.split(",") if s.strip())
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,14 @@ class ParallelConfig:
 
     mesh: str = "data=2,tensor=4"
     fsdp: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Asynchronous orbax checkpoints under OUT/checkpoints/; `every=0` saves only at the end."""
+
+    every: int = 50
+    keep: int = 3
 
 
 @dataclass(frozen=True)
@@ -110,6 +127,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -125,6 +143,7 @@ _SECTION_TYPES = {
     "data": DataConfig,
     "parallel": ParallelConfig,
     "pipeline": PipelineConfig,
+    "checkpoint": CheckpointConfig,
 }
 
 
@@ -283,6 +302,21 @@ def validate(config: Config) -> None:
         raise JaxparError(f"config key 'train.weight_decay' must be >= 0, got {t.weight_decay}")
     if t.sample_tokens < 0:
         raise JaxparError(f"config key 'train.sample_tokens' must be >= 0, got {t.sample_tokens}")
+    if t.max_bad_steps < 1:
+        raise JaxparError(f"train.max_bad_steps={t.max_bad_steps} must be at least 1")
+    try:
+        bad = [s for s in t.nan_steps if s < 0]
+    except ValueError:
+        bad = [t.fault_nan_steps]
+    if bad:
+        raise JaxparError(
+            f"train.fault_nan_steps={t.fault_nan_steps!r} must be comma-separated step indices >= 0"
+        )
+    c = config.checkpoint
+    if c.every < 0:
+        raise JaxparError(f"checkpoint.every={c.every} must be >= 0 (0: only at the end)")
+    if c.keep < 1:
+        raise JaxparError(f"checkpoint.keep={c.keep} must be at least 1")
     p = config.pipeline
     if p.schedule not in SCHEDULES:
         raise JaxparError(

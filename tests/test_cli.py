@@ -227,7 +227,7 @@ def test_existing_run_is_not_overwritten(capsys, tmp_path, text_file):
 def test_out_that_is_a_file_is_rejected(capsys, tmp_path):
     out = tmp_path / "run"
     out.write_text("not a folder")
-    _expect_error(capsys, ["train", "--out", str(out)], f"--out '{out}' already holds a run")
+    _expect_error(capsys, ["train", "--out", str(out)], f"--out '{out}' is a file")
     assert out.read_text() == "not a folder"
 
 
@@ -256,7 +256,8 @@ def test_train_end_to_end(capsys, tmp_path, text_file):
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
-    keys = {"step", "loss", "lr", "grad_norm", "step_time_s", "tokens_per_s"}
+    keys = {"step", "loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "skipped",
+            "bad_in_row"}  # fmt: skip
     for i, row in enumerate(rows):
         assert set(row) == keys
         assert row["step"] == i

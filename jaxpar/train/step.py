@@ -171,14 +171,27 @@ class Trainer:
         )
         return cross_entropy(model.logits(x_BTD), tokens_BT[:, 1:])
 
-    def _step(self, state: TrainState, tokens_BT: jax.Array) -> tuple[TrainState, dict]:
-        loss, grads = jax.value_and_grad(self.loss)(state.params, tokens_BT)
+    def _step(
+        self, state: TrainState, tokens_BT: jax.Array, poison: jax.Array
+    ) -> tuple[TrainState, dict]:
+        def loss(params: nnx.State) -> jax.Array:
+            return self.loss(params, tokens_BT) + poison  # poison: 0, or NaN to test the guard
+
+        value, grads = jax.value_and_grad(loss)(state.params)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # A non-finite loss or gradient skips the update: parameters and optimizer state stay as
+        # they were, and only the data position (the step) moves on.
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
         metrics = {
-            "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
+            "loss": value,
+            "grad_norm": grad_norm,
             "lr": self.lr(state.step),
+            "skipped": ~finite,
         }
         return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -188,7 +201,7 @@ class Trainer:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         return jax.jit(
             self._step,
-            in_shardings=(self.state_shardings, self.batch_sharding),
+            in_shardings=(self.state_shardings, self.batch_sharding, replicated),
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=0,
         )
@@ -205,8 +218,11 @@ class Trainer:
             self.state_shardings,
         )
         tokens = jax.ShapeDtypeStruct(self.batch_shape(), jnp.int32, sharding=self.batch_sharding)
+        poison = jax.ShapeDtypeStruct(
+            (), jnp.float32, sharding=NamedSharding(self.mesh, PartitionSpec())
+        )
         with jax.set_mesh(self.mesh):
-            return self.jitted_step.lower(abstract_state, tokens)
+            return self.jitted_step.lower(abstract_state, tokens, poison)
 
     def init_state_abstract(self) -> TrainState:
         """Shapes and dtypes of the state, without allocating it."""
@@ -222,9 +238,16 @@ class Trainer:
         """The compiled train step (compiled once) and the seconds its compilation took."""
         return self._compiled
 
-    def step(self, state: TrainState, tokens_BT: jax.Array) -> tuple[TrainState, dict]:
-        """One update on a (B, T+1) token batch laid out by `batch_sharding`; donates `state`."""
-        return self._compiled[0](state, tokens_BT)
+    def step(
+        self, state: TrainState, tokens_BT: jax.Array, poison: float = 0.0
+    ) -> tuple[TrainState, dict]:
+        """One update on a (B, T+1) token batch laid out by `batch_sharding`; donates `state`.
+
+        `poison` is added to the loss (NaN injects a fault for the non-finite guard).
+        """
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        poison_arr = jax.device_put(jnp.float32(poison), replicated)
+        return self._compiled[0](state, tokens_BT, poison_arr)
 
     def compute_overhead(self) -> ComputeOverhead:
         """The compiled step's per-device matmul FLOPs (trip counts applied) against the ideal."""

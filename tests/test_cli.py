@@ -281,7 +281,7 @@ def test_train_end_to_end(capsys, tmp_path, text_file):
 
     assert f"run folder: {out}" in stdout
     assert f"metrics: {out / 'metrics.jsonl'}" in stdout
-    assert "done: 3 steps" in stdout
+    assert "done: steps 0-2" in stdout
     assert "\nsample:\ndef " in stdout  # the sample starts with the prompt
 
 

@@ -229,7 +229,7 @@ def list_checkpoints(out: Path) -> list[Listing]:
         name = path.name.split(".")[0]
         if not path.is_dir() or not name.isdigit():
             continue
-        complete = "tmp" not in path.name and (path / "meta").exists()
+        complete = "tmp" not in path.name and (path / "_CHECKPOINT_METADATA").exists()
         mesh = "?"
         meta_file = path / "meta" / "metadata"
         if meta_file.exists():

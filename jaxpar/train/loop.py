@@ -144,7 +144,7 @@ def train(
 
     shape = trainer.batch_shape()
     tokens_per_step = t.batch_size * t.seq_len
-    meta = {"config": config.to_dict(), "mesh": config.parallel.mesh, "seed": t.seed}
+    meta = {"config": config.to_dict(), "mesh": str(mesh_spec_of(mesh)), "seed": t.seed}
     last = min(t.steps, stop_after) if stop_after is not None else t.steps
     losses, times, bad_in_row, skipped = [], [], 0, 0
     log_every = max(1, t.steps // 10)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,15 @@ def _is_block(path: tuple[Any, ...]) -> bool:
     return any(getattr(k, "key", None) == "blocks" for k in path)
 
 
-def _checksum(x: jax.Array) -> jax.Array:
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    return jnp.sum(bits, dtype=jnp.uint32)
+@jax.jit
+def _checksums(tree: Any) -> Any:
+    """Per array, its float32 bit patterns summed as wrapping uint32: exact in any order."""
+
+    def checksum(x: jax.Array) -> jax.Array:
+        bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+        return jnp.sum(bits, dtype=jnp.uint32)
+
+    return jax.tree.map(checksum, tree)
 
 
 @dataclass
@@ -75,31 +82,41 @@ class Checkpointer:
 
         return jax.tree_util.tree_map_with_path(logical, self.trainer.state_shardings)
 
-    def to_logical(self, state: TrainState) -> TrainState:
+    @cached_property
+    def _to_logical(self) -> Callable:
         layout = self.trainer.layout
 
         def convert(path, x):
             return layout.to_logical(x) if _is_block(path) else jnp.copy(x)
 
-        fn = jax.jit(
+        return jax.jit(
             lambda s: jax.tree_util.tree_map_with_path(convert, s),
             out_shardings=self._logical_shardings(),
         )
-        with jax.set_mesh(self.trainer.mesh):
-            return fn(state)
 
-    def from_logical(self, logical: TrainState) -> TrainState:
+    @cached_property
+    def _from_logical(self) -> Callable:
         layout = self.trainer.layout
 
         def convert(path, x):
             return layout.to_stages(x) if _is_block(path) else x
 
-        fn = jax.jit(
+        return jax.jit(
             lambda s: jax.tree_util.tree_map_with_path(convert, s),
             out_shardings=self.trainer.state_shardings,
         )
+
+    def to_logical(self, state: TrainState) -> TrainState:
+        """A copy of `state` with the blocks in logical layer order (compiled once)."""
         with jax.set_mesh(self.trainer.mesh):
-            return fn(logical)
+            return self._to_logical(state)
+
+    def from_logical(self, logical: TrainState) -> TrainState:
+        with jax.set_mesh(self.trainer.mesh):
+            return self._from_logical(logical)
+
+    def _checksums(self, logical: TrainState) -> list[int]:
+        return [int(s) for s in jax.device_get(jax.tree.leaves(_checksums(logical)))]
 
     def _abstract_logical(self) -> Any:
         abstract = self.trainer.init_state_abstract()
@@ -117,8 +134,7 @@ class Checkpointer:
         """Starts an asynchronous save of `state` as checkpoint `step`; returns once the arrays
         are copied out of the way of the next (donating) train step."""
         logical = self.to_logical(state)
-        sums = jax.tree.leaves(jax.jit(lambda s: jax.tree.map(_checksum, s))(logical))
-        meta = {**meta, "step": step, "checksums": [int(s) for s in jax.device_get(sums)]}
+        meta = {**meta, "step": step, "checksums": self._checksums(logical)}
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -151,8 +167,7 @@ class Checkpointer:
         except Exception as e:  # orbax and tensorstore raise many types for damaged files
             raise CorruptCheckpoint(f"checkpoint {step} cannot be read: {type(e).__name__}") from e
         logical, meta = restored["state"], restored["meta"]
-        sums = jax.tree.leaves(jax.jit(lambda s: jax.tree.map(_checksum, s))(logical))
-        if [int(s) for s in jax.device_get(sums)] != meta.get("checksums"):
+        if self._checksums(logical) != meta.get("checksums"):
             raise CorruptCheckpoint(f"checkpoint {step} does not match its checksums")
         return self.from_logical(logical), meta
 
@@ -229,14 +244,19 @@ def list_checkpoints(out: Path) -> list[Listing]:
         name = path.name.split(".")[0]
         if not path.is_dir() or not name.isdigit():
             continue
-        complete = "tmp" not in path.name and (path / "_CHECKPOINT_METADATA").exists()
-        mesh = "?"
-        meta_file = path / "meta" / "metadata"
-        if meta_file.exists():
-            try:
-                mesh = json.loads(meta_file.read_text()).get("mesh", "?")
-            except (OSError, ValueError):
-                complete = False
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        # A running job renames finished saves and deletes old ones while we look: a folder
+        # that vanishes midway is simply not listed.
+        try:
+            complete = "tmp" not in path.name and (path / "_CHECKPOINT_METADATA").exists()
+            mesh = "?"
+            meta_file = path / "meta" / "metadata"
+            if meta_file.exists():
+                try:
+                    mesh = json.loads(meta_file.read_text()).get("mesh", "?")
+                except ValueError:
+                    complete = False
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        except FileNotFoundError:
+            continue
         rows.append(Listing(int(name), mesh, size, complete))
     return sorted(rows, key=lambda r: r.step)

@@ -195,10 +195,12 @@ def train(
                     f"the last good checkpoint is in {out / CHECKPOINTS}"
                 )
             done = step + 1
+            # Read the signal flag once: one that arrives during the save below stops the
+            # run after the next step, which saves again.
             stopped_by = signals.received or ("stop_after" if done == last < t.steps else None)
             if stopped_by or done == t.steps or (c.every and done % c.every == 0):
                 checkpoints.save(done, state, meta)
-            if signals.received:
+            if stopped_by:
                 break
     checkpoints.close()
     train_s = time.perf_counter() - start_time

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import AXES
@@ -167,17 +167,3 @@ def rules_for(data: int, pipeline: int, tensor: int, fsdp: bool) -> Rules:
     if tensor > 1:
         return MEGATRON
     return DATA_PARALLEL if data > 1 or pipeline > 1 else REPLICATED
-
-
-def param_specs(abstract_params: Any, rules: Rules) -> Any:
-    """Maps each NNX Param (with `logical_axes` metadata) to its PartitionSpec; same tree."""
-    import jax
-    from flax import nnx
-
-    def spec_of(v: Any) -> Any:
-        axes = v.get_metadata().get("logical_axes")
-        if axes is None or len(axes) != v.get_value().ndim:
-            raise JaxparError(f"parameter of shape {v.get_value().shape} has logical axes {axes}")
-        return rules.spec(axes)
-
-    return jax.tree.map(spec_of, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -49,6 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("shardings", help="print every parameter's layout on the mesh")
     _add_config_args(p)
+
+    p = sub.add_parser(
+        "analyze", help="compile the train step (run nothing): memory, FLOPs, collectives, bubble"
+    )
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON document (keys in README)")
+    p.add_argument("--timeline", metavar="FILE.png", help="draw the pipeline schedule to a PNG")
+
+    p = sub.add_parser("bench", help="time train steps: median step time, tokens/s, MFU")
+    _add_config_args(p)
+    p.add_argument("--steps", type=int, default=10, metavar="N", help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed steps first")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
     return parser
 
 
@@ -137,25 +150,15 @@ def cmd_mesh(args: argparse.Namespace) -> int:
 
 def cmd_shardings(args: argparse.Namespace) -> int:
     config, spec = _config_and_mesh(args)
-    from rich.console import Console
-    from rich.table import Table
-
     from jaxpar.analysis.params import param_rows, tree_bytes_per_device
+    from jaxpar.analysis.report import param_table
     from jaxpar.mesh import make_mesh
     from jaxpar.train.step import Trainer
 
     trainer = Trainer(config, make_mesh(spec))
     rows = param_rows(trainer.abstract_params, trainer.param_shardings)
-    table = Table(title=f"parameters on mesh {spec}, rules '{trainer.rules.name}'")
-    for column in ("parameter", "shape", "logical axes", "PartitionSpec", "bytes/device"):
-        table.add_column(column, justify="right" if column == "bytes/device" else "left")
-    for r in rows:
-        spec_text = "P(" + ", ".join(repr(a) for a in r.spec) + ")"
-        table.add_row(
-            r.name, str(r.shape), ", ".join(r.logical_axes), spec_text, f"{r.bytes_per_device:,}"
-        )
-    terminal = Console()
-    console = Console(highlight=False, soft_wrap=True, width=max(160, terminal.width))
+    table = param_table(rows, f"parameters on mesh {spec}, rules '{trainer.rules.name}'")
+    console = _wide_console()
     console.print(table)
     total = sum(r.bytes for r in rows)
     per_device = sum(r.bytes_per_device for r in rows)
@@ -168,11 +171,103 @@ def cmd_shardings(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wide_console():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True, width=max(160, Console().width))
+
+
+def _check_timeline_path(path: str) -> Path:
+    out = Path(path)
+    if out.suffix.lower() != ".png":
+        raise JaxparError(f"--timeline {path!r} must name a .png file")
+    if not out.parent.is_dir():
+        raise JaxparError(f"--timeline {path!r}: folder {str(out.parent)!r} does not exist")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise JaxparError(
+            "--timeline needs matplotlib: pip install -e '.[plot]' (the terminal timeline does not)"
+        ) from None
+    return out
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    timeline = _check_timeline_path(args.timeline) if args.timeline else None
+    config, spec = _config_and_mesh(args)
+    import json
+
+    from jaxpar.analysis.report import analyze, render
+    from jaxpar.analysis.timeline import ascii_timeline, plot_timelines
+    from jaxpar.mesh import make_mesh
+    from jaxpar.train.step import Trainer
+
+    trainer = Trainer(config, make_mesh(spec))
+    analysis = analyze(trainer)
+    if timeline is not None:
+        plot_timelines([trainer.schedule], timeline)
+    if args.json:
+        print(json.dumps(analysis.to_json(), indent=2))
+        return 0
+    console = _wide_console()
+    render(analysis, console)
+    console.print(f"\n[bold]pipeline timeline[/bold] ({trainer.schedule.describe()})")
+    console.print(ascii_timeline(trainer.schedule), markup=False)
+    if timeline is not None:
+        console.print(f"timeline: {timeline}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.steps < 1:
+        raise JaxparError(f"--steps {args.steps} must be at least 1")
+    if args.warmup < 0:
+        raise JaxparError(f"--warmup {args.warmup} must be 0 or more")
+    config, spec = _config_and_mesh(args)
+    import json
+
+    from jaxpar.mesh import make_mesh
+    from jaxpar.train.bench import bench
+    from jaxpar.train.step import Trainer
+
+    trainer = Trainer(config, make_mesh(spec))
+    console = _wide_console()
+    log = console.print if not args.json else lambda *a, **k: None
+    m = config.model
+    log(
+        f"bench: {m.num_params / 1e6:.1f}M params on mesh {spec} ({trainer.dtype.name}), "
+        f"batch {config.train.batch_size} x {config.train.seq_len}, {args.warmup} warm-up + "
+        f"{args.steps} timed steps"
+    )
+    result = bench(
+        trainer,
+        args.steps,
+        args.warmup,
+        progress=lambda i, dt: log(f"  step {i + 1}/{args.steps}: {dt * 1e3:,.1f} ms"),
+    )
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    mfu = (
+        f"MFU {result.mfu:.1%} of {result.peak_flops_per_device / 1e12:,.0f} TFLOP/s peak"
+        if result.mfu is not None
+        else f"MFU: no known peak for '{result.device_kind}'"
+    )
+    log(
+        f"median step {result.median_step_s * 1e3:,.1f} ms, {result.tokens_per_s:,.0f} tokens/s, "
+        f"compile {result.compile_s:.1f}s; {result.achieved_flops_per_device / 1e12:,.3f} "
+        f"model TFLOP/s per device; {mfu}; loss {result.first_loss:.4f} -> {result.last_loss:.4f}"
+    )
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "checkpoints": cmd_checkpoints,
     "mesh": cmd_mesh,
     "shardings": cmd_shardings,
+    "analyze": cmd_analyze,
+    "bench": cmd_bench,
 }
 
 

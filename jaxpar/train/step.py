@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpar.analysis.flops import ComputeOverhead, layer_stack_flops, model_flops
-from jaxpar.analysis.hlo import dot_flops
+from jaxpar.analysis.hlo import HloModule, dot_flops
 from jaxpar.config import Config, TrainConfig
 from jaxpar.mesh import mesh_spec_of
 from jaxpar.model.llama import Llama, cross_entropy
@@ -249,11 +249,13 @@ class Trainer:
         poison_arr = jax.device_put(jnp.float32(poison), replicated)
         return self._compiled[0](state, tokens_BT, poison_arr)
 
-    def compute_overhead(self) -> ComputeOverhead:
-        """The compiled step's per-device matmul FLOPs (trip counts applied) against the ideal."""
+    def compute_overhead(self, hlo: str | HloModule | None = None) -> ComputeOverhead:
+        """The compiled step's per-device matmul FLOPs (trip counts applied) against the ideal.
+
+        `hlo` is the compiled step's HLO, when the caller has it parsed already."""
         m, t, n = self.config.model, self.config.train, self.mesh.devices.size
         return ComputeOverhead(
-            flops_per_device=dot_flops(self.compile()[0].as_text()),
+            flops_per_device=dot_flops(self.compile()[0].as_text() if hlo is None else hlo),
             ideal_flops_per_device=model_flops(m, t.batch_size, t.seq_len) / n,
             ideal_stack_flops_per_device=layer_stack_flops(m, t.batch_size, t.seq_len) / n,
         )

@@ -1,0 +1,226 @@
+"""`jaxpar analyze`: memory, FLOPs, collectives and bubble of a compiled train step, per device.
+
+Everything here is read from the compiled program without running it, so the figures are exact on
+any host: the memory XLA assigned, the matmul FLOPs with loop trip counts applied, and every
+collective with the mesh axes its replica groups span.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+from rich.console import Console
+from rich.table import Table
+
+from jaxpar.analysis.comm import AxisTraffic, traffic
+from jaxpar.analysis.flops import ComputeOverhead
+from jaxpar.analysis.hlo import collectives, parse
+from jaxpar.analysis.memory import MemoryEstimate, estimate_memory
+from jaxpar.analysis.params import ParamRow, param_rows, tree_bytes_per_device
+from jaxpar.mesh import AXES, mesh_spec_of
+from jaxpar.train.step import Trainer
+
+
+@dataclass(frozen=True)
+class CompiledMemory:
+    """Bytes per device: the state as laid out, and XLA's buffer assignment of the step."""
+
+    params_bytes: int
+    params_total_bytes: int
+    opt_state_bytes: int
+    opt_state_total_bytes: int
+    argument_bytes: int
+    output_bytes: int
+    temp_bytes: int
+    alias_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        """Arguments, plus outputs not written in place of a donated argument, plus temporaries."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+@dataclass(frozen=True)
+class Analysis:
+    mesh: str
+    devices: int
+    rules: str
+    dtype: str
+    model_params: int
+    tokens_per_step: int
+    schedule: str
+    ticks: int
+    memory: CompiledMemory
+    estimate: MemoryEstimate
+    overhead: ComputeOverhead
+    bubble_theory: float
+    collectives: list[AxisTraffic]
+    compile_s: float
+    parameters: list[ParamRow]
+
+    def to_json(self) -> dict[str, Any]:
+        """One JSON document; every key is listed in the README (`jaxpar analyze --json`)."""
+        o = self.overhead
+        return {
+            "mesh": self.mesh,
+            "devices": self.devices,
+            "rules": self.rules,
+            "dtype": self.dtype,
+            "model_params": self.model_params,
+            "tokens_per_step": self.tokens_per_step,
+            "schedule": self.schedule,
+            "ticks": self.ticks,
+            "compile_s": self.compile_s,
+            "flops_per_device": o.flops_per_device,
+            "ideal_flops_per_device": o.ideal_flops_per_device,
+            "flops_ratio": o.ratio,
+            "bubble_theory": self.bubble_theory,
+            "bubble_measured": o.stack_bubble,
+            "overhead_measured": o.bubble,
+            "memory": {
+                "params_bytes": self.memory.params_bytes,
+                "params_total_bytes": self.memory.params_total_bytes,
+                "opt_state_bytes": self.memory.opt_state_bytes,
+                "opt_state_total_bytes": self.memory.opt_state_total_bytes,
+                "argument_bytes": self.memory.argument_bytes,
+                "output_bytes": self.memory.output_bytes,
+                "temp_bytes": self.memory.temp_bytes,
+                "alias_bytes": self.memory.alias_bytes,
+                "peak_bytes": self.memory.peak_bytes,
+                "estimate": self.estimate.to_json(),
+            },
+            "collectives": [
+                {"kind": c.kind, "axis": c.axis, "count": c.count, "bytes": c.bytes}
+                for c in self.collectives
+            ],
+            "parameters": [
+                {
+                    "name": r.name,
+                    "shape": list(r.shape),
+                    "logical_axes": list(r.logical_axes),
+                    "spec": [a if a is None or isinstance(a, str) else list(a) for a in r.spec],
+                    "bytes": r.bytes,
+                    "bytes_per_device": r.bytes_per_device,
+                }
+                for r in self.parameters
+            ],
+        }
+
+
+def analyze(trainer: Trainer) -> Analysis:
+    """Compiles `trainer`'s step (nothing runs) and reads its figures."""
+    config, mesh = trainer.config, trainer.mesh
+    spec = mesh_spec_of(mesh)
+    compiled, compile_s = trainer.compile()
+    module = parse(compiled.as_text())
+    rows = param_rows(trainer.abstract_params, trainer.param_shardings)
+    abstract = trainer.init_state_abstract()
+    shardings = trainer.state_shardings
+    params_bytes = sum(r.bytes_per_device for r in rows)
+    stats = compiled.memory_analysis()
+    memory = CompiledMemory(
+        params_bytes=params_bytes,
+        params_total_bytes=sum(r.bytes for r in rows),
+        opt_state_bytes=tree_bytes_per_device(abstract.opt_state, shardings.opt_state),
+        opt_state_total_bytes=sum(
+            x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract.opt_state)
+        ),
+        argument_bytes=stats.argument_size_in_bytes,
+        output_bytes=stats.output_size_in_bytes,
+        temp_bytes=stats.temp_size_in_bytes,
+        alias_bytes=stats.alias_size_in_bytes,
+    )
+    estimate = estimate_memory(
+        config, *spec.sizes, params_bytes=params_bytes, compute_bytes=trainer.dtype.itemsize
+    )
+    found = collectives(module, tuple(mesh.shape[a] for a in AXES), AXES)
+    return Analysis(
+        mesh=str(spec),
+        devices=mesh.devices.size,
+        rules=trainer.rules.name,
+        dtype=trainer.dtype.name,
+        model_params=config.model.num_params,
+        tokens_per_step=config.train.batch_size * config.train.seq_len,
+        schedule=trainer.schedule.describe(),
+        ticks=trainer.schedule.ticks,
+        memory=memory,
+        estimate=estimate,
+        overhead=trainer.compute_overhead(module),
+        bubble_theory=trainer.schedule.bubble,
+        collectives=traffic(found),
+        compile_s=compile_s,
+        parameters=rows,
+    )
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.2f} MiB"
+
+
+def render(a: Analysis, console: Console) -> None:
+    """Prints the analysis as tables: memory, compute, collectives and the parameter layout."""
+    console.print(
+        f"[bold]train step on mesh {a.mesh}[/bold] ({a.devices} devices, rules '{a.rules}', "
+        f"{a.dtype}); {a.model_params:,} parameters, {a.tokens_per_step:,} tokens per step; "
+        f"compiled in {a.compile_s:.1f}s"
+    )
+    m, e = a.memory, a.estimate
+    table = Table(title="memory per device")
+    for column in ("", "compiled", "estimate", "difference", "note"):
+        table.add_column(column, justify="left" if column in ("", "note") else "right")
+
+    def row(name: str, compiled: int | None, estimated: int | None, note: str = "") -> None:
+        diff = "" if compiled is None or estimated is None else _mb(compiled - estimated)
+        table.add_row(
+            name,
+            "" if compiled is None else _mb(compiled),
+            "" if estimated is None else _mb(estimated),
+            diff,
+            note,
+        )
+
+    def sharded(total: int, per_device: int) -> str:
+        return f"total {_mb(total)} / {total / per_device:.2f}"
+
+    row("parameters", m.params_bytes, e.params_bytes, sharded(m.params_total_bytes, m.params_bytes))
+    row("optimizer state", m.opt_state_bytes, e.opt_state_bytes,
+        sharded(m.opt_state_total_bytes, m.opt_state_bytes))  # fmt: skip
+    row("arguments", m.argument_bytes, e.state_bytes, "state + token batch")
+    row("outputs", m.output_bytes, None, f"{_mb(m.alias_bytes)} written in place (donated)")
+    transient = f"gradients {_mb(e.grads_bytes)} + activations {_mb(e.activations_bytes)}"
+    row("temporaries", m.temp_bytes, e.grads_bytes + e.activations_bytes, f"estimate: {transient}")
+    row("peak", m.peak_bytes, e.total_bytes, "arguments + outputs - aliased + temporaries")
+    console.print(table)
+
+    o = a.overhead
+    console.print(
+        f"[bold]compute[/bold] per device: {o.flops_per_device / 1e9:,.3f} GFLOP (loop trip counts "
+        f"applied) vs ideal {o.ideal_flops_per_device / 1e9:,.3f} GFLOP = {o.ratio:.3f} x; "
+        f"{a.schedule}\n  bubble: theory {a.bubble_theory:.2%}, measured {o.stack_bubble:.2%} of "
+        f"the layer stack ({o.bubble:.2%} of the whole step)"
+    )
+    table = Table(title="collectives per device per step")
+    for column in ("kind", "axis", "count", "bytes"):
+        table.add_column(column, justify="right" if column in ("count", "bytes") else "left")
+    for c in a.collectives:
+        table.add_row(c.kind, c.axis, f"{c.count:,}", f"{c.bytes:,}")
+    if not a.collectives:
+        table.add_row("(none)", "", "", "")
+    console.print(table)
+
+    console.print(param_table(a.parameters, "parameters"))
+
+
+def param_table(rows: list[ParamRow], title: str) -> Table:
+    """One row per parameter: shape, logical axes, PartitionSpec and bytes per device."""
+    table = Table(title=title)
+    for column in ("parameter", "shape", "logical axes", "PartitionSpec", "bytes/device"):
+        table.add_column(column, justify="right" if column == "bytes/device" else "left")
+    for r in rows:
+        spec_text = "P(" + ", ".join(repr(x) for x in r.spec) + ")"
+        table.add_row(
+            r.name, str(r.shape), ", ".join(r.logical_axes), spec_text, f"{r.bytes_per_device:,}"
+        )
+    return table

@@ -1,0 +1,171 @@
+"""`jaxpar analyze` and `jaxpar bench`: figures read from the compiled step; their JSON forms."""
+
+import functools
+import json
+import math
+
+import jax
+import pytest
+
+from jaxpar.analysis.comm import megatron_expected_bytes
+from jaxpar.analysis.report import analyze
+from jaxpar.analysis.timeline import ascii_timeline
+from jaxpar.cli import main
+from jaxpar.config import load_config
+from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.pipeline.schedule import Schedule
+from jaxpar.train.bench import peak_flops
+from jaxpar.train.step import Trainer
+
+LAYERS, DIM, BATCH, SEQ = 2, 64, 16, 16
+SIZES = [
+    f"model.layers={LAYERS}", f"model.dim={DIM}", "model.heads=8", "model.kv_heads=4",
+    "model.mlp_dim=256", "model.vocab=256", f"train.batch_size={BATCH}", f"train.seq_len={SEQ}",
+    "train.dtype=float32",
+]  # fmt: skip
+
+
+@functools.cache
+def analysis(mesh_spec: str, *overrides: str, devices: int = 8):
+    config = load_config(None, [*SIZES, *overrides])
+    mesh = make_mesh(parse_mesh(mesh_spec), devices=jax.devices()[:devices])
+    trainer = Trainer(config, mesh)
+    return trainer, analyze(trainer)
+
+
+def test_tensor_parallel_collectives_are_megatrons_accounting():
+    trainer, a = analysis("data=2,tensor=4")
+    over_tensor = [c for c in a.collectives if "tensor" in c.axes]
+    # Only all-reduces over `tensor` alone carry data; the rest are 4-byte loss/norm partial sums.
+    (tensor,) = [c for c in over_tensor if c.axes == ("tensor",)]
+    assert tensor.kind == "all-reduce"
+    b_local = BATCH // 2
+    megatron = 4 * LAYERS + 2 + 3  # activations, plus three cross-entropy reductions
+    scalars = tensor.count - megatron
+    expected = megatron_expected_bytes(trainer.config.model, b_local, SEQ, act_bytes=4)
+    assert tensor.bytes == expected + 4 * scalars
+    assert 0 <= scalars <= 4
+    for c in over_tensor:
+        if c is not tensor:
+            assert c.kind == "all-reduce" and c.bytes == 4 * c.count, c
+
+
+def test_parameter_bytes_are_the_sum_of_shard_sizes():
+    trainer, a = analysis("data=2,tensor=4")
+    params = trainer.init_state().params
+    device = trainer.mesh.devices.flat[0]
+    on_device = sum(
+        shard.data.nbytes
+        for x in jax.tree.leaves(params)
+        for shard in x.addressable_shards
+        if shard.device == device
+    )
+    assert a.memory.params_bytes == on_device
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    assert a.memory.params_total_bytes == total
+    assert a.estimate.params_bytes == a.memory.params_bytes
+    # AdamW keeps two moments per parameter, laid out like it (plus a few scalar counters).
+    assert 2 * a.memory.params_bytes <= a.memory.opt_state_bytes <= 2 * a.memory.params_bytes + 64
+
+
+def test_one_device_flops_match_six_n_t_plus_attention():
+    trainer, a = analysis("data=1", devices=1)
+    m = trainer.config.model
+    tokens = BATCH * SEQ
+    # The textbook count: 6 x parameters x tokens (every weight, forward and backward) plus the
+    # attention scores and values, 2 x 2 x T x N x H per token and layer forward, x3 with backward.
+    attention = 3 * 2 * 2 * SEQ * m.heads * m.head_dim * m.layers * tokens
+    textbook = 6 * m.num_params * tokens + attention
+    assert a.overhead.flops_per_device == pytest.approx(textbook, rel=0.05)
+    # Exactly: norm scales are no matmuls, and the one-hot embedding's input (token ids) needs no
+    # gradient, so it costs 4, not 6, x its parameters per token.
+    norms = (2 * m.layers + 1) * m.dim
+    exact = textbook - 6 * norms * tokens - 2 * m.vocab * m.dim * tokens
+    assert a.overhead.flops_per_device == exact
+    assert a.overhead.flops_per_device == a.overhead.ideal_flops_per_device  # nothing lost
+    assert a.bubble_theory == 0 and abs(a.overhead.stack_bubble) < 1e-12
+
+
+@pytest.mark.parametrize(("stages", "micro"), [(4, 4), (2, 8)])
+def test_gpipe_bubble_is_p_minus_one_over_m_plus_p_minus_one(stages, micro):
+    _, a = analysis(
+        f"pipeline={stages}",
+        "model.layers=4",
+        f"pipeline.microbatches={micro}",
+        "pipeline.schedule=gpipe",
+        devices=stages,
+    )
+    bubble = (stages - 1) / (micro + stages - 1)
+    assert a.bubble_theory == pytest.approx(bubble, abs=1e-12)
+    assert a.overhead.stack_bubble == pytest.approx(bubble, abs=1e-12)
+
+
+def test_analyze_json_keys_and_types(capsys, tmp_path):
+    png = tmp_path / "timeline.png"
+    args = ["analyze", "--mesh", "data=2,pipeline=2,tensor=2", "--json", "--timeline", str(png)]
+    assert main([*args, *SIZES, "pipeline.microbatches=2"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    for key in ("flops_per_device", "ideal_flops_per_device", "bubble_theory", "bubble_measured",
+                "compile_s", "flops_ratio", "overhead_measured"):  # fmt: skip
+        assert isinstance(doc[key], int | float) and not isinstance(doc[key], bool), key
+    assert isinstance(doc["flops_per_device"], int)
+    assert doc["bubble_theory"] == pytest.approx(1 / 3)
+    assert doc["bubble_measured"] == pytest.approx(1 / 3, abs=1e-12)
+    memory = doc["memory"]
+    for key in ("params_bytes", "opt_state_bytes", "argument_bytes", "output_bytes",
+                "temp_bytes", "alias_bytes", "params_total_bytes", "opt_state_total_bytes",
+                "peak_bytes"):  # fmt: skip
+        assert isinstance(memory[key], int) and memory[key] >= 0, key
+    assert set(memory["estimate"]) >= {"params_bytes", "activations_bytes", "total_bytes"}
+    assert doc["collectives"] and all(
+        isinstance(c["kind"], str) and isinstance(c["axis"], str)
+        and isinstance(c["count"], int) and isinstance(c["bytes"], int)
+        for c in doc["collectives"]
+    )  # fmt: skip
+    axes = {c["axis"] for c in doc["collectives"] if c["kind"] == "collective-permute"}
+    assert axes == {"pipeline"}
+    assert [p["spec"] for p in doc["parameters"] if p["name"] == "embed_VD"] == [["tensor", None]]
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ascii_timeline_marks_bubbles():
+    text = ascii_timeline(Schedule("gpipe", 2, 3))
+    assert text.splitlines() == [
+        "tick     0  1  2  3",
+        "stage 0  0  1  2  .",
+        "stage 1  .  0  1  2",
+        "idle 2 of 8 stage-ticks = 25.0% (bubble)",
+    ]
+    assert "1b" in ascii_timeline(Schedule("circular", 2, 2, repeats=2))
+
+
+def test_bench_json(capsys):
+    args = ["bench", "--mesh", "data=2,tensor=4", "--steps", "2", "--warmup", "1", "--json"]
+    assert main([*args, *SIZES]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["steps"] == len(doc["step_times_s"]) == 2
+    assert doc["median_step_s"] > 0 and doc["tokens_per_s"] > 0 and doc["compile_s"] > 0
+    assert doc["tokens_per_s"] == pytest.approx(BATCH * SEQ / doc["median_step_s"])
+    assert doc["mfu"] is None and doc["peak_flops_per_device"] is None  # no known CPU peak
+    assert math.isfinite(doc["first_loss"]) and math.isfinite(doc["last_loss"])
+
+
+def test_peak_table():
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert peak_flops("NVIDIA H200", "float32") == 67e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312e12
+    assert peak_flops("cpu", "float32") is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["analyze", "--timeline", "plot.txt"], "--timeline 'plot.txt' must name a .png file"),
+        (["analyze", "--timeline", "no/such/dir/t.png"], "folder 'no/such/dir' does not exist"),
+        (["bench", "--steps", "0"], "--steps 0 must be at least 1"),
+    ],
+)
+def test_bad_input(capsys, argv, fragment):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxpar: error: ") and fragment in err and len(err.splitlines()) == 1

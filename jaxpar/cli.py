@@ -62,7 +62,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, metavar="N", help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed steps first")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p = sub.add_parser("eval", help="negative log-likelihood and perplexity of a model on text")
+    _add_model_args(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", metavar="FILE", help="a text file")
+    source.add_argument("--tokens", metavar="FILE.npy", help="int token ids [batch, length]")
+    p.add_argument("--batch", type=int, default=8, metavar="N", help="rows per forward pass")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("generate", help="generate text with a KV cache on the mesh")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", metavar="TEXT", help="repeat for a batch")
+    prompts.add_argument(
+        "--prompt-ids", action="append", metavar="1,2,3", help="token ids; repeat for a batch"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("chat", help="talk to a model: each line you type is answered, streamed")
+    _add_model_args(p)
+    _add_sampling_args(p)
+
+    p = sub.add_parser("export-hf", help="write a run's newest checkpoint as a Hugging Face Llama")
+    p.add_argument("out", metavar="OUT", help="the jaxpar run folder")
+    p.add_argument("dest", metavar="DIR", help="a new folder for config.json and safetensors")
     return parser
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", metavar="OUT", help="a jaxpar run folder (its newest checkpoint)")
+    source.add_argument("--init-from-hf", metavar="DIR", help="a local Hugging Face Llama folder")
+    p.add_argument("--mesh", default="data=1", metavar="SPEC", help="mesh (default data=1)")
+    p.add_argument("--devices", type=int, metavar="N", help="simulate N CPU devices")
+    p.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="compute dtype"
+    )
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--greedy", action="store_true", help="always the most likely token")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: no limit")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus mass")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _config_and_mesh(args: argparse.Namespace) -> tuple[Config, MeshSpec]:
@@ -261,6 +306,186 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(args: argparse.Namespace):
+    """The model named by --run or --init-from-hf, on the mesh of --mesh."""
+    source = Path(args.run or args.init_from_hf)
+    flag = "--run" if args.run else "--init-from-hf"
+    if not source.is_dir():
+        raise JaxparError(f"{flag} {str(source)!r} is not a directory")
+    spec = prepare(parse_mesh(args.mesh), args.devices)
+    from jaxpar.infer.serve import load_hf, load_run
+    from jaxpar.mesh import make_mesh
+
+    mesh = make_mesh(spec)
+    warn = lambda msg: print(f"jaxpar: {msg}", file=sys.stderr)  # noqa: E731
+    if args.run:
+        return load_run(source, mesh, args.dtype, warn=warn)
+    return load_hf(source, mesh, args.dtype)
+
+
+def _sampling(args: argparse.Namespace):
+    from jaxpar.infer.engine import Sampling
+
+    if args.max_new_tokens < 1:
+        raise JaxparError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    if not args.greedy and args.temperature <= 0:
+        raise JaxparError(f"--temperature {args.temperature} must be > 0 (or use --greedy)")
+    if args.top_k < 0:
+        raise JaxparError(f"--top-k {args.top_k} must be 0 (no limit) or more")
+    if not 0 < args.top_p <= 1:
+        raise JaxparError(f"--top-p {args.top_p} must be in (0, 1]")
+    temperature = 0.0 if args.greedy else args.temperature
+    return Sampling(temperature, args.top_k, args.top_p)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.batch < 1:
+        raise JaxparError(f"--batch {args.batch} must be at least 1")
+    path = Path(args.text or args.tokens)
+    if not path.is_file():
+        raise JaxparError(f"{'--text' if args.text else '--tokens'} {str(path)!r} does not exist")
+    model = _load_model(args)
+    import json
+
+    import numpy as np
+
+    from jaxpar.infer.serve import text_rows
+
+    if args.text:
+        ids = model.encode(path.read_text(errors="replace"))
+        model.check_ids(ids, f"--text {str(path)!r}")
+        rows = text_rows(ids, model.context)
+    else:
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise JaxparError(f"--tokens {str(path)!r} is not a .npy array: {e}") from None
+        if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+            raise JaxparError(
+                f"--tokens {str(path)!r} holds a {array.dtype} array of shape {array.shape}; "
+                "expected integers [batch, length]"
+            )
+        model.check_ids(array.ravel().tolist(), f"--tokens {str(path)!r}")
+        rows = [row.astype(np.int32) for row in array]
+    result = model.evaluate(rows, args.batch)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{model.source}: nll {result['nll']:.4f} nats/token, perplexity "
+            f"{result['perplexity']:.3f} over {result['tokens']:,} predicted tokens"
+        )
+    return 0
+
+
+def _prompts(args: argparse.Namespace, model) -> list[list[int]]:
+    if args.prompt_ids:
+        prompts = []
+        for text in args.prompt_ids:
+            try:
+                ids = [int(x) for x in text.split(",") if x.strip()]
+            except ValueError:
+                raise JaxparError(
+                    f"--prompt-ids {text!r} is not a comma-separated list of ids"
+                ) from None
+            prompts.append(ids)
+        labels = [f"--prompt-ids {t!r}" for t in args.prompt_ids]
+    else:
+        prompts = [model.encode(t) for t in args.prompt]
+        labels = [f"--prompt {t!r}" for t in args.prompt]
+    for ids, label in zip(prompts, labels, strict=True):
+        if not ids:
+            raise JaxparError(f"{label} is empty; give at least one token")
+        model.check_ids(ids, label)
+    return prompts
+
+
+def _check_length(model, prompt_len: int, new_tokens: int) -> None:
+    if prompt_len + new_tokens > model.context:
+        raise JaxparError(
+            f"prompt of {prompt_len} tokens + --max-new-tokens {new_tokens} exceeds the model's "
+            f"context of {model.context} tokens"
+        )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
+    model = _load_model(args)
+    import json
+
+    prompts = _prompts(args, model)
+    longest = max(len(p) for p in prompts)
+    _check_length(model, longest, args.max_new_tokens)
+    gen = model.generator(len(prompts), longest + args.max_new_tokens)
+    out = gen.generate(
+        prompts, args.max_new_tokens, sampling, seed=args.seed, stop_ids=model.stop_ids
+    )
+    texts = [model.decode(ids) for ids in out.new_ids]
+    if args.json:
+        doc = {
+            "new_ids": out.new_ids,
+            "text": texts,
+            "time_to_first_token_s": out.prefill_s,
+            "tokens_per_s": out.tokens_per_s,
+            "compile_s": out.compile_s,
+        }
+        print(json.dumps(doc))
+        return 0
+    for prompt, text in zip(prompts, texts, strict=True):
+        print(model.decode(prompt) + text)
+        print("-" * 40)
+    print(
+        f"time to first token {out.prefill_s * 1e3:,.1f} ms, then {out.tokens_per_s:,.1f} "
+        f"tokens/s per sequence x {len(prompts)} sequences (compile {out.compile_s:.1f}s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
+    model = _load_model(args)
+
+    _check_length(model, 1, args.max_new_tokens)
+    gen = model.generator(1, model.context)
+    keep = model.context - args.max_new_tokens  # the newest history that fits with the reply
+    print(f"chatting with {model.source}; an empty line or Ctrl-D ends", file=sys.stderr)
+    history: list[int] = []
+    turn = 0
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history = (history + model.encode(line + "\n"))[-keep:]
+        model.check_ids(history, "the conversation")
+        show = model.stream_decoder()
+
+        def stream(step_ids: list[int | None], show=show) -> None:
+            if step_ids[0] is not None and step_ids[0] not in model.stop_ids:
+                print(show([step_ids[0]]), end="", flush=True)
+
+        out = gen.generate(
+            [history], args.max_new_tokens, sampling, seed=args.seed + turn,
+            stop_ids=model.stop_ids, on_tokens=stream,
+        )  # fmt: skip
+        print()
+        reply = [i for i in out.new_ids[0] if i not in model.stop_ids]
+        history = (history + reply)[-keep:]
+        turn += 1
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from jaxpar.interop.hf import export_run
+
+    dest = export_run(Path(args.out), Path(args.dest))
+    print(f"wrote {dest}")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "checkpoints": cmd_checkpoints,
@@ -268,6 +493,10 @@ COMMANDS = {
     "shardings": cmd_shardings,
     "analyze": cmd_analyze,
     "bench": cmd_bench,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "export-hf": cmd_export_hf,
 }
 
 

@@ -337,9 +337,8 @@ def validate(config: Config) -> None:
         raise JaxparError(f"train.dtype={t.dtype!r} is not one of {', '.join(DTYPES)}")
 
 
-def validate_for_mesh(config: Config, data: int, pipeline: int, tensor: int) -> None:
-    """Checks the sizes that must divide over the mesh axes (global sizes, per-axis sizes)."""
-    m, t = config.model, config.train
+def validate_model_for_mesh(m: ModelConfig, pipeline: int, tensor: int, repeats: int = 1) -> None:
+    """Checks that the model's sizes split over `tensor` and its layers fill the stages."""
     for name in ("heads", "kv_heads", "mlp_dim", "vocab"):
         value = getattr(m, name)
         if value % tensor:
@@ -347,6 +346,18 @@ def validate_for_mesh(config: Config, data: int, pipeline: int, tensor: int) -> 
                 f"model.{name}={value} is not divisible by tensor={tensor}; use a tensor size that "
                 f"divides it ({', '.join(str(d) for d in _divisors(value) if d <= 64)})"
             )
+    chunks = pipeline * repeats
+    if m.layers < chunks:
+        raise JaxparError(
+            f"model.layers={m.layers} is fewer than pipeline stages x repeats = {pipeline} x "
+            f"{repeats} = {chunks}; every chunk needs a layer"
+        )
+
+
+def validate_for_mesh(config: Config, data: int, pipeline: int, tensor: int) -> None:
+    """Checks the sizes that must divide over the mesh axes (global sizes, per-axis sizes)."""
+    m, t, p = config.model, config.train, config.pipeline
+    validate_model_for_mesh(m, pipeline, tensor, p.repeats)
     if t.batch_size % data:
         raise JaxparError(
             f"train.batch_size={t.batch_size} is not divisible by data={data}; the global batch "
@@ -355,13 +366,6 @@ def validate_for_mesh(config: Config, data: int, pipeline: int, tensor: int) -> 
     if config.parallel.fsdp and m.dim % data:
         raise JaxparError(
             f"model.dim={m.dim} is not divisible by data={data}, which FSDP shards it over"
-        )
-    p = config.pipeline
-    chunks = pipeline * p.repeats
-    if m.layers < chunks:
-        raise JaxparError(
-            f"model.layers={m.layers} is fewer than pipeline stages x repeats = {pipeline} x "
-            f"{p.repeats} = {chunks}; every chunk needs a layer"
         )
     per_replica = t.batch_size // data
     for name, value in (("pipeline.microbatches", p.microbatches), ("pipeline stages", pipeline)):

@@ -14,6 +14,7 @@ turns each row-parallel contraction into one all-reduce of a (B, T, D) activatio
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,13 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
     return out.astype(x_BTNH.dtype)
 
 
+class KVCache(NamedTuple):
+    """One layer's keys and values, (B, S, K, H) each, S the longest sequence it can hold."""
+
+    k: jax.Array
+    v: jax.Array
+
+
 class Attention(nnx.Module):
     """Causal grouped-query attention; heads are split over `tensor` (kv heads with them)."""
 
@@ -86,6 +94,17 @@ class Attention(nnx.Module):
         self.cfg, self.rules = cfg, rules
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        return self.cached(x_BTD, positions_BT, None)[0]
+
+    def cached(
+        self, x_BTD: jax.Array, positions_BT: jax.Array, cache: KVCache | None
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Attention, writing this call's keys and values into `cache` when one is given.
+
+        With a cache, T > 1 is a prefill from position 0 (the cache's first T positions are
+        written, attention is causal within the call) and T = 1 one decode step: each row writes
+        its key and value at its own position and attends to every cached position up to it.
+        """
         cfg, dtype = self.cfg, x_BTD.dtype
         k_heads, g, h = cfg.kv_heads, cfg.heads // cfg.kv_heads, cfg.head_dim
         # One fused projection, as Megatron's QKV: C = G query heads + 1 key + 1 value per kv head.
@@ -104,20 +123,33 @@ class Attention(nnx.Module):
         qkv_BTKCH = self.rules.constrain(qkv_BTKCH, (BATCH, SEQ, ACT_KV_HEADS, None, None))
         b, t = x_BTD.shape[:2]
         q_BTNH = qkv_BTKCH[:, :, :, :g].reshape(b, t, cfg.heads, h)
-        k_BTKH, v_BTKH = qkv_BTKCH[:, :, :, g], qkv_BTKCH[:, :, :, g + 1]
+        k_BSKH, v_BSKH = qkv_BTKCH[:, :, :, g], qkv_BTKCH[:, :, :, g + 1]
         q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta)
-        k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_theta)
+        k_BSKH = rope(k_BSKH, positions_BT, cfg.rope_theta)
+        mask_BTS = positions_BT[:, :, None] >= positions_BT[:, None, :]  # causal
+        if cache is not None and t > 1:
+            cache = KVCache(cache.k.at[:, :t].set(k_BSKH), cache.v.at[:, :t].set(v_BSKH))
+        elif cache is not None:
+            # A select rather than a scatter: rows write at different positions, and the
+            # cache's batch and kv-head shardings carry through elementwise.
+            s_positions = jnp.arange(cache.k.shape[1])
+            at_BS11 = (s_positions[None, :] == positions_BT)[:, :, None, None]
+            cache = KVCache(
+                jnp.where(at_BS11, k_BSKH, cache.k), jnp.where(at_BS11, v_BSKH, cache.v)
+            )
+            k_BSKH, v_BSKH = cache.k, cache.v
+            mask_BTS = s_positions[None, None, :] <= positions_BT[:, :, None]
 
         q_BTKGH = q_BTNH.reshape(b, t, k_heads, g, h)
-        scores_BKGTS = jnp.einsum("BTKGH,BSKGH->BKGTS", q_BTKGH, k_BTKH[:, :, :, None, :])
+        scores_BKGTS = jnp.einsum("BTKGH,BSKGH->BKGTS", q_BTKGH, k_BSKH[:, :, :, None, :])
         scores_BKGTS = scores_BKGTS.astype(jnp.float32) / math.sqrt(h)
-        causal_TS = positions_BT[0, :, None] >= positions_BT[0, None, :]
-        scores_BKGTS = jnp.where(causal_TS, scores_BKGTS, jnp.finfo(jnp.float32).min)
+        mask_BKGTS = mask_BTS[:, None, None]
+        scores_BKGTS = jnp.where(mask_BKGTS, scores_BKGTS, jnp.finfo(jnp.float32).min)
         probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dtype)
-        out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BTKH)
+        out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
         out_BTNH = out_BTKGH.reshape(b, t, cfg.heads, h)
         out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo_NHD[...].astype(dtype))
-        return self.rules.constrain(out_BTD, X_AXES)
+        return self.rules.constrain(out_BTD, X_AXES), cache
 
 
 class SwiGLU(nnx.Module):
@@ -151,8 +183,15 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(cfg, rules, rngs=rngs)
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        return self.cached(x_BTD, positions_BT, None)[0]
+
+    def cached(
+        self, x_BTD: jax.Array, positions_BT: jax.Array, cache: KVCache | None
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The block, reading and writing a KV cache (see `Attention.cached`)."""
+        attn_BTD, cache = self.attn.cached(self.attn_norm(x_BTD), positions_BT, cache)
+        x_BTD = x_BTD + attn_BTD
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
 
 
 class Llama(nnx.Module):
@@ -229,8 +268,8 @@ class Llama(nnx.Module):
         return self.logits(x_BTD)
 
 
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-    """Mean next-token negative log-likelihood, vocab-parallel.
+def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """Negative log-likelihood of each target token (B, T), vocab-parallel.
 
     With V split over `tensor`, the max, the sum of exponentials and the target logit are each
     partial per rank and reduced with one all-reduce of (B, T); (B, T, V) is never gathered.
@@ -240,4 +279,9 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     lse_BT = jnp.log(jnp.sum(jnp.exp(shifted_BTV), axis=-1))
     onehot_BTV = jax.nn.one_hot(targets_BT, logits_BTV.shape[-1], dtype=logits_BTV.dtype)
     target_BT = jnp.sum(shifted_BTV * onehot_BTV, axis=-1)
-    return jnp.mean(lse_BT - target_BT)
+    return lse_BT - target_BT
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """Mean next-token negative log-likelihood (see `token_nll`)."""
+    return jnp.mean(token_nll(logits_BTV, targets_BT))

@@ -156,8 +156,12 @@ class Trainer:
 
     def loss(self, params: nnx.State, tokens_BT: jax.Array) -> jax.Array:
         """Next-token loss of a (B, T+1) batch: predict tokens 1..T from tokens 0..T-1."""
+        return cross_entropy(self.logits(params, tokens_BT[:, :-1]), tokens_BT[:, 1:])
+
+    def logits(self, params: nnx.State, tokens_BT: jax.Array) -> jax.Array:
+        """float32 logits (B, T, V) through the pipeline executor, as the train step runs them."""
         model = nnx.merge(self.graphdef, params)
-        x_BTD = model.embed(tokens_BT[:, :-1], self.dtype)
+        x_BTD = model.embed(tokens_BT, self.dtype)
         blocks_graphdef, blocks_state = nnx.split(model.blocks)
         x_BTD = run_pipeline(
             blocks_graphdef,
@@ -169,7 +173,7 @@ class Trainer:
             remat=self.config.pipeline.remat,
             fsdp=self.config.parallel.fsdp,
         )
-        return cross_entropy(model.logits(x_BTD), tokens_BT[:, 1:])
+        return model.logits(x_BTD)
 
     def _step(
         self, state: TrainState, tokens_BT: jax.Array, poison: jax.Array

@@ -1,0 +1,192 @@
+"""Inference: KV-cached decoding against recomputation, one device against a 3-axis mesh, and the
+`eval`, `generate`, `chat` and `export-hf` commands end to end."""
+
+import functools
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxpar.cli import main
+from jaxpar.config import load_config
+from jaxpar.infer.engine import Generator, Sampling, sample, serving_config
+from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.train.step import Trainer
+
+SIZES = [
+    "model.layers=3", "model.dim=32", "model.heads=4", "model.kv_heads=2", "model.mlp_dim=64",
+]  # fmt: skip
+SPMD = "data=2,pipeline=2,tensor=2"
+ROWS, MAX_LEN = 4, 24
+
+
+@functools.cache
+def setup(spec: str):
+    """A model initialised identically on `spec`, its generator and a full-recompute forward."""
+    config = serving_config(load_config(None, SIZES))
+    s = parse_mesh(spec)
+    mesh = make_mesh(s, jax.devices()[: s.size])
+    trainer = Trainer(config, mesh)
+    params = trainer.init_state(0).params
+    gen = Generator(config, mesh, params, batch=ROWS, max_len=MAX_LEN)
+    tokens = np.random.default_rng(0).integers(0, 256, (ROWS, 20)).astype(np.int32)
+    with jax.set_mesh(mesh):
+        full = jax.jit(lambda p, t: nnx.merge(trainer.graphdef, p)(t))(params, tokens)
+    return gen, tokens, np.asarray(full)
+
+
+@pytest.mark.parametrize("spec", ["data=1", SPMD])
+def test_cached_decoding_equals_recomputation_at_every_position(spec):
+    gen, tokens, full = setup(spec)
+    lengths = np.array([5, 8, 3, 16], np.int32)  # ragged prompts, right-padded to 16
+    prompts = np.where(np.arange(16)[None] < lengths[:, None], tokens[:, :16], 0)
+    key = jax.random.key(0)
+    cache, logits, _ = gen.prefill(gen.empty_cache(), prompts, lengths, key)
+    rows = np.arange(ROWS)
+    np.testing.assert_allclose(logits, full[rows, lengths - 1], rtol=0, atol=2e-5)
+    position = lengths.copy()
+    for _ in range(4):  # teacher-forced: feed the true next token, compare the next logits
+        cache, logits, _ = gen.decode(cache, tokens[rows, position], position, key)
+        np.testing.assert_allclose(logits, full[rows, position], rtol=0, atol=2e-5)
+        position += 1
+
+
+def test_greedy_output_is_the_same_on_one_device_and_on_a_3d_mesh():
+    prompts = [[1, 2, 3], [70, 71, 72, 73, 74], [9], [200, 100]]
+    one = setup("data=1")[0].generate(prompts, 8, Sampling())
+    spmd = setup(SPMD)[0].generate(prompts, 8, Sampling())
+    assert one.new_ids == spmd.new_ids
+    assert [len(ids) for ids in one.new_ids] == [8] * 4
+    assert one.prefill_s > 0 and len(one.decode_s) == 7 and one.tokens_per_s > 0
+
+
+def test_decode_is_compiled_once():
+    gen = setup(SPMD)[0]
+    gen.generate([[1, 2]], 3)
+    before = gen.compile_s
+    out = gen.generate([[5, 6, 7]], 6, Sampling(temperature=0.9, top_k=5, top_p=0.9), seed=3)
+    assert gen.compile_s == before and out.compile_s == 0  # same prompt width, nothing new
+    again = gen.generate([[5, 6, 7]], 6, Sampling(temperature=0.9, top_k=5, top_p=0.9), seed=3)
+    assert again.new_ids == out.new_ids  # seeded
+
+
+def test_sampling_filters():
+    logits = jax.numpy.asarray([[0.0, 3.0, 1.0, 2.0]] * 64)
+    keys = jax.random.split(jax.random.key(0), 20)
+    greedy = sample(logits, keys[0], 0.0, 0, 1.0)
+    assert (np.asarray(greedy) == 1).all()
+    for key in keys:
+        top1 = np.asarray(sample(logits, key, 1.0, 1, 1.0))
+        assert (top1 == 1).all()  # top-k 1 is greedy
+        top2 = np.asarray(sample(logits, key, 1.0, 2, 1.0))
+        assert set(top2.tolist()) <= {1, 3}
+        nucleus = np.asarray(sample(logits, key, 1.0, 0, 0.5))  # p(1) = 0.64 alone covers 0.5
+        assert (nucleus == 1).all()
+
+
+# --- the commands -----------------------------------------------------------------------------
+
+TINY_RUN = [*SIZES, "train.batch_size=8", "train.seq_len=32", "train.steps=2",
+            "train.sample_tokens=0", "train.warmup_steps=1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("infer") / "run"
+    text = out.parent / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    argv = ["train", "--out", str(out), "--mesh", "data=4,tensor=2", *TINY_RUN,
+            f"data.path={text}"]  # fmt: skip
+    assert main(argv) == 0
+    return out, text
+
+
+def _json(capsys, argv):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return json.loads(out)
+
+
+def test_eval_is_the_same_on_every_mesh(capsys, run_dir, tmp_path):
+    run, text = run_dir
+    ids = np.frombuffer(text.read_bytes()[:99], np.uint8).astype(np.int32).reshape(3, 33)
+    np.save(tmp_path / "ids.npy", ids)
+    results = [
+        _json(capsys, ["eval", "--run", str(run), "--mesh", mesh, "--json", *source])
+        for mesh in ("data=8", SPMD)
+        for source in (["--text", str(text)], ["--tokens", str(tmp_path / "ids.npy")])
+    ]
+    text_tokens = len(text.read_bytes()) - 1
+    assert [r["tokens"] for r in results] == [text_tokens, 3 * 32, text_tokens, 3 * 32]
+    for a, b in ((results[0], results[2]), (results[1], results[3])):
+        assert a["nll"] == pytest.approx(b["nll"], rel=1e-5)
+        assert a["perplexity"] == pytest.approx(math.exp(a["nll"]))
+    assert 0 < results[0]["nll"] < math.log(256) + 0.5
+
+
+def test_generate_from_a_run_and_from_its_hugging_face_export(capsys, run_dir, tmp_path):
+    run, _ = run_dir
+    argv = ["--mesh", SPMD, "--greedy", "--max-new-tokens", "6", "--json"]
+    jaxpar = _json(capsys, ["generate", "--run", str(run), "--prompt", "the ", "--prompt",
+                            "fox", *argv])  # fmt: skip
+    assert [len(ids) for ids in jaxpar["new_ids"]] == [6, 6]
+    assert jaxpar["text"] == [bytes(ids).decode(errors="replace") for ids in jaxpar["new_ids"]]
+    assert jaxpar["time_to_first_token_s"] > 0 and jaxpar["tokens_per_s"] > 0
+
+    assert main(["export-hf", str(run), str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    ids = ",".join(str(b) for b in b"the ")
+    hf = _json(capsys, ["generate", "--init-from-hf", str(tmp_path / "hf"), "--prompt-ids", ids,
+                        "--prompt-ids", ",".join(str(b) for b in b"fox"), *argv])  # fmt: skip
+    assert hf["new_ids"] == jaxpar["new_ids"]
+
+
+def test_chat_streams_replies(capsys, run_dir, monkeypatch):
+    run, _ = run_dir
+    lines = iter(["hello", "again"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", "--run", str(run), "--mesh", "data=8", "--max-new-tokens", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert "chatting with" in err
+    assert out.count("\n") == 2  # one streamed reply per line typed
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--prompt-ids", "1,2,999"], "holds id 999, outside the vocabulary [0, 256)"),
+        (["--prompt", ""], "--prompt '' is empty"),
+        (["--prompt-ids", "1,x"], "--prompt-ids '1,x' is not a comma-separated list of ids"),
+        (["--prompt", "ab", "--max-new-tokens", "40"], "exceeds the model's context of 32"),
+        (["--prompt", "ab", "--top-p", "0"], "--top-p 0.0 must be in (0, 1]"),
+    ],
+)
+def test_generate_bad_input(capsys, run_dir, args, fragment):
+    run, _ = run_dir
+    assert main(["generate", "--run", str(run), "--mesh", "data=8", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxpar: error: ") and fragment in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["generate", "--init-from-hf", "no/such/dir", "--prompt", "a"], "is not a directory"),
+        (["eval", "--run", ".", "--text", "no/such/file"], "--text 'no/such/file' does not exist"),
+    ],
+)
+def test_missing_inputs(capsys, argv, fragment):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.splitlines()) == 1

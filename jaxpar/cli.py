@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (defaults: a small model on 8 CPU devices)")
     _add_config_args(p)
     p.add_argument("--out", metavar="DIR", help="run folder (default: a new folder under runs/)")
+    _add_process_args(p)
 
     p = sub.add_parser("checkpoints", help="list a run's checkpoints")
     p.add_argument("out", metavar="OUT", help="the run folder")
@@ -84,10 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
 
+    p = sub.add_parser(
+        "launch", help="run one jaxpar command as N local processes (CPU devices, gloo)"
+    )
+    p.add_argument("-n", "--num-processes", type=int, required=True, metavar="N")
+    p.add_argument(
+        "--devices-per-process", type=int, metavar="K", help="simulated CPU devices per process"
+    )
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+
     p = sub.add_parser("export-hf", help="write a run's newest checkpoint as a Hugging Face Llama")
     p.add_argument("out", metavar="OUT", help="the jaxpar run folder")
     p.add_argument("dest", metavar="DIR", help="a new folder for config.json and safetensors")
     return parser
+
+
+def _add_process_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "multi-process jobs (SLURM, Open MPI and Cloud TPU are detected without these)"
+    )
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process, 0 to N-1")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -145,10 +164,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, spec = _config_and_mesh(args)
     from rich.console import Console
 
+    from jaxpar.distributed import current
     from jaxpar.mesh import make_mesh
     from jaxpar.train.loop import TrainingAborted, train
 
-    console = Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True, quiet=not current().primary)
     console.print(f"run folder: {out}")
     try:
         summary = train(config, make_mesh(spec), out, console)
@@ -478,6 +498,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from jaxpar.launch import launch
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    return launch(argv, args.num_processes, args.devices_per_process)
+
+
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from jaxpar.interop.hf import export_run
 
@@ -504,6 +531,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; bad input prints one line to stderr and returns 2."""
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "launch":
+            return cmd_launch(args)
+        from jaxpar.distributed import join
+
+        join(*(getattr(args, k, None) for k in ("coordinator", "num_processes", "process_id")))
         return COMMANDS[args.command](args)
     except JaxparError as e:
         print(f"jaxpar: error: {e}", file=sys.stderr)

@@ -203,8 +203,9 @@ def prepare(spec: MeshSpec, devices: int | None = None) -> MeshSpec:
 
     Args:
         spec: the parsed spec; a -1 axis is filled from the device count.
-        devices: the device count to simulate on CPU; defaults to the spec's product. With a -1
-            axis and no count, the devices JAX already sees are used.
+        devices: the device count to simulate on CPU, over all processes of a multi-process
+            job; defaults to the spec's product. With a -1 axis and no count, the devices JAX
+            already sees are used.
 
     Raises:
         JaxparError: the mesh does not use exactly the available devices.
@@ -213,7 +214,15 @@ def prepare(spec: MeshSpec, devices: int | None = None) -> MeshSpec:
         raise JaxparError(f"--devices must be a positive integer, got {devices}")
     count = devices if devices is not None else (spec.size if spec.is_resolved else None)
     if count is not None:
-        simulate_devices(count)
+        from jaxpar.distributed import current
+
+        processes = current().count  # in a multi-process job each simulates its own share
+        if count % processes:
+            raise JaxparError(
+                f"mesh {spec} needs {count} devices, which {processes} processes cannot share "
+                f"evenly; use a multiple of {processes}"
+            )
+        simulate_devices(count // processes)
     import jax
 
     return spec.resolve(jax.device_count())

@@ -34,7 +34,8 @@ def _generate(graphdef, params, window_BT, length, key, temperature, new_tokens,
 
     keys = jax.random.split(key, new_tokens)
     _, tokens_NB = jax.lax.scan(tick, (window_BT, length), keys)
-    return tokens_NB.T
+    # Replicated, so that every process of a multi-process job can read it.
+    return jax.lax.with_sharding_constraint(tokens_NB.T, jax.sharding.PartitionSpec())
 
 
 def generate(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from jaxpar.checkpoint import CHECKPOINTS, Checkpointer
 from jaxpar.config import Config, dump_yaml
 from jaxpar.data import Corpus, global_batch
+from jaxpar.distributed import agree, current
 from jaxpar.infer.sample import generate
 from jaxpar.mesh import mesh_spec_of
 from jaxpar.train.step import Trainer
@@ -109,8 +111,10 @@ def train(
     restored = checkpoints.restore_latest(
         model=config.model, warn=lambda msg: console.print(msg, style="yellow")
     )
+    primary = current().primary  # process 0 alone writes files; checkpoints are collective
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_yaml(config))
+    if primary:
+        (out / "config.yaml").write_text(dump_yaml(config))
 
     m = config.model
     console.print(
@@ -130,7 +134,8 @@ def train(
             f"resuming from checkpoint {start} (written on mesh {meta['mesh']}) in "
             f"{out / CHECKPOINTS}"
         )
-    _keep_metrics_before(out / "metrics.jsonl", start)
+    if primary:
+        _keep_metrics_before(out / "metrics.jsonl", start)
     step_fn, compile_s = trainer.compile()
     console.print(f"compiled the train step in {compile_s:.1f}s")
     overhead = trainer.compute_overhead()
@@ -151,7 +156,7 @@ def train(
     stopped_by = None
     start_time = time.perf_counter()
     with (
-        (out / "metrics.jsonl").open("a") as metrics_file,
+        (out / "metrics.jsonl").open("a") if primary else open(os.devnull, "w") as metrics_file,
         _progress(console) as progress,
         _Signals() as signals,
     ):
@@ -196,8 +201,11 @@ def train(
                 )
             done = step + 1
             # Read the signal flag once: one that arrives during the save below stops the
-            # run after the next step, which saves again.
-            stopped_by = signals.received or ("stop_after" if done == last < t.steps else None)
+            # run after the next step, which saves again. Every process stops at the same step.
+            received = signals.received
+            if agree(received is not None) and received is None:
+                received = "a signal to another process"
+            stopped_by = received or ("stop_after" if done == last < t.steps else None)
             if stopped_by or done == t.steps or (c.every and done % c.every == 0):
                 checkpoints.save(done, state, meta)
             if stopped_by:

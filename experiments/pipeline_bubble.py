@@ -2,8 +2,9 @@
 
 Usage: python experiments/pipeline_bubble.py
 (4 simulated CPU devices, mesh pipeline=4. Compiles the train step, running nothing, for M = 4, 8,
-16, 32 micro-batches under gpipe (v=1) and circular (v=2). Writes results/pipeline_bubble.json, .md
-and .png, and results/pipeline_schedule.png: the stage x tick grid of both schedules at M=8.)
+16, 32 micro-batches under gpipe (v=1) and circular (v=2), and reads the bubble from
+`jaxpar.analysis.report.analyze`. Writes results/pipeline_bubble.json, .md and .png, and
+results/pipeline_schedule.png: the stage x tick grid of both schedules at M=8.)
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def plot_bubble(rows: list[dict], stages: int, path: Path) -> None:
         label = f"{name} (v={v})"
         ax.plot(m, (stages - 1) / (v * m + stages - 1), color=c, label=f"{label}: theory")
         ms = [r["M"] for r in rs]
-        stack, step = [r["bubble_stack"] for r in rs], [r["bubble_step"] for r in rs]
+        stack, step = [r["bubble_measured"] for r in rs], [r["overhead_measured"] for r in rs]
         ax.plot(ms, stack, "o", color=c, ms=7, label=f"{label}: measured, layer stack")
         ax.plot(ms, step, "s--", color=c, alpha=0.4, label=f"{label}: measured, whole step")
     ax.set_xscale("log", base=2)
@@ -56,45 +57,13 @@ def plot_bubble(rows: list[dict], stages: int, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_schedules(schedules: list, path: Path) -> None:
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import to_rgba
-
-    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # 7 is grey
-    width = max(s.ticks for s in schedules)
-    fig, axes = plt.subplots(len(schedules), 1, figsize=(0.6 * width + 1.5, 1.7 * len(schedules)))
-    for ax, s in zip(axes, schedules, strict=True):
-        table = s.table()
-        image = np.full((*table.shape, 4), to_rgba("0.85"))  # idle: grey, no label
-        for (stage, tick), k in np.ndenumerate(table):
-            if k >= 0:
-                mb, rep = k % s.microbatches, k // s.microbatches
-                image[stage, tick] = to_rgba(palette[mb % len(palette)], 1.0 - 0.5 * rep)
-                text = f"m{mb}" if s.repeats == 1 else f"m{mb} r{rep}"
-                ax.text(tick, stage, text, ha="center", va="center", fontsize=7)
-        ax.imshow(image, aspect="auto", interpolation="nearest")
-        ax.set_xticks(range(s.ticks))
-        ax.set_yticks(range(s.stages), [f"stage {i}" for i in range(s.stages)])
-        ax.set_xticks(np.arange(s.ticks + 1) - 0.5, minor=True)
-        ax.set_yticks(np.arange(s.stages + 1) - 0.5, minor=True)
-        ax.grid(which="minor", color="white", linewidth=1.5)
-        ax.tick_params(which="minor", length=0)
-        key = "m micro-batch, r repeat (lighter: r1)" if s.repeats > 1 else "m micro-batch"
-        ax.set_title(f"{s.describe()};  grey: idle;  {key}", fontsize=9, loc="left")
-    axes[-1].set_xlabel("tick (forward pass)")
-    fig.tight_layout()
-    for ax, s in zip(axes, schedules, strict=True):  # one tick is equally wide in every panel
-        box = ax.get_position()
-        ax.set_position([box.x0, box.y0, box.width * s.ticks / width, box.height])
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
 def main() -> int:
     spec = prepare(parse_mesh(MESH))
     import matplotlib
 
     matplotlib.use("Agg")
+    from jaxpar.analysis.report import analyze
+    from jaxpar.analysis.timeline import plot_timelines
     from jaxpar.config import load_config
     from jaxpar.mesh import make_mesh
     from jaxpar.train.step import Trainer
@@ -106,19 +75,18 @@ def main() -> int:
             pipe = [f"schedule={name}", f"microbatches={m}", f"repeats={v}"]
             config = load_config(None, [*COMMON, *(f"pipeline.{p}" for p in pipe)])
             trainer = Trainer(config, mesh)
-            _, compile_s = trainer.compile()
-            overhead = trainer.compute_overhead()
+            a = analyze(trainer).to_json()
             rows.append({
                 "schedule": name,
                 "M": m,
                 "v": v,
-                "ticks": trainer.schedule.ticks,
-                "bubble_theory": trainer.schedule.bubble,
-                "bubble_stack": overhead.stack_bubble,
-                "bubble_step": overhead.bubble,
-                "flops_per_device": overhead.flops_per_device,
-                "ratio": overhead.ratio,
-                "compile_s": round(compile_s, 2),
+                "ticks": a["ticks"],
+                "bubble_theory": a["bubble_theory"],
+                "bubble_measured": a["bubble_measured"],
+                "overhead_measured": a["overhead_measured"],
+                "flops_per_device": a["flops_per_device"],
+                "flops_ratio": a["flops_ratio"],
+                "compile_s": round(a["compile_s"], 2),
             })  # fmt: skip
             if m == 8:
                 at_m8.append(trainer.schedule)
@@ -128,11 +96,11 @@ def main() -> int:
               "overhead measured (step)", "FLOPs/device", "ratio", "compile s"]  # fmt: skip
     out = write_results("pipeline_bubble", rows, header, lambda r: [
         r["schedule"], r["M"], r["v"], r["ticks"], f"{r['bubble_theory']:.2%}",
-        f"{r['bubble_stack']:.2%}", f"{r['bubble_step']:.2%}", f"{r['flops_per_device']:,}",
-        f"{r['ratio']:.3f}", r["compile_s"],
+        f"{r['bubble_measured']:.2%}", f"{r['overhead_measured']:.2%}",
+        f"{r['flops_per_device']:,}", f"{r['flops_ratio']:.3f}", r["compile_s"],
     ])  # fmt: skip
     plot_bubble(rows, spec.pipeline, out / "pipeline_bubble.png")
-    plot_schedules(at_m8, out / "pipeline_schedule.png")
+    plot_timelines(at_m8, out / "pipeline_schedule.png")
     return 0
 
 

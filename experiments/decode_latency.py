@@ -1,0 +1,133 @@
+"""What pipeline parallelism costs a chatbot: time to first token and per-token latency of KV-cached
+decoding for one model on one device, data=8, tensor=8 and pipeline=8 (simulated CPU devices).
+
+Usage: python experiments/decode_latency.py
+(Each layout runs in its own process, since the simulated device count is fixed when JAX starts.
+Per layout and batch size (1 and 8 sequences): a 64-token prompt, then 32 greedy tokens; the
+generation runs once to compile and warm up, then 3 times timed; reported are the median time to
+first token and the median per-token decode latency. Writes results/decode_latency.json, .md
+and .png. Wall-clock on a shared 2-core host: compare the layouts with each other, not with GPUs.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+from common import write_results
+
+LAYOUTS = ["data=1", "data=8", "tensor=8", "pipeline=8"]
+BATCHES = [1, 8]
+MODEL = [
+    "model.layers=8", "model.dim=512", "model.heads=8", "model.kv_heads=8",
+    "model.mlp_dim=1536", "model.vocab=256", "train.dtype=float32",
+]  # fmt: skip
+PROMPT, NEW, TRIES = 64, 32, 3
+
+
+def worker(spec_text: str) -> None:
+    """Measures one layout; prints one JSON row per batch size."""
+    from jaxpar.mesh import parse_mesh, prepare
+
+    spec = prepare(parse_mesh(spec_text))
+    import numpy as np
+
+    from jaxpar.config import load_config
+    from jaxpar.infer.engine import Generator, serving_config
+    from jaxpar.mesh import make_mesh
+    from jaxpar.train.step import Trainer
+
+    config = serving_config(load_config(None, [*MODEL, f"parallel.mesh={spec}"]))
+    mesh = make_mesh(spec)
+    params = Trainer(config, mesh).init_state(0).params
+    rng = np.random.default_rng(0)
+    for batch in BATCHES:
+        gen = Generator(config, mesh, params, batch=batch, max_len=PROMPT + NEW)
+        prompts = rng.integers(0, 256, (batch, PROMPT)).tolist()
+        gen.generate(prompts, NEW)  # compiles and warms up
+        runs = [gen.generate(prompts, NEW) for _ in range(TRIES)]
+        token_ms = [1e3 * statistics.median(r.decode_s) for r in runs]
+        row = {
+            "layout": str(spec),
+            "devices": spec.size,
+            "batch": batch,
+            "microbatches": gen.microbatches,
+            "ttft_ms": statistics.median(1e3 * r.prefill_s for r in runs),
+            "token_ms": statistics.median(token_ms),
+            "tokens_per_s": batch * 1e3 / statistics.median(token_ms),
+            "compile_s": gen.compile_s,
+            "params": config.model.num_params,
+        }
+        print(json.dumps(row), flush=True)
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = np.arange(len(LAYOUTS))
+    for ax, key, title in (
+        (axes[0], "ttft_ms", "time to first token (ms)"),
+        (axes[1], "token_ms", "per-token decode latency (ms)"),
+    ):
+        for i, batch in enumerate(BATCHES):
+            values = [next(r[key] for r in rows if r["layout"] == _canonical(layout)
+                           and r["batch"] == batch) for layout in LAYOUTS]  # fmt: skip
+            ax.bar(x + (i - 0.5) * 0.38, values, 0.38, label=f"batch {batch}")
+        ax.set_xticks(x, ["1 device" if lay == "data=1" else lay for lay in LAYOUTS])
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"KV-cached greedy decoding, {rows[0]['params'] / 1e6:.0f}M params, "
+                 f"{PROMPT}-token prompt (simulated CPU devices, 2-core host)")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _canonical(layout: str) -> str:
+    from jaxpar.mesh import parse_mesh
+
+    return str(parse_mesh(layout))
+
+
+def main() -> int:
+    rows = []
+    for layout in LAYOUTS:
+        print(f"measuring {layout} ...", flush=True)
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        done = subprocess.run(
+            [sys.executable, __file__, "--worker", layout], env=env, capture_output=True,
+            text=True, check=False,
+        )  # fmt: skip
+        if done.returncode:
+            print(done.stdout, done.stderr, file=sys.stderr)
+            return 1
+        for line in done.stdout.splitlines():
+            if line.startswith("{"):
+                rows.append(json.loads(line))
+                print(line, flush=True)
+    header = ["layout", "batch", "micro-batches", "time to first token ms", "per-token ms",
+              "tokens/s", "compile s"]  # fmt: skip
+    out = write_results("decode_latency", rows, header, lambda r: [
+        "1 device" if r["devices"] == 1 else r["layout"], r["batch"], r["microbatches"],
+        f"{r['ttft_ms']:.1f}", f"{r['token_ms']:.2f}", f"{r['tokens_per_s']:.1f}",
+        f"{r['compile_s']:.1f}",
+    ])  # fmt: skip
+    plot(rows, out / "decode_latency.png")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if sys.argv[1:2] == ["--worker"]:
+        worker(sys.argv[2])
+    else:
+        sys.exit(main())

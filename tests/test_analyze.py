@@ -36,7 +36,8 @@ def analysis(mesh_spec: str, *overrides: str, devices: int = 8):
 def test_tensor_parallel_collectives_are_megatrons_accounting():
     trainer, a = analysis("data=2,tensor=4")
     over_tensor = [c for c in a.collectives if "tensor" in c.axes]
-    # Only all-reduces over `tensor` alone carry data; the rest are 4-byte loss/norm partial sums.
+    # Beyond Megatron's activations and cross-entropy, only 4-byte scalars: the partial sums of
+    # the loss and of each tensor-sharded gradient's squared norm (for clipping).
     (tensor,) = [c for c in over_tensor if c.axes == ("tensor",)]
     assert tensor.kind == "all-reduce"
     b_local = BATCH // 2
@@ -44,7 +45,7 @@ def test_tensor_parallel_collectives_are_megatrons_accounting():
     scalars = tensor.count - megatron
     expected = megatron_expected_bytes(trainer.config.model, b_local, SEQ, act_bytes=4)
     assert tensor.bytes == expected + 4 * scalars
-    assert 0 <= scalars <= 4
+    assert scalars >= 0
     for c in over_tensor:
         if c is not tensor:
             assert c.kind == "all-reduce" and c.bytes == 4 * c.count, c

@@ -133,6 +133,15 @@ def test_replica_group_forms():
     assert parse_groups(named, 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     named = "replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=4] {'axis_0'}"
     assert parse_groups(named, 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    # The named form with a device order: tensor pairs of data=4,tensor=2 as XLA prints them.
+    named = (
+        "replica_groups=mesh['axis_0'=1,'axis_1'=2,'axis_2'=4], device_ids=([4,2]T(1,0)) {'axis_1'}"
+    )
+    assert parse_groups(named, 8) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    named = "replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=(3,2,1,0) {'axis_0'}"
+    assert parse_groups(named, 4) == [[3, 1], [2, 0]]
+    with pytest.raises(ValueError, match="cannot read the replica groups"):
+        parse_groups("replica_groups=something_new", 8)
     assert axes_of_groups([[0, 4], [1, 5]], (2, 1, 4), AXES) == ("data",)
     assert axes_of_groups([[0], [1]], (2, 1, 4), AXES) == ()
 

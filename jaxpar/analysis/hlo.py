@@ -103,12 +103,14 @@ def parse_groups(attrs: str, num_devices: int) -> list[list[int]] | None:
     m = re.search(r"source_target_pairs=\{(.*?)\}\}", attrs)
     if m:
         return [[int(x) for x in p.split(",")] for p in re.findall(r"\{(\d+,\d+)", m.group(0))]
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    m = re.search(
+        r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(([^)]*\)?)\))?\s*\{([^}]*)\}", attrs
+    )
     if m:
         sizes = [int(v) for v in re.findall(r"=(\d+)", m.group(1))]
         names = re.findall(r"'(\w+)'=", m.group(1))
-        chosen = [names.index(a) for a in re.findall(r"'(\w+)'", m.group(2))]
-        ids = np.arange(math.prod(sizes)).reshape(sizes)
+        chosen = [names.index(a) for a in re.findall(r"'(\w+)'", m.group(3))]
+        ids = _device_ids(m.group(2), math.prod(sizes)).reshape(sizes)
         rest = [i for i in range(len(sizes)) if i not in chosen]
         moved = np.transpose(ids, rest + chosen)
         return moved.reshape(-1, math.prod(sizes[i] for i in chosen) or 1).tolist()
@@ -124,7 +126,23 @@ def parse_groups(attrs: str, num_devices: int) -> list[list[int]] | None:
         found = re.findall(r"\{([\d,]+)\}", m.group(0))
         groups = [[int(x) for x in g.split(",")] for g in found]
         return groups or [list(range(num_devices))]
+    if "replica_groups=" in attrs:
+        raise ValueError(f"cannot read the replica groups of: {attrs[:300]}")
     return None
+
+
+def _device_ids(text: str | None, size: int) -> np.ndarray:
+    """The device order of a named-mesh replica group: `[4,2]T(1,0)` (an iota reshaped and
+    transposed), `0,1,2,...` (explicit), or absent (0..size-1)."""
+    if not text:
+        return np.arange(size)
+    m = re.fullmatch(r"\s*\[([\d,]+)\](?:T\(([\d,]+)\))?\s*", text)
+    if m:
+        ids = np.arange(size).reshape([int(v) for v in m.group(1).split(",")])
+        if m.group(2):
+            ids = ids.transpose([int(v) for v in m.group(2).split(",")])
+        return ids.reshape(-1)
+    return np.array([int(v) for v in text.split(",")])
 
 
 def axes_of_groups(

@@ -34,12 +34,6 @@ _POLICIES: dict[str, Callable | None] = {
 }
 
 
-def _remat(fn: Callable, remat: str) -> Callable:
-    if remat == "none":
-        return fn
-    return jax.checkpoint(fn, policy=_POLICIES[remat])
-
-
 def run_pipeline(
     blocks_graphdef: nnx.GraphDef,
     blocks_state: nnx.State,
@@ -78,8 +72,20 @@ def run_pipeline(
     # nothing to sum, so `data` is then left automatic.)
     manual = {PIPE} if fsdp or r == 1 else {PIPE, "data"}
 
-    def chunk(state_C: nnx.State, real_C: jax.Array, h_bTD: jax.Array) -> jax.Array:
-        """One stage's c layer slots for one tick."""
+    def chunk(
+        state_X: nnx.State, repeat: jax.Array, real_C: jax.Array, h_bTD: jax.Array
+    ) -> jax.Array:
+        """One stage's c layer slots of repeat `repeat` for one tick.
+
+        With one repeat the tick runs all of the stage's weights, which are loop-invariant, so the
+        backward pass keeps no copy of them per tick. With several, the tick's slice is cut here,
+        inside what `remat` recomputes; without remat the backward pass keeps one slice per tick.
+        """
+        state_C = state_X
+        if v > 1:
+            state_C = jax.tree.map(
+                lambda a: jax.lax.dynamic_slice_in_dim(a, repeat * c, c, axis=0), state_X
+            )
         positions_bT = jnp.broadcast_to(jnp.arange(t), h_bTD.shape[:2])
 
         def layer(h_bTD: jax.Array, slot: tuple[nnx.State, jax.Array]) -> tuple[jax.Array, None]:
@@ -90,7 +96,8 @@ def run_pipeline(
         h_bTD, _ = jax.lax.scan(layer, h_bTD, (state_C, real_C))
         return h_bTD
 
-    chunk = _remat(chunk, remat)
+    if remat != "none":
+        chunk = jax.checkpoint(chunk, policy=_POLICIES[remat], prevent_cse=False)
 
     def stages(state_1X: nnx.State, x_R1QTD: jax.Array) -> jax.Array:
         stage = jax.lax.axis_index(PIPE)
@@ -115,10 +122,7 @@ def run_pipeline(
             # from what came back around the ring; the other stages take what they received.
             first_in = jnp.where(repeat == 0, x_MbTD[micro], stash_MbTD[micro])
             h_bTD = jnp.where(stage == 0, first_in, recv_bTD)
-            state_C = jax.tree.map(
-                lambda a: jax.lax.dynamic_slice_in_dim(a, repeat * c, c, axis=0), state_X
-            )
-            out_bTD = chunk(state_C, valid_PVC[stage, repeat], h_bTD)
+            out_bTD = chunk(state_X, repeat, valid_PVC[stage, repeat], h_bTD)
             if p > 1:
                 ring = [(i, (i + 1) % p) for i in range(p)]
                 recv_bTD = jax.lax.ppermute(out_bTD, PIPE, ring)

@@ -35,9 +35,11 @@ def worker(spec_text: str) -> None:
     spec = prepare(parse_mesh(spec_text))
     import numpy as np
 
+    from jaxpar.analysis.comm import traffic
+    from jaxpar.analysis.hlo import collectives, dot_flops, parse
     from jaxpar.config import load_config
     from jaxpar.infer.engine import Generator, serving_config
-    from jaxpar.mesh import make_mesh
+    from jaxpar.mesh import AXES, make_mesh
     from jaxpar.train.step import Trainer
 
     config = serving_config(load_config(None, [*MODEL, f"parallel.mesh={spec}"]))
@@ -50,6 +52,8 @@ def worker(spec_text: str) -> None:
         gen.generate(prompts, NEW)  # compiles and warms up
         runs = [gen.generate(prompts, NEW) for _ in range(TRIES)]
         token_ms = [1e3 * statistics.median(r.decode_s) for r in runs]
+        hlo = parse(gen.decode_hlo())
+        found = traffic(collectives(hlo, spec.sizes, AXES))
         row = {
             "layout": str(spec),
             "devices": spec.size,
@@ -59,6 +63,11 @@ def worker(spec_text: str) -> None:
             "token_ms": statistics.median(token_ms),
             "tokens_per_s": batch * 1e3 / statistics.median(token_ms),
             "compile_s": gen.compile_s,
+            "ticks": gen.microbatches + spec.pipeline - 1,
+            "decode_flops_per_device": dot_flops(hlo),
+            "decode_collectives": [
+                {"kind": c.kind, "axis": c.axis, "count": c.count, "bytes": c.bytes} for c in found
+            ],
             "params": config.model.num_params,
         }
         print(json.dumps(row), flush=True)
@@ -114,12 +123,15 @@ def main() -> int:
             if line.startswith("{"):
                 rows.append(json.loads(line))
                 print(line, flush=True)
-    header = ["layout", "batch", "micro-batches", "time to first token ms", "per-token ms",
-              "tokens/s", "compile s"]  # fmt: skip
+    header = ["layout", "batch", "micro-batches", "ticks per token", "decode MFLOP/device",
+              "decode collectives (count, KiB)", "time to first token ms", "per-token ms",
+              "tokens/s"]  # fmt: skip
     out = write_results("decode_latency", rows, header, lambda r: [
         "1 device" if r["devices"] == 1 else r["layout"], r["batch"], r["microbatches"],
+        r["ticks"], f"{r['decode_flops_per_device'] / 1e6:,.1f}",
+        ", ".join(f"{c['kind']} {c['axis']} x{c['count']} {c['bytes'] / 1024:,.1f}"
+                  for c in r["decode_collectives"] if c["bytes"] > 4 * c["count"]) or "none",
         f"{r['ttft_ms']:.1f}", f"{r['token_ms']:.2f}", f"{r['tokens_per_s']:.1f}",
-        f"{r['compile_s']:.1f}",
     ])  # fmt: skip
     plot(rows, out / "decode_latency.png")
     return 0

@@ -258,6 +258,10 @@ class Generator:
             self.compile_s += time.perf_counter() - start
         return self._prefills[prompt_len], self._decode_compiled
 
+    def decode_hlo(self) -> str:
+        """The compiled decode step's optimized HLO (for FLOP and collective accounting)."""
+        return self._compiled(next(iter(self._prefills), 16))[1].as_text()
+
     def prefill(self, cache, tokens_BT, lengths_B, key, sampling: Sampling = Sampling()):
         """Runs the prompts (right-padded, (B, T) with T <= max_len): returns the cache, the
         logits at each row's last prompt token and the first new token."""

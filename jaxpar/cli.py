@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "launch", help="run one jaxpar command as N local processes (CPU devices, gloo)"
     )
-    p.add_argument("-n", "--num-processes", type=int, required=True, metavar="N")
+    p.add_argument(
+        "-n", "--num-processes", type=int, required=True, metavar="N", help="processes to start"
+    )
     p.add_argument(
         "--devices-per-process", type=int, metavar="K", help="simulated CPU devices per process"
     )

@@ -73,8 +73,6 @@ def join(
     if process_id is None and env.get("JAXPAR_PROCESS_ID"):
         process_id = _int("JAXPAR_PROCESS_ID", env["JAXPAR_PROCESS_ID"])
     explicit = (coordinator, num_processes, process_id)
-    import jax
-
     if any(x is not None for x in explicit):
         if any(x is None for x in explicit):
             raise JaxparError(
@@ -91,11 +89,15 @@ def join(
         if ":" not in coordinator:
             raise JaxparError(f"--coordinator {coordinator!r} must look like HOST:PORT")
         if num_processes > 1:
+            import jax
+
             jax.distributed.initialize(
                 coordinator, num_processes, process_id, initialization_timeout=timeout_s
             )
         _current = Process(process_id, num_processes)
     elif (launcher := _detected_launcher()) is not None:
+        import jax
+
         try:
             jax.distributed.initialize(initialization_timeout=timeout_s)
         except (RuntimeError, ValueError) as e:

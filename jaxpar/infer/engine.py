@@ -93,7 +93,8 @@ class Generator:
         config: the model's config; `parallel` and `pipeline` settings of training do not apply
             (serving uses the plain rules preset for the mesh and one layer chunk per stage).
         mesh: the device mesh.
-        params: parameters laid out by `Generator.param_shardings` (see `jaxpar.infer.load`).
+        params: parameters laid out by the `param_shardings` of a `Trainer` for
+            `serving_config(config)` on `mesh` (as `jaxpar.infer.serve` loads them).
         batch: rows per call, before padding to a multiple of `data`.
         max_len: prompt plus new tokens, the cache's length.
     """
@@ -123,21 +124,29 @@ class Generator:
         )
         self.graphdef, _ = nnx.split(model)
         self._prefills: dict[int, jax.stages.Compiled] = {}
-        self._decode_compiled: jax.stages.Compiled | None = None
         self.compile_s = 0.0  # spent compiling so far
 
     @cached_property
     def cache_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, self.rules.spec(CACHE_AXES))
 
-    def empty_cache(self) -> KVCache:
+    @cached_property
+    def _cache_abstract(self) -> jax.ShapeDtypeStruct:
+        """One of the cache's two arrays, as a shape, dtype and sharding."""
         m = self.config.model
         shape = (
             self.stages, self.layout.slots_per_stage, self.rows, self.max_len, m.kv_heads,
             m.head_dim,
         )  # fmt: skip
-        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=self.cache_sharding)
-        return KVCache(zeros(), zeros())
+        return jax.ShapeDtypeStruct(shape, self.dtype, sharding=self.cache_sharding)
+
+    @cached_property
+    def _zeros(self) -> Any:
+        c = self._cache_abstract
+        return jax.jit(lambda: jnp.zeros(c.shape, c.dtype), out_shardings=c.sharding)
+
+    def empty_cache(self) -> KVCache:
+        return KVCache(self._zeros(), self._zeros())
 
     def _stack(self, model: Llama, x_BTD, positions_BT, cache: KVCache):
         """The layer stack on (B, T, D) through the pipelined shard_map; returns (x, cache)."""
@@ -232,49 +241,57 @@ class Generator:
     def _replicated(self, *xs: Any) -> tuple[jax.Array, ...]:
         return jax.device_put(xs, NamedSharding(self.mesh, PartitionSpec()))
 
-    def _compiled(self, prompt_len: int) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
-        """Prefill for prompts padded to `prompt_len`, and decode, each compiled once."""
+    def _abstract_args(self, tokens_shape: tuple[int, ...]) -> tuple:
+        """Abstract (params, cache, tokens, vector, key, sampling...) to compile a step for."""
+        abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
+        rows = NamedSharding(self.mesh, PartitionSpec("data"))
+        c = self._cache_abstract
+        return (
+            jax.tree.map(abstract, self.params),
+            KVCache(c, c),
+            jax.ShapeDtypeStruct(tokens_shape, jnp.int32, sharding=rows),
+            jax.ShapeDtypeStruct((self.rows,), jnp.int32, sharding=rows),
+            *(abstract(x) for x in self._replicated(jax.random.key(0), *_sampling_args())),
+        )
+
+    def _compile(self, jitted: Any, args: tuple) -> jax.stages.Compiled:
+        start = time.perf_counter()
+        with jax.set_mesh(self.mesh):
+            compiled = jitted.lower(*args).compile()
+        self.compile_s += time.perf_counter() - start
+        return compiled
+
+    def _prefill_step(self, prompt_len: int) -> jax.stages.Compiled:
+        """Prefill for prompts padded to `prompt_len`, compiled once per width."""
         if prompt_len not in self._prefills:
-            start = time.perf_counter()
-            abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
-            cache = KVCache(*(
-                jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=self.cache_sharding)
-                for c in jax.eval_shape(self.empty_cache)
-            ))  # fmt: skip
-            params = jax.tree.map(abstract, self.params)
-            rows = NamedSharding(self.mesh, PartitionSpec("data"))
-            tokens = jax.ShapeDtypeStruct((self.rows, prompt_len), jnp.int32, sharding=rows)
-            vector = jax.ShapeDtypeStruct((self.rows,), jnp.int32, sharding=rows)
-            args = [abstract(x) for x in self._replicated(jax.random.key(0), *_sampling_args())]
-            with jax.set_mesh(self.mesh):
-                prefill, decode = self._jitted
-                self._prefills[prompt_len] = prefill.lower(
-                    params, cache, tokens, vector, *args
-                ).compile()
-                if self._decode_compiled is None:
-                    self._decode_compiled = decode.lower(
-                        params, cache, vector, vector, *args
-                    ).compile()
-            self.compile_s += time.perf_counter() - start
-        return self._prefills[prompt_len], self._decode_compiled
+            args = self._abstract_args((self.rows, prompt_len))
+            self._prefills[prompt_len] = self._compile(self._jitted[0], args)
+        return self._prefills[prompt_len]
+
+    @cached_property
+    def _decode_step(self) -> jax.stages.Compiled:
+        """The one-token decode step, compiled once."""
+        params, cache, _, vector, *rest = self._abstract_args((self.rows,))
+        return self._compile(self._jitted[1], (params, cache, vector, vector, *rest))
 
     def decode_hlo(self) -> str:
         """The compiled decode step's optimized HLO (for FLOP and collective accounting)."""
-        return self._compiled(next(iter(self._prefills), 16))[1].as_text()
+        return self._decode_step.as_text()
 
     def prefill(self, cache, tokens_BT, lengths_B, key, sampling: Sampling = Sampling()):
         """Runs the prompts (right-padded, (B, T) with T <= max_len): returns the cache, the
         logits at each row's last prompt token and the first new token."""
-        prefill, _ = self._compiled(tokens_BT.shape[1])
+        prefill = self._prefill_step(tokens_BT.shape[1])
         args = self._replicated(key, *_sampling_args(sampling))
         return prefill(self.params, cache, self._rows(tokens_BT), self._rows(lengths_B), *args)
 
     def decode(self, cache, token_B, position_B, key, sampling: Sampling = Sampling()):
         """One token per row at its own position: returns the cache, the logits and the next
         token. Compiled once: every step has the same shapes."""
-        _, decode = self._compiled(next(iter(self._prefills), 16))
         args = self._replicated(key, *_sampling_args(sampling))
-        return decode(self.params, cache, self._rows(token_B), self._rows(position_B), *args)
+        return self._decode_step(
+            self.params, cache, self._rows(token_B), self._rows(position_B), *args
+        )
 
     def generate(
         self,
@@ -307,7 +324,8 @@ class Generator:
             tokens[i, : len(p)] = p
             lengths[i] = len(p)
         compile_before = self.compile_s
-        self._compiled(width)
+        self._prefill_step(width)  # compiled before the clock starts
+        _ = self._decode_step
         keys = jax.random.split(jax.random.key(seed), max_new_tokens)
         start = time.perf_counter()
         cache, _, token_B = self.prefill(self.empty_cache(), tokens, lengths, keys[0], sampling)

@@ -26,7 +26,7 @@ from jaxpar.errors import JaxparError
 from jaxpar.infer.engine import Generator, serving_config
 from jaxpar.mesh import mesh_spec_of
 from jaxpar.model.llama import token_nll
-from jaxpar.train.step import Trainer, compute_dtype
+from jaxpar.train.step import Trainer, TrainState, compute_dtype
 
 
 @dataclass
@@ -148,21 +148,30 @@ def _serving_trainer(config: Config, mesh: jax.sharding.Mesh, dtype: str) -> Tra
     return Trainer(config, mesh)
 
 
-def load_run(run: Path, mesh: jax.sharding.Mesh, dtype: str = "auto", warn=print) -> LoadedModel:
-    """The newest checkpoint of a jaxpar run folder, restored onto `mesh`."""
+def restore_run(
+    run: Path, mesh: jax.sharding.Mesh, dtype: str = "auto", warn=print
+) -> tuple[Trainer, TrainState, dict] | None:
+    """The newest intact checkpoint of a run folder (which has a config.yaml), restored onto
+    `mesh` in the serving layout, with its serving trainer and metadata; None without one."""
     from jaxpar.checkpoint import CHECKPOINTS, Checkpointer
 
-    if not (run / "config.yaml").is_file():
-        raise JaxparError(f"--run {str(run)!r} is not a jaxpar run folder (no config.yaml)")
     trainer = _serving_trainer(load_config(run / "config.yaml"), mesh, dtype)
     checkpoints = Checkpointer(trainer, run / CHECKPOINTS, keep=1 << 30)
     try:
         restored = checkpoints.restore_latest(model=trainer.config.model, warn=warn)
     finally:
         checkpoints.close()
+    return None if restored is None else (trainer, *restored)
+
+
+def load_run(run: Path, mesh: jax.sharding.Mesh, dtype: str = "auto", warn=print) -> LoadedModel:
+    """The newest checkpoint of a jaxpar run folder, restored onto `mesh`."""
+    if not (run / "config.yaml").is_file():
+        raise JaxparError(f"--run {str(run)!r} is not a jaxpar run folder (no config.yaml)")
+    restored = restore_run(run, mesh, dtype, warn)
     if restored is None:
         raise JaxparError(f"--run {str(run)!r} has no checkpoint to load")
-    state, meta = restored
+    trainer, state, meta = restored
     return LoadedModel(
         config=trainer.config,
         trainer=trainer,

@@ -37,8 +37,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxpar.checkpoint import CHECKPOINTS, Checkpointer
-from jaxpar.config import Config, ModelConfig, load_config, validate
+from jaxpar.checkpoint import CHECKPOINTS
+from jaxpar.config import Config, ModelConfig, validate
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.train.step import Trainer
@@ -571,26 +571,14 @@ def export_run(
         )
     if not (run / CHECKPOINTS).is_dir():
         raise JaxparError(f"{str(run)!r} holds no checkpoints (no {CHECKPOINTS}/ folder)")
-    config = load_config(run / "config.yaml").replace(
-        **{
-            "parallel.mesh": "data=1",
-            "parallel.fsdp": False,
-            "pipeline.schedule": "gpipe",
-            "pipeline.repeats": 1,
-            "pipeline.microbatches": 1,
-        }
-    )
+    from jaxpar.infer.serve import restore_run
+
     mesh = make_mesh(parse_mesh("data=1"), devices=jax.devices()[:1])
-    trainer = Trainer(config, mesh)
-    checkpoints = Checkpointer(trainer, run / CHECKPOINTS, keep=config.checkpoint.keep)
-    try:
-        restored = checkpoints.restore_latest(model=config.model, warn=warn)
-    finally:
-        checkpoints.close()
+    restored = restore_run(run, mesh, "float32", warn)
     if restored is None:
         raise JaxparError(f"{str(run / CHECKPOINTS)!r} holds no checkpoint to export")
-    state, _ = restored
-    export_hf(trainer, state.params, dest, context=config.train.seq_len)
+    trainer, state, _ = restored
+    export_hf(trainer, state.params, dest, context=trainer.config.train.seq_len)
     return dest
 
 

@@ -2,15 +2,16 @@
 
 A checkpoint holds the train state with the blocks in logical layer order ([L, ...], not stacked
 by pipeline stage), so it restores onto any mesh, stage count, repeats and FSDP setting: the target
-shardings are computed for the new mesh and the stage layout is rebuilt after reading. Next to the
-arrays a JSON item records the config, the mesh, the data position and a checksum per array: the sum
-of its float32 bit patterns as uint32, wrapping, which is exact and independent of the sharding and
-summation order, so a damaged file that still reads is caught too.
+shardings are computed for the new placement and its stage layout is rebuilt after reading. Next to
+the arrays a JSON item records the config, the mesh, the data position, the path of every array and
+a checksum per array: the sum of its float32 bit patterns as uint32, wrapping, which is exact and
+independent of the sharding and summation order, so a damaged file that still reads is caught too.
+A restore may ask for part of the state (serving reads `{"params": ...}` alone, never the optimizer
+moments); each part is checked against its own checksums.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,17 +22,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxpar.config import ModelConfig
+from jaxpar.config import architecture
 from jaxpar.errors import JaxparError
-from jaxpar.train.step import Trainer, TrainState
-
-CHECKPOINTS = "checkpoints"
-
-
-def _is_block(path: tuple[Any, ...]) -> bool:
-    return any(getattr(k, "key", None) == "blocks" for k in path)
+from jaxpar.placement import Placement
+from jaxpar.runs import CHECKPOINTS
 
 
 @jax.jit
@@ -45,18 +40,30 @@ def _checksums(tree: Any) -> Any:
     return jax.tree.map(checksum, tree)
 
 
+def _paths(tree: Any) -> list[str]:
+    """'params/blocks/attn/wq_DNH', ... for every array of `tree`, in leaf order."""
+    return [
+        "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        for path, _ in jax.tree_util.tree_leaves_with_path(tree)
+    ]
+
+
 @dataclass
 class Checkpointer:
     """Saves and restores one run's train state under `OUT/checkpoints/`.
 
     Attributes:
-        trainer: the model, mesh and shardings of this process's run.
+        placement: the model and layout of this process's run.
         directory: OUT/checkpoints.
+        target: what a restore reads, as ShapeDtypeStructs with this placement's shardings: the
+            whole train state (`Trainer.abstract_state()`), or a dict of some of its fields
+            (`{"params": ...}`), which reads only those.
         keep: how many of the newest checkpoints to keep.
     """
 
-    trainer: Trainer
+    placement: Placement
     directory: Path
+    target: Any
     keep: int = 3
 
     def __post_init__(self) -> None:
@@ -67,74 +74,54 @@ class Checkpointer:
                 max_to_keep=self.keep, create=True, enable_async_checkpointing=True
             ),
         )
+        self.partial = isinstance(self.target, dict)
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- layout ------------------------------------------------------------------------------
 
-    def _logical_shardings(self) -> Any:
-        """Shardings of the logical-layout state on this mesh: blocks' leading axis replicated
-        (it is `layers`, not `stage`), every other axis as the stage layout has it."""
-        mesh = self.trainer.mesh
-
-        def logical(path, sharding):
-            if not _is_block(path):
-                return sharding
-            return NamedSharding(mesh, PartitionSpec(None, *sharding.spec[2:]))
-
-        return jax.tree_util.tree_map_with_path(logical, self.trainer.state_shardings)
+    @cached_property
+    def _logical_target(self) -> Any:
+        return self.placement.logical_abstract(self.target)
 
     @cached_property
     def _to_logical(self) -> Callable:
-        layout = self.trainer.layout
-
-        def convert(path, x):
-            return layout.to_logical(x) if _is_block(path) else jnp.copy(x)
-
+        shardings = jax.tree.map(lambda x: x.sharding, self._logical_target)
         return jax.jit(
-            lambda s: jax.tree_util.tree_map_with_path(convert, s),
-            out_shardings=self._logical_shardings(),
+            lambda s: jax.tree.map(jnp.copy, self.placement.to_logical(s)),
+            out_shardings=shardings,
         )
 
     @cached_property
     def _from_logical(self) -> Callable:
-        layout = self.trainer.layout
+        shardings = jax.tree.map(lambda x: x.sharding, self.target)
+        return jax.jit(self.placement.from_logical, out_shardings=shardings)
 
-        def convert(path, x):
-            return layout.to_stages(x) if _is_block(path) else x
-
-        return jax.jit(
-            lambda s: jax.tree_util.tree_map_with_path(convert, s),
-            out_shardings=self.trainer.state_shardings,
-        )
-
-    def to_logical(self, state: TrainState) -> TrainState:
-        """A copy of `state` with the blocks in logical layer order (compiled once)."""
-        with jax.set_mesh(self.trainer.mesh):
+    def to_logical(self, state: Any) -> Any:
+        """A copy of `state` (shaped like `target`) with the blocks in logical layer order
+        (compiled once)."""
+        with jax.set_mesh(self.placement.mesh):
             return self._to_logical(state)
 
-    def from_logical(self, logical: TrainState) -> TrainState:
-        with jax.set_mesh(self.trainer.mesh):
+    def from_logical(self, logical: Any) -> Any:
+        with jax.set_mesh(self.placement.mesh):
             return self._from_logical(logical)
 
-    def _checksums(self, logical: TrainState) -> list[int]:
+    def _checksums(self, logical: Any) -> list[int]:
         return [int(s) for s in jax.device_get(jax.tree.leaves(_checksums(logical)))]
-
-    def _abstract_logical(self) -> Any:
-        abstract = self.trainer.init_state_abstract()
-        layers = self.trainer.config.model.layers
-
-        def shape(path, x, sharding):
-            dims = (layers, *x.shape[2:]) if _is_block(path) else x.shape
-            return jax.ShapeDtypeStruct(dims, x.dtype, sharding=sharding)
-
-        return jax.tree_util.tree_map_with_path(shape, abstract, self._logical_shardings())
 
     # -- save and restore --------------------------------------------------------------------
 
-    def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> None:
-        """Starts an asynchronous save of `state` as checkpoint `step`; returns once the arrays
-        are copied out of the way of the next (donating) train step."""
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Starts an asynchronous save of `state` (the whole train state) as checkpoint `step`;
+        returns once the arrays are copied out of the way of the next (donating) train step."""
         logical = self.to_logical(state)
-        meta = {**meta, "step": step, "checksums": self._checksums(logical)}
+        meta = {**meta, "step": step, "paths": _paths(logical),
+                "checksums": self._checksums(logical)}  # fmt: skip
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -150,24 +137,33 @@ class Checkpointer:
         self.manager.reload()
         return sorted(self.manager.all_steps())
 
-    def restore(self, step: int) -> tuple[TrainState, dict[str, Any]]:
-        """Reads checkpoint `step` onto this run's mesh and layout.
+    def restore(self, step: int) -> tuple[Any, dict[str, Any]]:
+        """Reads checkpoint `step` (the part `target` names) onto this placement.
 
         Raises:
             CorruptCheckpoint: it cannot be read, or its arrays don't match their checksums.
         """
+        target = self._logical_target
+        if self.partial:
+            read = ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            )
+        else:
+            read = ocp.args.StandardRestore(target)
         try:
             restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(self._abstract_logical()),
-                    meta=ocp.args.JsonRestore(),
-                ),
+                step, args=ocp.args.Composite(state=read, meta=ocp.args.JsonRestore())
             )
         except Exception as e:  # orbax and tensorstore raise many types for damaged files
             raise CorruptCheckpoint(f"checkpoint {step} cannot be read: {type(e).__name__}") from e
         logical, meta = restored["state"], restored["meta"]
-        if self._checksums(logical) != meta.get("checksums"):
+        saved = dict(zip(meta.get("paths", []), meta.get("checksums", []), strict=False))
+        expected = (
+            [saved.get(path) for path in _paths(logical)] if self.partial else meta.get("checksums")
+        )
+        if self._checksums(logical) != expected:
             raise CorruptCheckpoint(f"checkpoint {step} does not match its checksums")
         return self.from_logical(logical), meta
 
@@ -179,25 +175,24 @@ class Checkpointer:
         except Exception as e:
             raise CorruptCheckpoint(f"checkpoint {step} has no readable metadata") from e
 
-    def restore_latest(
-        self, model: ModelConfig, warn: Callable[[str], None]
-    ) -> tuple[TrainState, dict[str, Any]] | None:
+    def restore_latest(self, warn: Callable[[str], None]) -> tuple[Any, dict[str, Any]] | None:
         """The newest checkpoint that reads back intact; damaged ones are skipped with a warning.
 
         Returns None when there is no checkpoint at all.
 
         Raises:
-            JaxparError: checkpoints exist but none is intact, or they hold another model.
+            JaxparError: checkpoints exist but none is intact, or they hold another model than
+                the placement's.
         """
+        model = self.placement.config.model.architecture
         steps = self.steps()
         for step in reversed(steps):
             try:
-                saved = self.read_meta(step)["config"]["model"]
-                if saved != dataclasses.asdict(model):
+                saved = architecture(self.read_meta(step)["config"]["model"])
+                if saved != model:
                     raise JaxparError(
                         f"checkpoint {step} in {self.directory} holds another model "
-                        f"({_model_diff(saved, dataclasses.asdict(model))}); use its model "
-                        "config or a new --out"
+                        f"({_model_diff(saved, model)}); use its model config or a new --out"
                     )
                 return self.restore(step)
             except CorruptCheckpoint as e:

@@ -1,19 +1,42 @@
-"""The `jaxpar` command: argument parsing, dispatch, and bad input turned into exit code 2.
+"""jaxpar: train and serve a Llama-style transformer split over a mesh of devices.
 
-JAX is imported only after the mesh spec is known, because the number of simulated CPU devices
-has to be set before JAX starts.
+The mesh has three axes: data (data parallelism, FSDP), pipeline (pipeline stages) and tensor
+(Megatron tensor parallelism), written like --mesh data=2,pipeline=2,tensor=2. On a CPU host the
+devices a mesh needs are simulated. Every command takes dotted config overrides (train.steps=50);
+bad input ends with one line and exit code 2.
+
+commands:
+  train        train a model (defaults: a small model on 8 simulated CPU devices)
+  checkpoints  list a run's checkpoints
+  mesh         print a mesh: sizes, devices and groups
+  shardings    print every parameter's layout on the mesh
+  analyze      compile the train step without running it: memory, FLOPs, collectives, bubble
+  bench        time train steps: median step time, tokens/s, MFU
+  eval         negative log-likelihood and perplexity of a model on text
+  generate     generate text with a KV cache on the mesh
+  chat         talk to a model; replies stream as they are decoded
+  export-hf    write a run's newest checkpoint as a Hugging Face Llama folder
+  launch       run one jaxpar command as N local processes of one job
+
+examples:
+  jaxpar train --mesh data=2,pipeline=2,tensor=2 pipeline.microbatches=4 --out runs/demo
+  jaxpar analyze --mesh pipeline=4,tensor=2 pipeline.microbatches=8 --json
+  jaxpar generate --run runs/demo --prompt "def " --greedy
 """
+
+# JAX is imported only after the mesh spec is known, because the number of simulated CPU devices
+# has to be set before JAX starts: the commands import the library lazily.
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from jaxpar.config import Config, load_config, validate_for_mesh
+from jaxpar import __version__
+from jaxpar.config import Config, load_config
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import MeshSpec, parse_mesh, prepare
 
@@ -32,38 +55,54 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=50")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="jaxpar", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+# Each command's one-line description, as the module docstring lists it (one source for both
+# `jaxpar --help` and `jaxpar COMMAND --help`).
+_DESCRIPTIONS = dict(
+    line.strip().split(None, 1)
+    for line in __doc__.split("commands:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+)
 
-    p = sub.add_parser("train", help="train a model (defaults: a small model on 8 CPU devices)")
+
+def _command(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, description=f"jaxpar {name}: {_DESCRIPTIONS[name]}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="jaxpar", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"jaxpar {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="command",
+        help="one of the commands above; 'jaxpar COMMAND --help' describes its options",
+    )  # fmt: skip
+
+    p = _command(sub, "train")
     _add_config_args(p)
     p.add_argument("--out", metavar="DIR", help="run folder (default: a new folder under runs/)")
     _add_process_args(p)
 
-    p = sub.add_parser("checkpoints", help="list a run's checkpoints")
+    p = _command(sub, "checkpoints")
     p.add_argument("out", metavar="OUT", help="the run folder")
 
-    p = sub.add_parser("mesh", help="print a mesh: sizes, devices and groups")
+    p = _command(sub, "mesh")
     p.add_argument("spec", metavar="SPEC", help="e.g. data=2,pipeline=2,tensor=2")
     p.add_argument("--devices", type=int, metavar="N", help="simulate N CPU devices")
 
-    p = sub.add_parser("shardings", help="print every parameter's layout on the mesh")
+    p = _command(sub, "shardings")
     _add_config_args(p)
 
-    p = sub.add_parser(
-        "analyze", help="compile the train step (run nothing): memory, FLOPs, collectives, bubble"
-    )
+    p = _command(sub, "analyze")
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON document (keys in README)")
     p.add_argument("--timeline", metavar="FILE.png", help="draw the pipeline schedule to a PNG")
 
-    p = sub.add_parser("bench", help="time train steps: median step time, tokens/s, MFU")
+    p = _command(sub, "bench")
     _add_config_args(p)
     p.add_argument("--steps", type=int, default=10, metavar="N", help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed steps first")
     p.add_argument("--json", action="store_true", help="print one JSON document")
-    p = sub.add_parser("eval", help="negative log-likelihood and perplexity of a model on text")
+    p = _command(sub, "eval")
     _add_model_args(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", metavar="FILE", help="a text file")
@@ -71,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, metavar="N", help="rows per forward pass")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("generate", help="generate text with a KV cache on the mesh")
+    p = _command(sub, "generate")
     _add_model_args(p)
     _add_sampling_args(p)
     prompts = p.add_mutually_exclusive_group(required=True)
@@ -81,13 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("chat", help="talk to a model: each line you type is answered, streamed")
+    p = _command(sub, "chat")
     _add_model_args(p)
     _add_sampling_args(p)
 
-    p = sub.add_parser(
-        "launch", help="run one jaxpar command as N local processes (CPU devices, gloo)"
-    )
+    p = _command(sub, "launch")
     p.add_argument(
         "-n", "--num-processes", type=int, required=True, metavar="N", help="processes to start"
     )
@@ -96,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
 
-    p = sub.add_parser("export-hf", help="write a run's newest checkpoint as a Hugging Face Llama")
+    p = _command(sub, "export-hf")
     p.add_argument("out", metavar="OUT", help="the jaxpar run folder")
     p.add_argument("dest", metavar="DIR", help="a new folder for config.json and safetensors")
     return parser
@@ -132,41 +169,38 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config_and_mesh(args: argparse.Namespace) -> tuple[Config, MeshSpec]:
-    """Loads the config, sets up the devices and checks the config against the resolved mesh."""
+    """Loads the config and sets up the devices its mesh needs (the placement checks the rest).
+
+    The config comes back with the resolved mesh and compute dtype, as a run records them."""
     overrides = list(args.overrides)
     if args.mesh is not None:
         overrides.append(f"parallel.mesh={args.mesh}")
     config = load_config(args.config, overrides)
     spec = prepare(parse_mesh(config.parallel.mesh), args.devices)
-    validate_for_mesh(config, *spec.sizes)
-    from jaxpar.train.step import compute_dtype
+    from jaxpar.placement import compute_dtype
 
     resolved_dtype = compute_dtype(config.train.dtype).name
     return config.replace(**{"parallel.mesh": str(spec), "train.dtype": resolved_dtype}), spec
 
 
-def _new_run_dir() -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path, n = Path("runs") / stamp, 1
-    while path.exists():
-        n += 1
-        path = Path("runs") / f"{stamp}-{n}"
-    return path
+def _placement(args: argparse.Namespace):
+    config, spec = _config_and_mesh(args)
+    from jaxpar.mesh import make_mesh
+    from jaxpar.placement import Placement
+
+    return Placement(config, make_mesh(spec))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else _new_run_dir()
-    if out.exists() and not out.is_dir():
-        raise JaxparError(f"--out {str(out)!r} is a file; give a folder")
-    if (out / "metrics.jsonl").exists() and not (out / "checkpoints").is_dir():
-        raise JaxparError(
-            f"--out {str(out)!r} already holds a run without checkpoints to resume from; "
-            "choose a new folder"
-        )
+    from jaxpar.runs import check_train_dir, new_run_dir
+
+    out = Path(args.out) if args.out else new_run_dir()
+    check_train_dir(out)
     config, spec = _config_and_mesh(args)
     from rich.console import Console
 
     from jaxpar.distributed import current
+    from jaxpar.infer.serve import sample_text
     from jaxpar.mesh import make_mesh
     from jaxpar.train.loop import TrainingAborted, train
 
@@ -187,9 +221,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{summary.compile_s:.1f}s, train {summary.train_s:.1f}s"
         + (f", {summary.skipped} non-finite steps skipped" if summary.skipped else "")
     )
-    if summary.sample:
-        console.print("\nsample:", style="bold")
-        console.print(summary.sample, markup=False)
+    t = config.train
+    if t.sample_tokens and not summary.stopped_by:
+        text, made = sample_text(
+            summary.placement, summary.state.params, t.sample_prompt, t.sample_tokens, t.seed
+        )
+        fitted = f" ({made} tokens: the context is {t.seq_len})" if made < t.sample_tokens else ""
+        console.print(f"\nsample:{fitted}", style="bold")
+        console.print(text, markup=False)
     console.print(f"\nmetrics: {out / 'metrics.jsonl'}   config: {out / 'config.yaml'}")
     return 0
 
@@ -216,24 +255,26 @@ def cmd_mesh(args: argparse.Namespace) -> int:
 
 
 def cmd_shardings(args: argparse.Namespace) -> int:
-    config, spec = _config_and_mesh(args)
+    placement = _placement(args)
     from jaxpar.analysis.params import param_rows, tree_bytes_per_device
     from jaxpar.analysis.report import param_table
-    from jaxpar.mesh import make_mesh
     from jaxpar.train.step import Trainer
 
-    trainer = Trainer(config, make_mesh(spec))
-    rows = param_rows(trainer.abstract_params, trainer.param_shardings)
-    table = param_table(rows, f"parameters on mesh {spec}, rules '{trainer.rules.name}'")
+    rows = param_rows(placement.abstract_params, placement.param_shardings)
+    title = f"parameters on mesh {placement.spec}, rules '{placement.rules.name}'"
+    table = param_table(rows, title)
     console = _wide_console()
     console.print(table)
     total = sum(r.bytes for r in rows)
     per_device = sum(r.bytes_per_device for r in rows)
-    abstract = trainer.init_state_abstract()
-    opt_bytes = tree_bytes_per_device(abstract.opt_state, trainer.state_shardings.opt_state)
+    trainer = Trainer(placement)
+    opt_bytes = tree_bytes_per_device(
+        trainer.abstract_state().opt_state, trainer.state_shardings.opt_state
+    )
     console.print(
-        f"parameters: {config.model.num_params:,} ({total:,} bytes); per device {per_device:,} "
-        f"bytes = total / {total / per_device:.2f}; optimizer state per device {opt_bytes:,} bytes"
+        f"parameters: {placement.config.model.num_params:,} ({total:,} bytes); per device "
+        f"{per_device:,} bytes = total / {total / per_device:.2f}; optimizer state per device "
+        f"{opt_bytes:,} bytes"
     )
     return 0
 
@@ -261,25 +302,25 @@ def _check_timeline_path(path: str) -> Path:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     timeline = _check_timeline_path(args.timeline) if args.timeline else None
-    config, spec = _config_and_mesh(args)
+    placement = _placement(args)
     import json
 
     from jaxpar.analysis.report import analyze, render
     from jaxpar.analysis.timeline import ascii_timeline, plot_timelines
-    from jaxpar.mesh import make_mesh
     from jaxpar.train.step import Trainer
 
-    trainer = Trainer(config, make_mesh(spec))
-    analysis = analyze(trainer)
+    trainer = Trainer(placement)
+    compiled, compile_s = trainer.compile()
+    analysis = analyze(placement, compiled, compile_s, trainer.abstract_state().opt_state)
     if timeline is not None:
-        plot_timelines([trainer.schedule], timeline)
+        plot_timelines([placement.schedule], timeline)
     if args.json:
         print(json.dumps(analysis.to_json(), indent=2))
         return 0
     console = _wide_console()
     render(analysis, console)
-    console.print(f"\n[bold]pipeline timeline[/bold] ({trainer.schedule.describe()})")
-    console.print(ascii_timeline(trainer.schedule), markup=False)
+    console.print(f"\n[bold]pipeline timeline[/bold] ({placement.schedule.describe()})")
+    console.print(ascii_timeline(placement.schedule), markup=False)
     if timeline is not None:
         console.print(f"timeline: {timeline}")
     return 0
@@ -290,24 +331,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise JaxparError(f"--steps {args.steps} must be at least 1")
     if args.warmup < 0:
         raise JaxparError(f"--warmup {args.warmup} must be 0 or more")
-    config, spec = _config_and_mesh(args)
+    placement = _placement(args)
     import json
 
-    from jaxpar.mesh import make_mesh
     from jaxpar.train.bench import bench
     from jaxpar.train.step import Trainer
 
-    trainer = Trainer(config, make_mesh(spec))
+    config = placement.config
     console = _wide_console()
     log = console.print if not args.json else lambda *a, **k: None
     m = config.model
     log(
-        f"bench: {m.num_params / 1e6:.1f}M params on mesh {spec} ({trainer.dtype.name}), "
-        f"batch {config.train.batch_size} x {config.train.seq_len}, {args.warmup} warm-up + "
-        f"{args.steps} timed steps"
+        f"bench: {m.num_params / 1e6:.1f}M params on mesh {placement.spec} "
+        f"({placement.dtype.name}), batch {config.train.batch_size} x {config.train.seq_len}, "
+        f"{args.warmup} warm-up + {args.steps} timed steps"
     )
     result = bench(
-        trainer,
+        Trainer(placement),
         args.steps,
         args.warmup,
         progress=lambda i, dt: log(f"  step {i + 1}/{args.steps}: {dt * 1e3:,.1f} ms"),
@@ -369,26 +409,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = _load_model(args)
     import json
 
-    import numpy as np
-
-    from jaxpar.infer.serve import text_rows
+    from jaxpar.infer.serve import read_token_rows, text_rows
 
     if args.text:
         ids = model.encode(path.read_text(errors="replace"))
         model.check_ids(ids, f"--text {str(path)!r}")
         rows = text_rows(ids, model.context)
     else:
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise JaxparError(f"--tokens {str(path)!r} is not a .npy array: {e}") from None
-        if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-            raise JaxparError(
-                f"--tokens {str(path)!r} holds a {array.dtype} array of shape {array.shape}; "
-                "expected integers [batch, length]"
-            )
-        model.check_ids(array.ravel().tolist(), f"--tokens {str(path)!r}")
-        rows = [row.astype(np.int32) for row in array]
+        rows = read_token_rows(path, model)
     result = model.evaluate(rows, args.batch)
     if args.json:
         print(json.dumps(result))
@@ -422,14 +450,6 @@ def _prompts(args: argparse.Namespace, model) -> list[list[int]]:
     return prompts
 
 
-def _check_length(model, prompt_len: int, new_tokens: int) -> None:
-    if prompt_len + new_tokens > model.context:
-        raise JaxparError(
-            f"prompt of {prompt_len} tokens + --max-new-tokens {new_tokens} exceeds the model's "
-            f"context of {model.context} tokens"
-        )
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     model = _load_model(args)
@@ -437,7 +457,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompts = _prompts(args, model)
     longest = max(len(p) for p in prompts)
-    _check_length(model, longest, args.max_new_tokens)
+    model.check_fits(longest, args.max_new_tokens)
     gen = model.generator(len(prompts), longest + args.max_new_tokens)
     out = gen.generate(
         prompts, args.max_new_tokens, sampling, seed=args.seed, stop_ids=model.stop_ids
@@ -467,13 +487,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     model = _load_model(args)
+    from jaxpar.infer.chat import Chat
 
-    _check_length(model, 1, args.max_new_tokens)
-    gen = model.generator(1, model.context)
-    keep = model.context - args.max_new_tokens  # the newest history that fits with the reply
+    chat = Chat(model, args.max_new_tokens, sampling, seed=args.seed)
     print(f"chatting with {model.source}; an empty line or Ctrl-D ends", file=sys.stderr)
-    history: list[int] = []
-    turn = 0
     while True:
         try:
             line = input("> ")
@@ -481,22 +498,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         if not line.strip():
             break
-        history = (history + model.encode(line + "\n"))[-keep:]
-        model.check_ids(history, "the conversation")
-        show = model.stream_decoder()
-
-        def stream(step_ids: list[int | None], show=show) -> None:
-            if step_ids[0] is not None and step_ids[0] not in model.stop_ids:
-                print(show([step_ids[0]]), end="", flush=True)
-
-        out = gen.generate(
-            [history], args.max_new_tokens, sampling, seed=args.seed + turn,
-            stop_ids=model.stop_ids, on_tokens=stream,
-        )  # fmt: skip
+        chat.reply(line, on_text=lambda text: print(text, end="", flush=True))
         print()
-        reply = [i for i in out.new_ids[0] if i not in model.stop_ids]
-        history = (history + reply)[-keep:]
-        turn += 1
     return 0
 
 
@@ -508,7 +511,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from jaxpar.interop.hf import export_run
+    from jaxpar.infer.serve import export_run
 
     dest = export_run(Path(args.out), Path(args.dest))
     print(f"wrote {dest}")

@@ -12,15 +12,19 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from jaxpar.errors import JaxparError
 
+if TYPE_CHECKING:
+    from jaxpar.mesh import MeshSpec
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("gpipe", "circular")
 REMAT = ("none", "full", "dots", "dots_no_batch")
+ATTENTION = ("auto", "xla", "dot_product")
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,15 @@ class ModelConfig:
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    # How attention is computed (`jaxpar.model.attention`): auto (cuDNN's fused kernel on GPUs
+    # where it works, else xla), xla (jaxpar's einsums) or dot_product (jax.nn's kernel).
+    attention: str = "auto"
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """The fields that fix the function the model computes: what a checkpoint or a Hugging
+        Face folder must match (how it is computed, e.g. `attention`, may differ)."""
+        return architecture(dataclasses.asdict(self))
 
     @property
     def head_dim(self) -> int:
@@ -135,6 +148,15 @@ class Config:
     def replace(self, **overrides: Any) -> Config:
         """Returns a validated copy with dotted overrides, e.g. `replace(**{"train.steps": 5})`."""
         return load_config(None, [f"{k}={v}" for k, v in overrides.items()], base=self)
+
+
+_COMPUTE_ONLY = ("attention",)
+
+
+def architecture(model: Mapping[str, Any]) -> dict[str, Any]:
+    """A model section (as a dict, e.g. read back from a checkpoint) without its compute-only
+    fields; see `ModelConfig.architecture`."""
+    return {k: v for k, v in model.items() if k not in _COMPUTE_ONLY}
 
 
 _SECTION_TYPES = {
@@ -281,6 +303,8 @@ def validate(config: Config) -> None:
         raise JaxparError(
             f"head_dim = model.dim / model.heads = {m.head_dim} must be even for RoPE"
         )
+    if m.attention not in ATTENTION:
+        raise JaxparError(f"model.attention={m.attention!r} is not one of {', '.join(ATTENTION)}")
     if m.heads % m.kv_heads:
         raise JaxparError(
             f"model.heads={m.heads} must be a multiple of model.kv_heads={m.kv_heads} "
@@ -337,27 +361,28 @@ def validate(config: Config) -> None:
         raise JaxparError(f"train.dtype={t.dtype!r} is not one of {', '.join(DTYPES)}")
 
 
-def validate_model_for_mesh(m: ModelConfig, pipeline: int, tensor: int, repeats: int = 1) -> None:
+def validate_model_for_mesh(m: ModelConfig, spec: MeshSpec, repeats: int = 1) -> None:
     """Checks that the model's sizes split over `tensor` and its layers fill the stages."""
     for name in ("heads", "kv_heads", "mlp_dim", "vocab"):
         value = getattr(m, name)
-        if value % tensor:
+        if value % spec.tensor:
             raise JaxparError(
-                f"model.{name}={value} is not divisible by tensor={tensor}; use a tensor size that "
-                f"divides it ({', '.join(str(d) for d in _divisors(value) if d <= 64)})"
+                f"model.{name}={value} is not divisible by tensor={spec.tensor}; use a tensor size "
+                f"that divides it ({', '.join(str(d) for d in _divisors(value) if d <= 64)})"
             )
-    chunks = pipeline * repeats
+    chunks = spec.pipeline * repeats
     if m.layers < chunks:
         raise JaxparError(
-            f"model.layers={m.layers} is fewer than pipeline stages x repeats = {pipeline} x "
+            f"model.layers={m.layers} is fewer than pipeline stages x repeats = {spec.pipeline} x "
             f"{repeats} = {chunks}; every chunk needs a layer"
         )
 
 
-def validate_for_mesh(config: Config, data: int, pipeline: int, tensor: int) -> None:
+def validate_for_mesh(config: Config, spec: MeshSpec) -> None:
     """Checks the sizes that must divide over the mesh axes (global sizes, per-axis sizes)."""
     m, t, p = config.model, config.train, config.pipeline
-    validate_model_for_mesh(m, pipeline, tensor, p.repeats)
+    data, pipeline = spec.data, spec.pipeline
+    validate_model_for_mesh(m, spec, p.repeats)
     if t.batch_size % data:
         raise JaxparError(
             f"train.batch_size={t.batch_size} is not divisible by data={data}; the global batch "

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from jaxpar.errors import JaxparError
+
+if TYPE_CHECKING:
+    import jax
 
 ENV = ("JAXPAR_COORDINATOR", "JAXPAR_NUM_PROCESSES", "JAXPAR_PROCESS_ID")
 
@@ -122,3 +126,14 @@ def agree(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def global_array(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host value that every process holds whole, as a global array laid out by `sharding`:
+    each process places the pieces its own devices hold (`jax.device_put` refuses a sharding
+    over other processes' devices)."""
+    import jax
+    import numpy as np
+
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])

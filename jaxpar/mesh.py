@@ -10,6 +10,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,21 +19,32 @@ from jaxpar.errors import JaxparError
 if TYPE_CHECKING:
     import jax
 
-AXES = ("data", "pipeline", "tensor")
+# The mesh axes, in mesh order: every module names them through these constants, so an axis
+# added later is added here (and as a field of `MeshSpec`) and nowhere else.
+DATA = "data"  # data parallelism (and FSDP's parameter shards)
+PIPELINE = "pipeline"  # pipeline stages
+TENSOR = "tensor"  # Megatron tensor parallelism
+AXES = (DATA, PIPELINE, TENSOR)
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
 @dataclass(frozen=True)
 class MeshSpec:
-    """Axis sizes in mesh order (data, pipeline, tensor); at most one may be -1 (filled later)."""
+    """Axis sizes in mesh order (one field per name in `AXES`); at most one may be -1 (filled
+    later). Passed whole wherever a mesh's shape matters, never as loose sizes."""
 
     data: int = 1
     pipeline: int = 1
     tensor: int = 1
 
+    @classmethod
+    def of(cls, sizes: Sequence[int]) -> MeshSpec:
+        """The spec with these sizes, in `AXES` order."""
+        return cls(**dict(zip(AXES, sizes, strict=True)))
+
     @property
-    def sizes(self) -> tuple[int, int, int]:
-        return (self.data, self.pipeline, self.tensor)
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(getattr(self, axis) for axis in AXES)
 
     @property
     def is_resolved(self) -> bool:
@@ -58,7 +70,7 @@ class MeshSpec:
                     f"divisible by the other axes' product {known}"
                 )
             fill = num_devices // known
-            return MeshSpec(*(fill if s == -1 else s for s in self.sizes))
+            return MeshSpec.of([fill if s == -1 else s for s in self.sizes])
         if known != num_devices:
             raise JaxparError(
                 f"mesh {self} needs {known} devices but {num_devices} are available; make the "
@@ -159,7 +171,7 @@ def make_mesh(spec: MeshSpec, devices: list[jax.Device] | None = None) -> jax.sh
 
 
 def mesh_spec_of(mesh: jax.sharding.Mesh) -> MeshSpec:
-    return MeshSpec(*(mesh.shape[a] for a in AXES))
+    return MeshSpec.of([mesh.shape[a] for a in AXES])
 
 
 def groups(mesh: jax.sharding.Mesh, axis: str) -> list[list[int]]:
@@ -179,22 +191,25 @@ def describe(mesh: jax.sharding.Mesh) -> str:
     spec = mesh_spec_of(mesh)
     platform = mesh.devices.flat[0].platform
     lines = [f"mesh {spec}  ({spec.size} {platform} devices)", ""]
-    lines.append("device id at each (data, pipeline, tensor) coordinate:")
+    lines.append(f"device id at each ({', '.join(AXES)}) coordinate:")
     for coord in np.ndindex(*spec.sizes):
         d = mesh.devices[coord]
         lines.append(f"  ({', '.join(map(str, coord))})  ->  device {d.id}")
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
+
+    def holding(axis: str, index: int) -> list[int]:
+        """The devices at coordinate `index` of `axis`."""
+        return sorted(np.take(ids, index, axis=AXES.index(axis)).flatten().tolist())
+
     lines += [
         "",
         f"tensor groups (devices sharing one layer's shards), {spec.tensor} devices each:",
     ]
-    lines += [f"  {g}" for g in groups(mesh, "tensor")]
+    lines += [f"  {g}" for g in groups(mesh, TENSOR)]
     lines += ["", "pipeline stages (devices holding each stage's layers):"]
-    lines += [
-        f"  stage {s}: {sorted(ids[:, s, :].flatten().tolist())}" for s in range(spec.pipeline)
-    ]
+    lines += [f"  stage {s}: {holding(PIPELINE, s)}" for s in range(spec.pipeline)]
     lines += ["", "data replicas (devices holding one whole copy of the model):"]
-    lines += [f"  replica {r}: {sorted(ids[r].flatten().tolist())}" for r in range(spec.data)]
+    lines += [f"  replica {r}: {holding(DATA, r)}" for r in range(spec.data)]
     return "\n".join(lines)
 
 

@@ -12,12 +12,12 @@ repeats that work).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from jaxpar.errors import JaxparError
-from jaxpar.mesh import AXES
+from jaxpar.mesh import AXES, DATA, PIPELINE, TENSOR, MeshSpec
 
 if TYPE_CHECKING:
     import jax
@@ -129,6 +129,19 @@ class Rules:
             spec = PartitionSpec(*(k[0] if len(k) == 1 else (k or None) for k in kept))
         return jax.lax.with_sharding_constraint(x, spec)
 
+    def per_shard(
+        self, f: Callable[[jax.Array], jax.Array], x: jax.Array, logical_axes: Sequence[str | None]
+    ) -> jax.Array:
+        """`f` applied to each device's shard of `x`, laid out by `logical_axes` (inside jit,
+        under `jax.set_mesh`; without a mesh, to `x` whole). `f` must keep the shape and compute
+        each element from that element alone, so the result is the same as `f(x)`."""
+        import jax
+
+        if jax.sharding.get_abstract_mesh().empty:
+            return f(x)
+        spec = self.spec(logical_axes)
+        return jax.shard_map(f, in_specs=spec, out_specs=spec)(x)
+
 
 def _as_tuple(target: MeshAxes) -> tuple[str, ...]:
     if target is None:
@@ -140,10 +153,10 @@ def _rules(name: str, **mapping: MeshAxes) -> Rules:
     return Rules(name, tuple(mapping.items()))
 
 
-_DATA = {STAGE: "pipeline", BATCH: "data", OUTER_BATCH: ("data", "pipeline")}
+_DATA = {STAGE: PIPELINE, BATCH: DATA, OUTER_BATCH: (DATA, PIPELINE)}
 _MEGATRON = {
-    HEADS: "tensor", KV_HEADS: "tensor", MLP: "tensor", VOCAB: "tensor",
-    ACT_HEADS: "tensor", ACT_KV_HEADS: "tensor", ACT_MLP: "tensor", ACT_VOCAB: "tensor",
+    HEADS: TENSOR, KV_HEADS: TENSOR, MLP: TENSOR, VOCAB: TENSOR,
+    ACT_HEADS: TENSOR, ACT_KV_HEADS: TENSOR, ACT_MLP: TENSOR, ACT_VOCAB: TENSOR,
 }  # fmt: skip
 
 REPLICATED = _rules("replicated")
@@ -151,12 +164,12 @@ DATA_PARALLEL = _rules("data-parallel", **_DATA)
 MEGATRON = _rules("megatron", **_DATA, **_MEGATRON)
 # ZeRO-3: every weight's model dimension is also split over `data`; XLA gathers each layer's
 # weights just before use and reduce-scatters their gradients. Norm scales stay replicated.
-FSDP = _rules("fsdp", **_DATA, **_MEGATRON, **{EMBED: "data"})
+FSDP = _rules("fsdp", **_DATA, **_MEGATRON, **{EMBED: DATA})
 
 PRESETS: Mapping[str, Rules] = {r.name: r for r in (REPLICATED, DATA_PARALLEL, MEGATRON, FSDP)}
 
 
-def rules_for(data: int, pipeline: int, tensor: int, fsdp: bool) -> Rules:
+def rules_for(spec: MeshSpec, fsdp: bool) -> Rules:
     """The preset for a mesh: FSDP when asked, else Megatron, data-parallel or replicated.
 
     Every preset but `replicated` puts `stage` on `pipeline`, so pipelining needs no preset of its
@@ -164,6 +177,13 @@ def rules_for(data: int, pipeline: int, tensor: int, fsdp: bool) -> Rules:
     """
     if fsdp:
         return FSDP
-    if tensor > 1:
+    if spec.tensor > 1:
         return MEGATRON
-    return DATA_PARALLEL if data > 1 or pipeline > 1 else REPLICATED
+    return DATA_PARALLEL if spec.size > 1 else REPLICATED
+
+
+def serving_rules(rules: Rules) -> Rules:
+    """A preset with the embedding's and head's batch over `data` only: a serving batch is small
+    and need not divide over `data` x `pipeline`."""
+    mapping = tuple((k, DATA if k == OUTER_BATCH else v) for k, v in rules.mapping)
+    return Rules(rules.name, mapping)

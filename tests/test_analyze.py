@@ -15,6 +15,7 @@ from jaxpar.cli import main
 from jaxpar.config import load_config
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.pipeline.schedule import Schedule
+from jaxpar.placement import Placement
 from jaxpar.train.bench import peak_flops
 from jaxpar.train.step import Trainer
 
@@ -30,8 +31,11 @@ SIZES = [
 def analysis(mesh_spec: str, *overrides: str, devices: int = 8):
     config = load_config(None, [*SIZES, *overrides])
     mesh = make_mesh(parse_mesh(mesh_spec), devices=jax.devices()[:devices])
-    trainer = Trainer(config, mesh)
-    return trainer, analyze(trainer)
+    trainer = Trainer(Placement(config, mesh))
+    compiled, compile_s = trainer.compile()
+    return trainer, analyze(
+        trainer.placement, compiled, compile_s, trainer.abstract_state().opt_state
+    )
 
 
 def test_tensor_parallel_collectives_are_megatrons_accounting():
@@ -44,7 +48,7 @@ def test_tensor_parallel_collectives_are_megatrons_accounting():
     b_local = BATCH // 2
     megatron = 4 * LAYERS + 2 + 3  # activations, plus three cross-entropy reductions
     scalars = tensor.count - megatron
-    expected = megatron_expected_bytes(trainer.config.model, b_local, SEQ, act_bytes=4)
+    expected = megatron_expected_bytes(trainer.placement.config.model, b_local, SEQ, act_bytes=4)
     assert tensor.bytes == expected + 4 * scalars
     assert scalars >= 0
     for c in over_tensor:
@@ -55,7 +59,7 @@ def test_tensor_parallel_collectives_are_megatrons_accounting():
 def test_parameter_bytes_are_the_sum_of_shard_sizes():
     trainer, a = analysis("data=2,tensor=4")
     params = trainer.init_state().params
-    device = trainer.mesh.devices.flat[0]
+    device = trainer.placement.mesh.devices.flat[0]
     on_device = sum(
         shard.data.nbytes
         for x in jax.tree.leaves(params)
@@ -72,7 +76,7 @@ def test_parameter_bytes_are_the_sum_of_shard_sizes():
 
 def test_one_device_flops_match_six_n_t_plus_attention():
     trainer, a = analysis("data=1", devices=1)
-    m = trainer.config.model
+    m = trainer.placement.config.model
     tokens = BATCH * SEQ
     # The textbook count: 6 x parameters x tokens (every weight, forward and backward) plus the
     # attention scores and values, 2 x 2 x T x N x H per token and layer forward, x3 with backward.

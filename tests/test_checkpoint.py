@@ -18,6 +18,7 @@ from jaxpar.cli import main
 from jaxpar.config import load_config
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.placement import Placement
 from jaxpar.train.loop import TrainingAborted, train
 from jaxpar.train.step import Trainer
 
@@ -59,8 +60,8 @@ def reference(tmp_path_factory):
 
 
 def final_params(out: Path, mesh_spec: str, *extra: str) -> dict:
-    trainer = Trainer(config(*extra), mesh(mesh_spec))
-    checkpointer = Checkpointer(trainer, out / "checkpoints")
+    trainer = Trainer(Placement(config(*extra), mesh(mesh_spec)))
+    checkpointer = Checkpointer(trainer.placement, out / "checkpoints", trainer.abstract_state())
     state, _ = checkpointer.restore(checkpointer.steps()[-1])
     logical = checkpointer.to_logical(state)
     checkpointer.close()
@@ -180,10 +181,10 @@ def test_flipped_bits_are_caught_by_the_checksums(reference, tmp_path):
     doc = json.loads(meta.read_text())
     doc["checksums"][0] ^= 1  # as if one array's bits had changed on disk
     meta.write_text(json.dumps(doc))
-    trainer = Trainer(config(), mesh("data=2,tensor=4"))
-    checkpointer = Checkpointer(trainer, out / "checkpoints")
+    trainer = Trainer(Placement(config(), mesh("data=2,tensor=4")))
+    checkpointer = Checkpointer(trainer.placement, out / "checkpoints", trainer.abstract_state())
     with pytest.raises(JaxparError, match="no intact checkpoint"):
-        checkpointer.restore_latest(trainer.config.model, warn=lambda m: None)
+        checkpointer.restore_latest(warn=lambda m: None)
     checkpointer.close()
 
 

@@ -11,6 +11,7 @@ from jaxpar.analysis.hlo import axes_of_groups, collectives, parse_groups
 from jaxpar.analysis.params import tree_bytes_per_device
 from jaxpar.config import load_config
 from jaxpar.mesh import AXES, make_mesh, parse_mesh
+from jaxpar.placement import Placement
 from jaxpar.train.step import Trainer
 
 SIZES = [
@@ -23,7 +24,7 @@ SIZES = [
 def compiled_collectives(mesh_spec: str, fsdp: bool = False):
     config = load_config(None, [*SIZES, f"parallel.fsdp={fsdp}"])
     mesh = make_mesh(parse_mesh(mesh_spec))
-    trainer = Trainer(config, mesh)
+    trainer = Trainer(Placement(config, mesh))
     compiled, _ = trainer.compile()
     found = collectives(compiled.as_text(), tuple(mesh.shape[a] for a in AXES), AXES)
     return trainer, found
@@ -34,8 +35,8 @@ def compiled_collectives(mesh_spec: str, fsdp: bool = False):
 )
 def test_tensor_parallel_traffic_is_megatrons_minimum(mesh_spec, fsdp):
     trainer, found = compiled_collectives(mesh_spec, fsdp)
-    config = trainer.config
-    b_local = config.train.batch_size // trainer.mesh.shape["data"]
+    config = trainer.placement.config
+    b_local = config.train.batch_size // trainer.placement.mesh.shape["data"]
     check = megatron_check(found, config.model, b_local, config.train.seq_len, act_bytes=4)
     # Per layer 2 forward + 2 backward, plus embedding forward and LM-head backward.
     assert check.measured_activation == check.expected_activation == 4 * 3 + 2
@@ -52,7 +53,9 @@ def test_tensor_parallel_traffic_is_megatrons_minimum(mesh_spec, fsdp):
 def test_data_parallel_gradients_are_reduced_once(mesh_spec):
     # Over `data`, the non-scalar all-reduces are the gradients: each local shard exactly once.
     trainer, found = compiled_collectives(mesh_spec)
-    param_bytes = tree_bytes_per_device(trainer.abstract_params, trainer.param_shardings)
+    param_bytes = tree_bytes_per_device(
+        trainer.placement.abstract_params, trainer.placement.param_shardings
+    )
     grad_bytes = sum(
         c.trips * sum(4 * math.prod(s) for _, s in c.shapes if math.prod(s) > 1)
         for c in found

@@ -19,14 +19,10 @@ from safetensors.numpy import save_file
 from jaxpar.checkpoint import Checkpointer
 from jaxpar.config import Config, ModelConfig, dump_yaml
 from jaxpar.errors import JaxparError
-from jaxpar.interop.hf import (
-    export_hf,
-    export_run,
-    load_hf_params,
-    load_tokenizer,
-    read_hf_config,
-)
+from jaxpar.infer.serve import export_run
+from jaxpar.interop.hf import export_hf, load_hf_params, load_tokenizer, read_hf_config
 from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.placement import Placement
 from jaxpar.train.step import Trainer
 
 # Distinct sizes, so a transposed or mis-split tensor cannot pass; 3 layers on 2 stages pad one.
@@ -111,7 +107,7 @@ def trainer_for(model: ModelConfig, spec: str, fsdp: bool = False) -> Trainer:
     config = Config(model=model).replace(
         **{"parallel.mesh": spec, "parallel.fsdp": fsdp, "train.batch_size": 8}
     )
-    return Trainer(config, mesh(spec))
+    return Trainer(Placement(config, mesh(spec)))
 
 
 def flat(params) -> dict[str, jax.Array]:
@@ -126,7 +122,7 @@ def expected_params(weights: dict[str, np.ndarray], trainer: Trainer) -> dict[st
     """The mapping of the module docstring, written out independently, in the stage layout."""
     w = {n: np.asarray(x, np.float32) for n, x in weights.items()}
     out = {"embed_VD": w["model.embed_tokens.weight"], "final_norm/scale": w["model.norm.weight"]}
-    if not trainer.config.model.tie_embeddings:
+    if not trainer.placement.config.model.tie_embeddings:
         out["head_DV"] = w["lm_head.weight"].T
     per_layer = {}
     for i in range(L):
@@ -142,7 +138,7 @@ def expected_params(weights: dict[str, np.ndarray], trainer: Trainer) -> dict[st
             "mlp/w_up_DF": w[p + "mlp.up_proj.weight"].T,
             "mlp/w_down_FD": w[p + "mlp.down_proj.weight"].T,
         }
-    slot_layer = trainer.layout.slot_layer
+    slot_layer = trainer.placement.layout.slot_layer
     for name, x in per_layer[0].items():
         stacked = np.zeros((*slot_layer.shape, *x.shape), np.float32)
         for (s, c), layer in np.ndenumerate(slot_layer):
@@ -160,7 +156,7 @@ def assert_bits_equal(a: np.ndarray, b: np.ndarray, name: str) -> None:
 
 
 def assert_loaded(params, expected: dict[str, np.ndarray], trainer: Trainer) -> None:
-    got, shardings = flat(params), flat(trainer.param_shardings)
+    got, shardings = flat(params), flat(trainer.placement.param_shardings)
     assert sorted(got) == sorted(expected)
     for name, x in got.items():
         assert x.sharding == shardings[name], name
@@ -224,19 +220,19 @@ def test_load_is_exact(tmp_path, spec, fsdp, tied):
     path = write_hf(tmp_path / "hf", hf_doc(tied), weights)
     model, _ = read_hf_config(path)
     trainer = trainer_for(model, spec, fsdp)
-    params = load_hf_params(path, trainer)
+    params = load_hf_params(path, trainer.placement)
     if fsdp:  # the model dimension is split too, so every read takes a block of columns
         assert flat(params)["blocks/attn/wq_DNH"].sharding.spec[2] == "data"
     assert_loaded(params, expected_params(weights, trainer), trainer)
     if spec == SPMD:  # 3 layers on 2 stages: stage 1's second slot is padding
-        assert trainer.layout.slot_layer.tolist() == [[0, 1], [2, -1]]
+        assert trainer.placement.layout.slot_layer.tolist() == [[0, 1], [2, -1]]
 
 
 def test_load_sharded_index_in_bfloat16(tmp_path):
     weights = {n: x.astype(ml_dtypes.bfloat16) for n, x in hf_weights(False).items()}
     path = write_hf(tmp_path / "hf", hf_doc(), weights, files=2)
     trainer = trainer_for(read_hf_config(path)[0], SPMD)
-    params = load_hf_params(path, trainer)
+    params = load_hf_params(path, trainer.placement)
     upcast = {n: x.astype(np.float32) for n, x in weights.items()}
     assert_loaded(params, expected_params(upcast, trainer), trainer)
 
@@ -261,14 +257,14 @@ def test_load_refuses_bad_tensors(tmp_path, name, shape, message):
     path = write_hf(tmp_path / "hf", hf_doc(), weights)
     trainer = trainer_for(read_hf_config(path)[0], "data=1")
     with pytest.raises(JaxparError, match=message):
-        load_hf_params(path, trainer)
+        load_hf_params(path, trainer.placement)
 
 
 def test_load_refuses_another_model(tmp_path):
     path = write_hf(tmp_path / "hf", hf_doc(), hf_weights(False))
     model = ModelConfig(layers=L, dim=D, heads=N, kv_heads=K, mlp_dim=F, vocab=V)
     with pytest.raises(JaxparError, match=r"model\.rope_theta=500\.0 there, 10000\.0 here"):
-        load_hf_params(path, trainer_for(model, "data=1"))
+        load_hf_params(path, trainer_for(model, "data=1").placement)
 
 
 # -- Hugging Face's forward math -----------------------------------------------------------------
@@ -318,8 +314,10 @@ def hf_llama_logits(w: dict[str, np.ndarray], doc: dict, tokens_BT: np.ndarray) 
 
 
 def jaxpar_logits(trainer: Trainer, params, tokens_BT: np.ndarray) -> np.ndarray:
-    with jax.set_mesh(trainer.mesh):
-        logits = jax.jit(lambda p, x: nnx.merge(trainer.graphdef, p)(x))(params, tokens_BT)
+    with jax.set_mesh(trainer.placement.mesh):
+        logits = jax.jit(lambda p, x: nnx.merge(trainer.placement.graphdef, p)(x))(
+            params, tokens_BT
+        )
     return np.asarray(logits)
 
 
@@ -329,7 +327,7 @@ def test_logits_match_hf_llama_math(tmp_path):
     path = write_hf(tmp_path / "hf", doc, weights)
     trainer = trainer_for(read_hf_config(path)[0], "data=1")
     tokens = np.random.default_rng(2).integers(0, V, (2, 12)).astype(np.int32)
-    got = jaxpar_logits(trainer, load_hf_params(path, trainer), tokens)
+    got = jaxpar_logits(trainer, load_hf_params(path, trainer.placement), tokens)
     want = hf_llama_logits(weights, doc, tokens)
     assert np.abs(want).max() > 1  # not a vacuous comparison
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -353,9 +351,9 @@ def test_export_then_import_is_bit_identical(tmp_path, initialised, source, max_
     else:
         path = write_hf(tmp_path / "src", hf_doc(tied=True), hf_weights(tied=True))
         trainer = trainer_for(read_hf_config(path)[0], SPMD)
-        params = load_hf_params(path, trainer)
+        params = load_hf_params(path, trainer.placement)
     dest = tmp_path / "out" / "hf"
-    export_hf(trainer, params, dest, context=96, max_shard_bytes=max_shard_bytes)
+    export_hf(trainer.placement, params, dest, context=96, max_shard_bytes=max_shard_bytes)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["hf"]  # no temporary left
     weights = sorted(p.name for p in dest.glob("*.safetensors"))
     if source == "init":
@@ -367,8 +365,8 @@ def test_export_then_import_is_bit_identical(tmp_path, initialised, source, max_
         assert "lm_head.weight" not in index["weight_map"]
     doc = json.loads((dest / "config.json").read_text())
     assert doc["architectures"] == ["LlamaForCausalLM"] and doc["torch_dtype"] == "float32"
-    assert read_hf_config(dest) == (trainer.config.model, 96)
-    loaded = load_hf_params(dest, trainer)
+    assert read_hf_config(dest) == (trainer.placement.config.model, 96)
+    loaded = load_hf_params(dest, trainer.placement)
     assert_loaded(loaded, {n: np.asarray(x) for n, x in flat(params).items()}, trainer)
 
 
@@ -386,7 +384,7 @@ def test_export_that_fails_leaves_nothing(tmp_path, initialised, monkeypatch):
     monkeypatch.setattr(hf, "save_file", save_then_fail)
     trainer, params = initialised[0], initialised[1].params
     with pytest.raises(OSError, match="disk full"):
-        export_hf(trainer, params, tmp_path / "hf", context=8, max_shard_bytes=20_000)
+        export_hf(trainer.placement, params, tmp_path / "hf", context=8, max_shard_bytes=20_000)
     assert len(written) == 1 and list(tmp_path.iterdir()) == []
 
 
@@ -395,27 +393,27 @@ def test_export_refuses_a_used_destination(tmp_path, initialised):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("")
     with pytest.raises(JaxparError, match="'.*taken' already exists and is not an empty"):
-        export_hf(trainer, params, tmp_path / "taken", context=8)
+        export_hf(trainer.placement, params, tmp_path / "taken", context=8)
     (tmp_path / "empty").mkdir()
-    export_hf(trainer, params, tmp_path / "empty", context=8)
+    export_hf(trainer.placement, params, tmp_path / "empty", context=8)
     files = sorted(p.name for p in (tmp_path / "empty").iterdir())
     assert files == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "taken"]
-    other = trainer_for(dataclasses.replace(trainer.config.model, layers=2), "data=1")
+    other = trainer_for(dataclasses.replace(trainer.placement.config.model, layers=2), "data=1")
     with pytest.raises(JaxparError, match=r"blocks/attn/wk_DKH has shape \(2, 2, 32, 2, 8\), "
                        r"expected \(1, 2, 32, 2, 8\)"):  # fmt: skip
-        export_hf(other, params, tmp_path / "other", context=8)
+        export_hf(other.placement, params, tmp_path / "other", context=8)
 
 
 def test_export_run_restores_the_newest_checkpoint_on_one_device(tmp_path, initialised):
     trainer, state = initialised
     # The run's pipeline settings do not fit one device; export_run must reset them.
-    config = trainer.config.replace(**{"train.seq_len": 24, "pipeline.microbatches": 2})
+    config = trainer.placement.config.replace(**{"train.seq_len": 24, "pipeline.microbatches": 2})
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(dump_yaml(config))
     newer = dataclasses.replace(state, params=jax.tree.map(lambda x: x * 2 + 1, state.params))
-    checkpoints = Checkpointer(trainer, run / "checkpoints")
+    checkpoints = Checkpointer(trainer.placement, run / "checkpoints", trainer.abstract_state())
     for step, saved in ((3, state), (7, newer)):
         checkpoints.save(step, saved, {"config": config.to_dict(), "mesh": SPMD})
     checkpoints.close()
@@ -423,8 +421,8 @@ def test_export_run_restores_the_newest_checkpoint_on_one_device(tmp_path, initi
     assert export_run(run, tmp_path / "hf") == tmp_path / "hf"
     assert read_hf_config(tmp_path / "hf") == (config.model, 24)
     one = trainer_for(config.model, "data=1")
-    loaded = flat(load_hf_params(tmp_path / "hf", one))
-    slot_layer = trainer.layout.slot_layer
+    loaded = flat(load_hf_params(tmp_path / "hf", one.placement))
+    slot_layer = trainer.placement.layout.slot_layer
     for name, x in flat(newer.params).items():
         x = np.asarray(x)
         if name.startswith("blocks/"):  # [P, v * c, ...] on 2 stages -> [1, L, ...]
@@ -486,10 +484,10 @@ def test_transformers_llama_round_trip(tmp_path, tied):
 
     model, _ = read_hf_config(tmp_path / "hf")
     trainer = trainer_for(model, "data=1")
-    params = load_hf_params(tmp_path / "hf", trainer)
+    params = load_hf_params(tmp_path / "hf", trainer.placement)
     np.testing.assert_allclose(jaxpar_logits(trainer, params, tokens), want, rtol=1e-5, atol=1e-5)
 
-    export_hf(trainer, params, tmp_path / "back", context=64)
+    export_hf(trainer.placement, params, tmp_path / "back", context=64)
     again = transformers.LlamaForCausalLM.from_pretrained(
         tmp_path / "back", attn_implementation="eager"
     ).eval()

@@ -12,8 +12,9 @@ from flax import nnx
 
 from jaxpar.cli import main
 from jaxpar.config import load_config
-from jaxpar.infer.engine import Generator, Sampling, sample, serving_config
+from jaxpar.infer.engine import Generator, Sampling, sample
 from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.placement import Placement, serving_config
 from jaxpar.train.step import Trainer
 
 SIZES = [
@@ -29,12 +30,12 @@ def setup(spec: str):
     config = serving_config(load_config(None, SIZES))
     s = parse_mesh(spec)
     mesh = make_mesh(s, jax.devices()[: s.size])
-    trainer = Trainer(config, mesh)
+    trainer = Trainer(Placement(config, mesh))
     params = trainer.init_state(0).params
-    gen = Generator(config, mesh, params, batch=ROWS, max_len=MAX_LEN)
+    gen = Generator(Placement(config, mesh, serving=True), params, batch=ROWS, max_len=MAX_LEN)
     tokens = np.random.default_rng(0).integers(0, 256, (ROWS, 20)).astype(np.int32)
     with jax.set_mesh(mesh):
-        full = jax.jit(lambda p, t: nnx.merge(trainer.graphdef, p)(t))(params, tokens)
+        full = jax.jit(lambda p, t: nnx.merge(trainer.placement.graphdef, p)(t))(params, tokens)
     return gen, tokens, np.asarray(full)
 
 

@@ -18,6 +18,7 @@ from flax import nnx
 from jaxpar.config import load_config
 from jaxpar.data import Corpus
 from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.placement import Placement
 from jaxpar.train.step import Trainer
 
 # GQA (16 heads over 8 kv heads) with every sharded size divisible by 8 so tensor=8 works.
@@ -51,7 +52,7 @@ def rel_err_l2(a, b) -> float:
 def trainer_for(mesh_spec: str, *extra: str) -> Trainer:
     spec = parse_mesh(mesh_spec)
     config = load_config(None, [*SIZES, *extra])
-    return Trainer(config, make_mesh(spec, jax.devices()[: spec.size]))
+    return Trainer(Placement(config, make_mesh(spec, jax.devices()[: spec.size])))
 
 
 @functools.cache
@@ -64,16 +65,18 @@ def run(trainer: Trainer) -> tuple[list[float], dict]:
     state = trainer.init_state()
     losses = []
     for tokens in batches():
-        state, metrics = trainer.step(state, jax.device_put(tokens, trainer.batch_sharding))
+        state, metrics = trainer.step(
+            state, jax.device_put(tokens, trainer.placement.batch_sharding)
+        )
         losses.append(float(metrics["loss"]))
     return losses, logical(trainer, state.params)
 
 
 def grads(trainer: Trainer) -> tuple[float, dict]:
     state = trainer.init_state()
-    tokens = jax.device_put(batches()[0], trainer.batch_sharding)
-    with jax.set_mesh(trainer.mesh):
-        loss, g = jax.jit(jax.value_and_grad(trainer.loss))(state.params, tokens)
+    tokens = jax.device_put(batches()[0], trainer.placement.batch_sharding)
+    with jax.set_mesh(trainer.placement.mesh):
+        loss, g = jax.jit(jax.value_and_grad(trainer.placement.loss))(state.params, tokens)
     return float(loss), logical(trainer, g)
 
 
@@ -82,7 +85,9 @@ def logical(trainer: Trainer, tree) -> dict:
     out = {}
     for path, v in nnx.to_flat_state(tree):
         name, value = ".".join(map(str, path)), v.get_value()
-        out[name] = np.asarray(trainer.layout.to_logical(value) if path[0] == "blocks" else value)
+        out[name] = np.asarray(
+            trainer.placement.layout.to_logical(value) if path[0] == "blocks" else value
+        )
     return out
 
 
@@ -133,7 +138,9 @@ def test_tied_embeddings_match_single_device():
 def test_bfloat16_compute_keeps_float32_parameters():
     trainer = trainer_for("data=2,tensor=4", "train.dtype=bfloat16")
     state = trainer.init_state()
-    state, metrics = trainer.step(state, jax.device_put(batches()[0], trainer.batch_sharding))
+    state, metrics = trainer.step(
+        state, jax.device_put(batches()[0], trainer.placement.batch_sharding)
+    )
     assert np.isfinite(float(metrics["loss"]))
     assert {v.dtype for v in jax.tree.leaves(state.params)} == {np.dtype("float32")}
     assert abs(float(metrics["loss"]) - reference()[0][0][0]) < 0.05  # bf16 rounding, same model

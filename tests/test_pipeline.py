@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxpar.analysis.flops import model_flops
+from jaxpar.analysis.flops import compute_overhead, model_flops
 from jaxpar.analysis.hlo import collectives, dot_flops
 from jaxpar.cli import main
 from jaxpar.config import load_config
@@ -20,6 +20,7 @@ from jaxpar.mesh import AXES, make_mesh, parse_mesh
 from jaxpar.model.llama import cross_entropy
 from jaxpar.pipeline.layout import StageLayout
 from jaxpar.pipeline.schedule import Schedule
+from jaxpar.placement import Placement
 from jaxpar.train.step import Trainer
 
 SIZES = [
@@ -41,7 +42,7 @@ def circular(m: int, v: int = 2) -> tuple[str, ...]:
 def trainer(mesh_spec: str, layers: int, extra: tuple[str, ...]) -> Trainer:
     spec = parse_mesh(mesh_spec)
     config = load_config(None, [*SIZES, f"model.layers={layers}", *extra])
-    return Trainer(config, make_mesh(spec, jax.devices()[: spec.size]))
+    return Trainer(Placement(config, make_mesh(spec, jax.devices()[: spec.size])))
 
 
 @functools.cache
@@ -54,7 +55,7 @@ def logical_grads(tr: Trainer, g) -> dict:
     for path, v in nnx.to_flat_state(g):
         value = v.get_value()
         out[".".join(map(str, path))] = np.asarray(
-            tr.layout.to_logical(value) if path[0] == "blocks" else value
+            tr.placement.layout.to_logical(value) if path[0] == "blocks" else value
         )
     return out
 
@@ -65,7 +66,7 @@ def sequential_reference(layers: int) -> tuple[float, dict]:
     tr = trainer("data=1", layers, ())
 
     def loss(params, tokens_BT):
-        logits = nnx.merge(tr.graphdef, params)(tokens_BT[:, :-1])
+        logits = nnx.merge(tr.placement.graphdef, params)(tokens_BT[:, :-1])
         return cross_entropy(logits, tokens_BT[:, 1:])
 
     value, g = jax.jit(jax.value_and_grad(loss))(tr.init_state().params, tokens())
@@ -75,9 +76,9 @@ def sequential_reference(layers: int) -> tuple[float, dict]:
 def pipelined(mesh_spec: str, layers: int, extra: tuple[str, ...]) -> tuple[float, dict]:
     tr = trainer(mesh_spec, layers, extra)
     params = tr.init_state().params
-    with jax.set_mesh(tr.mesh):
-        value, g = jax.jit(jax.value_and_grad(tr.loss))(
-            params, jax.device_put(tokens(), tr.batch_sharding)
+    with jax.set_mesh(tr.placement.mesh):
+        value, g = jax.jit(jax.value_and_grad(tr.placement.loss))(
+            params, jax.device_put(tokens(), tr.placement.batch_sharding)
         )
     return float(value), logical_grads(tr, g)
 
@@ -122,12 +123,12 @@ def test_pipeline_equals_sequential_model(mesh_spec, layers, extra):
 
 def test_padded_slots_get_no_gradient():
     tr = trainer("pipeline=4", 6, gpipe(4))
-    with jax.set_mesh(tr.mesh):
-        g = jax.jit(jax.grad(tr.loss))(
-            tr.init_state().params, jax.device_put(tokens(), tr.batch_sharding)
+    with jax.set_mesh(tr.placement.mesh):
+        g = jax.jit(jax.grad(tr.placement.loss))(
+            tr.init_state().params, jax.device_put(tokens(), tr.placement.batch_sharding)
         )
     w = np.asarray(g["blocks"]["mlp"]["w_down_FD"].get_value())  # [P, slots, F, D]
-    padded = tr.layout.slot_layer < 0
+    padded = tr.placement.layout.slot_layer < 0
     assert padded.sum() == 2
     assert np.all(w[padded] == 0) and np.all(np.abs(w[~padded]).max(axis=(1, 2)) > 0)
 
@@ -145,8 +146,10 @@ def test_padded_slots_get_no_gradient():
 )
 def test_stage_traffic_is_one_activation_per_tick(mesh_spec, extra):
     tr = trainer(mesh_spec, 8, extra)
-    found = collectives(tr.compile()[0].as_text(), tuple(tr.mesh.shape[a] for a in AXES), AXES)
-    sched, data = tr.schedule, tr.mesh.shape["data"]
+    found = collectives(
+        tr.compile()[0].as_text(), tuple(tr.placement.mesh.shape[a] for a in AXES), AXES
+    )
+    sched, data = tr.placement.schedule, tr.placement.mesh.shape["data"]
     micro_rows = B // (data * sched.microbatches)
     activation = 4 * micro_rows * T * D  # float32 (b, T, D) per device
 
@@ -172,7 +175,7 @@ def test_stage_traffic_is_one_activation_per_tick(mesh_spec, extra):
     assert all(c.axes == ("pipeline",) for c in found if c.kind in ("all-gather", "reduce-scatter"))
     # The all-reduces that involve `pipeline` are the embedding / LM head gradients (the batch is
     # split over data x pipeline outside the layers) and scalars: no stage weight among them.
-    v = 256 // tr.mesh.shape["tensor"]
+    v = 256 // tr.placement.mesh.shape["tensor"]
     outer = {(v, D), (D, v), (D,), ()}
     for c in found:
         if c.kind == "all-reduce" and "pipeline" in c.axes:
@@ -185,17 +188,21 @@ def test_stage_traffic_is_one_activation_per_tick(mesh_spec, extra):
 @pytest.mark.parametrize("extra", [gpipe(4), gpipe(8), circular(4), circular(8)])
 def test_measured_bubble_of_the_layer_stack_equals_the_schedule(extra):
     tr = trainer("pipeline=4", 8, extra)
-    overhead = tr.compute_overhead()
-    assert overhead.stack_bubble == pytest.approx(tr.schedule.bubble, abs=1e-12)
-    p, m, v = tr.schedule.stages, tr.schedule.microbatches, tr.schedule.repeats
-    assert tr.schedule.bubble == pytest.approx((p - 1) / (v * m + p - 1))
+    overhead = compute_overhead(tr.placement, tr.compile()[0].as_text())
+    assert overhead.stack_bubble == pytest.approx(tr.placement.schedule.bubble, abs=1e-12)
+    p, m, v = (
+        tr.placement.schedule.stages,
+        tr.placement.schedule.microbatches,
+        tr.placement.schedule.repeats,
+    )
+    assert tr.placement.schedule.bubble == pytest.approx((p - 1) / (v * m + p - 1))
     assert 0 < overhead.bubble < overhead.stack_bubble  # embedding and head are not bubbled
 
 
 def test_one_device_step_runs_exactly_the_model_flops():
     tr = trainer("data=1", 8, ())
-    assert dot_flops(tr.compile()[0].as_text()) == model_flops(tr.config.model, B, T)
-    assert tr.compute_overhead().ratio == 1.0
+    assert dot_flops(tr.compile()[0].as_text()) == model_flops(tr.placement.config.model, B, T)
+    assert compute_overhead(tr.placement, tr.compile()[0].as_text()).ratio == 1.0
 
 
 # --- layout and schedule as data -------------------------------------------------------------

@@ -15,7 +15,8 @@ from jaxpar import sharding as S
 from jaxpar.analysis.params import param_rows
 from jaxpar.config import load_config
 from jaxpar.errors import JaxparError
-from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.mesh import MeshSpec, make_mesh, parse_mesh
+from jaxpar.placement import Placement
 from jaxpar.train.step import Trainer
 
 SIZES = [
@@ -89,14 +90,17 @@ def test_exact_partition_specs(preset, mesh_spec, fsdp, expected, wq_shard, head
     spec = parse_mesh(mesh_spec)
     devices = jax.devices()[: spec.size]
     config = load_config(None, [*SIZES, f"parallel.fsdp={fsdp}"])
-    trainer = Trainer(config, make_mesh(spec, devices))
-    assert trainer.rules is S.PRESETS[preset]
-    rows = {r.name: r for r in param_rows(trainer.abstract_params, trainer.param_shardings)}
+    trainer = Trainer(Placement(config, make_mesh(spec, devices)))
+    assert trainer.placement.rules is S.PRESETS[preset]
+    rows = {
+        r.name: r
+        for r in param_rows(trainer.placement.abstract_params, trainer.placement.param_shardings)
+    }
     assert {name: r.shape for name, r in rows.items()} == SHAPES
     assert {name: r.spec for name, r in rows.items()} == expected
     shardings = {
         ".".join(map(str, path)): v.get_value()
-        for path, v in nnx.to_flat_state(trainer.param_shardings)
+        for path, v in nnx.to_flat_state(trainer.placement.param_shardings)
     }
     shard = {name: shardings[name].shard_shape(SHAPES[name]) for name in rows}
     assert shard["blocks.attn.wq_DNH"] == wq_shard
@@ -107,7 +111,7 @@ def test_exact_partition_specs(preset, mesh_spec, fsdp, expected, wq_shard, head
 
 def test_optimizer_state_follows_parameter_shardings():
     config = load_config(None, [*SIZES, "parallel.fsdp=true"])
-    trainer = Trainer(config, make_mesh(parse_mesh("data=4,tensor=2")))
+    trainer = Trainer(Placement(config, make_mesh(parse_mesh("data=4,tensor=2"))))
     adam = trainer.state_shardings.opt_state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
     flat_mu = {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(adam.mu)}
     assert flat_mu["blocks.attn.wq_DNH"].spec == FSDP["blocks.attn.wq_DNH"]
@@ -145,18 +149,22 @@ def test_rules_validate_their_mapping():
      (1, 8, False, "megatron"), (4, 2, True, "fsdp"), (8, 1, True, "fsdp")],
 )  # fmt: skip
 def test_preset_choice(data, tensor, fsdp, name):
-    assert S.rules_for(data, 1, tensor, fsdp).name == name
+    assert S.rules_for(MeshSpec(data, 1, tensor), fsdp).name == name
     if name != "replicated":
-        assert S.rules_for(data, 2, tensor, fsdp).name == name
-    assert S.rules_for(1, 4, 1, False).name == "data-parallel"
+        assert S.rules_for(MeshSpec(data, 2, tensor), fsdp).name == name
+    assert S.rules_for(MeshSpec(1, 4, 1), False).name == "data-parallel"
 
 
 def test_pipeline_stage_axis_lands_on_pipeline():
     # 5 layers over 2 stages: chunks of 3 and 2 layers, padded to 3 slots per stage.
     sizes = [s for s in SIZES if not s.startswith("model.layers")] + ["model.layers=5"]
-    trainer = Trainer(load_config(None, sizes), make_mesh(parse_mesh("data=2,pipeline=2,tensor=2")))
-    assert trainer.rules is S.MEGATRON
-    rows = {r.name: r for r in param_rows(trainer.abstract_params, trainer.param_shardings)}
+    mesh = make_mesh(parse_mesh("data=2,pipeline=2,tensor=2"))
+    trainer = Trainer(Placement(load_config(None, sizes), mesh))
+    assert trainer.placement.rules is S.MEGATRON
+    rows = {
+        r.name: r
+        for r in param_rows(trainer.placement.abstract_params, trainer.placement.param_shardings)
+    }
     assert rows["blocks.attn.wq_DNH"].shape == (2, 3, 24, 4, 6)
     assert rows["blocks.attn.wq_DNH"].logical_axes == (
         "stage",

@@ -10,8 +10,13 @@ layer slots and recomputation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from jaxpar.analysis.hlo import HloModule, dot_flops
 from jaxpar.config import ModelConfig
+
+if TYPE_CHECKING:
+    from jaxpar.placement import Placement
 
 
 def layer_stack_flops(cfg: ModelConfig, batch: int, seq: int) -> int:
@@ -63,3 +68,15 @@ class ComputeOverhead:
         (padding, recomputation) adds work."""
         outer = self.ideal_flops_per_device - self.ideal_stack_flops_per_device
         return 1 - self.ideal_stack_flops_per_device / (self.flops_per_device - outer)
+
+
+def compute_overhead(placement: Placement, hlo: str | HloModule) -> ComputeOverhead:
+    """A compiled train step's per-device matmul FLOPs (trip counts applied) against the ideal
+    for `placement`'s model, batch and device count; `hlo` is the step's optimized HLO."""
+    m, t = placement.config.model, placement.config.train
+    n = placement.mesh.devices.size
+    return ComputeOverhead(
+        flops_per_device=dot_flops(hlo),
+        ideal_flops_per_device=model_flops(m, t.batch_size, t.seq_len) / n,
+        ideal_stack_flops_per_device=layer_stack_flops(m, t.batch_size, t.seq_len) / n,
+    )

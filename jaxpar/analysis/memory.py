@@ -25,6 +25,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from jaxpar.config import Config
+from jaxpar.mesh import MeshSpec
 
 
 @dataclass(frozen=True)
@@ -59,15 +60,16 @@ def _layer_elements(config: Config, tensor: int) -> tuple[float, float, float]:
 
 
 def estimate_memory(
-    config: Config, data: int, pipeline: int, tensor: int, params_bytes: int, compute_bytes: int
+    config: Config, spec: MeshSpec, params_bytes: int, compute_bytes: int
 ) -> MemoryEstimate:
-    """Estimates one device's memory for `config` on a data x pipeline x tensor mesh.
+    """Estimates one device's memory for `config` on the mesh `spec`.
 
     Args:
         params_bytes: the parameters one device holds (exact, from the shardings).
         compute_bytes: bytes of one element of the compute dtype (4 float32, 2 bfloat16).
     """
     m, t, pipe = config.model, config.train, config.pipeline
+    data, pipeline, tensor = spec.data, spec.pipeline, spec.tensor
     seq = t.seq_len
     v = pipe.repeats
     slots = v * math.ceil(m.layers / (pipeline * v))  # layer slots per stage, padding included

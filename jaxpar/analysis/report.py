@@ -15,12 +15,12 @@ from rich.console import Console
 from rich.table import Table
 
 from jaxpar.analysis.comm import AxisTraffic, traffic
-from jaxpar.analysis.flops import ComputeOverhead
+from jaxpar.analysis.flops import ComputeOverhead, compute_overhead
 from jaxpar.analysis.hlo import collectives, parse
 from jaxpar.analysis.memory import MemoryEstimate, estimate_memory
 from jaxpar.analysis.params import ParamRow, param_rows, tree_bytes_per_device
-from jaxpar.mesh import AXES, mesh_spec_of
-from jaxpar.train.step import Trainer
+from jaxpar.mesh import AXES
+from jaxpar.placement import Placement
 
 
 @dataclass(frozen=True)
@@ -109,46 +109,50 @@ class Analysis:
         }
 
 
-def analyze(trainer: Trainer) -> Analysis:
-    """Compiles `trainer`'s step (nothing runs) and reads its figures."""
-    config, mesh = trainer.config, trainer.mesh
-    spec = mesh_spec_of(mesh)
-    compiled, compile_s = trainer.compile()
+def analyze(
+    placement: Placement, compiled: jax.stages.Compiled, compile_s: float, opt_state: Any
+) -> Analysis:
+    """Reads the figures of `placement`'s compiled train step (nothing runs).
+
+    Args:
+        compiled: the compiled step (`Trainer.compile()`), compiled in `compile_s` seconds.
+        opt_state: the optimizer state as ShapeDtypeStructs carrying their shardings
+            (`Trainer.abstract_state().opt_state`).
+    """
+    config, mesh, spec = placement.config, placement.mesh, placement.spec
     module = parse(compiled.as_text())
-    rows = param_rows(trainer.abstract_params, trainer.param_shardings)
-    abstract = trainer.init_state_abstract()
-    shardings = trainer.state_shardings
+    rows = param_rows(placement.abstract_params, placement.param_shardings)
     params_bytes = sum(r.bytes_per_device for r in rows)
     stats = compiled.memory_analysis()
     memory = CompiledMemory(
         params_bytes=params_bytes,
         params_total_bytes=sum(r.bytes for r in rows),
-        opt_state_bytes=tree_bytes_per_device(abstract.opt_state, shardings.opt_state),
-        opt_state_total_bytes=sum(
-            x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract.opt_state)
+        opt_state_bytes=tree_bytes_per_device(
+            opt_state, jax.tree.map(lambda x: x.sharding, opt_state)
         ),
+        opt_state_total_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state)),
         argument_bytes=stats.argument_size_in_bytes,
         output_bytes=stats.output_size_in_bytes,
         temp_bytes=stats.temp_size_in_bytes,
         alias_bytes=stats.alias_size_in_bytes,
     )
     estimate = estimate_memory(
-        config, *spec.sizes, params_bytes=params_bytes, compute_bytes=trainer.dtype.itemsize
+        config, spec, params_bytes=params_bytes, compute_bytes=placement.dtype.itemsize
     )
-    found = collectives(module, tuple(mesh.shape[a] for a in AXES), AXES)
+    found = collectives(module, spec.sizes, AXES)
     return Analysis(
         mesh=str(spec),
         devices=mesh.devices.size,
-        rules=trainer.rules.name,
-        dtype=trainer.dtype.name,
+        rules=placement.rules.name,
+        dtype=placement.dtype.name,
         model_params=config.model.num_params,
         tokens_per_step=config.train.batch_size * config.train.seq_len,
-        schedule=trainer.schedule.describe(),
-        ticks=trainer.schedule.ticks,
+        schedule=placement.schedule.describe(),
+        ticks=placement.schedule.ticks,
         memory=memory,
         estimate=estimate,
-        overhead=trainer.compute_overhead(module),
-        bubble_theory=trainer.schedule.bubble,
+        overhead=compute_overhead(placement, module),
+        bubble_theory=placement.schedule.bubble,
         collectives=traffic(found),
         compile_s=compile_s,
         parameters=rows,

@@ -9,7 +9,12 @@ and hands its activation to stage s + 1 with `lax.ppermute`, so with several mic
 stage is busy once the pipeline is full. A decode step is then M + P - 1 ticks of one token each.
 
 The embedding, the LM head and sampling run outside, with the batch over `data` and the vocabulary
-over `tensor`; the last stage's outputs are broadcast from it to the others, (B, T, D).
+over `tensor`; the last stage's outputs are broadcast from it to the others, (B, T, D). The new
+tokens come back replicated, so every process of a multi-process job can read them.
+
+The weights are prepared once, when the generator is built: the blocks' fused projections
+(`Block.weights`) and the embedding and head, all in the compute dtype. A decode step reads them
+as they are; it neither casts nor concatenates a weight.
 """
 
 from __future__ import annotations
@@ -26,14 +31,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxpar.config import Config
+from jaxpar.distributed import global_array
 from jaxpar.errors import JaxparError
-from jaxpar.mesh import mesh_spec_of
-from jaxpar.model.llama import KVCache, Llama
-from jaxpar.pipeline.layout import StageLayout
-from jaxpar.sharding import ACT_KV_HEADS, BATCH, LAYERS, OUTER_BATCH, SEQ, STAGE, Rules, rules_for
+from jaxpar.mesh import DATA, PIPELINE
+from jaxpar.model.llama import BLOCK_WEIGHT_AXES, BlockWeights, KVCache, Llama
+from jaxpar.placement import Placement, logical_axes
+from jaxpar.sharding import ACT_KV_HEADS, BATCH, LAYERS, NORM, SEQ, STAGE
 
-PIPE = "pipeline"
 CACHE_AXES = (STAGE, LAYERS, BATCH, SEQ, ACT_KV_HEADS, None)
 
 
@@ -64,13 +68,6 @@ def sample(logits_BV: jax.Array, key: jax.Array, temperature, top_k, top_p) -> j
     return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
 
 
-def serving_rules(rules: Rules) -> Rules:
-    """The training preset with the embedding's and head's batch over `data` only: a serving
-    batch is small and need not divide over `data` x `pipeline`."""
-    mapping = tuple((k, "data" if k == OUTER_BATCH else v) for k, v in rules.mapping)
-    return Rules(rules.name, mapping)
-
-
 @dataclass(frozen=True)
 class Generation:
     """What `Generator.generate` returns: new ids per prompt, and timing."""
@@ -90,53 +87,68 @@ class Generator:
     """A model on a mesh, ready to prefill and decode a batch of `batch` rows up to `max_len`.
 
     Args:
-        config: the model's config; `parallel` and `pipeline` settings of training do not apply
-            (serving uses the plain rules preset for the mesh and one layer chunk per stage).
-        mesh: the device mesh.
-        params: parameters laid out by the `param_shardings` of a `Trainer` for
-            `serving_config(config)` on `mesh` (as `jaxpar.infer.serve` loads them).
+        placement: a serving placement (`Placement(config, mesh, serving=True)`).
+        params: parameters laid out by `placement.param_shardings`.
         batch: rows per call, before padding to a multiple of `data`.
         max_len: prompt plus new tokens, the cache's length.
     """
 
-    def __init__(
-        self,
-        config: Config,
-        mesh: jax.sharding.Mesh,
-        params: nnx.State,
-        *,
-        batch: int,
-        max_len: int,
-        dtype: jnp.dtype = jnp.float32,
-    ):
-        spec = mesh_spec_of(mesh)
-        self.config, self.mesh, self.params, self.dtype = config, mesh, params, jnp.dtype(dtype)
+    def __init__(self, placement: Placement, params: nnx.State, *, batch: int, max_len: int):
+        if not placement.serving:
+            raise ValueError("a Generator needs a serving placement (Placement(..., serving=True))")
+        spec = placement.spec
+        self.placement, self.mesh, self.dtype = placement, placement.mesh, placement.dtype
         self.data, self.stages = spec.data, spec.pipeline
-        self.rules = serving_rules(rules_for(spec.data, spec.pipeline, spec.tensor, fsdp=False))
-        self.layout = StageLayout(config.model.layers, spec.pipeline)
         self.rows = -(-batch // spec.data) * spec.data  # padded to a multiple of `data`
         local = self.rows // spec.data
         self.microbatches = self.stages if local % self.stages == 0 else 1
         self.max_len = max_len
-        m = config.model
-        model = nnx.eval_shape(
-            lambda: Llama(m, self.rules, rngs=nnx.Rngs(params=0), layout=self.layout)
-        )
-        self.graphdef, _ = nnx.split(model)
+        self.graphdef = placement.graphdef
         self._prefills: dict[int, jax.stages.Compiled] = {}
         self.compile_s = 0.0  # spent compiling so far
+        self.top, self.weights = self._prepare(params)
+
+    # -- weights and cache -------------------------------------------------------------------
+
+    def _prepare(self, params: nnx.State) -> tuple[nnx.State, BlockWeights]:
+        """The parameters as the steps read them, made once: the embedding and head cast to the
+        compute dtype (norm scales stay float32), and the blocks' derived weights."""
+        p, dtype = self.placement, self.dtype
+        top_shardings = nnx.State({k: v for k, v in p.param_shardings.items() if k != "blocks"})
+        weight_shardings = BlockWeights(
+            *(NamedSharding(self.mesh, p.rules.spec(axes)) for axes in BLOCK_WEIGHT_AXES)
+        )
+
+        def prepare(params: nnx.State) -> tuple[nnx.State, BlockWeights]:
+            model = nnx.merge(self.graphdef, params)
+            top = nnx.State({k: v for k, v in params.items() if k != "blocks"})
+
+            def cast(v: nnx.Variable) -> nnx.Variable:
+                return v if NORM in logical_axes(v) else v.replace(v.get_value().astype(dtype))
+
+            top = jax.tree.map(cast, top, is_leaf=lambda x: isinstance(x, nnx.Variable))
+            return top, model.blocks.weights(dtype)
+
+        with jax.set_mesh(self.mesh):
+            return jax.jit(prepare, out_shardings=(top_shardings, weight_shardings))(params)
+
+    def _model(self, top: nnx.State) -> Llama:
+        """The model around the prepared top-level weights; its blocks' parameters are only
+        shapes (the steps compute on `self.weights`)."""
+        blocks = nnx.State({"blocks": self.placement.abstract_params["blocks"]})
+        return nnx.merge(self.graphdef, blocks, top)
 
     @cached_property
     def cache_sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, self.rules.spec(CACHE_AXES))
+        return NamedSharding(self.mesh, self.placement.rules.spec(CACHE_AXES))
 
     @cached_property
     def _cache_abstract(self) -> jax.ShapeDtypeStruct:
         """One of the cache's two arrays, as a shape, dtype and sharding."""
-        m = self.config.model
+        m = self.placement.config.model
         shape = (
-            self.stages, self.layout.slots_per_stage, self.rows, self.max_len, m.kv_heads,
-            m.head_dim,
+            self.stages, self.placement.layout.slots_per_stage, self.rows, self.max_len,
+            m.kv_heads, m.head_dim,
         )  # fmt: skip
         return jax.ShapeDtypeStruct(shape, self.dtype, sharding=self.cache_sharding)
 
@@ -148,20 +160,26 @@ class Generator:
     def empty_cache(self) -> KVCache:
         return KVCache(self._zeros(), self._zeros())
 
-    def _stack(self, model: Llama, x_BTD, positions_BT, cache: KVCache):
-        """The layer stack on (B, T, D) through the pipelined shard_map; returns (x, cache)."""
-        p, m = self.stages, self.microbatches
-        blocks_graphdef, blocks_state = nnx.split(model.blocks)
-        manual = {PIPE} if self.data == 1 else {PIPE, "data"}
-        batch_axis = "data" if "data" in manual else None
-        valid = jnp.asarray(self.layout.valid)
+    # -- the steps ---------------------------------------------------------------------------
 
-        def stages(state_1X, cache_1X: KVCache, x_BTD, positions_BT):
-            stage = jax.lax.axis_index(PIPE)
-            state_X = jax.tree.map(lambda a: a[0], state_1X)
+    def _stack(self, model: Llama, weights: BlockWeights, x_BTD, positions_BT, cache: KVCache):
+        """The layer stack on (B, T, D) through the pipelined shard_map; returns (x, cache).
+        Positions None mean 0..T-1 in every row (a prefill)."""
+        p, m = self.stages, self.microbatches
+        manual = {PIPELINE} if self.data == 1 else {PIPELINE, DATA}
+        batch_axis = DATA if DATA in manual else None
+        valid = jnp.asarray(self.placement.layout.valid)
+        prefill = positions_BT is None  # then the positions are 0..T-1 in every row
+        if prefill:
+            positions_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1], dtype=jnp.int32),
+                                            x_BTD.shape[:2])  # fmt: skip
+
+        def stages(weights_1X, cache_1X: KVCache, x_BTD, positions_BT):
+            stage = jax.lax.axis_index(PIPELINE)
+            weights_X = jax.tree.map(lambda a: a[0], weights_1X)
             cache_X = KVCache(*(c[0] for c in cache_1X))
             # The inputs are the same on every stage; what each stage carries is its own.
-            x_BTD = jax.lax.pcast(x_BTD, (PIPE,), to="varying")
+            x_BTD = jax.lax.pcast(x_BTD, (PIPELINE,), to="varying")
             b_all, t, d = x_BTD.shape
             b = b_all // m
             x_MbTD = x_BTD.reshape(m, b, t, d)
@@ -169,12 +187,12 @@ class Generator:
 
             def layers(h_bTD, positions_bT, cache_X: KVCache):
                 def layer(h_bTD, slot):
-                    layer_state, real, k, v = slot
-                    block = nnx.merge(blocks_graphdef, layer_state)
-                    out_bTD, new = block.cached(h_bTD, positions_bT, KVCache(k, v))
+                    w, real, k, v = slot
+                    out_bTD, new = model.blocks.apply(w, h_bTD, positions_bT, KVCache(k, v))
                     return jnp.where(real, out_bTD, h_bTD), (new.k, new.v)
 
-                h_bTD, (k, v) = jax.lax.scan(layer, h_bTD, (state_X, valid[stage, 0], *cache_X))
+                slots = (weights_X, valid[stage, 0], *cache_X)
+                h_bTD, (k, v) = jax.lax.scan(layer, h_bTD, slots)
                 return h_bTD, KVCache(k, v)
 
             def tick(carry, now):
@@ -184,7 +202,8 @@ class Generator:
                 micro = jnp.clip(job, 0, m - 1)
                 h_bTD = jnp.where(stage == 0, x_MbTD[micro], recv_bTD)
                 rows = [jax.lax.dynamic_slice_in_dim(c, micro * b, b, axis=1) for c in cache_X]
-                h_bTD, new = layers(h_bTD, positions_MbT[micro], KVCache(*rows))
+                h_bTD, new = layers(h_bTD, None if prefill else positions_MbT[micro],
+                                    KVCache(*rows))  # fmt: skip
                 cache_X = KVCache(*(
                     jax.lax.dynamic_update_slice_in_dim(c, jnp.where(active, n, r), micro * b, 1)
                     for c, n, r in zip(cache_X, new, rows, strict=True)
@@ -192,66 +211,74 @@ class Generator:
                 last = active & (stage == p - 1)
                 out_MbTD = out_MbTD.at[micro].set(jnp.where(last, h_bTD, out_MbTD[micro]))
                 if p > 1:
-                    h_bTD = jax.lax.ppermute(h_bTD, PIPE, [(i, (i + 1) % p) for i in range(p)])
+                    ring = [(i, (i + 1) % p) for i in range(p)]
+                    h_bTD = jax.lax.ppermute(h_bTD, PIPELINE, ring)
                 return (h_bTD, cache_X, out_MbTD), None
 
             carry = (jnp.zeros_like(x_MbTD[0]), cache_X, jnp.zeros_like(x_MbTD))
             (_, cache_X, out_MbTD), _ = jax.lax.scan(tick, carry, jnp.arange(m + p - 1))
             return out_MbTD.reshape(1, b_all, t, d), KVCache(*(c[None] for c in cache_X))
 
-        cache_spec = PartitionSpec(PIPE, None, batch_axis)
+        cache_spec = PartitionSpec(PIPELINE, None, batch_axis)
         x_spec = PartitionSpec(batch_axis)
         y_PBTD, cache = jax.shard_map(
             stages,
             mesh=self.mesh,
-            in_specs=(PartitionSpec(PIPE), KVCache(cache_spec, cache_spec), x_spec, x_spec),
-            out_specs=(PartitionSpec(PIPE, batch_axis), KVCache(cache_spec, cache_spec)),
+            in_specs=(PartitionSpec(PIPELINE), KVCache(cache_spec, cache_spec), x_spec, x_spec),
+            out_specs=(PartitionSpec(PIPELINE, batch_axis), KVCache(cache_spec, cache_spec)),
             axis_names=manual,
-        )(blocks_state, cache, x_BTD, positions_BT)
+        )(weights, cache, x_BTD, positions_BT)
         return y_PBTD[p - 1], cache  # only the last stage's outputs are the model's
 
-    def _forward(self, params, cache, tokens_BT, positions_BT):
-        model = nnx.merge(self.graphdef, params)
+    def _forward(self, top, weights, cache, tokens_BT, positions_BT):
+        model = self._model(top)
         x_BTD = model.embed(tokens_BT, self.dtype)
-        x_BTD, cache = self._stack(model, x_BTD, positions_BT, cache)
+        x_BTD, cache = self._stack(model, weights, x_BTD, positions_BT, cache)
         return model.logits(x_BTD), cache
 
-    def _prefill(self, params, cache, tokens_BT, lengths_B, key, temperature, top_k, top_p):
-        t = tokens_BT.shape[1]
-        positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens_BT.shape)
-        logits_BTV, cache = self._forward(params, cache, tokens_BT, positions_BT)
+    def _prefill(self, top, weights, cache, tokens_BT, lengths_B, key, temperature, top_k, top_p):
+        logits_BTV, cache = self._forward(top, weights, cache, tokens_BT, None)
         logits_BV = jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+        key = jax.random.wrap_key_data(key)
         return cache, logits_BV, sample(logits_BV, key, temperature, top_k, top_p)
 
-    def _decode(self, params, cache, token_B, position_B, key, temperature, top_k, top_p):
-        logits_BTV, cache = self._forward(params, cache, token_B[:, None], position_B[:, None])
+    def _decode(self, top, weights, cache, token_B, position_B, key, temperature, top_k, top_p):
+        logits_BTV, cache = self._forward(
+            top, weights, cache, token_B[:, None], position_B[:, None]
+        )
         logits_BV = logits_BTV[:, 0]
+        key = jax.random.wrap_key_data(key)
         return cache, logits_BV, sample(logits_BV, key, temperature, top_k, top_p)
 
     @cached_property
     def _jitted(self) -> tuple[Any, Any]:
-        rows = NamedSharding(self.mesh, PartitionSpec("data"))
-        out = (KVCache(self.cache_sharding, self.cache_sharding), rows, rows)
-        kwargs = dict(out_shardings=out, donate_argnums=1)
+        rows = NamedSharding(self.mesh, PartitionSpec(DATA))
+        replicated = self.placement.replicated  # the new tokens, readable by every process
+        out = (KVCache(self.cache_sharding, self.cache_sharding), rows, replicated)
+        kwargs = dict(out_shardings=out, donate_argnums=2)
         return jax.jit(self._prefill, **kwargs), jax.jit(self._decode, **kwargs)
 
     def _rows(self, x: np.ndarray | jax.Array) -> jax.Array:
-        return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec("data")))
+        return global_array(x, NamedSharding(self.mesh, PartitionSpec(DATA)))
 
-    def _replicated(self, *xs: Any) -> tuple[jax.Array, ...]:
-        return jax.device_put(xs, NamedSharding(self.mesh, PartitionSpec()))
+    def _replicated(self, key: jax.Array, sampling: Sampling) -> tuple[jax.Array, ...]:
+        """The step's key (as its raw bits) and sampling settings, replicated."""
+        values = (jax.random.key_data(key), *_sampling_args(sampling))
+        return tuple(global_array(x, self.placement.replicated) for x in values)
 
     def _abstract_args(self, tokens_shape: tuple[int, ...]) -> tuple:
-        """Abstract (params, cache, tokens, vector, key, sampling...) to compile a step for."""
+        """Abstract (top, weights, cache, tokens, vector, key, sampling...) to compile a step
+        for."""
         abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
-        rows = NamedSharding(self.mesh, PartitionSpec("data"))
+        rows = NamedSharding(self.mesh, PartitionSpec(DATA))
         c = self._cache_abstract
         return (
-            jax.tree.map(abstract, self.params),
+            jax.tree.map(abstract, self.top),
+            jax.tree.map(abstract, self.weights),
             KVCache(c, c),
             jax.ShapeDtypeStruct(tokens_shape, jnp.int32, sharding=rows),
             jax.ShapeDtypeStruct((self.rows,), jnp.int32, sharding=rows),
-            *(abstract(x) for x in self._replicated(jax.random.key(0), *_sampling_args())),
+            *(abstract(x) for x in self._replicated(jax.random.key(0), Sampling())),
         )
 
     def _compile(self, jitted: Any, args: tuple) -> jax.stages.Compiled:
@@ -271,26 +298,28 @@ class Generator:
     @cached_property
     def _decode_step(self) -> jax.stages.Compiled:
         """The one-token decode step, compiled once."""
-        params, cache, _, vector, *rest = self._abstract_args((self.rows,))
-        return self._compile(self._jitted[1], (params, cache, vector, vector, *rest))
+        top, weights, cache, _, vector, *rest = self._abstract_args((self.rows,))
+        return self._compile(self._jitted[1], (top, weights, cache, vector, vector, *rest))
 
-    def decode_hlo(self) -> str:
-        """The compiled decode step's optimized HLO (for FLOP and collective accounting)."""
-        return self._decode_step.as_text()
+    def decode_compiled(self) -> jax.stages.Compiled:
+        """The compiled decode step (for FLOP, byte and collective accounting)."""
+        return self._decode_step
 
     def prefill(self, cache, tokens_BT, lengths_B, key, sampling: Sampling = Sampling()):
         """Runs the prompts (right-padded, (B, T) with T <= max_len): returns the cache, the
         logits at each row's last prompt token and the first new token."""
         prefill = self._prefill_step(tokens_BT.shape[1])
-        args = self._replicated(key, *_sampling_args(sampling))
-        return prefill(self.params, cache, self._rows(tokens_BT), self._rows(lengths_B), *args)
+        args = self._replicated(key, sampling)
+        return prefill(
+            self.top, self.weights, cache, self._rows(tokens_BT), self._rows(lengths_B), *args
+        )
 
     def decode(self, cache, token_B, position_B, key, sampling: Sampling = Sampling()):
         """One token per row at its own position: returns the cache, the logits and the next
         token. Compiled once: every step has the same shapes."""
-        args = self._replicated(key, *_sampling_args(sampling))
+        args = self._replicated(key, sampling)
         return self._decode_step(
-            self.params, cache, self._rows(token_B), self._rows(position_B), *args
+            self.top, self.weights, cache, self._rows(token_B), self._rows(position_B), *args
         )
 
     def generate(
@@ -333,7 +362,7 @@ class Generator:
         done = np.zeros(n, bool)
         stops = set(stop_ids)
         decode_s, prefill_s = [], 0.0
-        position_B = self._rows(lengths)
+        position_B = lengths.copy()
         for step in range(max_new_tokens):
             host = np.asarray(token_B)[:n]
             if step == 0:
@@ -356,18 +385,10 @@ class Generator:
         return Generation(new, prefill_s, decode_s, self.compile_s - compile_before)
 
 
-def _sampling_args(s: Sampling = Sampling()) -> tuple[jax.Array, jax.Array, jax.Array]:
-    return jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p)
+def _sampling_args(s: Sampling) -> tuple[np.ndarray, ...]:
+    return np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p)
 
 
 def _bucket(n: int) -> int:
     """Prompt widths are padded to a power of two (at least 16): few prefill compilations."""
     return max(16, 1 << (n - 1).bit_length())
-
-
-def serving_config(config: Config) -> Config:
-    """The config with the training-only layout settings reset: plain rules, one chunk per stage."""
-    return config.replace(**{
-        "parallel.fsdp": False, "pipeline.schedule": "gpipe", "pipeline.repeats": 1,
-        "pipeline.microbatches": 1, "pipeline.remat": "none",
-    })  # fmt: skip

@@ -1,5 +1,5 @@
 """A trained model on a mesh for inference: loading (jaxpar run or Hugging Face directory),
-tokenisation, and perplexity evaluation.
+tokenisation, context checks, perplexity evaluation, export of a run, and text sampling.
 
 jaxpar runs use byte tokens (ids 0-255) and their training sequence length as the context;
 Hugging Face models their `tokenizer.json` and `max_position_embeddings`.
@@ -8,8 +8,9 @@ Hugging Face models their `tokenizer.json` and `max_position_embeddings`.
 from __future__ import annotations
 
 import codecs
-import dataclasses
+import json
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,12 +22,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpar.config import Config, load_config, validate_model_for_mesh
+from jaxpar.checkpoint import Checkpointer
+from jaxpar.config import Config, load_config
 from jaxpar.errors import JaxparError
-from jaxpar.infer.engine import Generator, serving_config
-from jaxpar.mesh import mesh_spec_of
+from jaxpar.infer.engine import Generator, Sampling
+from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.model.llama import token_nll
-from jaxpar.train.step import Trainer, TrainState, compute_dtype
+from jaxpar.placement import Placement, compute_dtype
+from jaxpar.runs import CHECKPOINTS, CONFIG, check_run_dir
+
+Warn = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 @dataclass
@@ -34,17 +43,21 @@ class LoadedModel:
     """Parameters on a mesh, laid out for serving, with their tokenizer and context length.
 
     Attributes:
+        placement: the serving placement the parameters are laid out by.
         tokenizer: a `tokenizers.Tokenizer`, or None for byte tokens.
         stop_ids: ids that end a generated sequence (the tokenizer's end-of-sequence token).
     """
 
-    config: Config
-    trainer: Trainer
+    placement: Placement
     params: nnx.State
     context: int
     tokenizer: Any
     stop_ids: tuple[int, ...]
     source: str
+
+    @property
+    def config(self) -> Config:
+        return self.placement.config
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -78,18 +91,23 @@ class LoadedModel:
         if bad:
             raise JaxparError(f"{what} holds id {bad[0]}, outside the vocabulary [0, {vocab})")
 
+    def check_fits(self, prompt_len: int, new_tokens: int) -> None:
+        """Refuses a prompt and a number of new tokens that together exceed the context."""
+        if prompt_len + new_tokens > self.context:
+            raise JaxparError(
+                f"prompt of {prompt_len} tokens + --max-new-tokens {new_tokens} exceeds the "
+                f"model's context of {self.context} tokens"
+            )
+
     def generator(self, batch: int, max_len: int) -> Generator:
-        return Generator(
-            self.config, self.trainer.mesh, self.params, batch=batch, max_len=max_len,
-            dtype=self.trainer.dtype,
-        )  # fmt: skip
+        return Generator(self.placement, self.params, batch=batch, max_len=max_len)
 
     @cached_property
     def _nll(self) -> Any:
-        trainer = self.trainer
+        placement = self.placement
 
         def nll(params, tokens_BT, mask_BT):
-            n_BT = token_nll(trainer.logits(params, tokens_BT[:, :-1]), tokens_BT[:, 1:])
+            n_BT = token_nll(placement.logits(params, tokens_BT[:, :-1]), tokens_BT[:, 1:])
             return jnp.sum(n_BT * mask_BT), jnp.sum(mask_BT)
 
         return jax.jit(nll)
@@ -106,13 +124,13 @@ class LoadedModel:
                 f"a sequence of {longest} tokens exceeds the model's context of {self.context} "
                 f"(+1 for the last target)"
             )
-        spec = mesh_spec_of(self.trainer.mesh)
-        unit = spec.data * spec.pipeline  # the batch is split over both
+        spec = self.placement.spec
+        unit = spec.data * spec.pipeline  # the pipeline splits the batch over both
         b = -(-min(batch, len(rows)) // unit) * unit
         width = longest
         total, count = 0.0, 0
-        sharding = self.trainer.batch_sharding
-        with jax.set_mesh(self.trainer.mesh):
+        sharding = self.placement.batch_sharding
+        with jax.set_mesh(self.placement.mesh):
             for start in range(0, len(rows), b):
                 chunk = rows[start : start + b]
                 tokens = np.zeros((b, width), np.int32)
@@ -136,47 +154,83 @@ def text_rows(ids: list[int], context: int) -> list[np.ndarray]:
     return [ids_array[i : i + context + 1] for i in range(0, max(len(ids) - 1, 1), context)]
 
 
-def _serving_trainer(config: Config, mesh: jax.sharding.Mesh, dtype: str) -> Trainer:
-    spec = mesh_spec_of(mesh)
-    validate_model_for_mesh(config.model, spec.pipeline, spec.tensor)
-    config = serving_config(config)
-    config = dataclasses.replace(
-        config,
-        parallel=dataclasses.replace(config.parallel, mesh=str(spec)),
-        train=dataclasses.replace(config.train, dtype=compute_dtype(dtype).name),
-    )
-    return Trainer(config, mesh)
+def read_token_rows(path: Path, model: LoadedModel) -> list[np.ndarray]:
+    """The rows of an int .npy array [batch, length] of token ids, checked against the model."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise JaxparError(f"--tokens {str(path)!r} is not a .npy array: {e}") from None
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise JaxparError(
+            f"--tokens {str(path)!r} holds a {array.dtype} array of shape {array.shape}; "
+            "expected integers [batch, length]"
+        )
+    model.check_ids(array.ravel().tolist(), f"--tokens {str(path)!r}")
+    return [row.astype(np.int32) for row in array]
+
+
+def sample_text(
+    placement: Placement, params: nnx.State, prompt: str, tokens: int, seed: int
+) -> tuple[str, int]:
+    """`prompt` and what a trained byte-token model writes after it (temperature 0.8), with the
+    KV-cached engine on the training mesh: the end-of-training sample.
+
+    `params` are laid out by the training `placement`; they are moved into the serving layout of
+    the same mesh first. At most the context (`train.seq_len`) is filled.
+
+    Returns:
+        the text, and how many tokens were generated.
+    """
+    serving = Placement(placement.config, placement.mesh, serving=True)
+    ids = list(prompt.encode())
+    room = placement.config.train.seq_len - len(ids)
+    if not ids or room < 1:
+        return prompt, 0
+    tokens = min(tokens, room)
+    params = serving.relayout(params, placement)
+    gen = Generator(serving, params, batch=1, max_len=len(ids) + tokens)
+    out = gen.generate([ids], tokens, Sampling(temperature=0.8), seed=seed)
+    text = bytes(i for i in out.new_ids[0] if 0 <= i < 256).decode("utf-8", errors="replace")
+    return prompt + text, len(out.new_ids[0])
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def _serving_placement(config: Config, mesh: jax.sharding.Mesh, dtype: str) -> Placement:
+    config = config.replace(**{"train.dtype": compute_dtype(dtype).name})
+    return Placement(config, mesh, serving=True)
 
 
 def restore_run(
-    run: Path, mesh: jax.sharding.Mesh, dtype: str = "auto", warn=print
-) -> tuple[Trainer, TrainState, dict] | None:
-    """The newest intact checkpoint of a run folder (which has a config.yaml), restored onto
-    `mesh` in the serving layout, with its serving trainer and metadata; None without one."""
-    from jaxpar.checkpoint import CHECKPOINTS, Checkpointer
+    run: Path, mesh: jax.sharding.Mesh, dtype: str = "auto", warn: Warn = _stderr
+) -> tuple[Placement, nnx.State, dict] | None:
+    """The parameters of a run folder's newest intact checkpoint (not its optimizer state),
+    restored onto `mesh` in the serving layout, with their placement and the checkpoint's
+    metadata; None when the run has no checkpoint."""
+    placement = _serving_placement(load_config(run / CONFIG), mesh, dtype)
+    abstract = placement.abstract(placement.abstract_params, placement.param_shardings)
+    target = {"params": abstract}
+    with Checkpointer(placement, run / CHECKPOINTS, target, keep=1 << 30) as checkpoints:
+        restored = checkpoints.restore_latest(warn=warn)
+    if restored is None:
+        return None
+    state, meta = restored
+    return placement, state["params"], meta
 
-    trainer = _serving_trainer(load_config(run / "config.yaml"), mesh, dtype)
-    checkpoints = Checkpointer(trainer, run / CHECKPOINTS, keep=1 << 30)
-    try:
-        restored = checkpoints.restore_latest(model=trainer.config.model, warn=warn)
-    finally:
-        checkpoints.close()
-    return None if restored is None else (trainer, *restored)
 
-
-def load_run(run: Path, mesh: jax.sharding.Mesh, dtype: str = "auto", warn=print) -> LoadedModel:
+def load_run(run: Path, mesh: jax.sharding.Mesh, dtype: str = "auto", warn: Warn = _stderr):
     """The newest checkpoint of a jaxpar run folder, restored onto `mesh`."""
-    if not (run / "config.yaml").is_file():
-        raise JaxparError(f"--run {str(run)!r} is not a jaxpar run folder (no config.yaml)")
+    if not (run / CONFIG).is_file():
+        raise JaxparError(f"--run {str(run)!r} is not a jaxpar run folder (no {CONFIG})")
     restored = restore_run(run, mesh, dtype, warn)
     if restored is None:
         raise JaxparError(f"--run {str(run)!r} has no checkpoint to load")
-    trainer, state, meta = restored
+    placement, params, meta = restored
     return LoadedModel(
-        config=trainer.config,
-        trainer=trainer,
-        params=state.params,
-        context=trainer.config.train.seq_len,
+        placement=placement,
+        params=params,
+        context=placement.config.train.seq_len,
         tokenizer=None,
         stop_ids=(),
         source=f"{run} (checkpoint {meta['step']})",
@@ -188,29 +242,48 @@ def load_hf(path: Path, mesh: jax.sharding.Mesh, dtype: str = "auto") -> LoadedM
     from jaxpar.interop.hf import load_hf_params, load_tokenizer, read_hf_config
 
     model, context = read_hf_config(path)
-    base = load_config(None)
-    config = dataclasses.replace(
-        base, model=model, train=dataclasses.replace(base.train, seq_len=context)
-    )
-    trainer = _serving_trainer(config, mesh, dtype)
-    tokenizer = load_tokenizer(path)
+    config = Config(model=model).replace(**{"train.seq_len": context})
+    placement = _serving_placement(config, mesh, dtype)
     stop_ids: tuple[int, ...] = ()
     generation = _read_json(path / "generation_config.json") or _read_json(path / "config.json")
     eos = generation.get("eos_token_id")
     if eos is not None:
         stop_ids = tuple(eos) if isinstance(eos, list) else (eos,)
     return LoadedModel(
-        config=trainer.config,
-        trainer=trainer,
-        params=load_hf_params(path, trainer),
+        placement=placement,
+        params=load_hf_params(path, placement),
         context=context,
-        tokenizer=tokenizer,
+        tokenizer=load_tokenizer(path),
         stop_ids=stop_ids,
         source=str(path),
     )
 
 
-def _read_json(path: Path) -> dict:
-    import json
+def export_run(run: Path, dest: Path, warn: Warn = _stderr) -> Path:
+    """Exports the newest intact checkpoint of a `jaxpar train --out RUN` directory as a Hugging
+    Face Llama folder.
 
+    The parameters are restored onto one device (the run's mesh and pipeline settings are
+    dropped: checkpoints hold the logical layout) and written with context = train.seq_len.
+
+    Returns:
+        `dest`.
+
+    Raises:
+        JaxparError: no run directory, no config.yaml, no checkpoints, or a `dest` that is taken.
+    """
+    from jaxpar.interop.hf import export_hf
+
+    run, dest = Path(run), Path(dest)
+    check_run_dir(run)
+    mesh = make_mesh(parse_mesh("data=1"), devices=jax.devices()[:1])
+    restored = restore_run(run, mesh, "float32", warn)
+    if restored is None:
+        raise JaxparError(f"{str(run / CHECKPOINTS)!r} holds no checkpoint to export")
+    placement, params, _ = restored
+    export_hf(placement, params, dest, context=placement.config.train.seq_len)
+    return dest
+
+
+def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}

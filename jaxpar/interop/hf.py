@@ -18,11 +18,9 @@ assembled in one place.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -37,11 +35,9 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxpar.checkpoint import CHECKPOINTS
 from jaxpar.config import Config, ModelConfig, validate
 from jaxpar.errors import JaxparError
-from jaxpar.mesh import make_mesh, parse_mesh
-from jaxpar.train.step import Trainer
+from jaxpar.placement import Placement
 
 if TYPE_CHECKING:
     import tokenizers
@@ -338,9 +334,9 @@ def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _param_shapes(trainer: Trainer) -> dict[tuple[str, ...], tuple[int, ...]]:
+def _param_shapes(placement: Placement) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Each parameter's key (e.g. ('blocks', 'attn', 'wq_DNH')) and global shape, in tree order."""
-    leaves = jax.tree_util.tree_leaves_with_path(trainer.abstract_params, is_leaf=_is_variable)
+    leaves = jax.tree_util.tree_leaves_with_path(placement.abstract_params, is_leaf=_is_variable)
     return {_leaf_key(p): tuple(v.get_value().shape) for p, v in leaves}
 
 
@@ -379,37 +375,37 @@ def _top_loader(
     return load
 
 
-def load_hf_params(path: Path, trainer: Trainer) -> nnx.State:
-    """Reads a Hugging Face Llama checkpoint into parameters on `trainer`'s mesh.
+def load_hf_params(path: Path, placement: Placement) -> nnx.State:
+    """Reads a Hugging Face Llama checkpoint into parameters on `placement`'s mesh.
 
     Args:
         path: a directory with `config.json` and `model.safetensors` (or sharded files listed
             by `model.safetensors.index.json`), in float32, float16 or bfloat16.
-        trainer: its model config must equal the directory's (`read_hf_config`).
+        placement: its model must be the directory's (`read_hf_config`).
 
     Returns:
-        float32 parameters shaped and sharded like `trainer.abstract_params` /
-        `trainer.param_shardings`: blocks as [P, v * c, ...] in the stage layout, zeros in
+        float32 parameters shaped and sharded like `placement.abstract_params` /
+        `placement.param_shardings`: blocks as [P, v * c, ...] in the stage layout, zeros in
         padded slots.
 
     Raises:
-        JaxparError: a config that differs from the trainer's, a missing tensor, or a tensor whose
+        JaxparError: a model that differs from the placement's, a missing tensor, or a tensor whose
             shape or dtype does not fit (named with the shape found and expected).
     """
     path = Path(path)
     model, _ = read_hf_config(path)
-    want = trainer.config.model
-    if model != want:
+    want = placement.config.model
+    if model.architecture != want.architecture:
         diff = ", ".join(
             f"model.{k}={v!r} there, {getattr(want, k)!r} here"
-            for k, v in dataclasses.asdict(model).items()
+            for k, v in model.architecture.items()
             if getattr(want, k) != v
         )
         raise JaxparError(f"{str(path / CONFIG)!r} describes another model than jaxpar's: {diff}")
-    slot_layer = trainer.layout.slot_layer
+    slot_layer = placement.layout.slot_layer
     with _Weights(path) as weights:
         loaders = {}
-        for key, shape in _param_shapes(trainer).items():
+        for key, shape in _param_shapes(placement).items():
             t = _tensor(key)
             if key[0] == "blocks":
                 layer_shape = shape[2:]
@@ -427,39 +423,39 @@ def load_hf_params(path: Path, trainer: Trainer) -> nnx.State:
             return var.replace(array)
 
         return jax.tree_util.tree_map_with_path(
-            place, trainer.abstract_params, trainer.param_shardings, is_leaf=_is_variable
+            place, placement.abstract_params, placement.param_shardings, is_leaf=_is_variable
         )
 
 
 # -- writing -------------------------------------------------------------------------------------
 
 
-def _hf_tensors(trainer: Trainer, params: nnx.State) -> Iterator[tuple[str, np.ndarray]]:
+def _hf_tensors(placement: Placement, params: nnx.State) -> Iterator[tuple[str, np.ndarray]]:
     """(name, float32 array) in Hugging Face's layout, one jaxpar parameter on the host at a time,
     in `_planned_sizes`' order."""
     arrays = {_leaf_key(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
-    slot_layer = trainer.layout.slot_layer
-    for key in _param_shapes(trainer):
+    slot_layer = placement.layout.slot_layer
+    for key in _param_shapes(placement):
         t = _tensor(key)
         host = np.asarray(jax.device_get(arrays[key]), np.float32)
         if key[0] != "blocks":
             yield t.hf, _to_hf(t.kind, host)
             continue
-        for layer in range(trainer.config.model.layers):
+        for layer in range(placement.config.model.layers):
             (p, s), *_ = np.argwhere(slot_layer == layer)
             yield t.hf.format(i=layer), _to_hf(t.kind, host[p, s])
 
 
-def _planned_sizes(trainer: Trainer) -> list[tuple[str, int]]:
+def _planned_sizes(placement: Placement) -> list[tuple[str, int]]:
     """(name, bytes) in `_hf_tensors`' order, from shapes alone."""
     sizes = []
-    for key, shape in _param_shapes(trainer).items():
+    for key, shape in _param_shapes(placement).items():
         t = _tensor(key)
         if key[0] != "blocks":
             sizes.append((t.hf, 4 * math.prod(shape)))
         else:
             layer_bytes = 4 * math.prod(shape[2:])
-            sizes += [(t.hf.format(i=i), layer_bytes) for i in range(trainer.config.model.layers)]
+            sizes += [(t.hf.format(i=i), layer_bytes) for i in range(placement.config.model.layers)]
     return sizes
 
 
@@ -474,19 +470,19 @@ def _shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> dict[str, int
     return out
 
 
-def _check_params(trainer: Trainer, params: nnx.State) -> None:
-    want = _param_shapes(trainer)
+def _check_params(placement: Placement, params: nnx.State) -> None:
+    want = _param_shapes(placement)
     have = {_leaf_key(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params)}
     if have != want:
         bad = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
         raise JaxparError(
-            f"params do not fit the trainer's model: {'/'.join(bad[0])} has shape "
+            f"params do not fit the placement's model: {'/'.join(bad[0])} has shape "
             f"{have.get(bad[0])}, expected {want.get(bad[0])}"
         )
 
 
 def export_hf(
-    trainer: Trainer, params: nnx.State, dest: Path, context: int, max_shard_bytes: int = 2**31
+    placement: Placement, params: nnx.State, dest: Path, context: int, max_shard_bytes: int = 2**31
 ) -> None:
     """Writes `params` as a Hugging Face `LlamaForCausalLM` directory, in float32.
 
@@ -495,8 +491,8 @@ def export_hf(
     temporary sibling directory first, renamed to `dest` at the end: a failure leaves nothing.
 
     Args:
-        trainer: the model (config, stage layout) the params belong to.
-        params: parameters like `trainer.abstract_params`, on any mesh.
+        placement: the model (config, stage layout) the params belong to.
+        params: parameters like `placement.abstract_params`, on any mesh.
         dest: a directory that does not exist yet, or is empty.
         context: `max_position_embeddings` to record.
         max_shard_bytes: the largest shard file, before a new one starts.
@@ -512,8 +508,8 @@ def export_hf(
         )
     if context < 1:
         raise JaxparError(f"context={context} must be a positive number of positions")
-    _check_params(trainer, params)
-    sizes = _planned_sizes(trainer)
+    _check_params(placement, params)
+    sizes = _planned_sizes(placement)
     shard_of = _shards(sizes, max_shard_bytes)
     count = max(shard_of.values()) + 1
     files = [
@@ -523,12 +519,12 @@ def export_hf(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
-        config = hf_config(trainer.config.model, context)
+        config = hf_config(placement.config.model, context)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         shard: dict[str, np.ndarray] = {}
         current = 0
         # "format": "pt" is what transformers' safetensors loader expects in the metadata.
-        for name, array in _hf_tensors(trainer, params):
+        for name, array in _hf_tensors(placement, params):
             if shard_of[name] != current:
                 save_file(shard, str(tmp / files[current]), metadata={"format": "pt"})
                 shard, current = {}, shard_of[name]
@@ -546,40 +542,6 @@ def export_hf(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def export_run(
-    run: Path, dest: Path, warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
-) -> Path:
-    """Exports the newest intact checkpoint of a `jaxpar train --out RUN` directory.
-
-    The checkpoint is restored onto one device (the run's mesh and pipeline settings are
-    dropped: checkpoints hold the logical layout) and written with context = train.seq_len.
-
-    Returns:
-        `dest`.
-
-    Raises:
-        JaxparError: no run directory, no config.yaml, no checkpoints, or a `dest` that is taken.
-    """
-    run, dest = Path(run), Path(dest)
-    if not run.is_dir():
-        raise JaxparError(f"run directory {str(run)!r} does not exist")
-    if not (run / "config.yaml").is_file():
-        raise JaxparError(
-            f"{str(run)!r} has no config.yaml; expected the --out directory of `jaxpar train`"
-        )
-    if not (run / CHECKPOINTS).is_dir():
-        raise JaxparError(f"{str(run)!r} holds no checkpoints (no {CHECKPOINTS}/ folder)")
-    from jaxpar.infer.serve import restore_run
-
-    mesh = make_mesh(parse_mesh("data=1"), devices=jax.devices()[:1])
-    restored = restore_run(run, mesh, "float32", warn)
-    if restored is None:
-        raise JaxparError(f"{str(run / CHECKPOINTS)!r} holds no checkpoint to export")
-    trainer, state, _ = restored
-    export_hf(trainer, state.params, dest, context=trainer.config.train.seq_len)
-    return dest
 
 
 def load_tokenizer(path: Path) -> tokenizers.Tokenizer | None:

@@ -18,9 +18,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxpar.config import ModelConfig
+from jaxpar.model.attention import attend
 from jaxpar.pipeline.layout import StageLayout
 from jaxpar.sharding import (
     ACT_EMBED,
@@ -44,12 +46,54 @@ from jaxpar.sharding import (
 
 X_AXES = (BATCH, SEQ, ACT_EMBED)
 OUTER_X_AXES = (OUTER_BATCH, SEQ, ACT_EMBED)
+_ROW = 128  # random draws are transformed as (rows, 128) arrays; see truncated_normal
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple[str, ...]) -> nnx.Param:
-    """A float32 parameter drawn from N(0, std^2), truncated at 2 std, tagged with logical axes."""
-    init = jax.nn.initializers.truncated_normal(std)
-    return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes)
+def truncated_normal(
+    key: jax.Array, shape: tuple[int, ...], std: float, rules: Rules, axes: tuple[str, ...]
+) -> jax.Array:
+    """float32 draws from N(0, std^2) truncated at 2 std, the values of
+    `jax.nn.initializers.truncated_normal`, bit for bit the same on every mesh layout.
+
+    The random bits depend only on each element's index, but XLA's CPU code for `erf_inv` (jax
+    0.12) rounds some elements differently depending on the shape of the array it runs on (an
+    innermost dimension of 4 and one of 16 disagree in the last bit), and a sharded init runs it
+    on each device's shard. So each device turns the uniform draws of its own shard (`axes` say
+    which) into normal ones as one (rows, 128) array, the same innermost dimension on every layout;
+    the optimization barrier keeps XLA from fusing that back into the shard's own shape.
+    """
+    sqrt2 = np.array(np.sqrt(2), np.float32)
+    lower, upper = np.float32(-2.0), np.float32(2.0)
+    u = jax.random.uniform(
+        key, shape, jnp.float32, minval=jax.lax.erf(lower / sqrt2),
+        maxval=jax.lax.erf(upper / sqrt2),
+    )  # fmt: skip
+
+    def normal(u: jax.Array) -> jax.Array:
+        local, n = u.shape, u.size
+        rows = -(-n // _ROW)
+        u = jnp.pad(u.reshape(-1), (0, rows * _ROW - n)).reshape(rows, _ROW)
+        x = sqrt2 * jax.lax.erf_inv(u)
+        inf = np.float32(np.inf)
+        x = jnp.clip(x, jax.lax.nextafter(lower, inf), jax.lax.nextafter(upper, -inf))
+        x = jax.lax.optimization_barrier(x * jnp.array(std, jnp.float32))
+        return x.reshape(-1)[:n].reshape(local)
+
+    return rules.per_shard(normal, u, axes)
+
+
+def _param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], std: float, rules: Rules, axes: tuple[str, ...]
+) -> nnx.Param:
+    """A float32 parameter drawn by `truncated_normal`, tagged with logical axes."""
+    return nnx.Param(truncated_normal(rngs.params(), shape, std, rules, axes), logical_axes=axes)
+
+
+def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in float32, returned in the input's dtype."""
+    x = x_BTD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return (x * scale_D).astype(x_BTD.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -58,9 +102,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        x = x_BTD.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (x * self.scale[...]).astype(x_BTD.dtype)
+        return rms_norm(x_BTD, self.scale[...], self.eps)
 
 
 def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
@@ -81,74 +123,98 @@ class KVCache(NamedTuple):
     v: jax.Array
 
 
+class BlockWeights(NamedTuple):
+    """One block's weights as its matmuls consume them, derived from the parameters once per step
+    (training) or once per loaded model (serving) by `Block.weights`, never per layer call.
+
+    A stacked Block gives them with the same leading axes ([P, v * c, ...] for `Llama.blocks`).
+    """
+
+    attn_norm_D: jax.Array
+    w_qkv_DKCH: jax.Array  # C = G query heads + 1 key + 1 value per kv head
+    wo_NHD: jax.Array
+    mlp_norm_D: jax.Array
+    w_gate_up_DCF: jax.Array  # C = gate, up
+    w_down_FD: jax.Array
+
+
+# The logical axes of `Llama.blocks.weights(...)`, as the parameters they come from have them.
+BLOCK_WEIGHT_AXES = BlockWeights(
+    attn_norm_D=(STAGE, LAYERS, NORM),
+    w_qkv_DKCH=(STAGE, LAYERS, EMBED, KV_HEADS, None, HEAD_DIM),
+    wo_NHD=(STAGE, LAYERS, HEADS, HEAD_DIM, EMBED),
+    mlp_norm_D=(STAGE, LAYERS, NORM),
+    w_gate_up_DCF=(STAGE, LAYERS, EMBED, None, MLP),
+    w_down_FD=(STAGE, LAYERS, MLP, EMBED),
+)
+
+
 class Attention(nnx.Module):
     """Causal grouped-query attention; heads are split over `tensor` (kv heads with them)."""
 
-    def __init__(self, cfg: ModelConfig, rules: Rules, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rules: Rules, impl: str, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.dim, cfg.heads, cfg.kv_heads, cfg.head_dim
         std_in, std_out = 1 / math.sqrt(d), 1 / math.sqrt(n * h * 2 * cfg.layers)
-        self.wq_DNH = _param(rngs, (d, n, h), std_in, (EMBED, HEADS, HEAD_DIM))
-        self.wk_DKH = _param(rngs, (d, k, h), std_in, (EMBED, KV_HEADS, HEAD_DIM))
-        self.wv_DKH = _param(rngs, (d, k, h), std_in, (EMBED, KV_HEADS, HEAD_DIM))
-        self.wo_NHD = _param(rngs, (n, h, d), std_out, (HEADS, HEAD_DIM, EMBED))
-        self.cfg, self.rules = cfg, rules
+        self.wq_DNH = _param(rngs, (d, n, h), std_in, rules, (EMBED, HEADS, HEAD_DIM))
+        self.wk_DKH = _param(rngs, (d, k, h), std_in, rules, (EMBED, KV_HEADS, HEAD_DIM))
+        self.wv_DKH = _param(rngs, (d, k, h), std_in, rules, (EMBED, KV_HEADS, HEAD_DIM))
+        self.wo_NHD = _param(rngs, (n, h, d), std_out, rules, (HEADS, HEAD_DIM, EMBED))
+        self.cfg, self.rules, self.impl = cfg, rules, impl
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
-        return self.cached(x_BTD, positions_BT, None)[0]
+    def fused_qkv(self, dtype: jnp.dtype) -> jax.Array:
+        """(..., D, K, C, H): one fused projection, as Megatron's QKV. Query head n belongs to kv
+        head n // G, so the concatenation stays local to each tensor rank, and the backward pass
+        needs one all-reduce of dx instead of three."""
+        wq = self.wq_DNH[...]
+        *lead, d, _, h = wq.shape
+        k_heads = self.cfg.kv_heads
+        parts = [
+            wq.reshape(*lead, d, k_heads, self.cfg.heads // k_heads, h),
+            self.wk_DKH[...][..., None, :],
+            self.wv_DKH[...][..., None, :],
+        ]
+        return jnp.concatenate(parts, axis=-2).astype(dtype)
 
-    def cached(
-        self, x_BTD: jax.Array, positions_BT: jax.Array, cache: KVCache | None
+    def apply(
+        self,
+        w: BlockWeights,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array | None,
+        cache: KVCache | None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Attention, writing this call's keys and values into `cache` when one is given.
+        """Attention on the block's derived weights, writing this call's keys and values into
+        `cache` when one is given. Positions None mean 0..T-1 in every row.
 
         With a cache, T > 1 is a prefill from position 0 (the cache's first T positions are
         written, attention is causal within the call) and T = 1 one decode step: each row writes
         its key and value at its own position and attends to every cached position up to it.
         """
         cfg, dtype = self.cfg, x_BTD.dtype
-        k_heads, g, h = cfg.kv_heads, cfg.heads // cfg.kv_heads, cfg.head_dim
-        # One fused projection, as Megatron's QKV: C = G query heads + 1 key + 1 value per kv head.
-        # Query head n belongs to kv head n // G, so the concatenation stays local to each tensor
-        # rank, and the backward pass needs one all-reduce of dx instead of three.
-        d = x_BTD.shape[-1]
-        w_DKCH = jnp.concatenate(
-            [
-                self.wq_DNH[...].reshape(d, k_heads, g, h),
-                self.wk_DKH[...][:, :, None, :],
-                self.wv_DKH[...][:, :, None, :],
-            ],
-            axis=2,
-        ).astype(dtype)
-        qkv_BTKCH = jnp.einsum("BTD,DKCH->BTKCH", x_BTD, w_DKCH)
-        qkv_BTKCH = self.rules.constrain(qkv_BTKCH, (BATCH, SEQ, ACT_KV_HEADS, None, None))
         b, t = x_BTD.shape[:2]
+        g, h = cfg.heads // cfg.kv_heads, cfg.head_dim
+        qkv_BTKCH = jnp.einsum("BTD,DKCH->BTKCH", x_BTD, w.w_qkv_DKCH.astype(dtype))
+        qkv_BTKCH = self.rules.constrain(qkv_BTKCH, (BATCH, SEQ, ACT_KV_HEADS, None, None))
         q_BTNH = qkv_BTKCH[:, :, :, :g].reshape(b, t, cfg.heads, h)
         k_BSKH, v_BSKH = qkv_BTKCH[:, :, :, g], qkv_BTKCH[:, :, :, g + 1]
-        q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta)
-        k_BSKH = rope(k_BSKH, positions_BT, cfg.rope_theta)
-        mask_BTS = positions_BT[:, :, None] >= positions_BT[:, None, :]  # causal
+        rope_positions_BT = positions_BT
+        if rope_positions_BT is None:
+            rope_positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
+        q_BTNH = rope(q_BTNH, rope_positions_BT, cfg.rope_theta)
+        k_BSKH = rope(k_BSKH, rope_positions_BT, cfg.rope_theta)
+        k_positions = positions_BT
         if cache is not None and t > 1:
             cache = KVCache(cache.k.at[:, :t].set(k_BSKH), cache.v.at[:, :t].set(v_BSKH))
         elif cache is not None:
             # A select rather than a scatter: rows write at different positions, and the
             # cache's batch and kv-head shardings carry through elementwise.
             s_positions = jnp.arange(cache.k.shape[1])
-            at_BS11 = (s_positions[None, :] == positions_BT)[:, :, None, None]
+            at_BS11 = (s_positions[None, :] == rope_positions_BT)[:, :, None, None]
             cache = KVCache(
                 jnp.where(at_BS11, k_BSKH, cache.k), jnp.where(at_BS11, v_BSKH, cache.v)
             )
-            k_BSKH, v_BSKH = cache.k, cache.v
-            mask_BTS = s_positions[None, None, :] <= positions_BT[:, :, None]
-
-        q_BTKGH = q_BTNH.reshape(b, t, k_heads, g, h)
-        scores_BKGTS = jnp.einsum("BTKGH,BSKGH->BKGTS", q_BTKGH, k_BSKH[:, :, :, None, :])
-        scores_BKGTS = scores_BKGTS.astype(jnp.float32) / math.sqrt(h)
-        mask_BKGTS = mask_BTS[:, None, None]
-        scores_BKGTS = jnp.where(mask_BKGTS, scores_BKGTS, jnp.finfo(jnp.float32).min)
-        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dtype)
-        out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
-        out_BTNH = out_BTKGH.reshape(b, t, cfg.heads, h)
-        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo_NHD[...].astype(dtype))
+            k_BSKH, v_BSKH, k_positions = cache.k, cache.v, None  # None: every cache position
+        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, positions_BT, k_positions, self.impl)
+        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, w.wo_NHD.astype(dtype))
         return self.rules.constrain(out_BTD, X_AXES), cache
 
 
@@ -157,41 +223,66 @@ class SwiGLU(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rules: Rules, *, rngs: nnx.Rngs):
         d, f = cfg.dim, cfg.mlp_dim
-        self.w_gate_DF = _param(rngs, (d, f), 1 / math.sqrt(d), (EMBED, MLP))
-        self.w_up_DF = _param(rngs, (d, f), 1 / math.sqrt(d), (EMBED, MLP))
-        self.w_down_FD = _param(rngs, (f, d), 1 / math.sqrt(f * 2 * cfg.layers), (MLP, EMBED))
+        std_in, std_out = 1 / math.sqrt(d), 1 / math.sqrt(f * 2 * cfg.layers)
+        self.w_gate_DF = _param(rngs, (d, f), std_in, rules, (EMBED, MLP))
+        self.w_up_DF = _param(rngs, (d, f), std_in, rules, (EMBED, MLP))
+        self.w_down_FD = _param(rngs, (f, d), std_out, rules, (MLP, EMBED))
         self.rules = rules
 
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    def fused_gate_up(self, dtype: jnp.dtype) -> jax.Array:
+        """(..., D, C, F): gate and up as one contraction, so the backward pass all-reduces dx
+        once."""
+        return jnp.stack([self.w_gate_DF[...], self.w_up_DF[...]], axis=-2).astype(dtype)
+
+    def apply(self, w: BlockWeights, x_BTD: jax.Array) -> jax.Array:
         dtype = x_BTD.dtype
-        # Gate and up as one contraction, so the backward pass all-reduces dx once.
-        w_DCF = jnp.stack([self.w_gate_DF[...], self.w_up_DF[...]], axis=1).astype(dtype)
-        gate_up_BTCF = jnp.einsum("BTD,DCF->BTCF", x_BTD, w_DCF)
+        gate_up_BTCF = jnp.einsum("BTD,DCF->BTCF", x_BTD, w.w_gate_up_DCF.astype(dtype))
         gate_BTF, up_BTF = gate_up_BTCF[:, :, 0], gate_up_BTCF[:, :, 1]
         h_BTF = self.rules.constrain(jax.nn.silu(gate_BTF) * up_BTF, (BATCH, SEQ, ACT_MLP))
-        out_BTD = jnp.einsum("BTF,FD->BTD", h_BTF, self.w_down_FD[...].astype(dtype))
+        out_BTD = jnp.einsum("BTF,FD->BTD", h_BTF, w.w_down_FD.astype(dtype))
         return self.rules.constrain(out_BTD, X_AXES)
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)).
 
-    def __init__(self, cfg: ModelConfig, rules: Rules, *, rngs: nnx.Rngs):
+    The parameters live here; `weights` derives what the matmuls consume, and `apply` computes on
+    those alone, so a stack of blocks derives its weights once for all the layers and ticks that
+    use them.
+    """
+
+    def __init__(self, cfg: ModelConfig, rules: Rules, impl: str, *, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg, rules, rngs=rngs)
+        self.attn = Attention(cfg, rules, impl, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, rules, rngs=rngs)
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
-        return self.cached(x_BTD, positions_BT, None)[0]
+    def weights(self, dtype: jnp.dtype) -> BlockWeights:
+        """The derived weights, matmul weights in `dtype`; norm scales stay float32 (RMSNorm
+        computes in float32). Works on a stacked Block: the result keeps its leading axes."""
+        return BlockWeights(
+            attn_norm_D=self.attn_norm.scale[...],
+            w_qkv_DKCH=self.attn.fused_qkv(dtype),
+            wo_NHD=self.attn.wo_NHD[...].astype(dtype),
+            mlp_norm_D=self.mlp_norm.scale[...],
+            w_gate_up_DCF=self.mlp.fused_gate_up(dtype),
+            w_down_FD=self.mlp.w_down_FD[...].astype(dtype),
+        )
 
-    def cached(
-        self, x_BTD: jax.Array, positions_BT: jax.Array, cache: KVCache | None
+    def apply(
+        self,
+        w: BlockWeights,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """The block, reading and writing a KV cache (see `Attention.cached`)."""
-        attn_BTD, cache = self.attn.cached(self.attn_norm(x_BTD), positions_BT, cache)
+        """One block on one layer's derived weights, reading and writing a KV cache (see
+        `Attention.apply`)."""
+        eps = self.attn_norm.eps
+        normed_BTD = rms_norm(x_BTD, w.attn_norm_D, eps)
+        attn_BTD, cache = self.attn.apply(w, normed_BTD, positions_BT, cache)
         x_BTD = x_BTD + attn_BTD
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
+        return x_BTD + self.mlp.apply(w, rms_norm(x_BTD, w.mlp_norm_D, eps)), cache
 
 
 class Llama(nnx.Module):
@@ -201,6 +292,9 @@ class Llama(nnx.Module):
     (`stage`, `layers`, ...), as `layout` says; without pipelining that is [1, L, ...]. They are
     drawn in logical layer order first, so a model initialises identically on every layout. A scan
     keeps compile time flat in depth: XLA sees one block body with a trip count.
+
+    Args:
+        attention: the implementation `attend` runs (`jaxpar.model.attention.resolve`).
     """
 
     def __init__(
@@ -210,15 +304,16 @@ class Llama(nnx.Module):
         *,
         rngs: nnx.Rngs,
         layout: StageLayout | None = None,
+        attention: str = "xla",
     ):
         self.cfg, self.rules = cfg, rules
         self.layout = layout = layout or StageLayout(cfg.layers)
-        self.embed_VD = _param(rngs, (cfg.vocab, cfg.dim), 1.0, (VOCAB, EMBED))
+        self.embed_VD = _param(rngs, (cfg.vocab, cfg.dim), 1.0, rules, (VOCAB, EMBED))
 
         @nnx.split_rngs(splits=cfg.layers)
         @nnx.vmap(transform_metadata={nnx.PARTITION_NAME: LAYERS, "logical_axes": LAYERS})
         def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rules, rngs=rngs)
+            return Block(cfg, rules, attention, rngs=rngs)
 
         graphdef, blocks_L = nnx.split(make_blocks(rngs))
         blocks_SC = jax.tree.map(
@@ -232,7 +327,7 @@ class Llama(nnx.Module):
         self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.head_DV = _param(
-                rngs, (cfg.dim, cfg.vocab), 1 / math.sqrt(cfg.dim), (EMBED, VOCAB)
+                rngs, (cfg.dim, cfg.vocab), 1 / math.sqrt(cfg.dim), rules, (EMBED, VOCAB)
             )
 
     def embed(self, tokens_BT: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -253,18 +348,17 @@ class Llama(nnx.Module):
     def __call__(
         self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, dtype=jnp.float32
     ) -> jax.Array:
-        """Args: token ids (B, T). Returns: float32 logits (B, T, V)."""
-        if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+        """The plain sequential model, one scan over the layers in logical order (the reference
+        the pipeline executor is tested against). Args: token ids (B, T); positions (B, T), None
+        for 0..T-1. Returns: float32 logits (B, T, V)."""
         x_BTD = self.embed(tokens_BT, dtype)
-        graphdef, blocks_SC = nnx.split(self.blocks)
-        blocks_L = jax.tree.map(self.layout.to_logical, blocks_SC)
+        weights_L = jax.tree.map(self.layout.to_logical, self.blocks.weights(jnp.float32))
 
-        def body(x_BTD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
-            block = nnx.merge(graphdef, layer_state)
-            return self.rules.constrain(block(x_BTD, positions_BT), X_AXES), None
+        def body(x_BTD: jax.Array, w: BlockWeights) -> tuple[jax.Array, None]:
+            out_BTD, _ = self.blocks.apply(w, x_BTD, positions_BT)
+            return self.rules.constrain(out_BTD, X_AXES), None
 
-        x_BTD, _ = jax.lax.scan(body, self.rules.constrain(x_BTD, X_AXES), blocks_L)
+        x_BTD, _ = jax.lax.scan(body, self.rules.constrain(x_BTD, X_AXES), weights_L)
         return self.logits(x_BTD)
 
 

@@ -16,16 +16,15 @@ the next, forward, and receives one cotangent, backward.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import PartitionSpec
 
+from jaxpar.mesh import DATA, PIPELINE
 from jaxpar.pipeline.layout import StageLayout
 from jaxpar.pipeline.schedule import Schedule
-
-PIPE = "pipeline"
 
 _POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing: recompute the whole tick
@@ -35,8 +34,8 @@ _POLICIES: dict[str, Callable | None] = {
 
 
 def run_pipeline(
-    blocks_graphdef: nnx.GraphDef,
-    blocks_state: nnx.State,
+    layer: Callable[[Any, jax.Array], jax.Array],
+    weights: Any,
     x_BTD: jax.Array,
     *,
     mesh: jax.sharding.Mesh,
@@ -48,8 +47,9 @@ def run_pipeline(
     """Runs the layer stack on `x_BTD` as the schedule says; returns the last layer's output.
 
     Args:
-        blocks_graphdef: graphdef of one stacked Block module (as in `Llama.blocks`).
-        blocks_state: its parameters, [P, v * c, ...] with the stage axis on `pipeline`.
+        layer: one layer slot's computation, `layer(w, h_bTD) -> h_bTD`, on one slot's weights.
+        weights: a tree of the stack's weights, [P, v * c, ...] with the stage axis on
+            `pipeline` (`Llama.blocks.weights`: derived once per step, here, not per tick).
         x_BTD: embeddings, batch split over (`data`, `pipeline`).
         remat: none, full, dots or dots_no_batch: recompute each tick's stage in the backward pass
             (the tick, not each layer inside it: nested remat would recompute twice).
@@ -64,51 +64,49 @@ def run_pipeline(
     """
     p, m, v, c = schedule.stages, schedule.microbatches, schedule.repeats, layout.chunk_size
     b_all, t, d = x_BTD.shape
-    r = mesh.shape["data"]
+    r = mesh.shape[DATA]
     q = b_all // (r * p)
     b_local = p * q // m  # rows of one data replica in one micro-batch
     jobs = v * m
     # (XLA rejects the replica sum of a size-1 manual `data` axis; with one replica there is
     # nothing to sum, so `data` is then left automatic.)
-    manual = {PIPE} if fsdp or r == 1 else {PIPE, "data"}
+    manual = {PIPELINE} if fsdp or r == 1 else {PIPELINE, DATA}
 
-    def chunk(
-        state_X: nnx.State, repeat: jax.Array, real_C: jax.Array, h_bTD: jax.Array
-    ) -> jax.Array:
+    def chunk(weights_X: Any, repeat: jax.Array, real_C: jax.Array, h_bTD: jax.Array) -> jax.Array:
         """One stage's c layer slots of repeat `repeat` for one tick.
 
         With one repeat the tick runs all of the stage's weights, which are loop-invariant, so the
         backward pass keeps no copy of them per tick. With several, the tick's slice is cut here,
         inside what `remat` recomputes; without remat the backward pass keeps one slice per tick.
         """
-        state_C = state_X
+        weights_C = weights_X
         if v > 1:
-            state_C = jax.tree.map(
-                lambda a: jax.lax.dynamic_slice_in_dim(a, repeat * c, c, axis=0), state_X
+            weights_C = jax.tree.map(
+                lambda a: jax.lax.dynamic_slice_in_dim(a, repeat * c, c, axis=0), weights_X
             )
-        positions_bT = jnp.broadcast_to(jnp.arange(t), h_bTD.shape[:2])
 
-        def layer(h_bTD: jax.Array, slot: tuple[nnx.State, jax.Array]) -> tuple[jax.Array, None]:
-            layer_state, real = slot
-            out_bTD = nnx.merge(blocks_graphdef, layer_state)(h_bTD, positions_bT)
-            return jnp.where(real, out_bTD, h_bTD), None  # padded slots are the identity
+        def slot(h_bTD: jax.Array, slot: tuple[Any, jax.Array]) -> tuple[jax.Array, None]:
+            w, real = slot
+            return jnp.where(real, layer(w, h_bTD), h_bTD), None  # padded slots: identity
 
-        h_bTD, _ = jax.lax.scan(layer, h_bTD, (state_C, real_C))
+        h_bTD, _ = jax.lax.scan(slot, h_bTD, (weights_C, real_C))
         return h_bTD
 
     if remat != "none":
         chunk = jax.checkpoint(chunk, policy=_POLICIES[remat], prevent_cse=False)
 
-    def stages(state_1X: nnx.State, x_R1QTD: jax.Array) -> jax.Array:
-        stage = jax.lax.axis_index(PIPE)
+    def stages(weights_1X: Any, x_R1QTD: jax.Array) -> jax.Array:
+        stage = jax.lax.axis_index(PIPELINE)
         valid_PVC = jnp.asarray(layout.valid)
-        state_X = jax.tree.map(lambda a: a[0], state_1X)  # this stage's v * c slots
-        if "data" in manual:
+        weights_X = jax.tree.map(lambda a: a[0], weights_1X)  # this stage's v * c slots
+        if DATA in manual:
             # The weights are the same on every data replica. Marking them as varying over `data`
             # here, once, puts the gradient's sum over replicas (the transpose of this cast) here
             # too, instead of at every use inside the tick loop.
-            state_X = jax.tree.map(lambda a: jax.lax.pcast(a, ("data",), to="varying"), state_X)
-        x_RPQTD = jax.lax.all_gather(x_R1QTD, PIPE, axis=1, tiled=True) if p > 1 else x_R1QTD
+            weights_X = jax.tree.map(lambda a: jax.lax.pcast(a, (DATA,), to="varying"), weights_X)
+        x_RPQTD = (
+            jax.lax.all_gather(x_R1QTD, PIPELINE, axis=1, tiled=True) if p > 1 else x_R1QTD
+        )
         r_here = x_RPQTD.shape[0]  # 1 when `data` is manual, else all replicas
         # Micro-batch k holds rows [k * b_local, (k + 1) * b_local) of every data replica.
         x_MbTD = x_RPQTD.reshape(r_here, m, b_local, t, d).transpose(1, 0, 2, 3, 4)
@@ -122,10 +120,10 @@ def run_pipeline(
             # from what came back around the ring; the other stages take what they received.
             first_in = jnp.where(repeat == 0, x_MbTD[micro], stash_MbTD[micro])
             h_bTD = jnp.where(stage == 0, first_in, recv_bTD)
-            out_bTD = chunk(state_X, repeat, valid_PVC[stage, repeat], h_bTD)
+            out_bTD = chunk(weights_X, repeat, valid_PVC[stage, repeat], h_bTD)
             if p > 1:
                 ring = [(i, (i + 1) % p) for i in range(p)]
-                recv_bTD = jax.lax.ppermute(out_bTD, PIPE, ring)
+                recv_bTD = jax.lax.ppermute(out_bTD, PIPELINE, ring)
             else:
                 recv_bTD = out_bTD
             # Stage 0 receives the last stage's job `now - (P - 1)`: keep it for its next repeat,
@@ -148,14 +146,14 @@ def run_pipeline(
         # Only stage 0 holds the outputs; a reduce-scatter of (outputs on stage 0, zeros
         # elsewhere) hands each stage its rows, exactly (x + 0 == x).
         y_RPQTD = jnp.where(stage == 0, y_RPQTD, 0)
-        return jax.lax.psum_scatter(y_RPQTD, PIPE, scatter_dimension=1, tiled=True)
+        return jax.lax.psum_scatter(y_RPQTD, PIPELINE, scatter_dimension=1, tiled=True)
 
-    spec = PartitionSpec("data" if "data" in manual else None, PIPE)
+    spec = PartitionSpec(DATA if DATA in manual else None, PIPELINE)
     y_RPQTD = jax.shard_map(
         stages,
         mesh=mesh,
-        in_specs=(PartitionSpec(PIPE), spec),
+        in_specs=(PartitionSpec(PIPELINE), spec),
         out_specs=spec,
         axis_names=manual,
-    )(blocks_state, x_BTD.reshape(r, p, q, t, d))
+    )(weights, x_BTD.reshape(r, p, q, t, d))
     return y_RPQTD.reshape(b_all, t, d)

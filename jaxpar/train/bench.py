@@ -68,12 +68,13 @@ def bench(
     """Times `steps` train steps after `warmup` untimed ones, on the config's data.
 
     `progress(i, seconds)` is called after each timed step."""
-    config, mesh = trainer.config, trainer.mesh
+    placement = trainer.placement
+    config, mesh = placement.config, placement.mesh
     t = config.train
     corpus = Corpus.from_glob(config.data.path)
     corpus.check_fits(t.seq_len)
     shape = trainer.batch_shape()
-    sharding = trainer.batch_sharding
+    sharding = placement.batch_sharding
     batches = [global_batch(corpus, t.seed, i, shape, sharding) for i in range(warmup + steps)]
     _, compile_s = trainer.compile()
     state = trainer.init_state()
@@ -91,13 +92,13 @@ def bench(
     device = mesh.devices.flat[0]
     flops = model_flops(config.model, t.batch_size, t.seq_len)
     n = mesh.devices.size
-    peak = peak_flops(device.device_kind, trainer.dtype.name)
+    peak = peak_flops(device.device_kind, placement.dtype.name)
     achieved = flops / median / n
     return BenchResult(
         device_kind=device.device_kind,
         devices=n,
         mesh=str(config.parallel.mesh),
-        dtype=trainer.dtype.name,
+        dtype=placement.dtype.name,
         model_params=config.model.num_params,
         tokens_per_step=t.batch_size * t.seq_len,
         steps=steps,

@@ -1,4 +1,10 @@
-"""The training loop: data, the compiled step, metrics, progress, and a closing text sample."""
+"""The training loop: a run folder, the compiled step, metrics, progress, signals, checkpoints.
+
+`train` reads top to bottom as the run goes: restore or initialise, describe the run, compile, then
+`_run_steps`, whose step-by-step decisions (a metrics row, when to stop, when to save) are small
+functions of their own. What a caller does with the trained model afterwards (the closing text
+sample of `jaxpar train`) is not the loop's business: `Summary` hands back the final state.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +12,22 @@ import json
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import jax
-import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from jaxpar.checkpoint import CHECKPOINTS, Checkpointer
+from jaxpar.analysis.flops import compute_overhead
+from jaxpar.checkpoint import Checkpointer
 from jaxpar.config import Config, dump_yaml
 from jaxpar.data import Corpus, global_batch
 from jaxpar.distributed import agree, current
-from jaxpar.infer.sample import generate
-from jaxpar.mesh import mesh_spec_of
-from jaxpar.train.step import Trainer
+from jaxpar.placement import Placement
+from jaxpar.runs import CHECKPOINTS, CONFIG, METRICS, keep_metrics_before
+from jaxpar.train.step import Trainer, TrainState
 
 
 @dataclass(frozen=True)
@@ -34,19 +41,8 @@ class Summary:
     train_s: float
     skipped: int
     stopped_by: str | None
-    sample: str
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not console.is_terminal,
-    )
+    placement: Placement
+    state: TrainState = field(repr=False)  # after the last step
 
 
 class TrainingAborted(RuntimeError):
@@ -76,17 +72,6 @@ class _Signals:
             signal.signal(s, handler)
 
 
-def _keep_metrics_before(path: Path, step: int) -> None:
-    """Drops the rows of steps >= `step` (they will be run again), atomically."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["step"] < step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
-
-
 def train(
     config: Config,
     mesh: jax.sharding.Mesh,
@@ -103,142 +88,208 @@ def train(
     Raises:
         TrainingAborted: `train.max_bad_steps` non-finite steps in a row.
     """
-    t, c = config.train, config.checkpoint
+    t = config.train
     corpus = Corpus.from_glob(config.data.path)
     corpus.check_fits(t.seq_len)
-    trainer = Trainer(config, mesh)
-    checkpoints = Checkpointer(trainer, out / CHECKPOINTS, keep=c.keep)
-    restored = checkpoints.restore_latest(
-        model=config.model, warn=lambda msg: console.print(msg, style="yellow")
+    trainer = Trainer(Placement(config, mesh))
+    target = trainer.abstract_state()
+    with Checkpointer(trainer.placement, out / CHECKPOINTS, target, config.checkpoint.keep) as ckpt:
+        state, restored = _restore_or_init(trainer, ckpt, console)
+        start = restored["step"] if restored else 0
+        _open_run_folder(out, config, start)
+        _describe(trainer, corpus, console)
+        if restored:
+            console.print(
+                f"resuming from checkpoint {start} (written on mesh {restored['mesh']}) in "
+                f"{out / CHECKPOINTS}"
+            )
+        compile_s = _compile(trainer, console)
+        last = min(t.steps, stop_after) if stop_after is not None else t.steps
+        start_time = time.perf_counter()
+        run = _run_steps(trainer, corpus, ckpt, state, start, last, out, console)
+    train_s = time.perf_counter() - start_time
+    if run.stopped_by:
+        console.print(f"stopped by {run.stopped_by} after step {start + len(run.losses) - 1}; "
+                      f"checkpoint {start + len(run.losses)} saved")  # fmt: skip
+    # The first step of a session waits for nothing in flight; later steps show the steady state.
+    steady = run.times[1:] or run.times
+    tokens_per_step = t.batch_size * t.seq_len
+    return Summary(
+        start_step=start,
+        steps=len(run.losses),
+        first_loss=run.losses[0] if run.losses else float("nan"),
+        last_loss=run.losses[-1] if run.losses else float("nan"),
+        tokens_per_s=tokens_per_step * len(steady) / sum(steady) if steady else 0.0,
+        compile_s=compile_s,
+        train_s=train_s,
+        skipped=run.skipped,
+        stopped_by=run.stopped_by,
+        placement=trainer.placement,
+        state=run.state,
     )
-    primary = current().primary  # process 0 alone writes files; checkpoints are collective
-    out.mkdir(parents=True, exist_ok=True)
-    if primary:
-        (out / "config.yaml").write_text(dump_yaml(config))
 
-    m = config.model
+
+def _restore_or_init(
+    trainer: Trainer, checkpoints: Checkpointer, console: Console
+) -> tuple[TrainState, dict[str, Any] | None]:
+    """The newest intact checkpoint and its metadata, or a new state and None."""
+    warn = lambda msg: console.print(msg, style="yellow")  # noqa: E731
+    restored = checkpoints.restore_latest(warn=warn)
+    return (trainer.init_state(), None) if restored is None else restored
+
+
+def _open_run_folder(out: Path, config: Config, start: int) -> None:
+    """Writes the config and drops the metrics rows a resumed run will write again (process 0
+    alone writes files; checkpoints are collective)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if current().primary:
+        (out / CONFIG).write_text(dump_yaml(config))
+        keep_metrics_before(out / METRICS, start)
+
+
+def _describe(trainer: Trainer, corpus: Corpus, console: Console) -> None:
+    p = trainer.placement
+    m = p.config.model
     console.print(
         f"model: {m.num_params / 1e6:.2f}M params ({m.layers} layers, dim {m.dim}, "
-        f"{m.heads} heads / {m.kv_heads} kv), {trainer.dtype.name} compute"
+        f"{m.heads} heads / {m.kv_heads} kv), {p.dtype.name} compute, {p.attention} attention"
     )
     console.print(
-        f"mesh: {mesh_spec_of(mesh)} on {mesh.devices.size} {jax.default_backend()} devices, "
-        f"rules '{trainer.rules.name}'; data: {corpus.files} files, {len(corpus.tokens):,} bytes"
+        f"mesh: {p.spec} on {p.mesh.devices.size} {jax.default_backend()} devices, "
+        f"rules '{p.rules.name}'; data: {corpus.files} files, {len(corpus.tokens):,} bytes"
     )
-    if restored is None:
-        state, start = trainer.init_state(), 0
-    else:
-        state, meta = restored
-        start = meta["step"]
-        console.print(
-            f"resuming from checkpoint {start} (written on mesh {meta['mesh']}) in "
-            f"{out / CHECKPOINTS}"
-        )
-    if primary:
-        _keep_metrics_before(out / "metrics.jsonl", start)
-    step_fn, compile_s = trainer.compile()
+
+
+def _compile(trainer: Trainer, console: Console) -> float:
+    """Compiles the step and prints what it computes against the ideal; returns the seconds."""
+    compiled, compile_s = trainer.compile()
     console.print(f"compiled the train step in {compile_s:.1f}s")
-    overhead = trainer.compute_overhead()
+    p = trainer.placement
+    overhead = compute_overhead(p, compiled.as_text())
     console.print(
-        f"pipeline: {trainer.schedule.describe()}; {trainer.layout.imbalance()}\n"
+        f"pipeline: {p.schedule.describe()}; {p.layout.imbalance()}\n"
         f"compute: {overhead.flops_per_device / 1e9:.3f} GFLOP per device per step = "
         f"{overhead.ratio:.3f} x ideal; overhead {overhead.bubble:.1%} of the step, "
         f"{overhead.stack_bubble:.1%} of the layer stack (theoretical bubble "
-        f"{trainer.schedule.bubble:.1%})"
+        f"{p.schedule.bubble:.1%})"
     )
+    return compile_s
 
-    shape = trainer.batch_shape()
-    tokens_per_step = t.batch_size * t.seq_len
-    meta = {"config": config.to_dict(), "mesh": str(mesh_spec_of(mesh)), "seed": t.seed}
-    last = min(t.steps, stop_after) if stop_after is not None else t.steps
-    losses, times, bad_in_row, skipped = [], [], 0, 0
-    log_every = max(1, t.steps // 10)
-    stopped_by = None
-    start_time = time.perf_counter()
-    with (
-        (out / "metrics.jsonl").open("a") if primary else open(os.devnull, "w") as metrics_file,
-        _progress(console) as progress,
-        _Signals() as signals,
-    ):
+
+@dataclass
+class _Run:
+    """What the step loop leaves behind."""
+
+    state: TrainState
+    losses: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    skipped: int = 0
+    bad_in_row: int = 0
+    stopped_by: str | None = None
+
+
+def _run_steps(
+    trainer: Trainer,
+    corpus: Corpus,
+    checkpoints: Checkpointer,
+    state: TrainState,
+    start: int,
+    last: int,
+    out: Path,
+    console: Console,
+) -> _Run:
+    """Steps `start` .. `last` - 1: one metrics row each, progress, and a checkpoint every
+    `checkpoint.every` steps, at the end and when stopped."""
+    p = trainer.placement
+    t, every = p.config.train, p.config.checkpoint.every
+    meta = {"config": p.config.to_dict(), "mesh": str(p.spec), "seed": t.seed}
+    run = _Run(state)
+    with _metrics_file(out) as metrics_file, _progress(console) as progress, _Signals() as signals:
         task = progress.add_task(
             "train", total=t.steps, completed=start, loss=float("nan"), tps=0.0
         )
         for step in range(start, last):
-            batch = global_batch(corpus, t.seed, step, shape, trainer.batch_sharding)
-            poison = float("nan") if step in t.nan_steps else 0.0
-            t0 = time.perf_counter()
-            state, metrics = trainer.step(state, batch, poison)
-            metrics = jax.device_get(metrics)  # waits for the step's results
-            dt = time.perf_counter() - t0
-            bad_in_row = bad_in_row + 1 if metrics["skipped"] else 0
-            skipped += int(metrics["skipped"])
-            row = {
-                "step": step,
-                "loss": float(metrics["loss"]),
-                "lr": float(metrics["lr"]),
-                "grad_norm": float(metrics["grad_norm"]),
-                "step_time_s": dt,
-                "tokens_per_s": tokens_per_step / dt,
-                "skipped": bool(metrics["skipped"]),
-                "bad_in_row": bad_in_row,
-            }
+            row = _step(trainer, corpus, run, step)
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
-            losses.append(row["loss"])
-            times.append(dt)
             progress.update(task, advance=1, loss=row["loss"], tps=row["tokens_per_s"])
-            if not console.is_terminal and (step % log_every == 0 or step == t.steps - 1):
-                console.print(
-                    f"step {step:>5}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
-                    f"grad_norm {row['grad_norm']:.3f}  {row['tokens_per_s']:,.0f} tok/s"
-                )
-            if bad_in_row >= t.max_bad_steps:
-                checkpoints.close()
+            _log(console, row, t.steps)
+            if run.bad_in_row >= t.max_bad_steps:
                 raise TrainingAborted(
-                    f"{bad_in_row} steps in a row (up to step {step}) had a non-finite loss or "
-                    f"gradient (train.max_bad_steps={t.max_bad_steps}); stopped without saving, "
-                    f"the last good checkpoint is in {out / CHECKPOINTS}"
+                    f"{run.bad_in_row} steps in a row (up to step {step}) had a non-finite loss "
+                    f"or gradient (train.max_bad_steps={t.max_bad_steps}); stopped without "
+                    f"saving, the last good checkpoint is in {out / CHECKPOINTS}"
                 )
             done = step + 1
-            # Read the signal flag once: one that arrives during the save below stops the
-            # run after the next step, which saves again. Every process stops at the same step.
-            received = signals.received
-            if agree(received is not None) and received is None:
-                received = "a signal to another process"
-            stopped_by = received or ("stop_after" if done == last < t.steps else None)
-            if stopped_by or done == t.steps or (c.every and done % c.every == 0):
-                checkpoints.save(done, state, meta)
-            if stopped_by:
+            run.stopped_by = _stop_reason(signals, done, last, t.steps)
+            if run.stopped_by or done == t.steps or (every and done % every == 0):
+                checkpoints.save(done, run.state, meta)
+            if run.stopped_by:
                 break
-    checkpoints.close()
-    train_s = time.perf_counter() - start_time
-    if stopped_by:
-        console.print(f"stopped by {stopped_by} after step {start + len(losses) - 1}; "
-                      f"checkpoint {start + len(losses)} saved")  # fmt: skip
+    return run
 
-    sample = ""
-    if t.sample_tokens and not stopped_by and losses:
-        prompt = np.frombuffer(t.sample_prompt.encode(), dtype=np.uint8).astype(np.int32)
-        spec = mesh_spec_of(mesh)
-        rows = spec.data * spec.pipeline  # the batch is split over both outside the layers
-        with jax.set_mesh(mesh):
-            ids = generate(
-                trainer.graphdef, state.params, np.tile(prompt, (rows, 1)), t.sample_tokens,
-                t.seq_len, seed=t.seed, dtype=trainer.dtype,
-            )  # fmt: skip
-        text = bytes(np.asarray(ids[0], dtype=np.uint8)).decode("utf-8", errors="replace")
-        sample = t.sample_prompt + text
-    # The first step of a session waits for nothing in flight; later steps show the steady state.
-    steady = times[1:] or times
-    return Summary(
-        start_step=start,
-        steps=len(losses),
-        first_loss=losses[0] if losses else float("nan"),
-        last_loss=losses[-1] if losses else float("nan"),
-        tokens_per_s=tokens_per_step * len(steady) / sum(steady) if steady else 0.0,
-        compile_s=compile_s,
-        train_s=train_s,
-        skipped=skipped,
-        stopped_by=stopped_by,
-        sample=sample,
+
+def _step(trainer: Trainer, corpus: Corpus, run: _Run, step: int) -> dict[str, Any]:
+    """Runs step `step` on its batch, updates `run`, and returns its metrics row."""
+    t = trainer.placement.config.train
+    batch = global_batch(
+        corpus, t.seed, step, trainer.batch_shape(), trainer.placement.batch_sharding
     )
+    poison = float("nan") if step in t.nan_steps else 0.0
+    t0 = time.perf_counter()
+    run.state, metrics = trainer.step(run.state, batch, poison)
+    metrics = jax.device_get(metrics)  # waits for the step's results
+    dt = time.perf_counter() - t0
+    skipped = bool(metrics["skipped"])
+    run.bad_in_row = run.bad_in_row + 1 if skipped else 0
+    run.skipped += skipped
+    run.losses.append(float(metrics["loss"]))
+    run.times.append(dt)
+    return {
+        "step": step,
+        "loss": float(metrics["loss"]),
+        "lr": float(metrics["lr"]),
+        "grad_norm": float(metrics["grad_norm"]),
+        "step_time_s": dt,
+        "tokens_per_s": t.batch_size * t.seq_len / dt,
+        "skipped": skipped,
+        "bad_in_row": run.bad_in_row,
+    }
+
+
+def _stop_reason(signals: _Signals, done: int, last: int, steps: int) -> str | None:
+    """Why the run stops after `done` steps, or None to go on.
+
+    The signal flag is read once: one that arrives during the save that follows stops the run
+    after the next step, which saves again. Every process stops at the same step."""
+    received = signals.received
+    if agree(received is not None) and received is None:
+        received = "a signal to another process"
+    return received or ("stop_after" if done == last < steps else None)
+
+
+def _metrics_file(out: Path) -> IO[str]:
+    """OUT/metrics.jsonl for appending, on process 0; elsewhere a sink."""
+    return (out / METRICS).open("a") if current().primary else open(os.devnull, "w")
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
+
+
+def _log(console: Console, row: dict[str, Any], steps: int) -> None:
+    """A line every tenth of the run, when there is no progress bar (output to a file)."""
+    step = row["step"]
+    if not console.is_terminal and (step % max(1, steps // 10) == 0 or step == steps - 1):
+        console.print(
+            f"step {step:>5}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+            f"grad_norm {row['grad_norm']:.3f}  {row['tokens_per_s']:,.0f} tok/s"
+        )

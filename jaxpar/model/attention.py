@@ -1,0 +1,137 @@
+"""The one attention function: training, prefill and decode all call `attend`.
+
+Dimension key: B batch, T query positions, S key positions, N query heads, K kv heads,
+G = N / K query heads per kv head, H head dim.
+
+Implementations (`model.attention`, resolved once per placement by `resolve`):
+
+    xla          jaxpar's einsums: scores in float32, masked, softmax, values. Query heads are
+                 grouped under their kv head (B, T, K, G, H), so keys and values are never
+                 repeated for grouped-query attention.
+    dot_product  `jax.nn.dot_product_attention`, which also groups instead of repeating; its
+                 cuDNN flash kernel on GPUs, its XLA path elsewhere.
+    auto         the fused kernel where the platform has one and it works for this model (cuDNN
+                 on GPUs, checked by compiling a small case once), else `xla`, with a one-line
+                 notice when cuDNN was there but failed (it does on some CUDA 13 setups).
+
+Masks come from positions: query t sees key s when `k_positions[s] <= q_positions[t]`. That is
+causal attention in training and prefill (keys are the queries' own positions) and, in decode, the
+cached positions written so far. Positions None mean 0, 1, 2, ... in every row, which lets cuDNN use
+its causal kernel instead of a mask.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from functools import cache
+
+import jax
+import jax.numpy as jnp
+
+from jaxpar.errors import JaxparError
+
+IMPLS = ("xla", "dot_product", "cudnn")  # what `resolve` returns
+
+
+def attend(
+    q_BTNH: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    q_positions_BT: jax.Array | None = None,
+    k_positions_BS: jax.Array | None = None,
+    impl: str = "xla",
+) -> jax.Array:
+    """Grouped-query attention of `q` over `k` and `v` (N a multiple of K), masked by position.
+
+    Args:
+        q_positions_BT, k_positions_BS: the positions of queries and keys; both None means
+            0..T-1 and 0..S-1 in every row (T == S: plain causal attention).
+        impl: one of `IMPLS` (see `resolve`).
+
+    Returns:
+        (B, T, N, H) in the queries' dtype.
+    """
+    t, s = q_BTNH.shape[1], k_BSKH.shape[1]
+    causal = q_positions_BT is None and k_positions_BS is None
+    if q_positions_BT is None:
+        q_positions_BT = jnp.broadcast_to(jnp.arange(t), q_BTNH.shape[:2])
+    if k_positions_BS is None:
+        k_positions_BS = jnp.broadcast_to(jnp.arange(s), k_BSKH.shape[:2])
+    mask_BTS = k_positions_BS[:, None, :] <= q_positions_BT[:, :, None]
+    if impl == "xla":
+        return _xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+    if impl == "cudnn" and causal and t == s:
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True,
+                                            implementation="cudnn")  # fmt: skip
+    if impl in ("dot_product", "cudnn"):
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
+            implementation="cudnn" if impl == "cudnn" else "xla",
+        )  # fmt: skip
+    raise ValueError(f"attention implementation {impl!r} is not one of {', '.join(IMPLS)}")
+
+
+def _xla(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array):
+    b, t, n, h = q_BTNH.shape
+    k_heads = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(b, t, k_heads, n // k_heads, h)
+    scores_BKGTS = jnp.einsum("BTKGH,BSKGH->BKGTS", q_BTKGH, k_BSKH[:, :, :, None, :])
+    scores_BKGTS = scores_BKGTS.astype(jnp.float32) / math.sqrt(h)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(q_BTNH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+    return out_BTKGH.reshape(b, t, n, h)
+
+
+def resolve(
+    name: str,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: jnp.dtype,
+    notice: Callable[[str], None] = lambda line: print(f"jaxpar: {line}", file=sys.stderr),
+) -> str:
+    """The implementation `attend` runs for `model.attention=name` on this platform.
+
+    Raises:
+        JaxparError: `dot_product` on a GPU where cuDNN's kernel fails for this model.
+    """
+    gpu = jax.default_backend() == "gpu"
+    if name == "xla" or (name == "auto" and not gpu):
+        return "xla"
+    if not gpu:
+        return "dot_product"
+    failure = _cudnn_failure(heads, kv_heads, head_dim, jnp.dtype(dtype).name)
+    if failure is None:
+        return "cudnn"
+    if name == "dot_product":
+        raise JaxparError(
+            f"model.attention=dot_product: cuDNN attention fails on this GPU ({failure}); use "
+            "model.attention=xla or auto"
+        )
+    notice(f"cuDNN attention is not available here ({failure}); using model.attention=xla")
+    return "xla"
+
+
+@cache
+def _cudnn_failure(heads: int, kv_heads: int, head_dim: int, dtype: str) -> str | None:
+    """Why cuDNN's attention fails for these head shapes, or None when it compiles and runs:
+    a causal forward and backward as in training, and a one-query step over a masked cache."""
+    q = jnp.zeros((1, 128, heads, head_dim), dtype)
+    kv = jnp.zeros((1, 128, kv_heads, head_dim), dtype)
+    position = jnp.full((1, 1), 5)
+
+    def train(q, k, v):
+        return jnp.sum(attend(q, k, v, impl="cudnn").astype(jnp.float32))
+
+    def decode(q, k, v):
+        return attend(q[:, :1], k, v, position, None, impl="cudnn")
+
+    try:
+        jax.block_until_ready(jax.jit(jax.grad(train, argnums=(0, 1, 2)))(q, kv, kv))
+        jax.block_until_ready(jax.jit(decode)(q, kv, kv))
+    except Exception as e:  # cuDNN reports unsupported cases through many exception types
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}".strip()
+    return None

@@ -1,0 +1,210 @@
+"""How a model sits on a mesh, and nothing else: the one object training, serving, checkpoints,
+Hugging Face interop and `analyze` all take.
+
+A `Placement` turns a config and a mesh into the rules preset (logical -> mesh axes), the stage
+layout, the schedule, the compute dtype, the attention implementation, the model's graphdef and
+abstract parameters, and the parameters' and batch's shardings. It checks the config against the
+mesh when it is built, so a layout that cannot work fails at once with one line. It knows no
+optimizer (`jaxpar.train.step.Trainer` adds one) and no cache (`jaxpar.infer.engine.Generator`
+adds one).
+
+Parameters are stored in the stage layout ([P, v * c, ...] for the blocks); `to_logical` and
+`from_logical` convert any tree holding them (parameters, optimizer moments) to and from the
+logical layer order [L, ...] that checkpoints keep and that any other placement can read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxpar.config import Config, validate_for_mesh, validate_model_for_mesh
+from jaxpar.mesh import MeshSpec, mesh_spec_of
+from jaxpar.model import attention
+from jaxpar.model.llama import BlockWeights, Llama, cross_entropy
+from jaxpar.pipeline.executor import run_pipeline
+from jaxpar.pipeline.layout import StageLayout
+from jaxpar.pipeline.schedule import Schedule
+from jaxpar.sharding import OUTER_BATCH, Rules, rules_for, serving_rules
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """`auto` is float32 on CPU (exact comparisons) and bfloat16 on accelerators."""
+    if name == "auto":
+        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return jnp.dtype(name)
+
+
+def serving_config(config: Config) -> Config:
+    """The config with the training-only layout settings reset: plain rules, one chunk per stage."""
+    return config.replace(**{
+        "parallel.fsdp": False, "pipeline.schedule": "gpipe", "pipeline.repeats": 1,
+        "pipeline.microbatches": 1, "pipeline.remat": "none",
+    })  # fmt: skip
+
+
+def logical_axes(v: nnx.Variable) -> tuple[str, ...]:
+    return v.get_metadata()["logical_axes"]
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _in_blocks(path: tuple[Any, ...]) -> bool:
+    return any(getattr(k, "key", None) == "blocks" for k in path)
+
+
+@dataclass
+class Placement:
+    """A model config laid out on a mesh.
+
+    Attributes:
+        config: the config (for serving, with the training-only layout settings reset).
+        mesh: the device mesh (axes `jaxpar.mesh.AXES`).
+        serving: lay the model out for inference: the rules keep the embedding's and head's batch
+            over `data` only (a serving batch need not divide over `data` x `pipeline`), one chunk
+            of layers per stage, no FSDP, and only the model's sizes are checked against the mesh.
+
+    Raises:
+        JaxparError: the config does not fit the mesh (a size that does not divide, too few
+            layers for the stages, a batch the micro-batches do not split, ...).
+    """
+
+    config: Config
+    mesh: jax.sharding.Mesh
+    serving: bool = False
+
+    def __post_init__(self) -> None:
+        self.spec: MeshSpec = mesh_spec_of(self.mesh)
+        if self.serving:
+            self.config = serving_config(self.config)
+            validate_model_for_mesh(self.config.model, self.spec)
+            self.rules: Rules = serving_rules(rules_for(self.spec, fsdp=False))
+        else:
+            validate_for_mesh(self.config, self.spec)
+            self.rules = rules_for(self.spec, self.config.parallel.fsdp)
+        m, pipe = self.config.model, self.config.pipeline
+        self.layout = StageLayout(m.layers, self.spec.pipeline, pipe.repeats)
+        self.schedule = Schedule(pipe.schedule, self.spec.pipeline, pipe.microbatches, pipe.repeats)
+        self.dtype = compute_dtype(self.config.train.dtype)
+        self.attention = attention.resolve(
+            m.attention, m.heads, m.kv_heads, m.head_dim, self.dtype
+        )
+        abstract = nnx.eval_shape(lambda: self.new_model(0))
+        self.graphdef, self.abstract_params = nnx.split(abstract)
+
+    def new_model(self, seed: int) -> Llama:
+        """The model with parameters drawn from `seed` (call inside jit with out_shardings to
+        create them straight into `param_shardings`)."""
+        return Llama(
+            self.config.model, self.rules, rngs=nnx.Rngs(params=seed), layout=self.layout,
+            attention=self.attention,
+        )  # fmt: skip
+
+    # -- shardings ---------------------------------------------------------------------------
+
+    @cached_property
+    def param_shardings(self) -> nnx.State:
+        """A tree like the params with a NamedSharding in place of each array."""
+        return jax.tree.map(
+            lambda v: v.replace(NamedSharding(self.mesh, self.rules.spec(logical_axes(v)))),
+            self.abstract_params,
+            is_leaf=_is_variable,
+        )
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        """A (B, T) token batch: rows over the axes the embedding's batch is on."""
+        return NamedSharding(self.mesh, self.rules.spec((OUTER_BATCH, None)))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def abstract(self, tree: Any, shardings: Any) -> Any:
+        """`tree`'s arrays (or shapes) as ShapeDtypeStructs carrying `shardings` (a matching tree):
+        what `lower` and orbax's restore take."""
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+        )
+
+    # -- the forward pass --------------------------------------------------------------------
+
+    def logits(self, params: nnx.State, tokens_BT: jax.Array) -> jax.Array:
+        """float32 logits (B, T, V) through the pipeline executor, as the train step runs them.
+
+        The blocks' fused weights are derived once here, for every tick and layer; they stay in
+        float32 and each matmul casts its weight to the compute dtype, so that the gradients the
+        ticks accumulate for them are summed in float32."""
+        model = nnx.merge(self.graphdef, params)
+        x_BTD = model.embed(tokens_BT, self.dtype)
+
+        def layer(w: BlockWeights, h_bTD: jax.Array) -> jax.Array:
+            return model.blocks.apply(w, h_bTD)[0]
+
+        x_BTD = run_pipeline(
+            layer,
+            model.blocks.weights(jnp.float32),
+            x_BTD,
+            mesh=self.mesh,
+            schedule=self.schedule,
+            layout=self.layout,
+            remat=self.config.pipeline.remat,
+            fsdp=self.config.parallel.fsdp,
+        )
+        return model.logits(x_BTD)
+
+    def loss(self, params: nnx.State, tokens_BT: jax.Array) -> jax.Array:
+        """Next-token loss of a (B, T+1) batch: predict tokens 1..T from tokens 0..T-1."""
+        return cross_entropy(self.logits(params, tokens_BT[:, :-1]), tokens_BT[:, 1:])
+
+    # -- layouts -----------------------------------------------------------------------------
+
+    def to_logical(self, tree: Any) -> Any:
+        """`tree` (any tree of arrays whose paths pass through `blocks`: parameters, optimizer
+        moments, a train state) with the blocks' [P, v * c, ...] in logical order [L, ...]."""
+        layout = self.layout
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: layout.to_logical(x) if _in_blocks(path) else x, tree
+        )
+
+    def from_logical(self, tree: Any) -> Any:
+        """The inverse of `to_logical`: blocks from [L, ...] into this placement's stage layout."""
+        layout = self.layout
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: layout.to_stages(x) if _in_blocks(path) else x, tree
+        )
+
+    def logical_abstract(self, abstract: Any) -> Any:
+        """ShapeDtypeStructs of `to_logical(tree)` for a tree given as ShapeDtypeStructs with this
+        placement's shardings: the blocks' leading axes become [L] (replicated), the rest keep
+        their shardings."""
+        layers = self.config.model.layers
+
+        def logical(path, x):
+            if not _in_blocks(path):
+                return x
+            spec = PartitionSpec(None, *x.sharding.spec[2:])
+            sharding = NamedSharding(self.mesh, spec)
+            return jax.ShapeDtypeStruct((layers, *x.shape[2:]), x.dtype, sharding=sharding)
+
+        return jax.tree_util.tree_map_with_path(logical, abstract)
+
+    def relayout(self, params: nnx.State, source: Placement) -> nnx.State:
+        """`params` laid out by `source` (same model, same mesh), moved into this placement's
+        stage layout and shardings."""
+        if dataclasses.asdict(source.config.model) != dataclasses.asdict(self.config.model):
+            raise ValueError("relayout needs the same model on both placements")
+        move = jax.jit(
+            lambda p: self.from_logical(source.to_logical(p)), out_shardings=self.param_shardings
+        )
+        with jax.set_mesh(self.mesh):
+            return move(params)

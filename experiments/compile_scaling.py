@@ -35,6 +35,7 @@ def main() -> int:
     from jaxpar.analysis.report import analyze
     from jaxpar.config import load_config
     from jaxpar.mesh import make_mesh
+    from jaxpar.placement import Placement
     from jaxpar.train.step import Trainer
 
     mesh = make_mesh(spec)
@@ -44,7 +45,7 @@ def main() -> int:
         config = load_config(None, [*COMMON, *sizes])
         seconds, hlo_lines, hlo_ops, loops = [], set(), set(), set()
         for _ in range(TRIES):
-            trainer = Trainer(config, mesh)
+            trainer = Trainer(Placement(config, mesh))
             seconds.append(round(analyze(trainer).compile_s, 2))
             text = trainer.compile()[0].as_text().splitlines()  # compiled once, by analyze
             hlo_lines.add(len(text))

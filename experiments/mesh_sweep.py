@@ -141,6 +141,7 @@ def main() -> int:
     from jaxpar.analysis.report import analyze
     from jaxpar.config import load_config
     from jaxpar.mesh import make_mesh
+    from jaxpar.placement import Placement
     from jaxpar.train.bench import bench
     from jaxpar.train.step import Trainer
 
@@ -152,7 +153,7 @@ def main() -> int:
             m = microbatches(layout[1])
             if r == 0:
                 config = load_config(None, [*MODEL, f"pipeline.microbatches={m}"])
-                trainers.append(Trainer(config, make_mesh(parse_mesh(spec))))
+                trainers.append(Trainer(Placement(config, make_mesh(parse_mesh(spec)))))
                 analyses.append(analyze(trainers[i]).to_json())  # compiles; bench reuses it
                 times.append([])
             speed = bench(trainers[i], steps, warmup)

@@ -66,6 +66,7 @@ def main() -> int:
     from jaxpar.analysis.timeline import plot_timelines
     from jaxpar.config import load_config
     from jaxpar.mesh import make_mesh
+    from jaxpar.placement import Placement
     from jaxpar.train.step import Trainer
 
     mesh = make_mesh(spec)
@@ -74,7 +75,7 @@ def main() -> int:
         for m in MICROBATCHES:
             pipe = [f"schedule={name}", f"microbatches={m}", f"repeats={v}"]
             config = load_config(None, [*COMMON, *(f"pipeline.{p}" for p in pipe)])
-            trainer = Trainer(config, mesh)
+            trainer = Trainer(Placement(config, mesh))
             a = analyze(trainer).to_json()
             rows.append({
                 "schedule": name,
@@ -89,7 +90,7 @@ def main() -> int:
                 "compile_s": round(a["compile_s"], 2),
             })  # fmt: skip
             if m == 8:
-                at_m8.append(trainer.schedule)
+                at_m8.append(trainer.placement.schedule)
             print(json.dumps(rows[-1]), flush=True)
 
     header = ["schedule", "M", "v", "ticks", "bubble theory", "bubble measured (stack)",

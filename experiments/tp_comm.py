@@ -41,13 +41,14 @@ def main() -> int:
     from jaxpar.analysis.report import analyze
     from jaxpar.config import load_config
     from jaxpar.mesh import AXES, make_mesh
+    from jaxpar.placement import Placement
     from jaxpar.train.step import Trainer
 
     rows = []
     for mesh_spec, overrides in CASES:
         config = load_config(None, [*COMMON, *overrides])
         mesh = make_mesh(parse_mesh(mesh_spec))
-        trainer = Trainer(config, mesh)
+        trainer = Trainer(Placement(config, mesh))
         a = analyze(trainer).to_json()
         tensor = [
             c for c in a["collectives"] if c["kind"] == "all-reduce" and c["axis"] == "tensor"

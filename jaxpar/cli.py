@@ -309,9 +309,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from jaxpar.analysis.timeline import ascii_timeline, plot_timelines
     from jaxpar.train.step import Trainer
 
-    trainer = Trainer(placement)
-    compiled, compile_s = trainer.compile()
-    analysis = analyze(placement, compiled, compile_s, trainer.abstract_state().opt_state)
+    analysis = analyze(Trainer(placement))
     if timeline is not None:
         plot_timelines([placement.schedule], timeline)
     if args.json:

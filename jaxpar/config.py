@@ -81,7 +81,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     # "auto": float32 on CPU, bfloat16 on GPU/TPU. Parameters always stay float32.
     dtype: str = "auto"
-    sample_tokens: int = 200
+    sample_tokens: int = 120  # the closing sample, with the prompt, fills at most seq_len
     sample_prompt: str = "def "
     # A step whose loss or gradient is not finite is skipped (state unchanged); this many in a
     # row abort the run, leaving the last good checkpoint in place.

@@ -95,9 +95,7 @@ class Placement:
         self.layout = StageLayout(m.layers, self.spec.pipeline, pipe.repeats)
         self.schedule = Schedule(pipe.schedule, self.spec.pipeline, pipe.microbatches, pipe.repeats)
         self.dtype = compute_dtype(self.config.train.dtype)
-        self.attention = attention.resolve(
-            m.attention, m.heads, m.kv_heads, m.head_dim, self.dtype
-        )
+        self.attention = attention.resolve(m.attention, m.heads, m.kv_heads, m.head_dim, self.dtype)
         abstract = nnx.eval_shape(lambda: self.new_model(0))
         self.graphdef, self.abstract_params = nnx.split(abstract)
 

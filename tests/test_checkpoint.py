@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from jaxpar.checkpoint import Checkpointer, list_checkpoints
+from jaxpar.checkpoint import Checkpointer, CorruptCheckpoint, list_checkpoints
 from jaxpar.cli import main
 from jaxpar.config import load_config
 from jaxpar.errors import JaxparError
@@ -186,6 +186,47 @@ def test_flipped_bits_are_caught_by_the_checksums(reference, tmp_path):
     with pytest.raises(JaxparError, match="no intact checkpoint"):
         checkpointer.restore_latest(warn=lambda m: None)
     checkpointer.close()
+
+
+def test_serving_reads_the_parameters_alone_and_checks_them(reference, tmp_path):
+    _, ref_out = reference
+    out = tmp_path / "checkpoints"
+    shutil.copytree(ref_out / "checkpoints" / "20", out / "20")
+    trainer = Trainer(Placement(config(), mesh("data=2,tensor=4")))
+    with Checkpointer(trainer.placement, out, trainer.abstract_state()) as checkpointer:
+        full, meta = checkpointer.restore(20)
+        whole = checkpointer.to_logical(full).params
+    serving = Placement(config(), mesh("tensor=8"), serving=True)
+    target = {"params": serving.abstract(serving.abstract_params, serving.param_shardings)}
+
+    def serve():
+        with Checkpointer(serving, out, target) as checkpointer:
+            part, _ = checkpointer.restore(20)
+            return part, checkpointer.to_logical(part)["params"]
+
+    part, logical = serve()
+    assert set(part) == {"params"}  # no optimizer moments are read
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(logical), jax.tree.leaves(whole), strict=True
+    ):
+        np.testing.assert_array_equal(a, b, err_msg=str(path))
+
+    # Each part is checked against its own checksums: a damaged optimizer moment does not stop
+    # serving, a damaged parameter does.
+    file = out / "20" / "meta" / "metadata"
+    paths = meta["paths"]
+    for prefix, serving_fails in (("opt_state/", False), ("params/", True)):
+        doc = json.loads(file.read_text())
+        doc["checksums"][next(i for i, p in enumerate(paths) if p.startswith(prefix))] ^= 1
+        file.write_text(json.dumps(doc))
+        if serving_fails:
+            with pytest.raises(CorruptCheckpoint, match="does not match its checksums"):
+                serve()
+        else:
+            serve()
+            checkpointer = Checkpointer(trainer.placement, out, trainer.abstract_state())
+            with checkpointer, pytest.raises(CorruptCheckpoint, match="match its checksums"):
+                checkpointer.restore(20)
 
 
 def test_another_model_is_refused(reference, tmp_path):

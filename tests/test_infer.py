@@ -1,6 +1,7 @@
 """Inference: KV-cached decoding against recomputation, one device against a 3-axis mesh, and the
 `eval`, `generate`, `chat` and `export-hf` commands end to end."""
 
+import codecs
 import functools
 import json
 import math
@@ -146,7 +147,7 @@ def test_generate_from_a_run_and_from_its_hugging_face_export(capsys, run_dir, t
     assert hf["new_ids"] == jaxpar["new_ids"]
 
 
-def test_chat_streams_replies(capsys, run_dir, monkeypatch):
+def test_chat_answers_each_line_after_the_history_that_fits(capsys, run_dir, monkeypatch):
     run, _ = run_dir
     lines = iter(["hello", "again"])
 
@@ -157,10 +158,24 @@ def test_chat_streams_replies(capsys, run_dir, monkeypatch):
             raise EOFError from None
 
     monkeypatch.setattr("builtins.input", fake_input)
-    assert main(["chat", "--run", str(run), "--mesh", "data=8", "--max-new-tokens", "5"]) == 0
+    new = 20  # of a context of 32: the history keeps the newest 12 tokens
+    argv = ["--run", str(run), "--mesh", "data=8", "--max-new-tokens", str(new), "--greedy"]
+    assert main(["chat", *argv]) == 0
     out, err = capsys.readouterr()
     assert "chatting with" in err
-    assert out.count("\n") == 2  # one streamed reply per line typed
+
+    # The same conversation by hand: each turn is a greedy generation after the window.
+    keep, history, said = 32 - new, [], ""
+    for line in ("hello", "again"):
+        history = (history + list(f"{line}\n".encode()))[-keep:]
+        ids = ",".join(map(str, history))
+        reply = _json(capsys, ["generate", *argv, "--prompt-ids", ids, "--json"])["new_ids"][0]
+        assert len(reply) == new
+        said += codecs.getincrementaldecoder("utf-8")(errors="replace").decode(bytes(reply))
+        said += "\n"
+        history = (history + reply)[-keep:]
+    assert len(history) == keep  # the window did cut the conversation
+    assert out == said
 
 
 @pytest.mark.parametrize(

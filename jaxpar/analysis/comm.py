@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from jaxpar.analysis.hlo import DTYPE_BYTES, Collective
 from jaxpar.config import ModelConfig
+from jaxpar.mesh import TENSOR
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def megatron_check(
     measured_bytes = 0
     unexpected = []
     for c in found:
-        if "tensor" not in c.axes:
+        if TENSOR not in c.axes:
             continue
         for dtype, shape in c.shapes:
             size = math.prod(shape)
@@ -100,12 +101,12 @@ def megatron_check(
                 scalars += c.trips
             elif (
                 c.kind == "all-reduce"
-                and c.axes == ("tensor",)
+                and c.axes == (TENSOR,)
                 and shape == (batch_local, seq, cfg.dim)
             ):
                 activation += c.trips
                 measured_bytes += c.trips * size * DTYPE_BYTES[dtype]
-            elif c.kind == "all-reduce" and c.axes == ("tensor",) and shape == (batch_local, seq):
+            elif c.kind == "all-reduce" and c.axes == (TENSOR,) and shape == (batch_local, seq):
                 ce += c.trips
                 measured_bytes += c.trips * size * DTYPE_BYTES[dtype]
             else:

@@ -8,7 +8,7 @@ collective with the mesh axes its replica groups span.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 from rich.console import Console
@@ -109,17 +109,26 @@ class Analysis:
         }
 
 
-def analyze(
-    placement: Placement, compiled: jax.stages.Compiled, compile_s: float, opt_state: Any
-) -> Analysis:
-    """Reads the figures of `placement`'s compiled train step (nothing runs).
+class CompiledStep(Protocol):
+    """What `analyze` reads: a train step on a placement (`jaxpar.train.step.Trainer` is one)."""
 
-    Args:
-        compiled: the compiled step (`Trainer.compile()`), compiled in `compile_s` seconds.
-        opt_state: the optimizer state as ShapeDtypeStructs carrying their shardings
-            (`Trainer.abstract_state().opt_state`).
-    """
+    placement: Placement
+
+    def compile(self) -> tuple[jax.stages.Compiled, float]:
+        """The compiled step and the seconds its compilation took."""
+        ...
+
+    def abstract_state(self) -> Any:
+        """The state as ShapeDtypeStructs with shardings; its `opt_state` is counted."""
+        ...
+
+
+def analyze(step: CompiledStep) -> Analysis:
+    """Compiles `step` (nothing runs) and reads its figures."""
+    placement = step.placement
     config, mesh, spec = placement.config, placement.mesh, placement.spec
+    compiled, compile_s = step.compile()
+    opt_state = step.abstract_state().opt_state
     module = parse(compiled.as_text())
     rows = param_rows(placement.abstract_params, placement.param_shardings)
     params_bytes = sum(r.bytes_per_device for r in rows)

@@ -24,9 +24,7 @@ class Chat:
         JaxparError: `max_new_tokens` leaves no room in the context for a message.
     """
 
-    def __init__(
-        self, model: LoadedModel, max_new_tokens: int, sampling: Sampling, seed: int = 0
-    ):
+    def __init__(self, model: LoadedModel, max_new_tokens: int, sampling: Sampling, seed: int = 0):
         model.check_fits(1, max_new_tokens)
         self.model, self.max_new_tokens, self.sampling, self.seed = (
             model, max_new_tokens, sampling, seed,

@@ -104,9 +104,7 @@ def run_pipeline(
             # here, once, puts the gradient's sum over replicas (the transpose of this cast) here
             # too, instead of at every use inside the tick loop.
             weights_X = jax.tree.map(lambda a: jax.lax.pcast(a, (DATA,), to="varying"), weights_X)
-        x_RPQTD = (
-            jax.lax.all_gather(x_R1QTD, PIPELINE, axis=1, tiled=True) if p > 1 else x_R1QTD
-        )
+        x_RPQTD = jax.lax.all_gather(x_R1QTD, PIPELINE, axis=1, tiled=True) if p > 1 else x_R1QTD
         r_here = x_RPQTD.shape[0]  # 1 when `data` is manual, else all replicas
         # Micro-batch k holds rows [k * b_local, (k + 1) * b_local) of every data replica.
         x_MbTD = x_RPQTD.reshape(r_here, m, b_local, t, d).transpose(1, 0, 2, 3, 4)

@@ -3,6 +3,7 @@
 `attend`'s masks and the implementation choice."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxpar.analysis.hlo import parse
 from jaxpar.config import load_config
 from jaxpar.errors import JaxparError
 from jaxpar.infer.engine import Generator
@@ -111,3 +113,53 @@ def test_implementation_choice_on_this_host():
     assert resolve("dot_product", 4, 2, 8, jnp.float32) == "dot_product"
     with pytest.raises(JaxparError, match="model.attention='flash' is not one of auto, xla"):
         load_config(None, ["model.attention=flash"])
+
+
+def _qkv_concats(hlo_text: str, layer_shape: tuple[int, ...]) -> list[int]:
+    """How often each concatenate that builds fused Q/K/V weights (one layer's, `layer_shape`, or
+    a stack of them) runs per program."""
+    dims = re.compile(r"[\[,]" + ",".join(map(str, layer_shape)) + r"\]")
+    module = parse(hlo_text)
+    return [
+        trips
+        for ins, trips in module.instructions()
+        if ins.op == "concatenate" and dims.search(ins.type_text)
+    ]
+
+
+@pytest.mark.parametrize(
+    "spec,extra",
+    [
+        ("pipeline=2", ("pipeline.microbatches=4",)),
+        ("data=2,tensor=4", ("pipeline.microbatches=2",)),
+    ],
+)
+def test_fused_weights_are_derived_once_per_step(spec, extra):
+    p = placement(spec, "xla", *extra)
+    m = p.config.model
+    k_local = m.kv_heads // p.spec.tensor
+    fused = (m.dim, k_local, m.heads // m.kv_heads + 2, m.head_dim)
+    compiled, _ = Trainer(p).compile()
+    assert p.schedule.ticks > 1  # several ticks (and layers) use the weights
+    assert _qkv_concats(compiled.as_text(), fused) == [1]
+
+
+def test_decode_steps_read_prepared_weights():
+    # bfloat16 serving of float32 parameters: the casts and the fusion happen once, when the
+    # generator is built. The decode step's program (its jaxpr: XLA's CPU backend adds casts of
+    # its own, as it computes bfloat16 matmuls in float32) neither concatenates nor casts a weight.
+    p = placement("data=2,tensor=4", "xla", "train.dtype=bfloat16", serving=True)
+    params = Trainer(placement("data=2,tensor=4", "xla")).init_state(0).params
+    gen = Generator(p, params, batch=2, max_len=8)
+    m = p.config.model
+    fused = (m.dim, m.kv_heads, m.heads // m.kv_heads + 2, m.head_dim)  # one layer's, global
+    assert gen.weights.w_qkv_DKCH.shape == (1, m.layers, *fused)
+    assert gen.weights.w_qkv_DKCH.dtype == gen.top["head_DV"].get_value().dtype == p.dtype
+    top, weights, cache, _, vector, *rest = gen._abstract_args((gen.rows,))
+    with jax.set_mesh(p.mesh):
+        jaxpr = str(jax.make_jaxpr(gen._decode)(top, weights, cache, vector, vector, *rest))
+    weight_dims = [fused, (m.dim, m.vocab), (m.vocab, m.dim)]  # a layer's QKV, head, embedding
+    shapes = "|".join(",".join(map(str, w)) for w in weight_dims)
+    derived = re.compile(r"\[(\d+,)*(" + shapes + r")\].* = (convert_element_type|concatenate)")
+    assert "convert_element_type" in jaxpr and "concatenate" in jaxpr  # (of activations)
+    assert [line for line in jaxpr.splitlines() if derived.search(line)] == []

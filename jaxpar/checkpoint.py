@@ -159,13 +159,23 @@ class Checkpointer:
         except Exception as e:  # orbax and tensorstore raise many types for damaged files
             raise CorruptCheckpoint(f"checkpoint {step} cannot be read: {type(e).__name__}") from e
         logical, meta = restored["state"], restored["meta"]
-        saved = dict(zip(meta.get("paths", []), meta.get("checksums", []), strict=False))
-        expected = (
-            [saved.get(path) for path in _paths(logical)] if self.partial else meta.get("checksums")
-        )
-        if self._checksums(logical) != expected:
+        if self._checksums(logical) != self._expected_checksums(logical, meta):
             raise CorruptCheckpoint(f"checkpoint {step} does not match its checksums")
         return self.from_logical(logical), meta
+
+    def _expected_checksums(self, logical: Any, meta: dict[str, Any]) -> list[int | None]:
+        """The saved checksums of the arrays in `logical` (all of them, or the restored part)."""
+        checksums = meta.get("checksums", [])
+        if not self.partial:
+            return checksums
+        if "paths" not in meta:
+            # Written before the paths were recorded: the checksums follow the train state's leaf
+            # order, the step, then the parameters, then the optimizer state.
+            if set(self.target) != {"params"}:
+                return [None]
+            return checksums[1 : 1 + len(jax.tree.leaves(logical))]
+        saved = dict(zip(meta["paths"], checksums, strict=True))
+        return [saved.get(path) for path in _paths(logical)]
 
     def read_meta(self, step: int) -> dict[str, Any]:
         try:

@@ -211,9 +211,21 @@ def test_serving_reads_the_parameters_alone_and_checks_them(reference, tmp_path)
     ):
         np.testing.assert_array_equal(a, b, err_msg=str(path))
 
+    # A checkpoint written before the paths were recorded lists its checksums in the train
+    # state's leaf order (step, parameters, optimizer state): serving still checks its part.
+    file = out / "20" / "meta" / "metadata"
+    doc = json.loads(file.read_text())
+    file.write_text(json.dumps({k: v for k, v in doc.items() if k != "paths"}))
+    serve()
+    doc["checksums"][1] ^= 1
+    file.write_text(json.dumps({k: v for k, v in doc.items() if k != "paths"}))
+    with pytest.raises(CorruptCheckpoint, match="does not match its checksums"):
+        serve()
+    doc["checksums"][1] ^= 1
+    file.write_text(json.dumps(doc))
+
     # Each part is checked against its own checksums: a damaged optimizer moment does not stop
     # serving, a damaged parameter does.
-    file = out / "20" / "meta" / "metadata"
     paths = meta["paths"]
     for prefix, serving_fails in (("opt_state/", False), ("params/", True)):
         doc = json.loads(file.read_text())

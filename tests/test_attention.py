@@ -163,3 +163,23 @@ def test_decode_steps_read_prepared_weights():
     derived = re.compile(r"\[(\d+,)*(" + shapes + r")\].* = (convert_element_type|concatenate)")
     assert "convert_element_type" in jaxpr and "concatenate" in jaxpr  # (of activations)
     assert [line for line in jaxpr.splitlines() if derived.search(line)] == []
+
+
+def test_a_gpu_without_working_cudnn_falls_back_or_refuses(monkeypatch):
+    import jaxpar.model.attention as attention
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "_cudnn_failure", lambda *shape: "RuntimeError: no kernel")
+    notices = []
+    assert resolve("auto", 4, 2, 8, jnp.bfloat16, notices.append) == "xla"
+    assert notices == [
+        "cuDNN attention is not available here (RuntimeError: no kernel); using model.attention=xla"
+    ]
+    with pytest.raises(JaxparError, match="model.attention=dot_product: cuDNN attention fails"):
+        resolve("dot_product", 4, 2, 8, jnp.bfloat16)
+    # float32: cuDNN has no flash kernel for it, so nothing is tried and nothing is said.
+    assert resolve("auto", 4, 2, 8, jnp.float32, notices.append) == "xla"
+    assert resolve("dot_product", 4, 2, 8, jnp.float32) == "dot_product"
+    monkeypatch.setattr(attention, "_cudnn_failure", lambda *shape: None)
+    assert resolve("auto", 4, 2, 8, jnp.bfloat16) == "cudnn"
+    assert len(notices) == 1

@@ -9,10 +9,12 @@ Implementations (`model.attention`, resolved once per placement by `resolve`):
                  grouped under their kv head (B, T, K, G, H), so keys and values are never
                  repeated for grouped-query attention.
     dot_product  `jax.nn.dot_product_attention`, which also groups instead of repeating; its
-                 cuDNN flash kernel on GPUs, its XLA path elsewhere.
+                 cuDNN flash kernel on GPUs in bfloat16 or float16 for causal calls (training,
+                 prefill), its XLA path for masked ones (decode steps) and elsewhere.
     auto         the fused kernel where the platform has one and it works for this model (cuDNN
-                 on GPUs, checked by compiling a small case once), else `xla`, with a one-line
-                 notice when cuDNN was there but failed (it does on some CUDA 13 setups).
+                 on GPUs in half precision, checked by compiling a small case once), else `xla`,
+                 with a one-line notice when cuDNN was there but failed (it does on some CUDA 13
+                 setups).
 
 Masks come from positions: query t sees key s when `k_positions[s] <= q_positions[t]`. That is
 causal attention in training and prefill (keys are the queries' own positions) and, in decode, the
@@ -66,10 +68,11 @@ def attend(
         return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True,
                                             implementation="cudnn")  # fmt: skip
     if impl in ("dot_product", "cudnn"):
+        # A masked call (a decode step: one query over the cache) is memory-bound, where a flash
+        # kernel gains nothing: jax's XLA path.
         return jax.nn.dot_product_attention(
-            q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
-            implementation="cudnn" if impl == "cudnn" else "xla",
-        )  # fmt: skip
+            q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], implementation="xla"
+        )
     raise ValueError(f"attention implementation {impl!r} is not one of {', '.join(IMPLS)}")
 
 
@@ -98,10 +101,11 @@ def resolve(
     Raises:
         JaxparError: `dot_product` on a GPU where cuDNN's kernel fails for this model.
     """
-    gpu = jax.default_backend() == "gpu"
-    if name == "xla" or (name == "auto" and not gpu):
+    # cuDNN's flash kernel exists on GPUs, for half precision only.
+    fused = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    if name == "xla" or (name == "auto" and not fused):
         return "xla"
-    if not gpu:
+    if not fused:
         return "dot_product"
     failure = _cudnn_failure(heads, kv_heads, head_dim, jnp.dtype(dtype).name)
     if failure is None:
@@ -117,21 +121,16 @@ def resolve(
 
 @cache
 def _cudnn_failure(heads: int, kv_heads: int, head_dim: int, dtype: str) -> str | None:
-    """Why cuDNN's attention fails for these head shapes, or None when it compiles and runs:
-    a causal forward and backward as in training, and a one-query step over a masked cache."""
+    """Why cuDNN's attention fails for these head shapes, or None when a causal forward and
+    backward, as in training, compiles and runs."""
     q = jnp.zeros((1, 128, heads, head_dim), dtype)
     kv = jnp.zeros((1, 128, kv_heads, head_dim), dtype)
-    position = jnp.full((1, 1), 5)
 
     def train(q, k, v):
         return jnp.sum(attend(q, k, v, impl="cudnn").astype(jnp.float32))
 
-    def decode(q, k, v):
-        return attend(q[:, :1], k, v, position, None, impl="cudnn")
-
     try:
         jax.block_until_ready(jax.jit(jax.grad(train, argnums=(0, 1, 2)))(q, kv, kv))
-        jax.block_until_ready(jax.jit(decode)(q, kv, kv))
     except Exception as e:  # cuDNN reports unsupported cases through many exception types
         return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}".strip()
     return None

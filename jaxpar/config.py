@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from jaxpar.mesh import MeshSpec
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SCHEDULES = ("gpipe", "circular")
+SCHEDULES = ("gpipe", "circular", "1f1b", "interleaved_1f1b", "zb_h1")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 ATTENTION = ("auto", "xla", "dot_product")
 
@@ -352,10 +352,15 @@ def validate(config: Config) -> None:
         raise JaxparError(f"pipeline.repeats={p.repeats} must be at least 1")
     if p.microbatches < 1:
         raise JaxparError(f"pipeline.microbatches={p.microbatches} must be at least 1")
-    if p.schedule == "gpipe" and p.repeats != 1:
+    if p.schedule in ("gpipe", "1f1b", "zb_h1") and p.repeats != 1:
         raise JaxparError(
-            f"pipeline.repeats={p.repeats} needs pipeline.schedule=circular (gpipe has one chunk "
-            "of layers per stage)"
+            f"pipeline.repeats={p.repeats} needs pipeline.schedule=circular or interleaved_1f1b "
+            f"({p.schedule} has one chunk of layers per stage)"
+        )
+    if p.schedule == "interleaved_1f1b" and p.repeats < 2:
+        raise JaxparError(
+            f"pipeline.repeats={p.repeats}: interleaved_1f1b needs at least 2 chunks per stage "
+            "(with 1 it is 1f1b)"
         )
     if t.dtype not in DTYPES:
         raise JaxparError(f"train.dtype={t.dtype!r} is not one of {', '.join(DTYPES)}")
@@ -403,6 +408,16 @@ def validate_for_mesh(config: Config, spec: MeshSpec) -> None:
         raise JaxparError(
             f"pipeline.microbatches={p.microbatches} < pipeline={pipeline}: the circular schedule "
             "needs at least one micro-batch per stage in flight"
+        )
+    if p.schedule == "interleaved_1f1b" and p.microbatches % pipeline:
+        raise JaxparError(
+            f"pipeline.microbatches={p.microbatches} is not a multiple of pipeline={pipeline}: "
+            "interleaved_1f1b runs the micro-batches through each chunk in groups of one per stage"
+        )
+    if p.schedule == "zb_h1" and pipeline == 1:
+        raise JaxparError(
+            "pipeline.schedule=zb_h1 with pipeline=1: there is no pipeline to fill (zero-bubble "
+            "schedules move weight gradients into pipeline bubbles; use gpipe or 1f1b)"
         )
 
 

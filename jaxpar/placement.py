@@ -28,8 +28,16 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxpar.config import Config, validate_for_mesh, validate_model_for_mesh
 from jaxpar.mesh import MeshSpec, mesh_spec_of
 from jaxpar.model import attention
-from jaxpar.model.llama import BlockWeights, Llama, cross_entropy
-from jaxpar.pipeline.executor import run_pipeline
+from jaxpar.model.llama import (
+    BlockWeights,
+    Llama,
+    TopWeights,
+    cross_entropy,
+    embed,
+    logits,
+    token_nll,
+)
+from jaxpar.pipeline.executor import run_pipeline, run_train_program
 from jaxpar.pipeline.layout import StageLayout
 from jaxpar.pipeline.schedule import Schedule
 from jaxpar.sharding import OUTER_BATCH, Rules, rules_for, serving_rules
@@ -161,8 +169,55 @@ class Placement:
         return model.logits(x_BTD)
 
     def loss(self, params: nnx.State, tokens_BT: jax.Array) -> jax.Array:
-        """Next-token loss of a (B, T+1) batch: predict tokens 1..T from tokens 0..T-1."""
-        return cross_entropy(self.logits(params, tokens_BT[:, :-1]), tokens_BT[:, 1:])
+        """Next-token loss of a (B, T+1) batch: predict tokens 1..T from tokens 0..T-1.
+
+        For schedules with their own backward (1f1b, interleaved_1f1b, zb_h1) the layer stack,
+        embedding and head are one `jax.custom_vjp`: its forward rule runs the schedule's whole
+        program, which returns the gradients with the loss, so `jax.grad` of this function runs
+        the hand-written per-tick backward and nothing else. Without differentiation (eval) it
+        runs the forward ticks alone."""
+        inputs_BT, targets_BT = tokens_BT[:, :-1], tokens_BT[:, 1:]
+        if not self.schedule.hand_backward:
+            return cross_entropy(self.logits(params, inputs_BT), targets_BT)
+        model = nnx.merge(self.graphdef, params)
+        stack_loss = self._stack_loss(model)
+        total = stack_loss(model.blocks.weights(jnp.float32), model.top(), inputs_BT, targets_BT)
+        return total / inputs_BT.size
+
+    def _stack_loss(self, model: Llama) -> Any:
+        """The summed loss of (weights, top, inputs, targets) with the program as its VJP."""
+        rules, dtype, eps = self.rules, self.dtype, self.config.model.norm_eps
+        pipe = dict(
+            mesh=self.mesh, schedule=self.schedule, layout=self.layout,
+            remat=self.config.pipeline.remat, fsdp=self.config.parallel.fsdp,
+        )  # fmt: skip
+
+        def layer(w: BlockWeights, h_bTD: jax.Array) -> jax.Array:
+            return model.blocks.apply(w, h_bTD)[0]
+
+        def head(top: TopWeights, y_bTD: jax.Array, targets_bT: jax.Array) -> jax.Array:
+            return jnp.sum(token_nll(logits(top, y_bTD, eps, rules), targets_bT))
+
+        @jax.custom_vjp
+        def stack_loss(weights: BlockWeights, top: TopWeights, inputs_BT, targets_BT):
+            x_BTD = embed(top, inputs_BT, dtype, rules, OUTER_BATCH)
+            y_BTD = run_pipeline(layer, weights, x_BTD, **pipe)
+            return jnp.sum(token_nll(logits(top, y_BTD, eps, rules, OUTER_BATCH), targets_BT))
+
+        def forward(weights, top, inputs_BT, targets_BT):
+            loss, d_weights, d_top = run_train_program(
+                layer, weights, top, inputs_BT, targets_BT,
+                embed=lambda top, tokens_bT: embed(top, tokens_bT, dtype, rules), head=head,
+                **pipe,
+            )  # fmt: skip
+            return loss, (d_weights, d_top)
+
+        def backward(grads: tuple, g: jax.Array) -> tuple:
+            d_weights, d_top = jax.tree.map(lambda a: a * g, grads)
+            return d_weights, d_top, None, None
+
+        stack_loss.defvjp(forward, backward)
+        return stack_loss
 
     # -- layouts -----------------------------------------------------------------------------
 

@@ -45,7 +45,6 @@ from jaxpar.sharding import (
 )
 
 X_AXES = (BATCH, SEQ, ACT_EMBED)
-OUTER_X_AXES = (OUTER_BATCH, SEQ, ACT_EMBED)
 _ROW = 128  # random draws are transformed as (rows, 128) arrays; see truncated_normal
 
 
@@ -330,20 +329,18 @@ class Llama(nnx.Module):
                 rngs, (cfg.dim, cfg.vocab), 1 / math.sqrt(cfg.dim), rules, (EMBED, VOCAB)
             )
 
+    def top(self) -> TopWeights:
+        """The weights outside the block stack: the embedding table, the final norm's scale and
+        the LM head (the table's transpose when tied)."""
+        head_DV = self.embed_VD[...].T if self.cfg.tie_embeddings else self.head_DV[...]
+        return TopWeights(self.embed_VD[...], self.final_norm.scale[...], head_DV)
+
     def embed(self, tokens_BT: jax.Array, dtype: jnp.dtype) -> jax.Array:
-        # A one-hot contraction over the vocab-sharded table is Megatron's vocab-parallel
-        # embedding: each tensor rank looks up the ids it owns, then one all-reduce of (B, T, D).
-        onehot_BTV = jax.nn.one_hot(tokens_BT, self.cfg.vocab, dtype=dtype)
-        onehot_BTV = self.rules.constrain(onehot_BTV, (OUTER_BATCH, SEQ, ACT_VOCAB))
-        x_BTD = jnp.einsum("BTV,VD->BTD", onehot_BTV, self.embed_VD[...].astype(dtype))
-        return self.rules.constrain(x_BTD, OUTER_X_AXES)
+        return embed(self.top(), tokens_BT, dtype, self.rules, OUTER_BATCH)
 
     def logits(self, x_BTD: jax.Array) -> jax.Array:
         """float32 logits (B, T, V), split over `tensor` along V; never gathered here."""
-        x_BTD = self.final_norm(self.rules.constrain(x_BTD, OUTER_X_AXES))
-        w_DV = self.embed_VD[...].T if self.cfg.tie_embeddings else self.head_DV[...]
-        logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, w_DV.astype(x_BTD.dtype))
-        return self.rules.constrain(logits_BTV.astype(jnp.float32), (OUTER_BATCH, SEQ, ACT_VOCAB))
+        return logits(self.top(), x_BTD, self.final_norm.eps, self.rules, OUTER_BATCH)
 
     def __call__(
         self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, dtype=jnp.float32
@@ -360,6 +357,36 @@ class Llama(nnx.Module):
 
         x_BTD, _ = jax.lax.scan(body, self.rules.constrain(x_BTD, X_AXES), weights_L)
         return self.logits(x_BTD)
+
+
+class TopWeights(NamedTuple):
+    """What the ends of the model compute with: `embed` and `logits` take these alone, so the
+    pipeline can run them for one micro-batch inside its ticks."""
+
+    embed_VD: jax.Array
+    final_norm_D: jax.Array
+    head_DV: jax.Array
+
+
+def embed(
+    top: TopWeights, tokens_BT: jax.Array, dtype: jnp.dtype, rules: Rules, batch: str = BATCH
+) -> jax.Array:
+    """Token embeddings (B, T, D). A one-hot contraction over the vocab-sharded table is
+    Megatron's vocab-parallel embedding: each tensor rank looks up the ids it owns, then one
+    all-reduce of (B, T, D). `batch`: the logical axis of the rows."""
+    onehot_BTV = jax.nn.one_hot(tokens_BT, top.embed_VD.shape[0], dtype=dtype)
+    onehot_BTV = rules.constrain(onehot_BTV, (batch, SEQ, ACT_VOCAB))
+    x_BTD = jnp.einsum("BTV,VD->BTD", onehot_BTV, top.embed_VD.astype(dtype))
+    return rules.constrain(x_BTD, (batch, SEQ, ACT_EMBED))
+
+
+def logits(
+    top: TopWeights, x_BTD: jax.Array, eps: float, rules: Rules, batch: str = BATCH
+) -> jax.Array:
+    """float32 logits (B, T, V) of the final norm and LM head, split over `tensor` along V."""
+    x_BTD = rms_norm(rules.constrain(x_BTD, (batch, SEQ, ACT_EMBED)), top.final_norm_D, eps)
+    logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, top.head_DV.astype(x_BTD.dtype))
+    return rules.constrain(logits_BTV.astype(jnp.float32), (batch, SEQ, ACT_VOCAB))
 
 
 def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:

@@ -33,6 +33,32 @@ _POLICIES: dict[str, Callable | None] = {
 }
 
 
+def _chunk(layer: Callable, v: int, c: int, remat: str) -> Callable:
+    """`chunk(weights_X, repeat, real_C, h)`: one stage's c layer slots of repeat `repeat`.
+
+    With one repeat the chunk scans over all of the stage's weights; with several, over the
+    repeat's slot indices, each layer reading its weights in the scan body. Remat is per layer, in the body of the layer scan:
+    the backward pass keeps each layer's input (and what the policy saves) and recomputes the
+    rest one layer at a time.
+    """
+    if remat != "none":
+        layer = jax.checkpoint(layer, policy=_POLICIES[remat], prevent_cse=False)
+
+    def chunk(weights_X: Any, repeat: jax.Array, real_C: jax.Array, h_bTD: jax.Array):
+        def slot(h_bTD: jax.Array, slot: tuple[Any, jax.Array]) -> tuple[jax.Array, None]:
+            w, real = slot
+            if v > 1:  # w is the slot's index: read the layer inside the body, so that the
+                # backward pass keeps no copy of the repeat's weights per tick
+                w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, w, 0, False), weights_X)
+            return jnp.where(real, layer(w, h_bTD), h_bTD), None  # padded slots: identity
+
+        xs = weights_X if v == 1 else repeat * c + jnp.arange(c)
+        h_bTD, _ = jax.lax.scan(slot, h_bTD, (xs, real_C))
+        return h_bTD
+
+    return chunk
+
+
 def run_pipeline(
     layer: Callable[[Any, jax.Array], jax.Array],
     weights: Any,
@@ -72,28 +98,7 @@ def run_pipeline(
     # nothing to sum, so `data` is then left automatic.)
     manual = {PIPELINE} if fsdp or r == 1 else {PIPELINE, DATA}
 
-    def chunk(weights_X: Any, repeat: jax.Array, real_C: jax.Array, h_bTD: jax.Array) -> jax.Array:
-        """One stage's c layer slots of repeat `repeat` for one tick.
-
-        With one repeat the tick runs all of the stage's weights, which are loop-invariant, so the
-        backward pass keeps no copy of them per tick. With several, the tick's slice is cut here,
-        inside what `remat` recomputes; without remat the backward pass keeps one slice per tick.
-        """
-        weights_C = weights_X
-        if v > 1:
-            weights_C = jax.tree.map(
-                lambda a: jax.lax.dynamic_slice_in_dim(a, repeat * c, c, axis=0), weights_X
-            )
-
-        def slot(h_bTD: jax.Array, slot: tuple[Any, jax.Array]) -> tuple[jax.Array, None]:
-            w, real = slot
-            return jnp.where(real, layer(w, h_bTD), h_bTD), None  # padded slots: identity
-
-        h_bTD, _ = jax.lax.scan(slot, h_bTD, (weights_C, real_C))
-        return h_bTD
-
-    if remat != "none":
-        chunk = jax.checkpoint(chunk, policy=_POLICIES[remat], prevent_cse=False)
+    chunk = _chunk(layer, v, c, remat)
 
     def stages(weights_1X: Any, x_R1QTD: jax.Array) -> jax.Array:
         stage = jax.lax.axis_index(PIPELINE)
@@ -155,3 +160,212 @@ def run_pipeline(
         axis_names=manual,
     )(weights, x_BTD.reshape(r, p, q, t, d))
     return y_RPQTD.reshape(b_all, t, d)
+
+
+def run_train_program(
+    layer: Callable[[Any, jax.Array], jax.Array],
+    weights: Any,
+    top: Any,
+    tokens_BT: jax.Array,
+    targets_BT: jax.Array,
+    *,
+    embed: Callable[[Any, jax.Array], jax.Array],
+    head: Callable[[Any, jax.Array, jax.Array], jax.Array],
+    mesh: jax.sharding.Mesh,
+    schedule: Schedule,
+    layout: StageLayout,
+    remat: str = "none",
+    fsdp: bool = False,
+) -> tuple[jax.Array, Any, Any]:
+    """Runs a schedule's F, B and W ticks with a hand-written backward; returns the summed loss
+    of the batch and its gradients with respect to `weights` and `top`.
+
+    Per tick, every stage runs its F slot (the chunk's forward under `jax.vjp`; what the
+    backward needs, less the weights, goes into a stash ring slot), then, on the last stage for
+    the last chunk, the loss of that micro-batch and its cotangent, then its B slot (the stored
+    backward applied to the cotangent; with `split` the input gradient only), then its W slot
+    (the weight gradient). Each slot is a `lax.cond`, so idle slots cost nothing; the ticks'
+    two `ppermute`s (activations forward, cotangents backward) run on every device outside them.
+    What arrives is kept in rings as `schedule.routes` says. The embedding runs in stage 0's
+    first-chunk F and its gradient in the matching B, so nothing in the carry grows with M.
+
+    Args:
+        layer, weights, layout, remat, fsdp: as `run_pipeline`.
+        top: the weights `embed` and `head` use (replicated over `pipeline`).
+        tokens_BT, targets_BT: the batch (B, T), rows split over (`data`, `pipeline`).
+        embed: `embed(top, tokens_bT) -> x_bTD`.
+        head: `head(top, y_bTD, targets_bT) -> the micro-batch's summed loss`.
+    """
+    p, m, v, c = schedule.stages, schedule.microbatches, schedule.repeats, layout.chunk_size
+    routes = schedule.routes
+    b_all, t = tokens_BT.shape
+    r = mesh.shape[DATA]
+    q = b_all // (r * p)
+    b_local = p * q // m
+    manual = {PIPELINE} if fsdp or r == 1 else {PIPELINE, DATA}
+    chunk = _chunk(layer, v, c, remat)
+    tables = {k: jnp.asarray(a) for k, a in routes.arrays().items()}
+    size = lambda name: max(routes.slots[name], 1)  # noqa: E731
+
+    def stages(weights_1X: Any, top: Any, tokens_R1QT: jax.Array, targets_R1QT: jax.Array):
+        stage = jax.lax.axis_index(PIPELINE)
+        # A zero varying over every manual axis: added to what a slot computes (and to the zeros
+        # an idle slot returns) it gives both `lax.cond` branches the same manual-axis types.
+        zero = jax.lax.pcast(jnp.zeros((), jnp.float32), tuple(manual), to="varying")
+        vary = lambda tree: jax.tree.map(lambda a: a + zero.astype(a.dtype), tree)  # noqa: E731
+        zeros = lambda tree: vary(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), tree))  # noqa: E731
+        weights_X = jax.tree.map(lambda a: a[0], weights_1X)
+        # Marked varying once here, the weights' gradients are summed over replicas (and top's
+        # over stages) once, at the end, never inside a tick's branch: a pullback with respect to
+        # an invariant value would all-reduce in it, on the stages that take it alone.
+        if DATA in manual:
+            weights_X = jax.tree.map(lambda a: jax.lax.pcast(a, (DATA,), to="varying"), weights_X)
+        top = jax.tree.map(lambda a: jax.lax.pcast(a, tuple(sorted(manual)), to="varying"), top)
+        valid_PVC = jnp.asarray(layout.valid)
+
+        def micro_batches(rows_R1QT: jax.Array) -> jax.Array:
+            rows = (
+                jax.lax.all_gather(rows_R1QT, PIPELINE, axis=1, tiled=True) if p > 1 else rows_R1QT
+            )
+            r_here = rows.shape[0]
+            rows = rows.reshape(r_here, m, b_local, t).transpose(1, 0, 2, 3)
+            return rows.reshape(m, -1, t)
+
+        tokens_MbT, targets_MbT = micro_batches(tokens_R1QT), micro_batches(targets_R1QT)
+        w_leaves = len(jax.tree.leaves(weights_X))
+        pullbacks: dict[str, Any] = {}
+
+        def forward(h_bTD: jax.Array, repeat: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+            """The chunk's output and its pullback's residuals, less the weights (they stay in
+            `weights_X`; `pullback` puts them back)."""
+            real_C = valid_PVC[stage, repeat]
+            y_bTD, pull = jax.vjp(lambda h, w: chunk(w, repeat, real_C, h), h_bTD, weights_X)
+            leaves, tree = jax.tree.flatten(pull)
+            given = jax.tree.leaves(weights_X)
+            where = [next((i for i, g in enumerate(given) if g is x), -1) for x in leaves]
+            pullbacks["tree"], pullbacks["where"] = tree, where
+            return y_bTD, [x for x, i in zip(leaves, where, strict=True) if i < 0]
+
+        def pullback(kept: list[jax.Array]) -> Callable:
+            given, kept = jax.tree.leaves(weights_X), iter(kept)
+            leaves = [given[i] if i >= 0 else next(kept) for i in pullbacks["where"]]
+            return jax.tree.unflatten(pullbacks["tree"], leaves)
+
+        x_shape = jax.eval_shape(lambda: embed(top, tokens_MbT[0]))
+        # The residuals' shapes, from one trace of the forward whose values nothing uses (XLA
+        # drops it): `jax.eval_shape` cannot see the manual axes here.
+        dry = forward(zeros(x_shape), jnp.int32(0))[1]
+        kept_shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in dry]
+        ring = lambda n, tree: zeros(
+            jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape), a.dtype), tree)
+        )  # noqa: E731
+        w_shapes = (kept_shapes, x_shape) if schedule.split else ()
+
+        def read(buf: Any, slot: jax.Array) -> Any:
+            return jax.tree.map(lambda a: a[jnp.maximum(slot, 0)], buf)
+
+        def write(buf: Any, slot: jax.Array, value: Any) -> Any:
+            at = jnp.maximum(slot, 0)
+            return jax.tree.map(
+                lambda a, x: jax.lax.dynamic_update_index_in_dim(
+                    a, jnp.where(slot >= 0, x, a[at]), at, 0
+                ),
+                buf,
+                value,
+            )
+
+        def tick(carry: tuple, row: dict[str, jax.Array]) -> tuple[tuple, None]:
+            act, ct, stash, wstash, d_weights, d_top, loss = carry
+            at = {k: a[stage] for k, a in row.items()}
+            f_micro, f_repeat = jnp.maximum(at["f_micro"], 0), jnp.maximum(at["f_chunk"], 0)
+
+            def run_f(act: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+                h_bTD = jax.lax.cond(
+                    at["f_src"] < 0,
+                    lambda: vary(embed(top, tokens_MbT[f_micro])),
+                    lambda: read(act, at["f_src"]),
+                )
+                return vary(forward(h_bTD, f_repeat))
+
+            y_bTD, kept = jax.lax.cond(
+                at["f_chunk"] >= 0, run_f, lambda _: zeros((x_shape, kept_shapes)), act
+            )
+            stash = write(stash, at["f_stash"], kept)
+
+            def run_head() -> tuple[jax.Array, jax.Array, Any]:
+                loss_m, pull = jax.vjp(lambda y, w: head(w, y, targets_MbT[f_micro]), y_bTD, top)
+                dy_bTD, d_top_m = pull(jnp.ones_like(loss_m))
+                return vary((loss_m, dy_bTD, d_top_m))
+
+            loss_m, dy_bTD, d_top_m = jax.lax.cond(
+                at["head_ct"] >= 0, run_head, lambda: zeros((loss, x_shape, top))
+            )
+            loss, d_top = loss + loss_m, jax.tree.map(jnp.add, d_top, d_top_m)
+            ct = write(ct, at["head_ct"], dy_bTD)
+
+            b_micro, b_repeat = jnp.maximum(at["b_micro"], 0), jnp.maximum(at["b_chunk"], 0)
+            cotangent = read(ct, at["b_src"])
+            residuals = read(stash, at["b_stash"])
+
+            def run_b() -> tuple[jax.Array, Any, Any]:
+                dx_bTD, d_w = pullback(residuals)(cotangent)
+                if schedule.split:
+                    d_w = jax.tree.map(jnp.zeros_like, d_w)  # W's, later
+                d_top_e = jax.lax.cond(
+                    (stage == 0) & (b_repeat == 0),
+                    lambda: vary(
+                        jax.vjp(lambda w: embed(w, tokens_MbT[b_micro]), top)[1](dx_bTD)[0]
+                    ),
+                    lambda: zeros(top),
+                )
+                return vary((dx_bTD, d_w, d_top_e))
+
+            dx_bTD, d_w, d_top_e = jax.lax.cond(
+                at["b_chunk"] >= 0, run_b, lambda: zeros((x_shape, weights_X, top))
+            )
+            if schedule.split:
+                wstash = write(wstash, at["b_wstash"], (residuals, cotangent))
+                held, held_ct = read(wstash, at["w_stash"])
+                d_w = jax.lax.cond(
+                    at["w_chunk"] >= 0,
+                    lambda: vary(pullback(held)(held_ct)[1]),
+                    lambda: zeros(weights_X),
+                )
+            d_weights = jax.tree.map(jnp.add, d_weights, d_w)
+            d_top = jax.tree.map(jnp.add, d_top, d_top_e)
+
+            if p > 1:
+                forward_ring = [(i, (i + 1) % p) for i in range(p)]
+                backward_ring = [(i, (i - 1) % p) for i in range(p)]
+                y_bTD = jax.lax.ppermute(y_bTD, PIPELINE, forward_ring)
+                dx_bTD = jax.lax.ppermute(dx_bTD, PIPELINE, backward_ring)
+            act = write(act, at["f_keep"], y_bTD)
+            ct = write(ct, at["b_keep"], dx_bTD)
+            return (act, ct, stash, wstash, d_weights, d_top, loss), None
+
+        carry = (
+            ring(size("act"), x_shape),
+            ring(size("ct"), x_shape),
+            ring(size("stash"), kept_shapes),
+            ring(size("wstash"), w_shapes),
+            zeros(weights_X),
+            zeros(top),
+            zeros(jax.ShapeDtypeStruct((), jnp.float32)),
+        )
+        carry, _ = jax.lax.scan(tick, carry, tables)
+        *_, d_weights, d_top, loss = carry
+        axes = tuple(sorted(manual))
+        loss, d_top = jax.lax.psum((loss, d_top), axes)
+        if DATA in manual:
+            d_weights = jax.lax.psum(d_weights, DATA)
+        return loss, jax.tree.map(lambda a: a[None], d_weights), d_top
+
+    spec = PartitionSpec(DATA if DATA in manual else None, PIPELINE)
+    loss, d_weights, d_top = jax.shard_map(
+        stages,
+        mesh=mesh,
+        in_specs=(PartitionSpec(PIPELINE), PartitionSpec(), spec, spec),
+        out_specs=(PartitionSpec(), PartitionSpec(PIPELINE), PartitionSpec()),
+        axis_names=manual,
+    )(weights, top, tokens_BT.reshape(r, p, q, t), targets_BT.reshape(r, p, q, t))
+    return loss, d_weights, d_top

@@ -37,9 +37,9 @@ def _chunk(layer: Callable, v: int, c: int, remat: str) -> Callable:
     """`chunk(weights_X, repeat, real_C, h)`: one stage's c layer slots of repeat `repeat`.
 
     With one repeat the chunk scans over all of the stage's weights; with several, over the
-    repeat's slot indices, each layer reading its weights in the scan body. Remat is per layer, in the body of the layer scan:
-    the backward pass keeps each layer's input (and what the policy saves) and recomputes the
-    rest one layer at a time.
+    repeat's slot indices, each layer reading its weights in the scan body. Remat is per layer,
+    in the body of the layer scan: the backward pass keeps each layer's input (and what the
+    policy saves) and recomputes the rest one layer at a time.
     """
     if remat != "none":
         layer = jax.checkpoint(layer, policy=_POLICIES[remat], prevent_cse=False)
@@ -77,8 +77,8 @@ def run_pipeline(
         weights: a tree of the stack's weights, [P, v * c, ...] with the stage axis on
             `pipeline` (`Llama.blocks.weights`: derived once per step, here, not per tick).
         x_BTD: embeddings, batch split over (`data`, `pipeline`).
-        remat: none, full, dots or dots_no_batch: recompute each tick's stage in the backward pass
-            (the tick, not each layer inside it: nested remat would recompute twice).
+        remat: none, full, dots or dots_no_batch: the policy of a `jax.checkpoint` around each
+            layer (the backward pass keeps each layer's input and what the policy saves).
         fsdp: the stage weights are also split over `data` (ZeRO-3). Otherwise `data` is made
             manual too: each replica runs its own rows, and the weights' gradients are summed over
             `data` once, where the shard_map ends, instead of once per tick; with FSDP `data` stays
@@ -232,7 +232,6 @@ def run_train_program(
             return rows.reshape(m, -1, t)
 
         tokens_MbT, targets_MbT = micro_batches(tokens_R1QT), micro_batches(targets_R1QT)
-        w_leaves = len(jax.tree.leaves(weights_X))
         pullbacks: dict[str, Any] = {}
 
         def forward(h_bTD: jax.Array, repeat: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
@@ -256,9 +255,11 @@ def run_train_program(
         # drops it): `jax.eval_shape` cannot see the manual axes here.
         dry = forward(zeros(x_shape), jnp.int32(0))[1]
         kept_shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in dry]
-        ring = lambda n, tree: zeros(
-            jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape), a.dtype), tree)
-        )  # noqa: E731
+
+        def ring(n: int, tree: Any) -> Any:
+            """n zeroed slots, each shaped like `tree`."""
+            return zeros(jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape), a.dtype), tree))
+
         w_shapes = (kept_shapes, x_shape) if schedule.split else ()
 
         def read(buf: Any, slot: jax.Array) -> Any:

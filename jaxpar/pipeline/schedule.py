@@ -240,10 +240,13 @@ def check_table(
     for stage in range(p):
         for job in range(n):
             micro, chunk = job % m, job // m
-            where = lambda kind: (  # noqa: E731
-                f"stage {stage} tick {when[kind, stage, job]}: {KINDS[kind]} of micro-batch "
-                f"{micro} chunk {chunk}"
-            )
+
+            def where(kind: int, stage: int = stage, job: int = job) -> str:
+                return (
+                    f"stage {stage} tick {when[kind, stage, job]}: {KINDS[kind]} of micro-batch "
+                    f"{job % m} chunk {job // m}"
+                )
+
             source = _upstream(stage, chunk, p)
             if source is not None:
                 up = when[F, source[0], source[1] * m + micro]

@@ -25,7 +25,7 @@ CASES = [(4, 4), (32, 4), (8, 4), (8, 32)]  # (layers, micro-batches)
 COMMON = [
     "model.dim=64", "model.heads=4", "model.kv_heads=2", "model.mlp_dim=128",
     "train.batch_size=32", "train.seq_len=32", "train.dtype=float32",
-    "pipeline.schedule=gpipe", "pipeline.remat=none",
+    "pipeline.schedule=gpipe", "model.remat=none",
 ]  # fmt: skip
 TRIES = 2
 

@@ -29,7 +29,7 @@ LAYOUTS = [
 MODEL = [
     "model.layers=8", "model.dim=256", "model.heads=8", "model.kv_heads=8", "model.mlp_dim=768",
     "model.vocab=256", "train.batch_size=16", "train.seq_len=128", "train.dtype=float32",
-    "pipeline.schedule=gpipe", "pipeline.remat=none",
+    "pipeline.schedule=gpipe", "model.remat=none",
 ]  # fmt: skip
 ROUNDS = [(2, 1), (3, 1)]  # (timed steps, warm-up steps) of each layout per round
 

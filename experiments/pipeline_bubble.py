@@ -24,7 +24,7 @@ SCHEDULES = [("gpipe", 1), ("circular", 2)]  # (schedule, repeats v)
 MICROBATCHES = [4, 8, 16, 32]
 COMMON = [
     "model.layers=8", "model.dim=64", "model.heads=4", "model.kv_heads=2", "model.mlp_dim=128",
-    "train.batch_size=32", "train.seq_len=32", "train.dtype=float32", "pipeline.remat=none",
+    "train.batch_size=32", "train.seq_len=32", "train.dtype=float32", "model.remat=none",
 ]  # fmt: skip
 COLORS = {"gpipe": "C0", "circular": "C3"}
 

@@ -43,6 +43,10 @@ class ModelConfig:
     # How attention is computed (`jaxpar.model.attention`): auto (cuDNN's fused kernel on GPUs
     # where it works, else xla), xla (jaxpar's einsums) or dot_product (jax.nn's kernel).
     attention: str = "auto"
+    # Recompute activations in the backward pass, per layer (a checkpoint around each layer in
+    # the layer scan, on every mesh): none, full, or a saving policy (dots: keep matmul outputs;
+    # dots_no_batch: keep only weight-like matmul outputs).
+    remat: str = "none"
 
     @property
     def architecture(self) -> dict[str, Any]:
@@ -128,9 +132,6 @@ class PipelineConfig:
     microbatches: int = 1
     # Chunks of layers per stage (circular schedule): micro-batches circle the ring this often.
     repeats: int = 1
-    # Recompute each tick's stage activations in the backward pass: none, full, or a saving policy
-    # (dots: keep matmul outputs; dots_no_batch: keep only weight-like matmul outputs).
-    remat: str = "none"
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class Config:
         return load_config(None, [f"{k}={v}" for k, v in overrides.items()], base=self)
 
 
-_COMPUTE_ONLY = ("attention",)
+_COMPUTE_ONLY = ("attention", "remat")
 
 
 def architecture(model: Mapping[str, Any]) -> dict[str, Any]:
@@ -214,6 +215,8 @@ def _coerce(key: str, value: Any, t: type, from_text: bool) -> Any:
 
 
 def _set(tree: dict[str, dict[str, Any]], key: str, value: Any, from_text: bool) -> None:
+    if key == "pipeline.remat":  # its old name: remat is per layer now, on every mesh
+        key = "model.remat"
     section, _, name = key.partition(".")
     if section not in _SECTION_TYPES or not name:
         raise JaxparError(
@@ -346,8 +349,8 @@ def validate(config: Config) -> None:
         raise JaxparError(
             f"pipeline.schedule={p.schedule!r} is not a schedule; valid: {', '.join(SCHEDULES)}"
         )
-    if p.remat not in REMAT:
-        raise JaxparError(f"pipeline.remat={p.remat!r} is not one of {', '.join(REMAT)}")
+    if config.model.remat not in REMAT:
+        raise JaxparError(f"model.remat={config.model.remat!r} is not one of {', '.join(REMAT)}")
     if p.repeats < 1:
         raise JaxparError(f"pipeline.repeats={p.repeats} must be at least 1")
     if p.microbatches < 1:

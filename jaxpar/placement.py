@@ -54,7 +54,7 @@ def serving_config(config: Config) -> Config:
     """The config with the training-only layout settings reset: plain rules, one chunk per stage."""
     return config.replace(**{
         "parallel.fsdp": False, "pipeline.schedule": "gpipe", "pipeline.repeats": 1,
-        "pipeline.microbatches": 1, "pipeline.remat": "none",
+        "pipeline.microbatches": 1, "model.remat": "none",
     })  # fmt: skip
 
 
@@ -163,7 +163,7 @@ class Placement:
             mesh=self.mesh,
             schedule=self.schedule,
             layout=self.layout,
-            remat=self.config.pipeline.remat,
+            remat=self.config.model.remat,
             fsdp=self.config.parallel.fsdp,
         )
         return model.logits(x_BTD)
@@ -189,7 +189,7 @@ class Placement:
         rules, dtype, eps = self.rules, self.dtype, self.config.model.norm_eps
         pipe = dict(
             mesh=self.mesh, schedule=self.schedule, layout=self.layout,
-            remat=self.config.pipeline.remat, fsdp=self.config.parallel.fsdp,
+            remat=self.config.model.remat, fsdp=self.config.parallel.fsdp,
         )  # fmt: skip
 
         def layer(w: BlockWeights, h_bTD: jax.Array) -> jax.Array:

@@ -5,83 +5,26 @@ order) on one device; the pipelined loss runs through the shard_map executor. Gr
 per tensor as max|a - b| / max|b| in float32.
 """
 
-import functools
-
 import jax
 import numpy as np
 import pytest
-from flax import nnx
+from pipeline_cases import (
+    B,
+    D,
+    T,
+    assert_matches_sequential,
+    circular,
+    gpipe,
+    tokens,
+    trainer,
+)
 
 from jaxpar.analysis.flops import compute_overhead, model_flops
 from jaxpar.analysis.hlo import collectives, dot_flops
 from jaxpar.cli import main
-from jaxpar.config import load_config
-from jaxpar.mesh import AXES, make_mesh, parse_mesh
-from jaxpar.model.llama import cross_entropy
+from jaxpar.mesh import AXES
 from jaxpar.pipeline.layout import StageLayout
 from jaxpar.pipeline.schedule import Schedule
-from jaxpar.placement import Placement
-from jaxpar.train.step import Trainer
-
-SIZES = [
-    "model.dim=32", "model.heads=4", "model.kv_heads=2", "model.mlp_dim=64", "model.vocab=256",
-    "train.batch_size=16", "train.seq_len=16", "train.dtype=float32",
-]  # fmt: skip
-B, T, D = 16, 16, 32
-
-
-def gpipe(m: int) -> tuple[str, ...]:
-    return ("pipeline.schedule=gpipe", f"pipeline.microbatches={m}")
-
-
-def circular(m: int, v: int = 2) -> tuple[str, ...]:
-    return ("pipeline.schedule=circular", f"pipeline.repeats={v}", f"pipeline.microbatches={m}")
-
-
-@functools.cache
-def trainer(mesh_spec: str, layers: int, extra: tuple[str, ...]) -> Trainer:
-    spec = parse_mesh(mesh_spec)
-    config = load_config(None, [*SIZES, f"model.layers={layers}", *extra])
-    return Trainer(Placement(config, make_mesh(spec, jax.devices()[: spec.size])))
-
-
-@functools.cache
-def tokens() -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 256, size=(B, T + 1), dtype=np.int32)
-
-
-def logical_grads(tr: Trainer, g) -> dict:
-    out = {}
-    for path, v in nnx.to_flat_state(g):
-        value = v.get_value()
-        out[".".join(map(str, path))] = np.asarray(
-            tr.placement.layout.to_logical(value) if path[0] == "blocks" else value
-        )
-    return out
-
-
-@functools.cache
-def sequential_reference(layers: int) -> tuple[float, dict]:
-    """Loss and gradients of the plain model on one device, no executor."""
-    tr = trainer("data=1", layers, ())
-
-    def loss(params, tokens_BT):
-        logits = nnx.merge(tr.placement.graphdef, params)(tokens_BT[:, :-1])
-        return cross_entropy(logits, tokens_BT[:, 1:])
-
-    value, g = jax.jit(jax.value_and_grad(loss))(tr.init_state().params, tokens())
-    return float(value), logical_grads(tr, g)
-
-
-def pipelined(mesh_spec: str, layers: int, extra: tuple[str, ...]) -> tuple[float, dict]:
-    tr = trainer(mesh_spec, layers, extra)
-    params = tr.init_state().params
-    with jax.set_mesh(tr.placement.mesh):
-        value, g = jax.jit(jax.value_and_grad(tr.placement.loss))(
-            params, jax.device_put(tokens(), tr.placement.batch_sharding)
-        )
-    return float(value), logical_grads(tr, g)
-
 
 CASES = [
     # alone: P in {2, 4}, M in {P, 2P}, both schedules
@@ -102,8 +45,8 @@ CASES = [
     ("pipeline=4", 6, gpipe(4)),
     ("data=2,pipeline=2,tensor=2", 7, circular(2)),
     # recomputation inside the tick changes nothing numerically
-    ("pipeline=2,tensor=2", 8, (*gpipe(4), "pipeline.remat=full")),
-    ("pipeline=4", 8, (*circular(4), "pipeline.remat=dots")),
+    ("pipeline=2,tensor=2", 8, (*gpipe(4), "model.remat=full")),
+    ("pipeline=4", 8, (*circular(4), "model.remat=dots")),
     # pipeline=1: micro-batches are gradient accumulation
     ("data=4,tensor=2", 8, gpipe(4)),
 ]  # fmt: skip
@@ -111,14 +54,7 @@ CASES = [
 
 @pytest.mark.parametrize("mesh_spec,layers,extra", CASES)
 def test_pipeline_equals_sequential_model(mesh_spec, layers, extra):
-    ref_loss, ref_grads = sequential_reference(layers)
-    loss, g = pipelined(mesh_spec, layers, extra)
-    assert abs(loss - ref_loss) / ref_loss < 1e-5
-    assert g.keys() == ref_grads.keys()
-    for name in g:
-        assert g[name].shape == ref_grads[name].shape, name
-        err = np.max(np.abs(g[name] - ref_grads[name])) / np.max(np.abs(ref_grads[name]))
-        assert err < 1e-5, (name, err)
+    assert_matches_sequential(mesh_spec, layers, extra)
 
 
 def test_padded_slots_get_no_gradient():
@@ -141,7 +77,7 @@ def test_padded_slots_get_no_gradient():
     [
         ("data=2,pipeline=2,tensor=2", gpipe(4)),
         ("pipeline=4", circular(4)),
-        ("pipeline=2,tensor=2", (*gpipe(4), "pipeline.remat=full")),
+        ("pipeline=2,tensor=2", (*gpipe(4), "model.remat=full")),
     ],
 )
 def test_stage_traffic_is_one_activation_per_tick(mesh_spec, extra):
@@ -258,12 +194,25 @@ def test_schedule_tables():
          "pipeline.microbatches = 3"),
         (["--mesh", "data=2,pipeline=4", "train.batch_size=4"],
          "per-replica batch train.batch_size / data = 2 is not divisible by pipeline stages = 4"),
-        (["pipeline.schedule=1f1b"], "pipeline.schedule='1f1b' is not a schedule; valid: gpipe"),
+        (["pipeline.schedule=2f2b"],
+         "pipeline.schedule='2f2b' is not a schedule; valid: gpipe, circular, 1f1b, "
+         "interleaved_1f1b, zb_h1"),
         (["pipeline.repeats=0"], "pipeline.repeats=0 must be at least 1"),
-        (["pipeline.repeats=2"], "pipeline.repeats=2 needs pipeline.schedule=circular"),
+        (["pipeline.repeats=2"], "pipeline.repeats=2 needs pipeline.schedule=circular or "
+         "interleaved_1f1b (gpipe has one chunk"),
+        (["--mesh", "pipeline=2,data=4", "pipeline.schedule=interleaved_1f1b"],
+         "pipeline.repeats=1: interleaved_1f1b needs at least 2 chunks per stage"),
+        (["--mesh", "pipeline=4,data=2", "model.layers=6", "pipeline.schedule=interleaved_1f1b",
+          "pipeline.repeats=2", "pipeline.microbatches=4"],
+         "model.layers=6 is fewer than pipeline stages x repeats = 4 x 2 = 8"),
+        (["--mesh", "pipeline=4,data=2", "model.layers=8", "pipeline.schedule=interleaved_1f1b",
+          "pipeline.repeats=2", "pipeline.microbatches=2"],
+         "pipeline.microbatches=2 is not a multiple of pipeline=4: interleaved_1f1b"),
+        (["--mesh", "data=8", "pipeline.schedule=zb_h1"],
+         "pipeline.schedule=zb_h1 with pipeline=1: there is no pipeline to fill"),
         (["--mesh", "pipeline=4,tensor=2", "model.layers=8", *circular(2)],
          "pipeline.microbatches=2 < pipeline=4: the circular schedule"),
-        (["pipeline.remat=some"], "pipeline.remat='some' is not one of none, full"),
+        (["model.remat=some"], "model.remat='some' is not one of none, full"),
     ],
 )  # fmt: skip
 def test_bad_pipeline_input_exits_2_with_one_line(capsys, tmp_path, args, fragment):

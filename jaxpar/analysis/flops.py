@@ -10,12 +10,13 @@ layer slots and recomputation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from jaxpar.analysis.hlo import HloModule, dot_flops
 from jaxpar.config import ModelConfig
 
 if TYPE_CHECKING:
+    from jaxpar.pipeline.schedule import Schedule
     from jaxpar.placement import Placement
 
 
@@ -80,3 +81,63 @@ def compute_overhead(placement: Placement, hlo: str | HloModule) -> ComputeOverh
         ideal_flops_per_device=model_flops(m, t.batch_size, t.seq_len) / n,
         ideal_stack_flops_per_device=layer_stack_flops(m, t.batch_size, t.seq_len) / n,
     )
+
+
+@dataclass(frozen=True)
+class ActionCosts:
+    """Matmul FLOPs of one job's actions on one stage (one chunk of layers, one micro-batch),
+    each read from its own compiled program with trip counts applied: F the forward, B the input
+    gradient, W the weight gradient, as the program runs them (with remat, B and W include the
+    recomputed forward; the split W redoes the cotangent chain it needs)."""
+
+    f: int
+    b: int
+    w: int
+    full_backward: int
+
+    def lockstep_bubble(self, schedule: Schedule) -> float:
+        """The schedule's bubble when every tick lasts as long as its slowest stage."""
+        if schedule.split:
+            return schedule.lockstep_bubble(self.f, self.b, self.w)
+        return schedule.lockstep_bubble(self.f, self.full_backward, 0)
+
+
+def action_costs(placement: Placement) -> ActionCosts:
+    """Compiles one job's F, B and W for one device (a chunk of the placement's layers on a
+    micro-batch of its shapes) and counts their dot FLOPs."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxpar.pipeline.executor import stage_chunk
+
+    config, layout, schedule = placement.config, placement.layout, placement.schedule
+    t = config.train
+    rows = t.batch_size // (placement.spec.data * schedule.microbatches)
+    h = jax.ShapeDtypeStruct((rows, t.seq_len, config.model.dim), placement.dtype)
+    params = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), placement.abstract_params
+    )
+
+    def run(kind: str, params: nnx.State, h_bTD: jax.Array) -> Any:
+        model = nnx.merge(placement.graphdef, params)
+        weights = jax.tree.map(lambda a: a[0], model.blocks.weights(jnp.float32))
+        real = jnp.asarray(layout.valid)[0, 0]
+        chunk = stage_chunk(
+            lambda w, x: model.blocks.apply(w, x)[0],
+            layout.repeats,
+            layout.chunk_size,
+            config.model.remat,
+        )
+        y, pull = jax.vjp(lambda x, w: chunk(w, jnp.int32(0), real, x), h_bTD, weights)
+        if kind == "f":
+            return y
+        dx, dw = pull(jnp.ones_like(y))
+        return {"b": dx, "w": dw, "full": (dx, dw)}[kind]
+
+    def flops(kind: str) -> int:
+        lowered = jax.jit(run, static_argnums=0).lower(kind, params, h)
+        return dot_flops(lowered.compile().as_text())
+
+    f = flops("f")
+    return ActionCosts(f, flops("b") - f, flops("w") - f, flops("full") - f)

@@ -11,9 +11,10 @@ model (RMSNorm, RoPE, GQA, SwiGLU, float32 attention scores, no sequence paralle
                   (in float32)  + N S / t                  attention probabilities
 
 (D model dim, N heads, K kv heads, H head dim, F MLP dim, S sequence, t tensor-parallel size), and
-one float32 copy of the logits per token (V / t). The pipeline executor keeps these for every tick
-and layer slot of the stage, bubbles included, for a micro-batch of b = B / (data x M) rows; with
-`remat=full` a tick keeps only its input, plus one tick's activations rebuilt during the backward
+one float32 copy of the logits per token (V / t). A stage keeps these for every layer slot of each
+job the schedule holds at once (`Schedule.stash_slots`, or every forward tick for gpipe and
+circular, bubbles included), for a micro-batch of b = B / (data x M) rows; with
+`model.remat=full` each layer keeps only its input, plus one layer rebuilt during the backward
 pass; `dots` keeps the matmul outputs, `dots_no_batch` those without batch dimensions (projections,
 not attention). XLA's buffer assignment reuses and fuses buffers, so the compiled figure differs;
 `jaxpar analyze` prints both and the difference.
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 from jaxpar.config import Config
 from jaxpar.mesh import MeshSpec
+from jaxpar.pipeline.schedule import Schedule
 
 
 @dataclass(frozen=True)
@@ -60,21 +62,24 @@ def _layer_elements(config: Config, tensor: int) -> tuple[float, float, float]:
 
 
 def estimate_memory(
-    config: Config, spec: MeshSpec, params_bytes: int, compute_bytes: int
+    config: Config, spec: MeshSpec, schedule: Schedule, params_bytes: int, compute_bytes: int
 ) -> MemoryEstimate:
-    """Estimates one device's memory for `config` on the mesh `spec`.
+    """Estimates one device's memory for `config` on the mesh `spec`, run by `schedule`.
+
+    The jobs whose activations a stage keeps at once come from the schedule: every forward tick
+    for gpipe and circular (their backward is the transposed scan), the stash ring's slots for
+    the schedules with their own backward.
 
     Args:
         params_bytes: the parameters one device holds (exact, from the shardings).
         compute_bytes: bytes of one element of the compute dtype (4 float32, 2 bfloat16).
     """
-    m, t, pipe = config.model, config.train, config.pipeline
+    m, t = config.model, config.train
     data, pipeline, tensor = spec.data, spec.pipeline, spec.tensor
-    seq = t.seq_len
-    v = pipe.repeats
-    slots = v * math.ceil(m.layers / (pipeline * v))  # layer slots per stage, padding included
-    ticks = v * pipe.microbatches + pipeline - 1
-    rows = t.batch_size // (data * pipe.microbatches)  # micro-batch rows per replica
+    seq, v, remat = t.seq_len, schedule.repeats, m.remat
+    chunk = math.ceil(m.layers / (pipeline * v))  # layer slots per job, padding included
+    jobs = schedule.stash_slots if schedule.hand_backward else schedule.ticks
+    rows = t.batch_size // (data * schedule.microbatches)  # micro-batch rows per replica
     every, dots, dots_no_batch = _layer_elements(config, tensor)
     probs_f32 = m.heads * seq / tensor * (4 - compute_bytes)  # extra bytes, scores kept in f32
     per_token = {
@@ -82,18 +87,18 @@ def estimate_memory(
         "dots": dots * compute_bytes + m.heads * seq / tensor * 4,
         "dots_no_batch": dots_no_batch * compute_bytes,
         "full": 0.0,
-    }[pipe.remat]
-    tick_tokens = rows * seq
-    kept = ticks * (tick_tokens * m.dim * compute_bytes + slots * tick_tokens * per_token)
-    if pipe.remat != "none":  # one tick rebuilt in full during the backward pass
-        kept += slots * tick_tokens * (every * compute_bytes + probs_f32)
+    }[remat]
+    job_tokens = rows * seq
+    kept = jobs * chunk * job_tokens * (m.dim * compute_bytes + per_token)
+    if remat != "none":  # one layer rebuilt in full during the backward pass
+        kept += job_tokens * (every * compute_bytes + probs_f32)
     outer_tokens = t.batch_size // (data * pipeline) * seq
     outer = outer_tokens * (4 * m.dim * compute_bytes + m.vocab / tensor * 4)
-    stash = pipe.microbatches * tick_tokens * m.dim * compute_bytes if pipeline > 1 else 0
+    held = schedule.microbatches * job_tokens * m.dim * compute_bytes if pipeline > 1 else 0
     opt = 2 * params_bytes  # AdamW: first and second moments, laid out like the parameters
     return MemoryEstimate(
         params_bytes=params_bytes,
         opt_state_bytes=opt,
         grads_bytes=params_bytes,
-        activations_bytes=int(kept + outer + stash),
+        activations_bytes=int(kept + outer + held),
     )

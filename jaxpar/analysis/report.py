@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jaxpar.analysis.comm import AxisTraffic, traffic
-from jaxpar.analysis.flops import ComputeOverhead, compute_overhead
+from jaxpar.analysis.flops import ActionCosts, ComputeOverhead, action_costs, compute_overhead
 from jaxpar.analysis.hlo import collectives, parse
 from jaxpar.analysis.memory import MemoryEstimate, estimate_memory
 from jaxpar.analysis.params import ParamRow, param_rows, tree_bytes_per_device
@@ -56,6 +56,8 @@ class Analysis:
     estimate: MemoryEstimate
     overhead: ComputeOverhead
     bubble_theory: float
+    bubble_lockstep: float
+    actions: ActionCosts
     collectives: list[AxisTraffic]
     compile_s: float
     parameters: list[ParamRow]
@@ -77,6 +79,13 @@ class Analysis:
             "ideal_flops_per_device": o.ideal_flops_per_device,
             "flops_ratio": o.ratio,
             "bubble_theory": self.bubble_theory,
+            "bubble_lockstep": self.bubble_lockstep,
+            "action_flops": {
+                "f": self.actions.f,
+                "b": self.actions.b,
+                "w": self.actions.w,
+                "full_backward": self.actions.full_backward,
+            },
             "bubble_measured": o.stack_bubble,
             "overhead_measured": o.bubble,
             "memory": {
@@ -146,9 +155,10 @@ def analyze(step: CompiledStep) -> Analysis:
         alias_bytes=stats.alias_size_in_bytes,
     )
     estimate = estimate_memory(
-        config, spec, params_bytes=params_bytes, compute_bytes=placement.dtype.itemsize
+        config, spec, placement.schedule, params_bytes, compute_bytes=placement.dtype.itemsize
     )
     found = collectives(module, spec.sizes, AXES)
+    actions = action_costs(placement)
     return Analysis(
         mesh=str(spec),
         devices=mesh.devices.size,
@@ -162,6 +172,8 @@ def analyze(step: CompiledStep) -> Analysis:
         estimate=estimate,
         overhead=compute_overhead(placement, module),
         bubble_theory=placement.schedule.bubble,
+        bubble_lockstep=actions.lockstep_bubble(placement.schedule),
+        actions=actions,
         collectives=traffic(found),
         compile_s=compile_s,
         parameters=rows,
@@ -211,8 +223,10 @@ def render(a: Analysis, console: Console) -> None:
     console.print(
         f"[bold]compute[/bold] per device: {o.flops_per_device / 1e9:,.3f} GFLOP (loop trip counts "
         f"applied) vs ideal {o.ideal_flops_per_device / 1e9:,.3f} GFLOP = {o.ratio:.3f} x; "
-        f"{a.schedule}\n  bubble: theory {a.bubble_theory:.2%}, measured {o.stack_bubble:.2%} of "
-        f"the layer stack ({o.bubble:.2%} of the whole step)"
+        f"{a.schedule}\n  bubble: theory {a.bubble_theory:.2%}, lockstep {a.bubble_lockstep:.2%} "
+        f"(every tick as long as its slowest stage; one job's F {a.actions.f / 1e6:,.1f}, "
+        f"B {a.actions.b / 1e6:,.1f}, W {a.actions.w / 1e6:,.1f} MFLOP), measured "
+        f"{o.stack_bubble:.2%} of the layer stack ({o.bubble:.2%} of the whole step)"
     )
     table = Table(title="collectives per device per step")
     for column in ("kind", "axis", "count", "bytes"):

@@ -33,7 +33,7 @@ _POLICIES: dict[str, Callable | None] = {
 }
 
 
-def _chunk(layer: Callable, v: int, c: int, remat: str) -> Callable:
+def stage_chunk(layer: Callable, v: int, c: int, remat: str) -> Callable:
     """`chunk(weights_X, repeat, real_C, h)`: one stage's c layer slots of repeat `repeat`.
 
     With one repeat the chunk scans over all of the stage's weights; with several, over the
@@ -98,7 +98,7 @@ def run_pipeline(
     # nothing to sum, so `data` is then left automatic.)
     manual = {PIPELINE} if fsdp or r == 1 else {PIPELINE, DATA}
 
-    chunk = _chunk(layer, v, c, remat)
+    chunk = stage_chunk(layer, v, c, remat)
 
     def stages(weights_1X: Any, x_R1QTD: jax.Array) -> jax.Array:
         stage = jax.lax.axis_index(PIPELINE)
@@ -203,7 +203,7 @@ def run_train_program(
     q = b_all // (r * p)
     b_local = p * q // m
     manual = {PIPELINE} if fsdp or r == 1 else {PIPELINE, DATA}
-    chunk = _chunk(layer, v, c, remat)
+    chunk = stage_chunk(layer, v, c, remat)
     tables = {k: jnp.asarray(a) for k, a in routes.arrays().items()}
     size = lambda name: max(routes.slots[name], 1)  # noqa: E731
 

@@ -1,0 +1,101 @@
+"""Shared by the pipeline tests: small configs, cached trainers, the sequential reference.
+
+The reference is the plain sequential model (`Llama.__call__`: one scan over the layers in logical
+order) on one device. Gradients are compared per tensor as max|a - b| / max|b| in float32.
+"""
+
+import functools
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxpar.config import load_config
+from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.model.llama import cross_entropy
+from jaxpar.placement import Placement
+from jaxpar.train.step import Trainer
+
+SIZES = [
+    "model.dim=32", "model.heads=4", "model.kv_heads=2", "model.mlp_dim=64", "model.vocab=256",
+    "train.batch_size=16", "train.seq_len=16", "train.dtype=float32",
+]  # fmt: skip
+B, T, D = 16, 16, 32
+
+
+def gpipe(m: int) -> tuple[str, ...]:
+    return ("pipeline.schedule=gpipe", f"pipeline.microbatches={m}")
+
+
+def circular(m: int, v: int = 2) -> tuple[str, ...]:
+    return ("pipeline.schedule=circular", f"pipeline.repeats={v}", f"pipeline.microbatches={m}")
+
+
+@functools.cache
+def trainer(mesh_spec: str, layers: int, extra: tuple[str, ...]) -> Trainer:
+    spec = parse_mesh(mesh_spec)
+    config = load_config(None, [*SIZES, f"model.layers={layers}", *extra])
+    return Trainer(Placement(config, make_mesh(spec, jax.devices()[: spec.size])))
+
+
+@functools.cache
+def tokens() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(B, T + 1), dtype=np.int32)
+
+
+def logical_grads(tr: Trainer, g) -> dict:
+    out = {}
+    for path, v in nnx.to_flat_state(g):
+        value = v.get_value()
+        out[".".join(map(str, path))] = np.asarray(
+            tr.placement.layout.to_logical(value) if path[0] == "blocks" else value
+        )
+    return out
+
+
+@functools.cache
+def sequential_reference(layers: int) -> tuple[float, dict]:
+    """Loss and gradients of the plain model on one device, no executor."""
+    tr = trainer("data=1", layers, ())
+
+    def loss(params, tokens_BT):
+        logits = nnx.merge(tr.placement.graphdef, params)(tokens_BT[:, :-1])
+        return cross_entropy(logits, tokens_BT[:, 1:])
+
+    value, g = jax.jit(jax.value_and_grad(loss))(tr.init_state().params, tokens())
+    return float(value), logical_grads(tr, g)
+
+
+def pipelined(mesh_spec: str, layers: int, extra: tuple[str, ...]) -> tuple[float, dict]:
+    tr = trainer(mesh_spec, layers, extra)
+    params = tr.init_state().params
+    with jax.set_mesh(tr.placement.mesh):
+        value, g = jax.jit(jax.value_and_grad(tr.placement.loss))(
+            params, jax.device_put(tokens(), tr.placement.batch_sharding)
+        )
+    return float(value), logical_grads(tr, g)
+
+
+def assert_matches_sequential(mesh_spec: str, layers: int, extra: tuple[str, ...]) -> None:
+    """Loss within 1e-5 and every gradient within 1e-5 (relative) of the sequential model."""
+    ref_loss, ref_grads = sequential_reference(layers)
+    loss, g = pipelined(mesh_spec, layers, extra)
+    assert abs(loss - ref_loss) / ref_loss < 1e-5
+    assert g.keys() == ref_grads.keys()
+    for name in g:
+        assert g[name].shape == ref_grads[name].shape, name
+        err = np.max(np.abs(g[name] - ref_grads[name])) / np.max(np.abs(ref_grads[name]))
+        assert err < 1e-5, (name, err)
+
+
+def one_f(m: int) -> tuple[str, ...]:
+    return ("pipeline.schedule=1f1b", f"pipeline.microbatches={m}")
+
+
+def interleaved(m: int, v: int = 2) -> tuple[str, ...]:
+    return ("pipeline.schedule=interleaved_1f1b", f"pipeline.repeats={v}",
+            f"pipeline.microbatches={m}")  # fmt: skip
+
+
+def zb(m: int) -> tuple[str, ...]:
+    return ("pipeline.schedule=zb_h1", f"pipeline.microbatches={m}")

@@ -1,0 +1,57 @@
+"""Schedules with their own backward: compiled memory flat in M, remat per layer, and the
+traffic between stages read from the compiled step."""
+
+import jax
+import pytest
+from pipeline_cases import gpipe, interleaved, one_f, trainer, zb
+
+from jaxpar.analysis.hlo import collectives, parse
+from jaxpar.config import load_config
+from jaxpar.mesh import AXES, make_mesh, parse_mesh
+from jaxpar.pipeline.schedule import Schedule
+from jaxpar.placement import Placement
+from jaxpar.train.step import Trainer
+
+MEMORY = [
+    "model.layers=4", "model.dim=64", "model.heads=4", "model.kv_heads=4", "model.mlp_dim=128",
+    "model.vocab=256", "train.seq_len=64", "train.dtype=float32",
+]  # fmt: skip
+
+
+def temp_bytes(mesh_spec: str, extra: list[str]) -> int:
+    spec = parse_mesh(mesh_spec)
+    config = load_config(None, [*MEMORY, *extra])
+    tr = Trainer(Placement(config, make_mesh(spec, jax.devices()[: spec.size])))
+    return tr.compile()[0].memory_analysis().temp_size_in_bytes
+
+
+def test_1f1b_memory_is_flat_in_micro_batches_and_below_gpipe():
+    rows = 2  # per micro-batch, the same at every M
+    at = {m: temp_bytes("pipeline=4", [*one_f(m), f"train.batch_size={rows * m}"]) for m in (8, 32)}
+    gpipe16 = temp_bytes("pipeline=4", [*gpipe(16), f"train.batch_size={rows * 16}"])
+    assert at[32] <= 1.2 * at[8], at
+    assert Schedule("1f1b", 4, 16).stash_slots == Schedule("1f1b", 4, 32).stash_slots == 7
+    one_f16 = temp_bytes("pipeline=4", [*one_f(16), f"train.batch_size={rows * 16}"])
+    assert one_f16 <= 0.5 * gpipe16, (one_f16, gpipe16)
+
+
+def test_remat_per_layer_saves_memory_on_one_device():
+    sizes = ["train.batch_size=8", "model.layers=8"]
+    none = temp_bytes("data=1", [*sizes, "model.remat=none"])
+    full = temp_bytes("data=1", [*sizes, "model.remat=full"])
+    assert full <= 0.4 * none, (full, none)
+
+
+@pytest.mark.parametrize("extra", [one_f(4), zb(4), interleaved(4)])
+def test_two_permutes_per_tick_and_no_weight_gathers_over_pipeline(extra):
+    tr = trainer("pipeline=2,tensor=2", 8, extra)
+    module = parse(tr.compile()[0].as_text())
+    found = collectives(module, tr.placement.spec.sizes, AXES)
+    ticks = tr.placement.schedule.ticks
+    permutes = [c for c in found if c.kind == "collective-permute"]
+    assert sum(c.trips for c in permutes) == 2 * ticks  # activations forward, cotangents back
+    assert {c.axes for c in permutes} == {("pipeline",)}
+    gathers = [c for c in found if c.kind == "all-gather" and "pipeline" in c.axes]
+    # only the token ids gather over pipeline (inputs and targets), once, outside the ticks
+    assert all(c.trips == 1 for c in gathers) and len(gathers) <= 2, gathers
+    assert all(dtype == "s32" for c in gathers for dtype, _ in c.shapes), gathers

@@ -152,12 +152,17 @@ def test_analyze_json_keys_and_types(capsys, tmp_path):
 def test_ascii_timeline_marks_bubbles():
     text = ascii_timeline(Schedule("gpipe", 2, 3))
     assert text.splitlines() == [
-        "tick     0  1  2  3",
-        "stage 0  0  1  2  .",
-        "stage 1  .  0  1  2",
-        "idle 2 of 8 stage-ticks = 25.0% (bubble)",
+        "tick       0  1  2  3  4  5  6  7",
+        "stage 0 F  0  1  2  .  .  .  .  .",
+        "stage 0 B  .  .  .  .  .  2  1  0",
+        "stage 1 F  .  0  1  2  .  .  .  .",
+        "stage 1 B  .  .  .  .  2  1  0  .",
+        "stage-ticks with no action: 4 of 16 = 25.0%; textbook bubble 25.0%, lockstep with "
+        "F = B = W: 25.0%",
     ]
     assert "1b" in ascii_timeline(Schedule("circular", 2, 2, repeats=2))
+    zb = ascii_timeline(Schedule("zb_h1", 2, 3)).splitlines()
+    assert zb[3] == "stage 0 W  .  .  0  1  .  2"  # the last W waits for a free tick
 
 
 def test_bench_json(capsys):

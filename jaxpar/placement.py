@@ -31,6 +31,7 @@ from jaxpar.model import attention
 from jaxpar.model.llama import (
     BlockWeights,
     Llama,
+    Project,
     TopWeights,
     cross_entropy,
     embed,
@@ -40,6 +41,7 @@ from jaxpar.model.llama import (
 from jaxpar.pipeline.executor import run_pipeline, run_train_program
 from jaxpar.pipeline.layout import StageLayout
 from jaxpar.pipeline.schedule import Schedule
+from jaxpar.pipeline.taps import einsum
 from jaxpar.sharding import OUTER_BATCH, Rules, rules_for, serving_rules
 
 
@@ -192,8 +194,8 @@ class Placement:
             remat=self.config.model.remat, fsdp=self.config.parallel.fsdp,
         )  # fmt: skip
 
-        def layer(w: BlockWeights, h_bTD: jax.Array) -> jax.Array:
-            return model.blocks.apply(w, h_bTD)[0]
+        def layer(w: BlockWeights, h_bTD: jax.Array, project: Project = einsum) -> jax.Array:
+            return model.blocks.apply(w, h_bTD, project=project)[0]
 
         def head(top: TopWeights, y_bTD: jax.Array, targets_bT: jax.Array) -> jax.Array:
             return jnp.sum(token_nll(logits(top, y_bTD, eps, rules), targets_bT))

@@ -86,9 +86,9 @@ def compute_overhead(placement: Placement, hlo: str | HloModule) -> ComputeOverh
 @dataclass(frozen=True)
 class ActionCosts:
     """Matmul FLOPs of one job's actions on one stage (one chunk of layers, one micro-batch),
-    each read from its own compiled program with trip counts applied: F the forward, B the input
-    gradient, W the weight gradient, as the program runs them (with remat, B and W include the
-    recomputed forward; the split W redoes the cotangent chain it needs)."""
+    read from compiled programs with trip counts applied: F the forward, B the input gradient,
+    W the weight gradient from B's tap cotangents (`jaxpar.pipeline.taps`), and the unsplit
+    backward. With remat, B includes the recomputed forward."""
 
     f: int
     b: int
@@ -101,6 +101,12 @@ class ActionCosts:
             return schedule.lockstep_bubble(self.f, self.b, self.w)
         return schedule.lockstep_bubble(self.f, self.full_backward, 0)
 
+    def lockstep_cost(self, schedule: Schedule) -> float:
+        """FLOPs of the slowest stage summed over ticks: comparable across schedules."""
+        if schedule.split:
+            return schedule.lockstep_cost(self.f, self.b, self.w)
+        return schedule.lockstep_cost(self.f, self.full_backward, 0)
+
 
 def action_costs(placement: Placement) -> ActionCosts:
     """Compiles one job's F, B and W for one device (a chunk of the placement's layers on a
@@ -109,10 +115,11 @@ def action_costs(placement: Placement) -> ActionCosts:
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxpar.pipeline.executor import stage_chunk
+    from jaxpar.pipeline.executor import layer_taps, stage_chunk, weight_grads
+    from jaxpar.pipeline.taps import einsum
 
     config, layout, schedule = placement.config, placement.layout, placement.schedule
-    t = config.train
+    t, c = config.train, layout.chunk_size
     rows = t.batch_size // (placement.spec.data * schedule.microbatches)
     h = jax.ShapeDtypeStruct((rows, t.seq_len, config.model.dim), placement.dtype)
     params = jax.tree.map(
@@ -123,21 +130,24 @@ def action_costs(placement: Placement) -> ActionCosts:
         model = nnx.merge(placement.graphdef, params)
         weights = jax.tree.map(lambda a: a[0], model.blocks.weights(jnp.float32))
         real = jnp.asarray(layout.valid)[0, 0]
-        chunk = stage_chunk(
-            lambda w, x: model.blocks.apply(w, x)[0],
-            layout.repeats,
-            layout.chunk_size,
-            config.model.remat,
-        )
-        y, pull = jax.vjp(lambda x, w: chunk(w, jnp.int32(0), real, x), h_bTD, weights)
+
+        def layer(w, x, project=einsum):
+            return model.blocks.apply(w, x, project=project)[0]
+
+        chunk = stage_chunk(layer, layout.repeats, c, config.model.remat)
+        if kind == "full":
+            y, pull = jax.vjp(lambda x, w: chunk(w, jnp.int32(0), real, x), h_bTD, weights)
+            return pull(jnp.ones_like(y))
+        eqs, taps = layer_taps(layer, weights, h_bTD, c)
+        y, pull = jax.vjp(lambda x, taps: chunk(weights, jnp.int32(0), real, x, taps), h_bTD, taps)
         if kind == "f":
             return y
-        dx, dw = pull(jnp.ones_like(y))
-        return {"b": dx, "w": dw, "full": (dx, dw)}[kind]
+        dx, held = pull(jnp.ones_like(y))
+        return (dx, held) if kind == "b" else (dx, weight_grads(weights, eqs, held))
 
     def flops(kind: str) -> int:
         lowered = jax.jit(run, static_argnums=0).lower(kind, params, h)
         return dot_flops(lowered.compile().as_text())
 
-    f = flops("f")
-    return ActionCosts(f, flops("b") - f, flops("w") - f, flops("full") - f)
+    f, b, bw = flops("f"), flops("b"), flops("w")
+    return ActionCosts(f, b - f, bw - b, flops("full") - f)

@@ -14,6 +14,7 @@ turns each row-parallel contraction into one all-reduce of a (B, T, D) activatio
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -24,6 +25,7 @@ from flax import nnx
 from jaxpar.config import ModelConfig
 from jaxpar.model.attention import attend
 from jaxpar.pipeline.layout import StageLayout
+from jaxpar.pipeline.taps import SCALE, einsum
 from jaxpar.sharding import (
     ACT_EMBED,
     ACT_KV_HEADS,
@@ -88,11 +90,16 @@ def _param(
     return nnx.Param(truncated_normal(rngs.params(), shape, std, rules, axes), logical_axes=axes)
 
 
-def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+Project = Callable[[str, str, jax.Array, jax.Array], jax.Array]
+
+
+def rms_norm(
+    x_BTD: jax.Array, scale_D: jax.Array, eps: float, project: Project = einsum, name: str = ""
+) -> jax.Array:
     """RMSNorm in float32, returned in the input's dtype."""
     x = x_BTD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-    return (x * scale_D).astype(x_BTD.dtype)
+    return project(name, SCALE, x, scale_D).astype(x_BTD.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -180,6 +187,7 @@ class Attention(nnx.Module):
         x_BTD: jax.Array,
         positions_BT: jax.Array | None,
         cache: KVCache | None,
+        project: Project = einsum,
     ) -> tuple[jax.Array, KVCache | None]:
         """Attention on the block's derived weights, writing this call's keys and values into
         `cache` when one is given. Positions None mean 0..T-1 in every row.
@@ -191,7 +199,7 @@ class Attention(nnx.Module):
         cfg, dtype = self.cfg, x_BTD.dtype
         b, t = x_BTD.shape[:2]
         g, h = cfg.heads // cfg.kv_heads, cfg.head_dim
-        qkv_BTKCH = jnp.einsum("BTD,DKCH->BTKCH", x_BTD, w.w_qkv_DKCH.astype(dtype))
+        qkv_BTKCH = project("w_qkv_DKCH", "BTD,DKCH->BTKCH", x_BTD, w.w_qkv_DKCH.astype(dtype))
         qkv_BTKCH = self.rules.constrain(qkv_BTKCH, (BATCH, SEQ, ACT_KV_HEADS, None, None))
         q_BTNH = qkv_BTKCH[:, :, :, :g].reshape(b, t, cfg.heads, h)
         k_BSKH, v_BSKH = qkv_BTKCH[:, :, :, g], qkv_BTKCH[:, :, :, g + 1]
@@ -213,7 +221,7 @@ class Attention(nnx.Module):
             )
             k_BSKH, v_BSKH, k_positions = cache.k, cache.v, None  # None: every cache position
         out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, positions_BT, k_positions, self.impl)
-        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, w.wo_NHD.astype(dtype))
+        out_BTD = project("wo_NHD", "BTNH,NHD->BTD", out_BTNH, w.wo_NHD.astype(dtype))
         return self.rules.constrain(out_BTD, X_AXES), cache
 
 
@@ -233,12 +241,14 @@ class SwiGLU(nnx.Module):
         once."""
         return jnp.stack([self.w_gate_DF[...], self.w_up_DF[...]], axis=-2).astype(dtype)
 
-    def apply(self, w: BlockWeights, x_BTD: jax.Array) -> jax.Array:
+    def apply(self, w: BlockWeights, x_BTD: jax.Array, project: Project = einsum) -> jax.Array:
         dtype = x_BTD.dtype
-        gate_up_BTCF = jnp.einsum("BTD,DCF->BTCF", x_BTD, w.w_gate_up_DCF.astype(dtype))
+        gate_up_BTCF = project(
+            "w_gate_up_DCF", "BTD,DCF->BTCF", x_BTD, w.w_gate_up_DCF.astype(dtype)
+        )
         gate_BTF, up_BTF = gate_up_BTCF[:, :, 0], gate_up_BTCF[:, :, 1]
         h_BTF = self.rules.constrain(jax.nn.silu(gate_BTF) * up_BTF, (BATCH, SEQ, ACT_MLP))
-        out_BTD = jnp.einsum("BTF,FD->BTD", h_BTF, w.w_down_FD.astype(dtype))
+        out_BTD = project("w_down_FD", "BTF,FD->BTD", h_BTF, w.w_down_FD.astype(dtype))
         return self.rules.constrain(out_BTD, X_AXES)
 
 
@@ -274,14 +284,16 @@ class Block(nnx.Module):
         x_BTD: jax.Array,
         positions_BT: jax.Array | None = None,
         cache: KVCache | None = None,
+        project: Project = einsum,
     ) -> tuple[jax.Array, KVCache | None]:
         """One block on one layer's derived weights, reading and writing a KV cache (see
-        `Attention.apply`)."""
+        `Attention.apply`); `project` computes every weight's contraction (see `einsum`)."""
         eps = self.attn_norm.eps
-        normed_BTD = rms_norm(x_BTD, w.attn_norm_D, eps)
-        attn_BTD, cache = self.attn.apply(w, normed_BTD, positions_BT, cache)
+        normed_BTD = rms_norm(x_BTD, w.attn_norm_D, eps, project, "attn_norm_D")
+        attn_BTD, cache = self.attn.apply(w, normed_BTD, positions_BT, cache, project)
         x_BTD = x_BTD + attn_BTD
-        return x_BTD + self.mlp.apply(w, rms_norm(x_BTD, w.mlp_norm_D, eps)), cache
+        normed_BTD = rms_norm(x_BTD, w.mlp_norm_D, eps, project, "mlp_norm_D")
+        return x_BTD + self.mlp.apply(w, normed_BTD, project), cache
 
 
 class Llama(nnx.Module):

@@ -15,6 +15,7 @@ the next, forward, and receives one cotangent, backward.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from jax.sharding import PartitionSpec
 from jaxpar.mesh import DATA, PIPELINE
 from jaxpar.pipeline.layout import StageLayout
 from jaxpar.pipeline.schedule import Schedule
+from jaxpar.pipeline.taps import einsum, tapped, weight_grad
 
 _POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing: recompute the whole tick
@@ -34,29 +36,67 @@ _POLICIES: dict[str, Callable | None] = {
 
 
 def stage_chunk(layer: Callable, v: int, c: int, remat: str) -> Callable:
-    """`chunk(weights_X, repeat, real_C, h)`: one stage's c layer slots of repeat `repeat`.
+    """`chunk(weights_X, repeat, real_C, h, taps=None)`: one stage's c layer slots of repeat
+    `repeat`.
 
     With one repeat the chunk scans over all of the stage's weights; with several, over the
     repeat's slot indices, each layer reading its weights in the scan body. Remat is per layer,
     in the body of the layer scan: the backward pass keeps each layer's input (and what the
-    policy saves) and recomputes the rest one layer at a time.
+    policy saves) and recomputes the rest one layer at a time. `taps` (zero-bubble schedules):
+    per weight, zeros stacked over the c slots, shaped like the contraction's input and output
+    (`tapped`); the layer is then called as `layer(w, h, project)`.
     """
     if remat != "none":
         layer = jax.checkpoint(layer, policy=_POLICIES[remat], prevent_cse=False)
 
-    def chunk(weights_X: Any, repeat: jax.Array, real_C: jax.Array, h_bTD: jax.Array):
-        def slot(h_bTD: jax.Array, slot: tuple[Any, jax.Array]) -> tuple[jax.Array, None]:
-            w, real = slot
+    def chunk(weights_X: Any, repeat: jax.Array, real_C: jax.Array, h_bTD: jax.Array,
+              taps: dict | None = None):  # fmt: skip
+        def slot(h_bTD: jax.Array, slot: tuple) -> tuple[jax.Array, None]:
+            w, real, taps = slot
             if v > 1:  # w is the slot's index: read the layer inside the body, so that the
                 # backward pass keeps no copy of the repeat's weights per tick
                 w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, w, 0, False), weights_X)
-            return jnp.where(real, layer(w, h_bTD), h_bTD), None  # padded slots: identity
+            if taps is None:
+                out_bTD = layer(w, h_bTD)
+            else:
+                out_bTD = layer(w, h_bTD, lambda name, eq, x, w: tapped(name, eq, x, w, taps[name]))
+            return jnp.where(real, out_bTD, h_bTD), None  # padded slots: identity
 
         xs = weights_X if v == 1 else repeat * c + jnp.arange(c)
-        h_bTD, _ = jax.lax.scan(slot, h_bTD, (xs, real_C))
+        h_bTD, _ = jax.lax.scan(slot, h_bTD, (xs, real_C, taps))
         return h_bTD
 
     return chunk
+
+
+def layer_taps(
+    layer: Callable, weights_X: Any, h_bTD: jax.Array, c: int, zeros: Callable = None
+) -> tuple[dict[str, str], dict[str, tuple]]:
+    """Each weight's contraction equation, and zero taps for c slots shaped like its input and
+    output (see `tapped`), from one dry trace of a layer (nothing uses its values: XLA drops it;
+    `jax.eval_shape` cannot see a shard_map's manual axes)."""
+    zeros = zeros or (lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), tree))
+    found: dict[str, tuple] = {}
+
+    def record(name: str, eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
+        y = einsum(name, eq, x, w)
+        found[name] = (eq, *(jax.ShapeDtypeStruct((c, *a.shape), a.dtype) for a in (x, y)))
+        return y
+
+    layer(jax.tree.map(lambda a: a[0], weights_X), h_bTD, record)
+    eqs = {name: eq for name, (eq, _, _) in found.items()}
+    return eqs, {name: zeros((x, y)) for name, (_, x, y) in found.items()}
+
+
+def weight_grads(weights_X: Any, eqs: dict[str, str], held: dict[str, tuple]) -> Any:
+    """A chunk's weight gradients (one repeat, [c, ...]) from its taps' cotangents: per weight,
+    its contractions' inputs and output cotangents, stacked over the slots."""
+    grads = {}
+    for name, (x, ct) in held.items():
+        w = getattr(weights_X, name)
+        grad = jax.vmap(functools.partial(weight_grad, name, eqs[name]))
+        grads[name] = grad(x, ct, w).astype(w.dtype)
+    return weights_X._replace(**grads)
 
 
 def run_pipeline(
@@ -234,11 +274,19 @@ def run_train_program(
         tokens_MbT, targets_MbT = micro_batches(tokens_R1QT), micro_batches(targets_R1QT)
         pullbacks: dict[str, Any] = {}
 
+        x_shape = jax.eval_shape(lambda: embed(top, tokens_MbT[0]))
+        eqs, taps = (
+            layer_taps(layer, weights_X, zeros(x_shape), c, zeros) if schedule.split else ({}, None)
+        )
+
         def forward(h_bTD: jax.Array, repeat: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
             """The chunk's output and its pullback's residuals, less the weights (they stay in
-            `weights_X`; `pullback` puts them back)."""
+            `weights_X`; `pullback` puts them back). With `split`, the pullback also takes the
+            taps, and gives their cotangents: what the W of the job needs."""
             real_C = valid_PVC[stage, repeat]
-            y_bTD, pull = jax.vjp(lambda h, w: chunk(w, repeat, real_C, h), h_bTD, weights_X)
+            y_bTD, pull = jax.vjp(
+                lambda h, w, taps: chunk(w, repeat, real_C, h, taps), h_bTD, weights_X, taps
+            )
             leaves, tree = jax.tree.flatten(pull)
             given = jax.tree.leaves(weights_X)
             where = [next((i for i, g in enumerate(given) if g is x), -1) for x in leaves]
@@ -250,7 +298,6 @@ def run_train_program(
             leaves = [given[i] if i >= 0 else next(kept) for i in pullbacks["where"]]
             return jax.tree.unflatten(pullbacks["tree"], leaves)
 
-        x_shape = jax.eval_shape(lambda: embed(top, tokens_MbT[0]))
         # The residuals' shapes, from one trace of the forward whose values nothing uses (XLA
         # drops it): `jax.eval_shape` cannot see the manual axes here.
         dry = forward(zeros(x_shape), jnp.int32(0))[1]
@@ -260,7 +307,7 @@ def run_train_program(
             """n zeroed slots, each shaped like `tree`."""
             return zeros(jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape), a.dtype), tree))
 
-        w_shapes = (kept_shapes, x_shape) if schedule.split else ()
+        w_shapes = taps if schedule.split else ()
 
         def read(buf: Any, slot: jax.Array) -> Any:
             return jax.tree.map(lambda a: a[jnp.maximum(slot, 0)], buf)
@@ -308,10 +355,8 @@ def run_train_program(
             cotangent = read(ct, at["b_src"])
             residuals = read(stash, at["b_stash"])
 
-            def run_b() -> tuple[jax.Array, Any, Any]:
-                dx_bTD, d_w = pullback(residuals)(cotangent)
-                if schedule.split:
-                    d_w = jax.tree.map(jnp.zeros_like, d_w)  # W's, later
+            def run_b() -> tuple[jax.Array, Any, Any, Any]:
+                dx_bTD, d_w, d_taps = pullback(residuals)(cotangent)
                 d_top_e = jax.lax.cond(
                     (stage == 0) & (b_repeat == 0),
                     lambda: vary(
@@ -319,17 +364,17 @@ def run_train_program(
                     ),
                     lambda: zeros(top),
                 )
-                return vary((dx_bTD, d_w, d_top_e))
+                return vary((dx_bTD, d_w, d_taps, d_top_e))
 
-            dx_bTD, d_w, d_top_e = jax.lax.cond(
-                at["b_chunk"] >= 0, run_b, lambda: zeros((x_shape, weights_X, top))
+            dx_bTD, d_w, d_taps, d_top_e = jax.lax.cond(
+                at["b_chunk"] >= 0, run_b, lambda: zeros((x_shape, weights_X, taps, top))
             )
-            if schedule.split:
-                wstash = write(wstash, at["b_wstash"], (residuals, cotangent))
-                held, held_ct = read(wstash, at["w_stash"])
+            if schedule.split:  # d_w is zero: the W tick computes it from the taps' cotangents
+                wstash = write(wstash, at["b_wstash"], d_taps)
+                held = read(wstash, at["w_stash"])
                 d_w = jax.lax.cond(
                     at["w_chunk"] >= 0,
-                    lambda: vary(pullback(held)(held_ct)[1]),
+                    lambda: vary(weight_grads(weights_X, eqs, held)),
                     lambda: zeros(weights_X),
                 )
             d_weights = jax.tree.map(jnp.add, d_weights, d_w)

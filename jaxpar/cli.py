@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--devices-per-process", type=int, metavar="K", help="simulated CPU devices per process"
     )
+    p.add_argument(
+        "--pin-cores", action="store_true", help="run process r on CPU core r alone (timing runs)"
+    )
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
 
     p = _command(sub, "export-hf")
@@ -505,7 +508,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from jaxpar.launch import launch
 
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    return launch(argv, args.num_processes, args.devices_per_process)
+    return launch(argv, args.num_processes, args.devices_per_process, args.pin_cores)
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:

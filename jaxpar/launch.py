@@ -61,9 +61,13 @@ def _stop(procs: list[subprocess.Popen], grace_s: float = GRACE_S) -> None:
             p.wait()
 
 
-def launch(argv: Sequence[str], num_processes: int, devices_per_process: int | None) -> int:
+def launch(
+    argv: Sequence[str], num_processes: int, devices_per_process: int | None, pin: bool = False
+) -> int:
     """Runs `jaxpar ARGV` as `num_processes` processes; returns 0 when all succeed, else the exit
-    code of the first to fail (1 for a process killed by a signal)."""
+    code of the first to fail (1 for a process killed by a signal). `pin`: process r runs on CPU
+    core r alone (every thread of it), so the processes are truly parallel and do not share a
+    core: needs a core per process."""
     if not argv:
         raise JaxparError("launch needs a command after --, e.g. jaxpar launch -n 2 -- train")
     if argv[0] == "launch":
@@ -72,6 +76,11 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int | N
         raise JaxparError(f"-n {num_processes} must be at least 1")
     if devices_per_process is not None and devices_per_process < 1:
         raise JaxparError(f"--devices-per-process {devices_per_process} must be at least 1")
+    cores = sorted(os.sched_getaffinity(0))
+    if pin and num_processes > len(cores):
+        raise JaxparError(
+            f"--pin-cores needs a core per process: -n {num_processes} but {len(cores)} cores"
+        )
     coordinator = f"127.0.0.1:{_free_port()}"
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
@@ -94,6 +103,7 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int | N
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # our Ctrl-C reaches them through us, once
+            preexec_fn=(lambda core=cores[rank]: os.sched_setaffinity(0, {core})) if pin else None,
         )
         procs.append(proc)
         pump = threading.Thread(target=_pump, args=(rank, proc.stdout, lock), daemon=True)

@@ -5,6 +5,7 @@ import jax
 import pytest
 from pipeline_cases import gpipe, interleaved, one_f, trainer, zb
 
+from jaxpar.analysis.flops import action_costs
 from jaxpar.analysis.hlo import collectives, parse
 from jaxpar.config import load_config
 from jaxpar.mesh import AXES, make_mesh, parse_mesh
@@ -55,3 +56,26 @@ def test_two_permutes_per_tick_and_no_weight_gathers_over_pipeline(extra):
     # only the token ids gather over pipeline (inputs and targets), once, outside the ticks
     assert all(c.trips == 1 for c in gathers) and len(gathers) <= 2, gathers
     assert all(dtype == "s32" for c in gathers for dtype, _ in c.shapes), gathers
+
+
+def test_zero_bubble_w_is_the_weight_part_of_the_backward_and_recomputes_nothing():
+    placement = trainer("pipeline=2", 8, zb(4)).placement
+    costs = action_costs(placement)
+    assert costs.b + costs.w == costs.full_backward
+    assert 0 < costs.w < costs.full_backward and 0 < costs.b < costs.full_backward
+    # with these costs ZB-H1's lockstep step is cheaper than 1F1B's
+    assert costs.lockstep_cost(Schedule("zb_h1", 4, 8)) < costs.lockstep_cost(
+        Schedule("1f1b", 4, 8)
+    )
+
+
+def instructions(mesh_spec: str, layers: int, extra: tuple[str, ...]) -> int:
+    module = parse(trainer(mesh_spec, layers, extra).compile()[0].as_text())
+    return sum(len(body) for body in module.computations.values())
+
+
+@pytest.mark.parametrize("schedule", [one_f, zb])
+def test_compiled_program_does_not_grow_with_micro_batches_or_layers(schedule):
+    small = instructions("pipeline=2", 4, schedule(2))
+    large = instructions("pipeline=2", 8, schedule(8))  # twice the layers, four times M
+    assert abs(large - small) <= 0.02 * small, (small, large)

@@ -128,13 +128,14 @@ def action_costs(placement: Placement) -> ActionCosts:
 
     def run(kind: str, params: nnx.State, h_bTD: jax.Array) -> Any:
         model = nnx.merge(placement.graphdef, params)
-        weights = jax.tree.map(lambda a: a[0], model.blocks.weights(jnp.float32))
+        # the first chunk of stage 0: one job's layers, as one repeat
+        weights = jax.tree.map(lambda a: a[0, :c], model.blocks.weights(jnp.float32))
         real = jnp.asarray(layout.valid)[0, 0]
 
         def layer(w, x, project=einsum):
             return model.blocks.apply(w, x, project=project)[0]
 
-        chunk = stage_chunk(layer, layout.repeats, c, config.model.remat)
+        chunk = stage_chunk(layer, 1, c, config.model.remat)
         if kind == "full":
             y, pull = jax.vjp(lambda x, w: chunk(w, jnp.int32(0), real, x), h_bTD, weights)
             return pull(jnp.ones_like(y))

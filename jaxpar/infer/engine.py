@@ -3,10 +3,11 @@
 The cache is [P, C, B, S, K, H] per key and value: stage, layer slot, batch (over `data`), position,
 kv head (over `tensor`), head dim. Each pipeline stage keeps only its own layers' cache. The layer
 stack runs in one `jax.shard_map`, manual over `pipeline` (and `data` when it has several
-replicas), around a `lax.scan` over ticks, as in training's GPipe schedule: the batch is cut into
-M micro-batches (M = P when the rows allow, else 1), stage s works on micro-batch t - s at tick t
-and hands its activation to stage s + 1 with `lax.ppermute`, so with several micro-batches every
-stage is busy once the pipeline is full. A decode step is then M + P - 1 ticks of one token each.
+replicas), around the tick loop every forward pass runs (`forward_ticks`), on a GPipe table: the
+batch is cut into M micro-batches (M = P when the rows allow, else 1), stage s works on
+micro-batch t - s at tick t and hands its activation to stage s + 1 with `lax.ppermute`, so with
+several micro-batches every stage is busy once the pipeline is full. A decode step is then
+M + P - 1 ticks of one token each.
 
 The embedding, the LM head and sampling run outside, with the batch over `data` and the vocabulary
 over `tensor`; the last stage's outputs are broadcast from it to the others, (B, T, D). The new
@@ -35,6 +36,8 @@ from jaxpar.distributed import global_array
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import DATA, PIPELINE
 from jaxpar.model.llama import BLOCK_WEIGHT_AXES, BlockWeights, KVCache, Llama
+from jaxpar.pipeline.executor import forward_ticks
+from jaxpar.pipeline.schedule import Schedule
 from jaxpar.placement import Placement, logical_axes
 from jaxpar.sharding import ACT_KV_HEADS, BATCH, LAYERS, NORM, SEQ, STAGE
 
@@ -195,12 +198,7 @@ class Generator:
                 h_bTD, (k, v) = jax.lax.scan(layer, h_bTD, slots)
                 return h_bTD, KVCache(k, v)
 
-            def tick(carry, now):
-                recv_bTD, cache_X, out_MbTD = carry
-                job = now - stage
-                active = (job >= 0) & (job < m)
-                micro = jnp.clip(job, 0, m - 1)
-                h_bTD = jnp.where(stage == 0, x_MbTD[micro], recv_bTD)
+            def run(repeat, micro, active, h_bTD, cache_X: KVCache):
                 rows = [jax.lax.dynamic_slice_in_dim(c, micro * b, b, axis=1) for c in cache_X]
                 h_bTD, new = layers(h_bTD, None if prefill else positions_MbT[micro],
                                     KVCache(*rows))  # fmt: skip
@@ -208,15 +206,9 @@ class Generator:
                     jax.lax.dynamic_update_slice_in_dim(c, jnp.where(active, n, r), micro * b, 1)
                     for c, n, r in zip(cache_X, new, rows, strict=True)
                 ))  # fmt: skip
-                last = active & (stage == p - 1)
-                out_MbTD = out_MbTD.at[micro].set(jnp.where(last, h_bTD, out_MbTD[micro]))
-                if p > 1:
-                    ring = [(i, (i + 1) % p) for i in range(p)]
-                    h_bTD = jax.lax.ppermute(h_bTD, PIPELINE, ring)
-                return (h_bTD, cache_X, out_MbTD), None
+                return h_bTD, cache_X
 
-            carry = (jnp.zeros_like(x_MbTD[0]), cache_X, jnp.zeros_like(x_MbTD))
-            (_, cache_X, out_MbTD), _ = jax.lax.scan(tick, carry, jnp.arange(m + p - 1))
+            out_MbTD, cache_X = forward_ticks(Schedule("gpipe", p, m), run, x_MbTD, cache_X)
             return out_MbTD.reshape(1, b_all, t, d), KVCache(*(c[None] for c in cache_X))
 
         cache_spec = PartitionSpec(PIPELINE, None, batch_axis)

@@ -99,6 +99,53 @@ def weight_grads(weights_X: Any, eqs: dict[str, str], held: dict[str, tuple]) ->
     return weights_X._replace(**grads)
 
 
+def forward_ticks(
+    schedule: Schedule, run: Callable, x_MbTD: jax.Array, state: Any = None
+) -> tuple[jax.Array, Any]:
+    """The forward ticks of a forward-only table (gpipe, circular), inside a shard_map manual
+    over `pipeline`: the one tick loop of every forward pass (training's under `jax.grad`,
+    evaluation, KV-cached prefill and decode).
+
+    At each tick every stage runs its F slot, `run(repeat, micro, active, h_bTD, state) ->
+    (h_bTD, state)`, on the micro-batch's input (from `x_MbTD` for the first chunk on stage 0, else
+    from the ring of what arrived), and hands the output to the next stage with one `ppermute`;
+    what arrives is kept as `schedule.routes` says. An idle slot runs on a clamped job and its
+    result is dropped (`active` is False; `run` must not let it change `state`), so the program
+    has no per-device branch and `jax.grad` of it is the transposed scan.
+
+    Returns:
+        (M, b, T, D): the last chunk's outputs, on the last stage (zeros on the others); and the
+        state.
+    """
+    p, v = schedule.stages, schedule.repeats
+    routes = schedule.routes
+    stage = jax.lax.axis_index(PIPELINE)
+    tables = {k: jnp.asarray(getattr(routes, k)) for k in ("f_micro", "f_chunk", "f_src", "f_keep")}
+    zero_bTD = jnp.zeros_like(x_MbTD[0])  # varying like the input
+    act = jnp.broadcast_to(zero_bTD, (max(routes.slots["act"], 1), *zero_bTD.shape))
+
+    def tick(carry: tuple, row: dict[str, jax.Array]) -> tuple[tuple, None]:
+        act, out_MbTD, state = carry
+        at = {k: a[stage] for k, a in row.items()}
+        micro, repeat = jnp.maximum(at["f_micro"], 0), jnp.maximum(at["f_chunk"], 0)
+        active = at["f_chunk"] >= 0
+        h_bTD = jnp.where(at["f_src"] < 0, x_MbTD[micro], act[jnp.maximum(at["f_src"], 0)])
+        y_bTD, state = run(repeat, micro, active, h_bTD, state)
+        last = active & (stage == p - 1) & (repeat == v - 1)
+        y_out = jnp.where(last, y_bTD, out_MbTD[micro])
+        out_MbTD = jax.lax.dynamic_update_index_in_dim(out_MbTD, y_out, micro, 0)
+        if p > 1:
+            y_bTD = jax.lax.ppermute(y_bTD, PIPELINE, [(i, (i + 1) % p) for i in range(p)])
+        slot = jnp.maximum(at["f_keep"], 0)
+        kept = jnp.where(at["f_keep"] >= 0, y_bTD, act[slot])
+        act = jax.lax.dynamic_update_index_in_dim(act, kept, slot, 0)
+        return (act, out_MbTD, state), None
+
+    carry = (act, jnp.zeros_like(x_MbTD), state)
+    (_, out_MbTD, state), _ = jax.lax.scan(tick, carry, tables)
+    return out_MbTD, state
+
+
 def run_pipeline(
     layer: Callable[[Any, jax.Array], jax.Array],
     weights: Any,
@@ -133,7 +180,6 @@ def run_pipeline(
     r = mesh.shape[DATA]
     q = b_all // (r * p)
     b_local = p * q // m  # rows of one data replica in one micro-batch
-    jobs = v * m
     # (XLA rejects the replica sum of a size-1 manual `data` axis; with one replica there is
     # nothing to sum, so `data` is then left automatic.)
     manual = {PIPELINE} if fsdp or r == 1 else {PIPELINE, DATA}
@@ -155,40 +201,17 @@ def run_pipeline(
         x_MbTD = x_RPQTD.reshape(r_here, m, b_local, t, d).transpose(1, 0, 2, 3, 4)
         x_MbTD = x_MbTD.reshape(m, -1, t, d)
 
-        def tick(carry: tuple[jax.Array, jax.Array], now: jax.Array):
-            recv_bTD, stash_MbTD = carry
-            job = jnp.clip(now - stage, 0, jobs - 1)
-            repeat, micro = job // m, job % m
-            # Stage 0 starts a micro-batch's first repeat from its embedding and later repeats
-            # from what came back around the ring; the other stages take what they received.
-            first_in = jnp.where(repeat == 0, x_MbTD[micro], stash_MbTD[micro])
-            h_bTD = jnp.where(stage == 0, first_in, recv_bTD)
-            out_bTD = chunk(weights_X, repeat, valid_PVC[stage, repeat], h_bTD)
-            if p > 1:
-                ring = [(i, (i + 1) % p) for i in range(p)]
-                recv_bTD = jax.lax.ppermute(out_bTD, PIPELINE, ring)
-            else:
-                recv_bTD = out_bTD
-            # Stage 0 receives the last stage's job `now - (P - 1)`: keep it for its next repeat,
-            # or as the final output after the last repeat.
-            done = now - (p - 1)
-            keep = (stage == 0) & (done >= 0) & (done < jobs)
-            slot = jnp.clip(done, 0, jobs - 1) % m
-            kept_bTD = jnp.where(keep, recv_bTD, stash_MbTD[slot])
-            stash_MbTD = jax.lax.dynamic_update_index_in_dim(stash_MbTD, kept_bTD, slot, axis=0)
-            return (recv_bTD, stash_MbTD), None
+        def run(repeat, micro, active, h_bTD, state):
+            return chunk(weights_X, repeat, valid_PVC[stage, repeat], h_bTD), state
 
-        zeros = jnp.zeros_like(x_MbTD)  # varying over `pipeline` already, like the input
-        carry = (zeros[0], zeros)
-        (_, y_MbTD), _ = jax.lax.scan(tick, carry, jnp.arange(schedule.ticks))
+        y_MbTD, _ = forward_ticks(schedule.forward(), run, x_MbTD)
 
         y_RPQTD = y_MbTD.reshape(m, r_here, b_local, t, d).transpose(1, 0, 2, 3, 4)
         y_RPQTD = y_RPQTD.reshape(r_here, p, q, t, d)
         if p == 1:
             return y_RPQTD
-        # Only stage 0 holds the outputs; a reduce-scatter of (outputs on stage 0, zeros
-        # elsewhere) hands each stage its rows, exactly (x + 0 == x).
-        y_RPQTD = jnp.where(stage == 0, y_RPQTD, 0)
+        # Only the last stage holds the outputs (zeros elsewhere); a reduce-scatter hands each
+        # stage its rows, exactly (x + 0 == x).
         return jax.lax.psum_scatter(y_RPQTD, PIPELINE, scatter_dimension=1, tiled=True)
 
     spec = PartitionSpec(DATA if DATA in manual else None, PIPELINE)

@@ -76,6 +76,15 @@ class Schedule:
         """B computes input gradients only; W ticks compute the weight gradients."""
         return self.name == "zb_h1"
 
+    def forward(self) -> Schedule:
+        """The forward-only table for this layout: itself for gpipe and circular; for the
+        schedules with their own backward, gpipe (v = 1) or circular over the same chunks, what
+        evaluation runs (a forward needs no B ticks)."""
+        if not self.hand_backward:
+            return self
+        name = "gpipe" if self.repeats == 1 else "circular"
+        return Schedule(name, self.stages, self.microbatches, self.repeats)
+
     # -- the table -----------------------------------------------------------------------------
 
     def job(self, job: int) -> tuple[int, int]:

@@ -102,6 +102,8 @@ CASES = [
     ("pipeline=4,tensor=2", 6, zb(4)),
     # recomputation per layer, and ZeRO-3 stages
     ("pipeline=2,tensor=2", 8, (*one_f(2), "model.remat=full")),
+    ("pipeline=4", 8, (*zb(4), "model.remat=dots")),
+    ("pipeline=2,data=2", 8, (*interleaved(2), "model.remat=full")),
     ("data=2,pipeline=4", 8, (*zb(4), "parallel.fsdp=true")),
 ]  # fmt: skip
 

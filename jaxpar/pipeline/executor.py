@@ -28,6 +28,13 @@ from jaxpar.pipeline.layout import StageLayout
 from jaxpar.pipeline.schedule import Schedule
 from jaxpar.pipeline.taps import einsum, tapped, weight_grad
 
+
+def _keep_all_but_slot(primitive: Any, *_: Any, **__: Any) -> bool:
+    """Saves everything for the backward pass except dynamic reads (a slot's weights out of the
+    stage's): those are recomputed from the stage's weights, which are kept once."""
+    return primitive.name not in ("dynamic_slice", "squeeze")
+
+
 _POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing: recompute the whole tick
     "dots": jax.checkpoint_policies.dots_saveable,
@@ -46,20 +53,29 @@ def stage_chunk(layer: Callable, v: int, c: int, remat: str) -> Callable:
     per weight, zeros stacked over the c slots, shaped like the contraction's input and output
     (`tapped`); the layer is then called as `layer(w, h, project)`.
     """
-    if remat != "none":
-        layer = jax.checkpoint(layer, policy=_POLICIES[remat], prevent_cse=False)
+
+    def slot_layer(w: Any, index: jax.Array | None, h_bTD: jax.Array, taps: dict | None):
+        """One slot: its weights are `w`, or with several repeats slot `index` of `w` (all the
+        stage's weights), read here, under the same checkpoint as the layer, so that the backward
+        pass recomputes the read instead of keeping a copy of the slot's weights per tick."""
+        if index is not None:
+            w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, 0, False), w)
+        if taps is None:
+            return layer(w, h_bTD)
+        return layer(w, h_bTD, lambda name, eq, x, w: tapped(name, eq, x, w, taps[name]))
+
+    if remat != "none" or v > 1:
+        policy = _POLICIES[remat] if remat != "none" else _keep_all_but_slot
+        slot_layer = jax.checkpoint(slot_layer, policy=policy, prevent_cse=False)
 
     def chunk(weights_X: Any, repeat: jax.Array, real_C: jax.Array, h_bTD: jax.Array,
               taps: dict | None = None):  # fmt: skip
         def slot(h_bTD: jax.Array, slot: tuple) -> tuple[jax.Array, None]:
             w, real, taps = slot
-            if v > 1:  # w is the slot's index: read the layer inside the body, so that the
-                # backward pass keeps no copy of the repeat's weights per tick
-                w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, w, 0, False), weights_X)
-            if taps is None:
-                out_bTD = layer(w, h_bTD)
+            if v > 1:  # w is the slot's index
+                out_bTD = slot_layer(weights_X, w, h_bTD, taps)
             else:
-                out_bTD = layer(w, h_bTD, lambda name, eq, x, w: tapped(name, eq, x, w, taps[name]))
+                out_bTD = slot_layer(w, None, h_bTD, taps)
             return jnp.where(real, out_bTD, h_bTD), None  # padded slots: identity
 
         xs = weights_X if v == 1 else repeat * c + jnp.arange(c)

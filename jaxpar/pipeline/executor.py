@@ -1,16 +1,22 @@
-"""The pipeline executor: one `jax.shard_map`, manual over `pipeline` only, around a `lax.scan`
-over the schedule's ticks; activations move to the next stage with `lax.ppermute`.
+"""The pipeline executor: `jax.shard_map`, manual over `pipeline` (and `data`), around a
+`lax.scan` over a schedule's ticks; activations move to the next stage with `lax.ppermute`.
 
 Dimension key: B batch, T sequence, D model dim, M micro-batches, b micro-batch rows, R data
 replicas, P stages, Q rows per (replica, stage) outside the pipeline.
 
-`data` and `tensor` stay automatic inside the shard_map, so the stage body is the ordinary
-tensor-parallel block and XLA partitions it exactly as without pipelining. The embedding, LM head
-and loss run outside, with the batch split over `data` and `pipeline` (`outer_batch`): nothing is
-computed twice. Stage 0 gathers the micro-batches' inputs at the start (one all-gather over
-`pipeline`) and the outputs are spread back over the stages at the end (one reduce-scatter); the
-backward pass runs the transposed collectives. Per tick each stage sends one (b, T, D) activation to
-the next, forward, and receives one cotangent, backward.
+- `forward_ticks`: the one forward tick loop, interpreting a forward-only table (gpipe,
+  circular). `run_pipeline` runs it for training's forward (under `jax.grad`) and evaluation,
+  and the generator for its KV-cached prefill and decode.
+- `run_train_program`: the schedules with their own backward (1f1b, interleaved_1f1b, zb_h1),
+  whose F, B and W ticks return the loss and the gradients together.
+
+`tensor` stays automatic inside the shard_map, so the stage body is the ordinary
+tensor-parallel block and XLA partitions it exactly as without pipelining. For `run_pipeline` the
+embedding, LM head and loss run outside, with the batch split over `data` and `pipeline`
+(`outer_batch`): nothing is computed twice. The micro-batches' inputs are gathered over `pipeline`
+at the start (one all-gather) and the last stage's outputs spread back over the stages at the end
+(one reduce-scatter); the backward pass runs the transposed collectives. Per tick each stage sends
+one (b, T, D) activation to the next, forward, and receives one cotangent, backward.
 """
 
 from __future__ import annotations

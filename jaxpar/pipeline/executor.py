@@ -92,7 +92,7 @@ def stage_chunk(layer: Callable, v: int, c: int, remat: str) -> Callable:
 
 
 def layer_taps(
-    layer: Callable, weights_X: Any, h_bTD: jax.Array, c: int, zeros: Callable = None
+    layer: Callable, weights_X: Any, h_bTD: jax.Array, c: int, zeros: Callable | None = None
 ) -> tuple[dict[str, str], dict[str, tuple]]:
     """Each weight's contraction equation, and zero taps for c slots shaped like its input and
     output (see `tapped`), from one dry trace of a layer (nothing uses its values: XLA drops it;

@@ -135,6 +135,22 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """`jaxpar serve`: continuous batching over `max_seqs` decode slots (rounded up to a multiple
+    of data x pipeline, so every stage gets micro-batches), prompts prefilled `prefill_chunk`
+    tokens at a time between decode steps, at most `max_queue` requests waiting, and a prefix
+    cache of `prefix_blocks` blocks of `prefix_block` positions (0 blocks: no prefix cache)."""
+
+    max_seqs: int = 8
+    prefill_chunk: int = 64
+    max_queue: int = 64
+    prefix_block: int = 16
+    prefix_blocks: int = 256
+    # On SIGTERM, in-flight requests get this long to finish before they are cancelled.
+    shutdown_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -142,6 +158,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -166,6 +183,7 @@ _SECTION_TYPES = {
     "data": DataConfig,
     "parallel": ParallelConfig,
     "pipeline": PipelineConfig,
+    "serve": ServeConfig,
     "checkpoint": CheckpointConfig,
 }
 
@@ -367,6 +385,11 @@ def validate(config: Config) -> None:
         )
     if t.dtype not in DTYPES:
         raise JaxparError(f"train.dtype={t.dtype!r} is not one of {', '.join(DTYPES)}")
+    s = config.serve
+    for name in ("max_seqs", "prefill_chunk", "max_queue", "prefix_block", "shutdown_s"):
+        _positive(f"serve.{name}", getattr(s, name))
+    if s.prefix_blocks < 0:
+        raise JaxparError(f"serve.prefix_blocks={s.prefix_blocks} must be >= 0 (0: no cache)")
 
 
 def validate_model_for_mesh(m: ModelConfig, spec: MeshSpec, repeats: int = 1) -> None:

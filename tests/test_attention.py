@@ -80,11 +80,10 @@ def test_dot_product_equals_xla_in_cached_decoding(spec):
     logits = {}
     for impl in ("xla", "dot_product"):
         gen = Generator(placement(spec, impl, serving=True), params, batch=4, max_len=20)
-        key = jax.random.key(0)
-        cache, first, _ = gen.prefill(gen.empty_cache(), prompts, lengths, key)
+        cache, first, _ = gen.prefill(gen.empty_cache(), prompts, lengths)
         steps, position = [np.asarray(first)], lengths.copy()
         for _ in range(3):
-            cache, step, _ = gen.decode(cache, tokens()[rows, position], position, key)
+            cache, step, _ = gen.decode(cache, tokens()[rows, position], position)
             steps.append(np.asarray(step))
             position += 1
         logits[impl] = np.stack(steps)
@@ -155,9 +154,8 @@ def test_decode_steps_read_prepared_weights():
     fused = (m.dim, m.kv_heads, m.heads // m.kv_heads + 2, m.head_dim)  # one layer's, global
     assert gen.weights.w_qkv_DKCH.shape == (1, m.layers, *fused)
     assert gen.weights.w_qkv_DKCH.dtype == gen.top["head_DV"].get_value().dtype == p.dtype
-    top, weights, cache, _, vector, *rest = gen._abstract_args((gen.rows,))
     with jax.set_mesh(p.mesh):
-        jaxpr = str(jax.make_jaxpr(gen._decode)(top, weights, cache, vector, vector, *rest))
+        jaxpr = str(jax.make_jaxpr(gen._decode)(*gen.decode_inputs(gen.empty_cache())))
     weight_dims = [fused, (m.dim, m.vocab), (m.vocab, m.dim)]  # a layer's QKV, head, embedding
     shapes = "|".join(",".join(map(str, w)) for w in weight_dims)
     derived = re.compile(r"\[(\d+,)*(" + shapes + r")\].* = (convert_element_type|concatenate)")

@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxpar.cli import main
 from jaxpar.config import load_config
-from jaxpar.infer.engine import Generator, Sampling, sample
+from jaxpar.infer.engine import Generator, RowSampling, Sampling, sample
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.placement import Placement, serving_config
 from jaxpar.train.step import Trainer
@@ -45,13 +45,12 @@ def test_cached_decoding_equals_recomputation_at_every_position(spec):
     gen, tokens, full = setup(spec)
     lengths = np.array([5, 8, 3, 16], np.int32)  # ragged prompts, right-padded to 16
     prompts = np.where(np.arange(16)[None] < lengths[:, None], tokens[:, :16], 0)
-    key = jax.random.key(0)
-    cache, logits, _ = gen.prefill(gen.empty_cache(), prompts, lengths, key)
+    cache, logits, _ = gen.prefill(gen.empty_cache(), prompts, lengths)
     rows = np.arange(ROWS)
     np.testing.assert_allclose(logits, full[rows, lengths - 1], rtol=0, atol=2e-5)
     position = lengths.copy()
     for _ in range(4):  # teacher-forced: feed the true next token, compare the next logits
-        cache, logits, _ = gen.decode(cache, tokens[rows, position], position, key)
+        cache, logits, _ = gen.decode(cache, tokens[rows, position], position)
         np.testing.assert_allclose(logits, full[rows, position], rtol=0, atol=2e-5)
         position += 1
 
@@ -77,16 +76,28 @@ def test_decode_is_compiled_once():
 
 def test_sampling_filters():
     logits = jax.numpy.asarray([[0.0, 3.0, 1.0, 2.0]] * 64)
-    keys = jax.random.split(jax.random.key(0), 20)
-    greedy = sample(logits, keys[0], 0.0, 0, 1.0)
-    assert (np.asarray(greedy) == 1).all()
-    for key in keys:
-        top1 = np.asarray(sample(logits, key, 1.0, 1, 1.0))
-        assert (top1 == 1).all()  # top-k 1 is greedy
-        top2 = np.asarray(sample(logits, key, 1.0, 2, 1.0))
-        assert set(top2.tolist()) <= {1, 3}
-        nucleus = np.asarray(sample(logits, key, 1.0, 0, 0.5))  # p(1) = 0.64 alone covers 0.5
-        assert (nucleus == 1).all()
+
+    def draw(temperature, top_k, top_p, seed):
+        rows = RowSampling.fill(64, Sampling(temperature, top_k, top_p), seed + np.arange(64))
+        return np.asarray(sample(logits, rows))
+
+    assert (draw(0.0, 0, 1.0, 0) == 1).all()
+    for seed in range(0, 20 * 64, 64):
+        assert (draw(1.0, 1, 1.0, seed) == 1).all()  # top-k 1 is greedy
+        assert set(draw(1.0, 2, 1.0, seed).tolist()) <= {1, 3}
+        assert (draw(1.0, 0, 0.5, seed) == 1).all()  # p(1) = 0.64 alone covers 0.5
+    assert len(set(draw(1.0, 0, 1.0, 0).tolist())) > 1  # rows draw with their own keys
+
+
+def test_per_row_settings_mix_in_one_batch():
+    logits = jax.numpy.asarray([[0.0, 3.0, 1.0, 2.0]] * 4)
+    rows = RowSampling(
+        seed=np.arange(4, dtype=np.int32), count=np.zeros(4, np.int32),
+        temperature=np.array([0, 1, 1, 5], np.float32), top_k=np.array([0, 1, 2, 0], np.int32),
+        top_p=np.array([1, 1, 1, 1e-3], np.float32),
+    )  # fmt: skip
+    assert np.asarray(sample(logits, rows)).tolist()[:2] == [1, 1]
+    assert np.asarray(sample(logits, rows))[2] in (1, 3) and np.asarray(sample(logits, rows))[3] == 1
 
 
 # --- the commands -----------------------------------------------------------------------------

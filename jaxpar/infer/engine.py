@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,7 @@ from jaxpar.placement import Placement, logical_axes
 from jaxpar.sharding import ACT_KV_HEADS, BATCH, LAYERS, NORM, SEQ, STAGE
 
 CACHE_AXES = (STAGE, LAYERS, BATCH, SEQ, ACT_KV_HEADS, None)
+POOL_AXES = (STAGE, LAYERS, None, None, ACT_KV_HEADS, None)  # the prefix cache's blocks
 
 
 @dataclass(frozen=True)
@@ -54,21 +55,52 @@ class Sampling:
     top_p: float = 1.0
 
 
-def sample(logits_BV: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """Draws one token per row (traced parameters: one compiled step serves every setting)."""
+class RowSampling(NamedTuple):
+    """How each row draws its next token, [B] each, passed as traced values so that one compiled
+    step serves every mix of settings. Row b's draw uses the key fold_in(key(seed[b]), count[b]):
+    a request's tokens depend on its own seed and on nothing else in the batch."""
+
+    seed: Any  # int32
+    count: Any  # int32: which new token of the row this draw is
+    temperature: Any  # float32; 0 is greedy
+    top_k: Any  # int32; 0 is no limit
+    top_p: Any  # float32
+
+    @classmethod
+    def fill(cls, rows: int, sampling: Sampling, seeds: Any, count: int = 0) -> RowSampling:
+        """Host arrays: every row with `sampling`, row b seeded `seeds[b]`."""
+        return cls(
+            np.broadcast_to(np.asarray(seeds, np.int32), (rows,)).copy(),
+            np.full((rows,), count, np.int32),
+            np.full((rows,), sampling.temperature, np.float32),
+            np.full((rows,), sampling.top_k, np.int32),
+            np.full((rows,), sampling.top_p, np.float32),
+        )
+
+
+def sample(logits_BV: jax.Array, rows: RowSampling) -> jax.Array:
+    """Draws one token per row with that row's settings (the one sampler: `generate`, `chat` and
+    the server all draw here)."""
     vocab = logits_BV.shape[-1]
     greedy_B = jnp.argmax(logits_BV, axis=-1)
-    scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
+    temperature_B1 = jnp.asarray(rows.temperature, jnp.float32)[:, None]
+    scaled_BV = logits_BV.astype(jnp.float32) / jnp.maximum(temperature_B1, 1e-6)
     order_BV = jnp.argsort(-scaled_BV, axis=-1)
     sorted_BV = jnp.take_along_axis(scaled_BV, order_BV, axis=-1)
     rank_V = jnp.arange(vocab)
     probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
     before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of the more likely tokens
-    keep_BV = (rank_V < jnp.where(top_k > 0, top_k, vocab)) & (before_BV < top_p)
+    top_k_B1 = jnp.asarray(rows.top_k)[:, None]
+    keep_BV = (rank_V < jnp.where(top_k_B1 > 0, top_k_B1, vocab)) & (
+        before_BV < jnp.asarray(rows.top_p)[:, None]
+    )
     keep_BV = keep_BV.at[:, 0].set(True)
-    choice_B = jax.random.categorical(key, jnp.where(keep_BV, sorted_BV, -jnp.inf), axis=-1)
+    keys_B = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(
+        jnp.asarray(rows.seed), jnp.asarray(rows.count)
+    )
+    choice_B = jax.vmap(jax.random.categorical)(keys_B, jnp.where(keep_BV, sorted_BV, -jnp.inf))
     sampled_B = jnp.take_along_axis(order_BV, choice_B[:, None], axis=-1)[:, 0]
-    return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
+    return jnp.where(temperature_B1[:, 0] > 0, sampled_B, greedy_B).astype(jnp.int32)
 
 
 @dataclass(frozen=True)
@@ -89,25 +121,46 @@ class Generation:
 class Generator:
     """A model on a mesh, ready to prefill and decode a batch of `batch` rows up to `max_len`.
 
+    The cache's rows are also the server's decode slots: a static batch (`generate`) fills them
+    all at once; the server (`jaxpar.infer.scheduler`) fills them one request at a time, with
+    prompt chunks (`prefill_chunk`), and decodes every active slot together (`decode`).
+
     Args:
         placement: a serving placement (`Placement(config, mesh, serving=True)`).
         params: parameters laid out by `placement.param_shardings`.
         batch: rows per call, before padding to a multiple of `data`.
-        max_len: prompt plus new tokens, the cache's length.
+        max_len: prompt plus new tokens, the longest sequence a row holds.
+        chunk: the width of `prefill_chunk`'s prompt pieces (0: no chunked prefill). The cache
+            keeps `chunk - 1` positions beyond `max_len`, so that a chunk written from any
+            position below `max_len` fits.
+        prefix_blocks, prefix_block: the prefix cache's pool (`empty_pool`): this many blocks of
+            this many positions, as the cache lays them out (0: none).
     """
 
-    def __init__(self, placement: Placement, params: nnx.State, *, batch: int, max_len: int):
+    def __init__(
+        self,
+        placement: Placement,
+        params: nnx.State,
+        *,
+        batch: int,
+        max_len: int,
+        chunk: int = 0,
+        prefix_blocks: int = 0,
+        prefix_block: int = 16,
+    ):
         if not placement.serving:
             raise ValueError("a Generator needs a serving placement (Placement(..., serving=True))")
         spec = placement.spec
         self.placement, self.mesh, self.dtype = placement, placement.mesh, placement.dtype
         self.data, self.stages = spec.data, spec.pipeline
         self.rows = -(-batch // spec.data) * spec.data  # padded to a multiple of `data`
-        local = self.rows // spec.data
-        self.microbatches = self.stages if local % self.stages == 0 else 1
-        self.max_len = max_len
+        self.local_rows = self.rows // spec.data  # the rows of one `data` shard
+        self.microbatches = self.stages if self.local_rows % self.stages == 0 else 1
+        self.max_len, self.chunk = max_len, chunk
+        self.length = max_len + max(chunk - 1, 0)  # the cache's positions
+        self.prefix_blocks, self.prefix_block = prefix_blocks, prefix_block
         self.graphdef = placement.graphdef
-        self._prefills: dict[int, jax.stages.Compiled] = {}
+        self._compiled: dict[tuple, jax.stages.Compiled] = {}
         self.compile_s = 0.0  # spent compiling so far
         self.top, self.weights = self._prepare(params)
 
@@ -146,47 +199,79 @@ class Generator:
         return NamedSharding(self.mesh, self.placement.rules.spec(CACHE_AXES))
 
     @cached_property
-    def _cache_abstract(self) -> jax.ShapeDtypeStruct:
-        """One of the cache's two arrays, as a shape, dtype and sharding."""
-        m = self.placement.config.model
-        shape = (
-            self.stages, self.placement.layout.slots_per_stage, self.rows, self.max_len,
-            m.kv_heads, m.head_dim,
-        )  # fmt: skip
-        return jax.ShapeDtypeStruct(shape, self.dtype, sharding=self.cache_sharding)
+    def pool_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, self.placement.rules.spec(POOL_AXES))
 
-    @cached_property
-    def _zeros(self) -> Any:
-        c = self._cache_abstract
-        return jax.jit(lambda: jnp.zeros(c.shape, c.dtype), out_shardings=c.sharding)
+    def _zeros(self, shape: tuple[int, ...], sharding: NamedSharding) -> KVCache:
+        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=sharding)
+        return KVCache(zeros(), zeros())
+
+    @property
+    def _layer_shape(self) -> tuple[int, int]:
+        return self.stages, self.placement.layout.slots_per_stage
 
     def empty_cache(self) -> KVCache:
-        return KVCache(self._zeros(), self._zeros())
+        m = self.placement.config.model
+        shape = (*self._layer_shape, self.rows, self.length, m.kv_heads, m.head_dim)
+        return self._zeros(shape, self.cache_sharding)
+
+    def empty_pool(self) -> KVCache:
+        """The prefix cache's blocks, [P, C, blocks + 1, block, K, H] per key and value: laid out
+        as the cache (stages over `pipeline`, kv heads over `tensor`), the same on every `data`
+        replica; the last block is scratch (unused entries of a copy write there)."""
+        m = self.placement.config.model
+        shape = (*self._layer_shape, self.prefix_blocks + 1, self.prefix_block, m.kv_heads,
+                 m.head_dim)  # fmt: skip
+        return self._zeros(shape, self.pool_sharding)
+
+    @property
+    def slot_bytes(self) -> int:
+        """The cache's bytes per row (slot): keys and values of every layer, all positions."""
+        m = self.placement.config.model
+        return 2 * m.layers * self.length * m.kv_heads * m.head_dim * jnp.dtype(self.dtype).itemsize
 
     # -- the steps ---------------------------------------------------------------------------
 
-    def _stack(self, model: Llama, weights: BlockWeights, x_BTD, positions_BT, cache: KVCache):
+    def _stack(self, model: Llama, weights: BlockWeights, x_BTD, positions_BT, cache: KVCache,
+               slot_B, write_B, by_seq: bool = False):  # fmt: skip
         """The layer stack on (B, T, D) through the pipelined shard_map; returns (x, cache).
-        Positions None mean 0..T-1 in every row (a prefill)."""
-        p, m = self.stages, self.microbatches
+
+        Row b reads and writes cache row `slot_B[b]` of its `data` shard (the rows of one
+        micro-batch are consecutive slots) and keeps what it wrote only where `write_B[b]`.
+        Positions None mean 0..T-1 in every row (a prefill). With `by_seq`, each shard has one
+        row whose positions are cut into micro-batches along the sequence (a prompt chunk): the
+        stages work on consecutive pieces at once, each piece attending to what the pieces
+        before it wrote on the same stage.
+        """
+        p = self.stages
         manual = {PIPELINE} if self.data == 1 else {PIPELINE, DATA}
         batch_axis = DATA if DATA in manual else None
         valid = jnp.asarray(self.placement.layout.valid)
-        prefill = positions_BT is None  # then the positions are 0..T-1 in every row
-        if prefill:
+        causal = positions_BT is None  # then the positions are 0..T-1 in every row
+        if causal:
             positions_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1], dtype=jnp.int32),
                                             x_BTD.shape[:2])  # fmt: skip
 
-        def stages(weights_1X, cache_1X: KVCache, x_BTD, positions_BT):
+        def stages(weights_1X, cache_1X: KVCache, x_BTD, positions_BT, slot_B, write_B):
             stage = jax.lax.axis_index(PIPELINE)
             weights_X = jax.tree.map(lambda a: a[0], weights_1X)
             cache_X = KVCache(*(c[0] for c in cache_1X))
             # The inputs are the same on every stage; what each stage carries is its own.
             x_BTD = jax.lax.pcast(x_BTD, (PIPELINE,), to="varying")
             b_all, t, d = x_BTD.shape
-            b = b_all // m
-            x_MbTD = x_BTD.reshape(m, b, t, d)
-            positions_MbT = positions_BT.reshape(m, b, t)
+            if by_seq:
+                m = p if t % p == 0 else 1
+                b = 1
+                x_MbTD = x_BTD.reshape(m, 1, t // m, d)
+                positions_MbT = positions_BT.reshape(m, 1, t // m)
+                slot_Mb = jnp.broadcast_to(slot_B, (m, 1))
+                write_Mb = jnp.broadcast_to(write_B, (m, 1))
+            else:
+                m = self.microbatches
+                b = b_all // m
+                x_MbTD = x_BTD.reshape(m, b, t, d)
+                positions_MbT = positions_BT.reshape(m, b, t)
+                slot_Mb, write_Mb = slot_B.reshape(m, b), write_B.reshape(m, b)
 
             def layers(h_bTD, positions_bT, cache_X: KVCache):
                 def layer(h_bTD, slot):
@@ -199,120 +284,210 @@ class Generator:
                 return h_bTD, KVCache(k, v)
 
             def run(repeat, micro, active, h_bTD, cache_X: KVCache):
-                rows = [jax.lax.dynamic_slice_in_dim(c, micro * b, b, axis=1) for c in cache_X]
-                h_bTD, new = layers(h_bTD, None if prefill else positions_MbT[micro],
+                row = slot_Mb[micro, 0]
+                rows = [jax.lax.dynamic_slice_in_dim(c, row, b, axis=1) for c in cache_X]
+                h_bTD, new = layers(h_bTD, None if causal else positions_MbT[micro],
                                     KVCache(*rows))  # fmt: skip
+                keep = (active & write_Mb[micro])[None, :, None, None, None]
                 cache_X = KVCache(*(
-                    jax.lax.dynamic_update_slice_in_dim(c, jnp.where(active, n, r), micro * b, 1)
+                    jax.lax.dynamic_update_slice_in_dim(c, jnp.where(keep, n, r), row, 1)
                     for c, n, r in zip(cache_X, new, rows, strict=True)
                 ))  # fmt: skip
                 return h_bTD, cache_X
 
             out_MbTD, cache_X = forward_ticks(Schedule("gpipe", p, m), run, x_MbTD, cache_X)
-            return out_MbTD.reshape(1, b_all, t, d), KVCache(*(c[None] for c in cache_X))
+            out_1BTD = out_MbTD.reshape(1, b_all, t, d)  # (by_seq: the pieces in order)
+            return out_1BTD, KVCache(*(c[None] for c in cache_X))
 
         cache_spec = PartitionSpec(PIPELINE, None, batch_axis)
         x_spec = PartitionSpec(batch_axis)
         y_PBTD, cache = jax.shard_map(
             stages,
             mesh=self.mesh,
-            in_specs=(PartitionSpec(PIPELINE), KVCache(cache_spec, cache_spec), x_spec, x_spec),
+            in_specs=(PartitionSpec(PIPELINE), KVCache(cache_spec, cache_spec), *[x_spec] * 4),
             out_specs=(PartitionSpec(PIPELINE, batch_axis), KVCache(cache_spec, cache_spec)),
             axis_names=manual,
-        )(weights, cache, x_BTD, positions_BT)
+        )(weights, cache, x_BTD, positions_BT, slot_B, write_B)
         return y_PBTD[p - 1], cache  # only the last stage's outputs are the model's
 
-    def _forward(self, top, weights, cache, tokens_BT, positions_BT):
+    def _forward(self, top, weights, cache, tokens_BT, positions_BT, slot_B, write_B, last_B,
+                 by_seq=False):  # fmt: skip
+        """Logits at each row's position `last_B` of this call (B, V), and the cache."""
         model = self._model(top)
         x_BTD = model.embed(tokens_BT, self.dtype)
-        x_BTD, cache = self._stack(model, weights, x_BTD, positions_BT, cache)
-        return model.logits(x_BTD), cache
+        x_BTD, cache = self._stack(model, weights, x_BTD, positions_BT, cache, slot_B, write_B,
+                                   by_seq)  # fmt: skip
+        x_B1D = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
+        return model.logits(x_B1D)[:, 0], cache
 
-    def _prefill(self, top, weights, cache, tokens_BT, lengths_B, key, temperature, top_k, top_p):
-        logits_BTV, cache = self._forward(top, weights, cache, tokens_BT, None)
-        logits_BV = jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-        key = jax.random.wrap_key_data(key)
-        return cache, logits_BV, sample(logits_BV, key, temperature, top_k, top_p)
+    def _all_slots(self) -> jax.Array:
+        """Every row's slot: 0..local_rows - 1 on each `data` shard."""
+        return jnp.arange(self.rows, dtype=jnp.int32) % self.local_rows
 
-    def _decode(self, top, weights, cache, token_B, position_B, key, temperature, top_k, top_p):
-        logits_BTV, cache = self._forward(
-            top, weights, cache, token_B[:, None], position_B[:, None]
-        )
-        logits_BV = logits_BTV[:, 0]
-        key = jax.random.wrap_key_data(key)
-        return cache, logits_BV, sample(logits_BV, key, temperature, top_k, top_p)
+    def _prefill(self, top, weights, cache, tokens_BT, lengths_B, rows: RowSampling):
+        """Every row's prompt from position 0 (a static batch)."""
+        write_B = jnp.ones(self.rows, bool)
+        logits_BV, cache = self._forward(top, weights, cache, tokens_BT, None, self._all_slots(),
+                                         write_B, lengths_B - 1)  # fmt: skip
+        return cache, logits_BV, sample(logits_BV, rows)
 
-    @cached_property
-    def _jitted(self) -> tuple[Any, Any]:
-        rows = NamedSharding(self.mesh, PartitionSpec(DATA))
-        replicated = self.placement.replicated  # the new tokens, readable by every process
-        out = (KVCache(self.cache_sharding, self.cache_sharding), rows, replicated)
-        kwargs = dict(out_shardings=out, donate_argnums=2)
-        return jax.jit(self._prefill, **kwargs), jax.jit(self._decode, **kwargs)
+    def _decode(self, top, weights, cache, token_B, position_B, active_B, rows: RowSampling):
+        """One token per row at its own position; inactive rows leave the cache as it is."""
+        logits_BV, cache = self._forward(
+            top, weights, cache, token_B[:, None], position_B[:, None], self._all_slots(),
+            active_B, jnp.zeros_like(position_B),
+        )  # fmt: skip
+        return cache, logits_BV, sample(logits_BV, rows)
 
-    def _rows(self, x: np.ndarray | jax.Array) -> jax.Array:
-        return global_array(x, NamedSharding(self.mesh, PartitionSpec(DATA)))
+    def _chunk(self, top, weights, cache, tokens_RT, slot_R, start_R, length_R, active_R,
+               rows: RowSampling):  # fmt: skip
+        """A piece of one prompt per `data` shard: row r's tokens go to slot `slot_R[r]` of
+        shard r at positions start_R[r]..; its first `length_R[r]` tokens are real, and the
+        token drawn after the last of them is returned (the first new token, on a prompt's
+        last piece)."""
+        positions_RT = start_R[:, None] + jnp.arange(tokens_RT.shape[1], dtype=jnp.int32)
+        logits_RV, cache = self._forward(top, weights, cache, tokens_RT, positions_RT, slot_R,
+                                         active_R, length_R - 1, by_seq=True)  # fmt: skip
+        return cache, logits_RV, sample(logits_RV, rows)
 
-    def _replicated(self, key: jax.Array, sampling: Sampling) -> tuple[jax.Array, ...]:
-        """The step's key (as its raw bits) and sampling settings, replicated."""
-        values = (jax.random.key_data(key), *_sampling_args(sampling))
-        return tuple(global_array(x, self.placement.replicated) for x in values)
+    def _prefix_op(self, save: bool):
+        """Copies between one slot's first positions and blocks of the pool, per key and value:
+        load (pool -> slot, positions below n * block) or save (slot -> pool)."""
+        manual = {PIPELINE} if self.data == 1 else {PIPELINE, DATA}
+        batch_axis = DATA if DATA in manual else None
+        block, local = self.prefix_block, self.local_rows
 
-    def _abstract_args(self, tokens_shape: tuple[int, ...]) -> tuple:
-        """Abstract (top, weights, cache, tokens, vector, key, sampling...) to compile a step
-        for."""
-        abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
-        rows = NamedSharding(self.mesh, PartitionSpec(DATA))
-        c = self._cache_abstract
-        return (
-            jax.tree.map(abstract, self.top),
-            jax.tree.map(abstract, self.weights),
-            KVCache(c, c),
-            jax.ShapeDtypeStruct(tokens_shape, jnp.int32, sharding=rows),
-            jax.ShapeDtypeStruct((self.rows,), jnp.int32, sharding=rows),
-            *(abstract(x) for x in self._replicated(jax.random.key(0), Sampling())),
-        )
+        def copy(cache_1X: KVCache, pool_1X: KVCache, slot, ids_N, n):
+            shard = jax.lax.axis_index(DATA) if batch_axis else 0
+            mine = slot // local == shard
+            row = slot % local
+            span = ids_N.shape[0] * block
 
-    def _compile(self, jitted: Any, args: tuple) -> jax.stages.Compiled:
-        start = time.perf_counter()
-        with jax.set_mesh(self.mesh):
-            compiled = jitted.lower(*args).compile()
-        self.compile_s += time.perf_counter() - start
-        return compiled
+            def one(c_1CBSKH, pool_1CNLKH):
+                old_1CSKH = jax.lax.dynamic_index_in_dim(c_1CBSKH, row, axis=2, keepdims=False)
+                if save:
+                    blocks = old_1CSKH[:, :, :span].reshape(*pool_1CNLKH.shape[:2], -1, block,
+                                                            *old_1CSKH.shape[3:])  # fmt: skip
+                    if batch_axis:  # from the slot's shard to every replica of the pool
+                        blocks = jax.lax.psum(jnp.where(mine, blocks, 0), DATA)
+                    return pool_1CNLKH.at[:, :, ids_N].set(blocks)
+                seq = pool_1CNLKH[:, :, ids_N].reshape(*old_1CSKH.shape[:2], span,
+                                                        *old_1CSKH.shape[3:])  # fmt: skip
+                seq = jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(old_1CSKH), seq, 0, 2)
+                keep = (jnp.arange(old_1CSKH.shape[2]) < n * block) & mine
+                new = jnp.where(keep[:, None, None], seq, old_1CSKH)
+                return jax.lax.dynamic_update_index_in_dim(c_1CBSKH, new, row, axis=2)
 
-    def _prefill_step(self, prompt_len: int) -> jax.stages.Compiled:
-        """Prefill for prompts padded to `prompt_len`, compiled once per width."""
-        if prompt_len not in self._prefills:
-            args = self._abstract_args((self.rows, prompt_len))
-            self._prefills[prompt_len] = self._compile(self._jitted[0], args)
-        return self._prefills[prompt_len]
+            out = (one(c, pl) for c, pl in zip(cache_1X, pool_1X, strict=True))
+            return KVCache(*out)
 
-    @cached_property
-    def _decode_step(self) -> jax.stages.Compiled:
-        """The one-token decode step, compiled once."""
-        top, weights, cache, _, vector, *rest = self._abstract_args((self.rows,))
-        return self._compile(self._jitted[1], (top, weights, cache, vector, vector, *rest))
+        cache_spec = KVCache(*[PartitionSpec(PIPELINE, None, batch_axis)] * 2)
+        pool_spec = KVCache(*[PartitionSpec(PIPELINE)] * 2)
+        return jax.shard_map(
+            copy, mesh=self.mesh,
+            in_specs=(cache_spec, pool_spec, PartitionSpec(), PartitionSpec(), PartitionSpec()),
+            out_specs=pool_spec if save else cache_spec, axis_names=manual,
+        )  # fmt: skip
+
+    def _load_prefix(self, cache, pool, slot, ids_N, n):
+        return self._prefix_op(save=False)(cache, pool, slot, ids_N, n)
+
+    def _save_prefix(self, pool, cache, slot, ids_N):
+        return self._prefix_op(save=True)(cache, pool, slot, ids_N, 0)
+
+    # -- compiled once per shape -------------------------------------------------------------
+
+    def _run(self, name: str, args: tuple) -> Any:
+        """Runs step `name` (`_prefill`, `_decode`, `_chunk`, `_load_prefix`, `_save_prefix`)
+        on device arguments, compiled the first time these shapes come."""
+        shapes = tuple((x.shape, x.dtype.name) for x in jax.tree.leaves(args))
+        key = (name, shapes)
+        if key not in self._compiled:
+            cache = KVCache(self.cache_sharding, self.cache_sharding)
+            outs = {
+                "_load_prefix": cache,
+                "_save_prefix": KVCache(self.pool_sharding, self.pool_sharding),
+            }
+            rows = NamedSharding(self.mesh, PartitionSpec(DATA))
+            # The new tokens come back replicated, readable by every process.
+            out = outs.get(name, (cache, rows, self.placement.replicated))
+            donate = 0 if name in outs else 2
+            jitted = jax.jit(getattr(self, name), out_shardings=out, donate_argnums=donate)
+            abstract = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), args
+            )
+            start = time.perf_counter()
+            with jax.set_mesh(self.mesh):
+                self._compiled[key] = jitted.lower(*abstract).compile()
+            self.compile_s += time.perf_counter() - start
+        return self._compiled[key](*args)
+
+    def _rows(self, x: Any) -> jax.Array:
+        return global_array(np.asarray(x), NamedSharding(self.mesh, PartitionSpec(DATA)))
+
+    def _shared(self, x: Any) -> jax.Array:
+        return global_array(np.asarray(x), self.placement.replicated)
+
+    def _sampling(self, rows: RowSampling | None, n: int) -> RowSampling:
+        rows = RowSampling.fill(n, Sampling(), 0) if rows is None else rows
+        return RowSampling(*(self._rows(x) for x in rows))
+
+    def decode_inputs(self, cache: KVCache) -> tuple:
+        """The decode step's arguments for an all-active batch at position 0 (for inspecting
+        its program)."""
+        zeros = np.zeros(self.rows, np.int32)
+        return (self.top, self.weights, cache, self._rows(zeros), self._rows(zeros),
+                self._rows(np.ones(self.rows, bool)), self._sampling(None, self.rows))  # fmt: skip
 
     def decode_compiled(self) -> jax.stages.Compiled:
         """The compiled decode step (for FLOP, byte and collective accounting)."""
-        return self._decode_step
+        args = self.decode_inputs(self.empty_cache())
+        self._run("_decode", args)
+        shapes = tuple((x.shape, x.dtype.name) for x in jax.tree.leaves(args))
+        return self._compiled[("_decode", shapes)]
 
-    def prefill(self, cache, tokens_BT, lengths_B, key, sampling: Sampling = Sampling()):
-        """Runs the prompts (right-padded, (B, T) with T <= max_len): returns the cache, the
-        logits at each row's last prompt token and the first new token."""
-        prefill = self._prefill_step(tokens_BT.shape[1])
-        args = self._replicated(key, sampling)
-        return prefill(
-            self.top, self.weights, cache, self._rows(tokens_BT), self._rows(lengths_B), *args
-        )
+    def prefill(self, cache, tokens_BT, lengths_B, rows: RowSampling | None = None):
+        """Runs the prompts (right-padded, (B, T) with T <= max_len) from position 0: returns
+        the cache, the logits at each row's last prompt token and the first new token."""
+        args = (self._rows(tokens_BT), self._rows(lengths_B), self._sampling(rows, self.rows))
+        return self._run("_prefill", (self.top, self.weights, cache, *args))
 
-    def decode(self, cache, token_B, position_B, key, sampling: Sampling = Sampling()):
-        """One token per row at its own position: returns the cache, the logits and the next
-        token. Compiled once: every step has the same shapes."""
-        args = self._replicated(key, sampling)
-        return self._decode_step(
-            self.top, self.weights, cache, self._rows(token_B), self._rows(position_B), *args
-        )
+    def decode(self, cache, token_B, position_B, rows: RowSampling | None = None, active_B=None):
+        """One token per row at its own position (rows not `active_B` write nothing): returns
+        the cache, the logits and the next token. Compiled once: every step has the same
+        shapes."""
+        active_B = np.ones(self.rows, bool) if active_B is None else active_B
+        args = (self._rows(token_B), self._rows(position_B), self._rows(active_B),
+                self._sampling(rows, self.rows))  # fmt: skip
+        return self._run("_decode", (self.top, self.weights, cache, *args))
+
+    def prefill_chunk(self, cache, tokens_RT, slot_R, start_R, length_R, active_R,
+                      rows: RowSampling):  # fmt: skip
+        """One prompt piece per `data` shard (R = data rows; see `_chunk`): returns the cache,
+        the logits after each row's last real token and the token drawn from them."""
+        args = [self._rows(x) for x in (tokens_RT, slot_R, start_R, length_R, active_R)]
+        rows = RowSampling(*(self._rows(x) for x in rows))
+        return self._run("_chunk", (self.top, self.weights, cache, *args, rows))
+
+    def load_prefix(self, cache: KVCache, pool: KVCache, slot: int, ids: Sequence[int]) -> KVCache:
+        """Copies pool blocks `ids` into (global) slot `slot`'s positions 0..len(ids) * block."""
+        ids_N = self._block_ids(ids)
+        args = (cache, pool, self._shared(np.int32(slot)), self._shared(ids_N),
+                self._shared(np.int32(len(ids))))  # fmt: skip
+        return self._run("_load_prefix", args)
+
+    def save_prefix(self, pool: KVCache, cache: KVCache, slot: int, ids: dict[int, int]):
+        """Copies block i of slot `slot` (positions i * block..) to pool block ids[i]."""
+        ids_N = np.full(self.max_len // self.prefix_block, self.prefix_blocks, np.int32)
+        for i, pool_id in ids.items():
+            ids_N[i] = pool_id
+        args = (pool, cache, self._shared(np.int32(slot)), self._shared(ids_N))
+        return self._run("_save_prefix", args)
+
+    def _block_ids(self, ids: Sequence[int]) -> np.ndarray:
+        ids_N = np.full(self.max_len // self.prefix_block, self.prefix_blocks, np.int32)
+        ids_N[: len(ids)] = ids
+        return ids_N
 
     def generate(
         self,
@@ -324,7 +499,9 @@ class Generator:
         stop_ids: Sequence[int] = (),
         on_tokens: Callable[[list[int | None]], None] | None = None,
     ) -> Generation:
-        """Generates up to `max_new_tokens` after each prompt (a row stops after a stop id).
+        """Generates up to `max_new_tokens` after each prompt (a row stops after a stop id), as
+        one static batch: every prompt prefilled together, then decoded until the last stops.
+        Prompt i is seeded `seed + i`.
 
         `on_tokens(ids)` receives each step's new token per prompt as soon as it is on the host
         (for streaming); None for a prompt that has already stopped.
@@ -344,12 +521,14 @@ class Generator:
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
             lengths[i] = len(p)
+        rows = RowSampling.fill(self.rows, sampling, seed + np.arange(self.rows))
         compile_before = self.compile_s
-        self._prefill_step(width)  # compiled before the clock starts
-        _ = self._decode_step
-        keys = jax.random.split(jax.random.key(seed), max_new_tokens)
+        cache = self.empty_cache()
+        self.decode_compiled()  # compiled before the clock starts, as is the prefill:
+        self._run("_prefill", (self.top, self.weights, self.empty_cache(), self._rows(tokens),
+                               self._rows(lengths), self._sampling(rows, self.rows)))  # fmt: skip
         start = time.perf_counter()
-        cache, _, token_B = self.prefill(self.empty_cache(), tokens, lengths, keys[0], sampling)
+        cache, _, token_B = self.prefill(cache, tokens, lengths, rows)
         new = [[] for _ in range(n)]
         done = np.zeros(n, bool)
         stops = set(stop_ids)
@@ -372,13 +551,10 @@ class Generator:
             if done.all() or step == max_new_tokens - 1:
                 break
             start = time.perf_counter()
-            cache, _, token_B = self.decode(cache, token_B, position_B, keys[step + 1], sampling)
+            rows = rows._replace(count=np.full(self.rows, step + 1, np.int32))
+            cache, _, token_B = self.decode(cache, token_B, position_B, rows)
             position_B = position_B + 1
         return Generation(new, prefill_s, decode_s, self.compile_s - compile_before)
-
-
-def _sampling_args(s: Sampling) -> tuple[np.ndarray, ...]:
-    return np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p)
 
 
 def _bucket(n: int) -> int:

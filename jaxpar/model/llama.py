@@ -192,9 +192,11 @@ class Attention(nnx.Module):
         """Attention on the block's derived weights, writing this call's keys and values into
         `cache` when one is given. Positions None mean 0..T-1 in every row.
 
-        With a cache, T > 1 is a prefill from position 0 (the cache's first T positions are
-        written, attention is causal within the call) and T = 1 one decode step: each row writes
-        its key and value at its own position and attends to every cached position up to it.
+        With a cache, T > 1 is a prefill of consecutive positions written from each row's first
+        position (0 when positions are None): with positions None attention is causal within the
+        call, else each query attends to every cached position up to its own (a chunk after a
+        cached prefix). T = 1 is one decode step: each row writes its key and value at its own
+        position and attends to every cached position up to it.
         """
         cfg, dtype = self.cfg, x_BTD.dtype
         b, t = x_BTD.shape[:2]
@@ -210,7 +212,12 @@ class Attention(nnx.Module):
         k_BSKH = rope(k_BSKH, rope_positions_BT, cfg.rope_theta)
         k_positions = positions_BT
         if cache is not None and t > 1:
-            cache = KVCache(cache.k.at[:, :t].set(k_BSKH), cache.v.at[:, :t].set(v_BSKH))
+            write = jax.vmap(lambda c_SKH, x_TKH, s: jax.lax.dynamic_update_slice_in_dim(
+                c_SKH, x_TKH.astype(c_SKH.dtype), s, 0))  # fmt: skip
+            cache = KVCache(*(write(c, x, rope_positions_BT[:, 0])
+                              for c, x in ((cache.k, k_BSKH), (cache.v, v_BSKH))))  # fmt: skip
+            if positions_BT is not None:
+                k_BSKH, v_BSKH, k_positions = cache.k, cache.v, None  # None: every cache position
         elif cache is not None:
             # A select rather than a scatter: rows write at different positions, and the
             # cache's batch and kv-head shardings carry through elementwise.

@@ -203,7 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from jaxpar.distributed import current
-    from jaxpar.infer.serve import sample_text
+    from jaxpar.infer.load import sample_text
     from jaxpar.mesh import make_mesh
     from jaxpar.train.loop import TrainingAborted, train
 
@@ -376,7 +376,7 @@ def _load_model(args: argparse.Namespace):
     if not source.is_dir():
         raise JaxparError(f"{flag} {str(source)!r} is not a directory")
     spec = prepare(parse_mesh(args.mesh), args.devices)
-    from jaxpar.infer.serve import load_hf, load_run
+    from jaxpar.infer.load import load_hf, load_run
     from jaxpar.mesh import make_mesh
 
     mesh = make_mesh(spec)
@@ -410,7 +410,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = _load_model(args)
     import json
 
-    from jaxpar.infer.serve import read_token_rows, text_rows
+    from jaxpar.infer.load import read_token_rows, text_rows
 
     if args.text:
         ids = model.encode(path.read_text(errors="replace"))
@@ -512,7 +512,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from jaxpar.infer.serve import export_run
+    from jaxpar.infer.load import export_run
 
     dest = export_run(Path(args.out), Path(args.dest))
     print(f"wrote {dest}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from jaxpar.infer.engine import Sampling
-from jaxpar.infer.serve import LoadedModel
+from jaxpar.infer.load import LoadedModel
 
 
 class Chat:

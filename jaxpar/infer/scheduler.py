@@ -1,0 +1,390 @@
+"""Continuous batching: a host scheduler over the generator's device steps.
+
+The cache's rows are decode slots. One thread runs the loop; each turn it
+
+1. admits waiting requests into free slots (first come, first served), copying the longest cached
+   prefix of each prompt from the prefix cache's pool into its slot;
+2. prefills one piece (`serve.prefill_chunk` tokens) of one prompt per `data` shard, so that a
+   long prompt delays the decoding slots by one piece per turn, not by its whole length; a prompt's
+   last piece draws its first token, and its full blocks are copied to the pool;
+3. decodes one token in every slot that has its prompt in the cache, all together, each at its
+   own position with its own sampling settings (inactive slots write nothing).
+
+A request that finishes (a stop id or string, `max_tokens`, or a cancel) frees its slot at once:
+the next turn can admit a waiting request into it. Every step has fixed shapes, so the steps are
+compiled once, before the first request. A request's tokens depend only on its prompt and its
+sampling settings (its seed), never on what else is in the batch.
+
+Callbacks (`on_event`) run on the engine's thread; they must only hand the event over.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from jaxpar.config import ServeConfig
+from jaxpar.errors import JaxparError
+from jaxpar.infer.engine import Generator, RowSampling, Sampling
+from jaxpar.infer.load import LoadedModel
+from jaxpar.infer.prefix import PrefixCache
+
+
+class QueueFull(JaxparError):
+    """More requests wait than `serve.max_queue` allows."""
+
+
+class Closed(JaxparError):
+    """The engine is shutting down and accepts no new request."""
+
+
+@dataclass(frozen=True)
+class Params:
+    """One request's generation settings."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # strings that end the text (not included in it)
+    stop_ids: tuple[int, ...] = ()  # token ids that end it, with the model's end-of-sequence ids
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a request's callback receives: new text (`finish` None), then one final event."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish: str | None = None  # "stop", "length" or "cancelled"
+    time: float = 0.0
+
+
+@dataclass(eq=False)
+class Request:
+    """A request's progress; read by the caller once it has finished."""
+
+    prompt: list[int]
+    params: Params
+    on_event: Callable[[Event], None]
+    seed: int
+    arrival: float = field(default_factory=time.perf_counter)
+    slot: int = -1
+    cached: int = 0  # prompt tokens found in the prefix cache
+    prefilled: int = 0  # prompt tokens in the slot's cache
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of `text` already sent
+    finish: str | None = None
+    first_token: float | None = None  # when the first token was on the host
+    cancelled: bool = False
+    decoder: Callable[[list[int]], str] | None = None  # the text that new ids complete
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens),
+                "total_tokens": len(self.prompt) + len(self.tokens),
+                "cached_tokens": self.cached}  # fmt: skip
+
+
+class Engine:
+    """Serves generation requests on `model`'s mesh with continuous batching.
+
+    Args:
+        model: the loaded model (its context bounds prompt + max_tokens).
+        config: slots, prompt piece width, queue bound and prefix cache size.
+    """
+
+    def __init__(self, model: LoadedModel, config: ServeConfig):
+        spec = model.placement.spec
+        unit = spec.data * spec.pipeline  # every data shard gets micro-batches for every stage
+        self.model, self.config = model, config
+        self.slots = -(-config.max_seqs // unit) * unit
+        self.chunk = min(config.prefill_chunk, model.context)
+        blocks = config.prefix_blocks if config.prefix_block <= model.context else 0
+        self.generator = Generator(
+            model.placement, model.params, batch=self.slots, max_len=model.context,
+            chunk=self.chunk, prefix_blocks=blocks, prefix_block=config.prefix_block,
+        )  # fmt: skip
+        self.prefix = PrefixCache(blocks, config.prefix_block) if blocks else None
+        self._eos = tuple(model.stop_ids)
+        self._lock = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request | None] = [None] * self.slots
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.prefilled_tokens = 0  # prompt tokens computed (not found in the prefix cache)
+        self.generated_tokens = 0
+        self.decode_steps = 0
+        self._cache = self.generator.empty_cache()
+        self._pool = self.generator.empty_pool() if self.prefix else None
+
+    # -- the caller's side (any thread) ------------------------------------------------------
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active_slots(self) -> int:
+        return sum(r is not None for r in self._running)
+
+    def check(self, prompt: Sequence[int], max_tokens: int) -> None:
+        """Refuses a request that cannot fit the context (one line naming the lengths)."""
+        if not prompt:
+            raise JaxparError("the prompt is empty; give at least one token")
+        self.model.check_ids(list(prompt), "the prompt")
+        context = self.model.context
+        if len(prompt) + max_tokens > context:
+            raise JaxparError(
+                f"the prompt's {len(prompt)} tokens + max_tokens {max_tokens} exceed the "
+                f"model's context of {context} tokens"
+            )
+
+    def submit(self, prompt: Sequence[int], params: Params,
+               on_event: Callable[[Event], None]) -> Request:  # fmt: skip
+        """Queues a request; `on_event` gets its text as it is generated, then its end.
+
+        Raises:
+            JaxparError: the request does not fit the context.
+            QueueFull: `serve.max_queue` requests already wait.
+            Closed: the engine is shutting down.
+        """
+        self.check(prompt, params.max_tokens)
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4)) >> 1
+        request = Request(list(prompt), params, on_event, seed)
+        with self._lock:
+            if self._closed:
+                raise Closed("the server is shutting down")
+            if len(self._waiting) >= self.config.max_queue:
+                raise QueueFull(
+                    f"{len(self._waiting)} requests are waiting (serve.max_queue = "
+                    f"{self.config.max_queue}); retry later"
+                )
+            self._waiting.append(request)
+            self._lock.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stops `request` (its slot is freed at the start of the next turn)."""
+        with self._lock:
+            request.cancelled = True
+            self._lock.notify()
+
+    def start(self) -> Engine:
+        """Compiles the steps (before any request comes) and starts the loop's thread."""
+        self.warm_up()
+        self._thread = threading.Thread(target=self._loop, name="jaxpar-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 0.0) -> None:
+        """Stops accepting requests, lets running ones finish for up to `timeout` seconds,
+        cancels the rest and stops the loop."""
+        deadline = time.perf_counter() + timeout
+        with self._lock:
+            self._closed = True
+            while (self._waiting or self.active_slots) and time.perf_counter() < deadline:
+                self._lock.wait(0.05)
+            for request in [*self._waiting, *(r for r in self._running if r)]:
+                request.cancelled = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        else:
+            self._free_cancelled()
+
+    def warm_up(self) -> None:
+        """Compiles every step the loop runs, on throwaway buffers."""
+        g, data = self.generator, self.generator.data
+        zeros, idle = np.zeros(data, np.int32), np.zeros(data, bool)
+        rows = RowSampling.fill(data, Sampling(), 0)
+        cache = g.prefill_chunk(g.empty_cache(), np.zeros((data, self.chunk), np.int32), zeros,
+                                zeros, zeros + 1, idle, rows)[0]  # fmt: skip
+        cache = g.decode(cache, np.zeros(g.rows, np.int32), np.zeros(g.rows, np.int32),
+                         active_B=np.zeros(g.rows, bool))[0]  # fmt: skip
+        if self.prefix:
+            pool = g.save_prefix(g.empty_pool(), cache, 0, {})
+            g.load_prefix(cache, pool, 0, [])
+
+    # -- the loop (the engine's thread) ------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._closed or self._waiting or self.active_slots):
+                    self._lock.wait()
+                if self._closed and not (self._waiting or self.active_slots):
+                    return
+            self.step()
+
+    def step(self) -> None:
+        """One turn: admit, prefill one piece per shard, decode every ready slot."""
+        self._free_cancelled()
+        self._admit()
+        self._prefill()
+        self._decode()
+
+    def _free_cancelled(self) -> None:
+        with self._lock:
+            for request in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(request)
+                self._finish(request, "cancelled")
+            for request in self._running:
+                if request is not None and request.cancelled:
+                    self._finish(request, "cancelled")
+
+    def _admit(self) -> None:
+        g = self.generator
+        while True:
+            with self._lock:
+                free = [s for s, r in enumerate(self._running) if r is None]
+                if not (free and self._waiting):
+                    return
+                request = self._waiting.popleft()
+                # The free slot on the least busy shard: prompts on different shards prefill
+                # together.
+                busy = [sum(r is not None for r in self._running[s - s % g.local_rows:][
+                    : g.local_rows]) for s in free]  # fmt: skip
+                slot = free[int(np.argmin(busy))]
+                request.slot = slot
+                self._running[slot] = request
+            if self.prefix:
+                hits = self.prefix.lookup(request.prompt)
+                if hits:
+                    self._cache = g.load_prefix(self._cache, self._pool, slot, hits)
+                request.cached = request.prefilled = len(hits) * self.prefix.block
+
+    def _prefill(self) -> None:
+        g, data = self.generator, self.generator.data
+        picked: list[Request | None] = [None] * data
+        for request in self._running:
+            if request is not None and request.prefilled < len(request.prompt):
+                shard = request.slot // g.local_rows
+                if picked[shard] is None or picked[shard].arrival > request.arrival:
+                    picked[shard] = request
+        if not any(picked):
+            return
+        tokens = np.zeros((data, self.chunk), np.int32)
+        slot, start, length = (np.zeros(data, np.int32) for _ in range(3))
+        length += 1
+        active = np.zeros(data, bool)
+        for r, request in enumerate(picked):
+            if request is not None:
+                piece = request.prompt[request.prefilled : request.prefilled + self.chunk]
+                tokens[r, : len(piece)] = piece
+                slot[r], start[r], length[r] = (
+                    request.slot % g.local_rows,
+                    request.prefilled,
+                    len(piece),
+                )
+                active[r] = True
+        rows = self._sampling(picked)
+        self._cache, _, token = g.prefill_chunk(self._cache, tokens, slot, start, length, active,
+                                                rows)  # fmt: skip
+        token = np.asarray(token)
+        for r, request in enumerate(picked):
+            if request is None:
+                continue
+            request.prefilled += int(length[r])
+            self.prefilled_tokens += int(length[r])
+            if request.prefilled == len(request.prompt):
+                self._remember(request)
+                self._accept(request, int(token[r]))
+
+    def _remember(self, request: Request) -> None:
+        """Copies the prompt's full blocks that the pool lacks from its slot to the pool."""
+        if self.prefix is None:
+            return
+        placed = self.prefix.insert(request.prompt)
+        if placed:
+            self._pool = self.generator.save_prefix(self._pool, self._cache, request.slot, placed)
+
+    def _decode(self) -> None:
+        ready = [r if r is not None and r.prefilled == len(r.prompt) and r.finish is None else None
+                 for r in self._running]  # fmt: skip
+        if not any(ready):
+            return
+        n = self.slots
+        token, position = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        active = np.array([r is not None for r in ready])
+        for s, request in enumerate(ready):
+            if request is not None:
+                token[s] = request.tokens[-1]
+                position[s] = len(request.prompt) + len(request.tokens) - 1
+        self._cache, _, new = self.generator.decode(self._cache, token, position,
+                                                    self._sampling(ready), active)  # fmt: skip
+        self.decode_steps += 1
+        new = np.asarray(new)
+        for s, request in enumerate(ready):
+            if request is not None:
+                self._accept(request, int(new[s]))
+
+    def _sampling(self, requests: Sequence[Request | None]) -> RowSampling:
+        n = len(requests)
+        rows = RowSampling.fill(n, Sampling(), 0)
+        for i, r in enumerate(requests):
+            if r is not None:
+                p = r.params
+                rows.seed[i], rows.count[i] = r.seed, len(r.tokens)
+                rows.temperature[i], rows.top_k[i], rows.top_p[i] = (
+                    p.temperature, p.top_k, p.top_p
+                )  # fmt: skip
+        return rows
+
+    # -- a request's tokens ------------------------------------------------------------------
+
+    def _accept(self, request: Request, token: int) -> None:
+        """A new token of `request`: its text, and whether the request ends here."""
+        now = time.perf_counter()
+        if request.first_token is None:
+            request.first_token = now
+            request.decoder = self.model.stream_decoder()
+        request.tokens.append(token)
+        self.generated_tokens += 1
+        p = request.params
+        finish = None
+        if token in p.stop_ids or (token in self._eos and not p.ignore_eos):
+            finish = "stop"
+        else:
+            request.text += request.decoder([token])
+            cut = _find_stop(request.text, p.stop, request.sent)
+            if cut is not None:
+                request.text, finish = request.text[:cut], "stop"
+        if finish is None and len(request.tokens) >= p.max_tokens:
+            finish = "length"
+        # Text that may be the start of a stop string waits until it is known not to be.
+        hold = 0 if finish else max((len(s) - 1 for s in p.stop), default=0)
+        end = max(request.sent, len(request.text) - hold)
+        if end > request.sent:
+            request.on_event(Event(request.text[request.sent : end], (token,), None, now))
+            request.sent = end
+        if finish:
+            with self._lock:
+                self._finish(request, finish)
+
+    def _finish(self, request: Request, reason: str) -> None:
+        """Ends `request` (with the lock held) and frees its slot."""
+        if request.finish is not None:
+            return
+        request.finish = reason
+        if request.slot >= 0 and self._running[request.slot] is request:
+            self._running[request.slot] = None
+        request.on_event(Event("", (), reason, time.perf_counter()))
+        self._lock.notify_all()
+
+
+def _find_stop(text: str, stops: Sequence[str], sent: int) -> int | None:
+    """Where the first stop string in `text` begins (None: none), looking only where one could
+    start after the text already sent."""
+    found = [i for s in stops if s and (i := text.find(s, max(0, sent - len(s) + 1))) >= 0]
+    return min(found) if found else None

@@ -15,6 +15,7 @@ commands:
   eval         negative log-likelihood and perplexity of a model on text
   generate     generate text with a KV cache on the mesh
   chat         talk to a model; replies stream as they are decoded
+  serve        an OpenAI-compatible HTTP server with continuous batching
   export-hf    write a run's newest checkpoint as a Hugging Face Llama folder
   launch       run one jaxpar command as N local processes of one job
 
@@ -22,6 +23,7 @@ examples:
   jaxpar train --mesh data=2,pipeline=2,tensor=2 pipeline.microbatches=4 --out runs/demo
   jaxpar analyze --mesh pipeline=4,tensor=2 pipeline.microbatches=8 --json
   jaxpar generate --run runs/demo --prompt "def " --greedy
+  jaxpar serve --run runs/demo --mesh data=2,pipeline=2,tensor=2 serve.max_seqs=16
 """
 
 # JAX is imported only after the mesh spec is known, because the number of simulated CPU devices
@@ -123,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "chat")
     _add_model_args(p)
     _add_sampling_args(p)
+
+    p = _command(sub, "serve")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+    p.add_argument("--model-name", metavar="NAME", help="the served model's id (default: the "
+                   "folder's name)")  # fmt: skip
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="serve.* keys, e.g. "
+                   "serve.max_seqs=16")  # fmt: skip
 
     p = _command(sub, "launch")
     p.add_argument(
@@ -504,6 +515,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    bad = [o for o in args.overrides if not o.startswith("serve.")]
+    if bad:
+        raise JaxparError(f"{bad[0]!r}: serve takes serve.* settings only (the model's come "
+                          "from its folder)")  # fmt: skip
+    load_config(None, args.overrides)  # refused before anything loads
+    from jaxpar.infer.server import bind, serve
+
+    sock = bind(args.host, args.port)
+    model = _load_model(args)
+    config = load_config(None, args.overrides, base=model.config).serve
+    from jaxpar.infer.scheduler import Engine
+
+    log = lambda msg: print(f"jaxpar: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    name = args.model_name or Path(args.run or args.init_from_hf).resolve().name
+    engine = Engine(model, config)
+    log(f"{model.source}: compiling the steps for {engine.slots} slots of {model.context} "
+        f"tokens ({engine.generator.slot_bytes / 2**20:,.2f} MiB of cache per slot)")  # fmt: skip
+    engine.start()
+    serve(engine, name, sock, config.shutdown_s, log)
+    return 0
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from jaxpar.launch import launch
 
@@ -529,6 +563,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "generate": cmd_generate,
     "chat": cmd_chat,
+    "serve": cmd_serve,
     "export-hf": cmd_export_hf,
 }
 

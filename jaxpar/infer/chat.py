@@ -1,15 +1,49 @@
-"""A conversation with a loaded model: the history window and the turns of `jaxpar chat`.
+"""Conversations with a loaded model: chat templates, and the turns of `jaxpar chat`.
 
-Each message is appended to the conversation, the newest part of it that leaves room for the reply
-within the context is sent, and the reply (without its stop token) joins the conversation.
+`render_chat` turns OpenAI-style messages into the prompt text, with the model's own chat template
+(`chat_template` of its `tokenizer_config.json`, rendered by jinja2 as Hugging Face's
+`apply_chat_template` does) or, for models without one (jaxpar's byte-token runs), `PLAIN_TEMPLATE`:
+one line `role: content` per message, then `assistant:` for the reply.
+
+In `jaxpar chat` each message is appended to the conversation, the newest part of it that leaves
+room for the reply within the context is sent, and the reply (without its stop token) joins the
+conversation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from jaxpar.errors import JaxparError
 from jaxpar.infer.engine import Sampling
 from jaxpar.infer.load import LoadedModel
+
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def render_chat(model: LoadedModel, messages: list[dict[str, str]]) -> str:
+    """The prompt text of `messages` ({"role", "content"} each) for the assistant's reply.
+
+    Raises:
+        JaxparError: the template refuses the messages (its `raise_exception`) or is broken.
+    """
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise JaxparError(f"the chat template refuses these messages: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        template = env.from_string(model.chat_template or PLAIN_TEMPLATE)
+        return template.render(messages=messages, add_generation_prompt=True,
+                               **model.special_tokens)  # fmt: skip
+    except jinja2.TemplateError as e:
+        raise JaxparError(f"the model's chat template fails: {e}") from None
 
 
 class Chat:

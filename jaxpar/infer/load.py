@@ -12,7 +12,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,10 @@ class LoadedModel:
     tokenizer: Any
     stop_ids: tuple[int, ...]
     source: str
+    # The folder's chat template (`tokenizer_config.json`) and the special tokens it may name;
+    # None: `jaxpar.infer.chat.PLAIN_TEMPLATE`.
+    chat_template: str | None = None
+    special_tokens: dict[str, str] = field(default_factory=dict)
 
     @property
     def config(self) -> Config:
@@ -69,15 +73,18 @@ class LoadedModel:
             return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
         return self.tokenizer.decode(ids)
 
-    def stream_decoder(self) -> Callable[[list[int]], str]:
+    def stream_decoder(self) -> Callable[..., str]:
         """A function that takes the next ids of one sequence and returns the new text they
-        complete (bytes that end inside a UTF-8 character wait for the rest)."""
+        complete: bytes that end inside a UTF-8 character wait for the rest, until a call with
+        `final=True` flushes them (as `decode` of the whole sequence would show them)."""
         if self.tokenizer is None:
             pending = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            return lambda ids: pending.decode(bytes(i for i in ids if 0 <= i < 256))
+            return lambda ids, final=False: pending.decode(
+                bytes(i for i in ids if 0 <= i < 256), final
+            )
         seen: list[int] = []
 
-        def push(ids: list[int]) -> str:
+        def push(ids: list[int], final: bool = False) -> str:
             before = self.decode(seen)
             seen.extend(ids)
             return self.decode(seen)[len(before) :]
@@ -249,6 +256,7 @@ def load_hf(path: Path, mesh: jax.sharding.Mesh, dtype: str = "auto") -> LoadedM
     eos = generation.get("eos_token_id")
     if eos is not None:
         stop_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+    template, special = _chat_template(_read_json(path / "tokenizer_config.json"))
     return LoadedModel(
         placement=placement,
         params=load_hf_params(path, placement),
@@ -256,7 +264,25 @@ def load_hf(path: Path, mesh: jax.sharding.Mesh, dtype: str = "auto") -> LoadedM
         tokenizer=load_tokenizer(path),
         stop_ids=stop_ids,
         source=str(path),
+        chat_template=template,
+        special_tokens=special,
     )
+
+
+def _chat_template(config: dict) -> tuple[str | None, dict[str, str]]:
+    """A `tokenizer_config.json`'s chat template (its default one, when it names several) and
+    its special tokens' texts (`bos_token`, `eos_token`, ...)."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    special = {}
+    for key, value in config.items():
+        if key.endswith("_token"):
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                special[key] = value
+    return template if isinstance(template, str) else None, special
 
 
 def export_run(run: Path, dest: Path, warn: Warn = _stderr) -> Path:

@@ -84,7 +84,7 @@ class Request:
     text: str = ""
     sent: int = 0  # characters of `text` already sent
     finish: str | None = None
-    first_token: float | None = None  # when the first token was on the host
+    times: list[float] = field(default_factory=list)  # when each new token was on the host
     cancelled: bool = False
     decoder: Callable[[list[int]], str] | None = None  # the text that new ids complete
 
@@ -346,22 +346,19 @@ class Engine:
     def _accept(self, request: Request, token: int) -> None:
         """A new token of `request`: its text, and whether the request ends here."""
         now = time.perf_counter()
-        if request.first_token is None:
-            request.first_token = now
+        if request.decoder is None:
             request.decoder = self.model.stream_decoder()
         request.tokens.append(token)
+        request.times.append(now)
         self.generated_tokens += 1
         p = request.params
-        finish = None
-        if token in p.stop_ids or (token in self._eos and not p.ignore_eos):
-            finish = "stop"
-        else:
-            request.text += request.decoder([token])
-            cut = _find_stop(request.text, p.stop, request.sent)
-            if cut is not None:
-                request.text, finish = request.text[:cut], "stop"
-        if finish is None and len(request.tokens) >= p.max_tokens:
-            finish = "length"
+        stop_token = token in p.stop_ids or (token in self._eos and not p.ignore_eos)
+        last = stop_token or len(request.tokens) >= p.max_tokens
+        request.text += request.decoder([] if stop_token else [token], final=last)
+        finish = "stop" if stop_token else "length" if last else None
+        cut = _find_stop(request.text, p.stop, request.sent)
+        if cut is not None:
+            request.text, finish = request.text[:cut], "stop"
         # Text that may be the start of a stop string waits until it is known not to be.
         hold = 0 if finish else max((len(s) - 1 for s in p.stop), default=0)
         end = max(request.sent, len(request.text) - hold)

@@ -1,0 +1,464 @@
+"""`jaxpar serve`: the OpenAI HTTP API over the continuous-batching engine.
+
+Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream: true` as
+server-sent events ending in `data: [DONE]`), `GET /v1/models`, `GET /health` and `GET /metrics`
+(Prometheus text). Errors are OpenAI error objects, `{"error": {"message", "type", "param",
+"code"}}`: 400 for a request that is malformed or does not fit the context, 404 for another
+model's name or an unknown path, 429 when `serve.max_queue` requests already wait, 503 while
+shutting down. Fields jaxpar does not know are ignored, as the OpenAI API does; known fields of the
+wrong type or out of range are refused.
+
+Built on Starlette, uvicorn and prometheus-client (the `serve` extra).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from jaxpar.errors import JaxparError
+from jaxpar.infer.chat import render_chat
+from jaxpar.infer.scheduler import Closed, Engine, Event, Params, QueueFull, Request
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class ApiError(Exception):
+    """An answer with an OpenAI error object."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error", code: str | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = (
+            status, message, param, kind, code,
+        )  # fmt: skip
+
+    def response(self) -> JSONResponse:
+        error = {"message": self.message, "type": self.kind, "param": self.param,
+                 "code": self.code}  # fmt: skip
+        return JSONResponse({"error": error}, status_code=self.status)
+
+
+# -- request fields --------------------------------------------------------------------------
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "an object"}  # fmt: skip
+    return " or ".join(names[t] for t in types)
+
+
+def _field(body: dict, name: str, types: tuple[type, ...], default: Any = None) -> Any:
+    """`body[name]` checked against `types` (None or absent: `default`)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    # JSON true is not an integer here, and an integer is a number.
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise ApiError(400, f"'{name}' must be {_type_name(types)}, got {json.dumps(value)}", name)
+    return value
+
+
+def _range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    if value < low or value > high or (low_open and value == low):
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise ApiError(400, f"'{name}' must be in {bound}, got {value}", name)
+
+
+def _stops(body: dict) -> tuple[str, ...]:
+    stop = _field(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+        raise ApiError(400, "'stop' must be a string or an array of at most 4 strings", "stop")
+    return tuple(s for s in stop if s)
+
+
+def _params(body: dict, max_tokens: int, engine: Engine, prompt_len: int) -> Params:
+    """The generation settings of a request body; `max_tokens` is the default."""
+    n = _field(body, "n", (int,), 1)
+    if n != 1:
+        raise ApiError(400, f"'n' = {n} is not supported: jaxpar returns 1 choice a request", "n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _field(body, name, (float,), 0) != 0:
+            raise ApiError(400, f"'{name}' is not supported (only 0)", name)
+    if _field(body, "logprobs", (bool, int), False) not in (False, 0) or body.get("top_logprobs"):
+        raise ApiError(400, "'logprobs' is not supported", "logprobs")
+    if _field(body, "echo", (bool,), False):
+        raise ApiError(400, "'echo' is not supported", "echo")
+    if _field(body, "best_of", (int,), 1) != 1:
+        raise ApiError(400, "'best_of' other than 1 is not supported", "best_of")
+    name = (
+        "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    )
+    tokens = _field(body, name, (int,), max_tokens)
+    if tokens < 1:
+        raise ApiError(400, f"'{name}' must be at least 1, got {tokens}", name)
+    temperature = float(_field(body, "temperature", (float,), 1.0))
+    _range("temperature", temperature, 0, 2)
+    top_p = float(_field(body, "top_p", (float,), 1.0))
+    _range("top_p", top_p, 0, 1, low_open=True)
+    top_k = _field(body, "top_k", (int,), 0)
+    if top_k < -1:
+        raise ApiError(400, f"'top_k' must be -1 or 0 (no limit) or more, got {top_k}", "top_k")
+    seed = _field(body, "seed", (int,), None)
+    stop_ids = _field(body, "stop_token_ids", (list,), [])
+    vocab = engine.model.config.model.vocab
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab
+               for i in stop_ids):  # fmt: skip
+        raise ApiError(400, f"'stop_token_ids' must be ids in [0, {vocab})", "stop_token_ids")
+    params = Params(
+        max_tokens=tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
+        seed=None if seed is None else seed % (1 << 31), stop=_stops(body),
+        stop_ids=tuple(stop_ids), ignore_eos=_field(body, "ignore_eos", (bool,), False),
+    )  # fmt: skip
+    try:
+        engine.check([0] * prompt_len, params.max_tokens)
+    except JaxparError as e:
+        raise ApiError(400, str(e), name, code="context_length_exceeded") from None
+    return params
+
+
+def _content(message: dict, i: int) -> str:
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    raise ApiError(400, f"messages[{i}].content must be a string or text parts", "messages")
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    messages = _field(body, "messages", (list,), None)
+    if not messages:
+        raise ApiError(400, "'messages' must be a non-empty array of messages", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, f"messages[{i}] must be an object with a 'role'", "messages")
+        out.append({"role": m["role"], "content": _content(m, i)})
+    return out
+
+
+# -- the app ---------------------------------------------------------------------------------
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self, engine: Engine):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("jaxpar_requests", "HTTP requests answered, by endpoint and status",
+                                ["endpoint", "status"], registry=r)  # fmt: skip
+        Gauge("jaxpar_queue_length", "Requests waiting for a slot", registry=r).set_function(
+            lambda: engine.queue_length
+        )
+        Gauge("jaxpar_active_slots", "Slots holding a request", registry=r).set_function(
+            lambda: engine.active_slots
+        )
+        Gauge("jaxpar_slots", "Decode slots", registry=r).set(engine.slots)
+        self.prompt_tokens = Counter("jaxpar_prompt_tokens", "Prompt tokens", registry=r)
+        self.generation_tokens = Counter("jaxpar_generation_tokens", "New tokens", registry=r)
+        self.ttft = Histogram("jaxpar_time_to_first_token_seconds", "Arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.itl = Histogram("jaxpar_inter_token_latency_seconds", "Between a request's tokens",
+                             buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.tpot = Histogram("jaxpar_time_per_output_token_seconds",
+                              "A request's decode time over its tokens after the first",
+                              buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        r.register(_PrefixCollector(engine))
+
+    def finished(self, request: Request) -> None:
+        self.prompt_tokens.inc(len(request.prompt))
+        self.generation_tokens.inc(len(request.tokens))
+        times = request.times
+        if times:
+            self.ttft.observe(times[0] - request.arrival)
+        for a, b in zip(times, times[1:], strict=False):
+            self.itl.observe(b - a)
+        if len(times) > 1:
+            self.tpot.observe((times[-1] - times[0]) / (len(times) - 1))
+
+
+class _PrefixCollector:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        prefix = self.engine.prefix
+        queried = prefix.queried_tokens if prefix else 0
+        hits = prefix.hit_tokens if prefix else 0
+        yield CounterMetricFamily(
+            "jaxpar_prefix_cache_queried_tokens", "Prompt tokens looked up", value=queried
+        )
+        yield CounterMetricFamily(
+            "jaxpar_prefix_cache_hit_tokens", "Prompt tokens found in the cache", value=hits
+        )
+        yield GaugeMetricFamily("jaxpar_prefix_cache_hit_rate", "Hit tokens over queried tokens",
+                                value=hits / queried if queried else 0.0)  # fmt: skip
+        yield CounterMetricFamily("jaxpar_prefilled_tokens", "Prompt tokens computed",
+                                  value=self.engine.prefilled_tokens)  # fmt: skip
+
+
+class _Stream(StreamingResponse):
+    """Server-sent events that cancel their request however the response ends (a client that
+    disconnects frees its slot at once)."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})  # fmt: skip
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def create_app(engine: Engine, model_name: str, on_shutdown: Callable[[], None] | None = None):
+    """The Starlette app serving `engine` as model `model_name`."""
+    metrics = Metrics(engine)
+    created = int(time.time())
+    model = engine.model
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "jaxpar",
+                "max_model_len": model.context}  # fmt: skip
+
+    async def read_body(request: HttpRequest) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        name = _field(body, "model", (str,), model_name)
+        if name != model_name:
+            message = f"the model '{name}' does not exist; this server serves '{model_name}'"
+            raise ApiError(404, message, "model", code="model_not_found")
+        return body
+
+    def submit(ids: list[int], params: Params) -> tuple[Request, asyncio.Queue]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        try:
+            request = engine.submit(ids, params, lambda e: loop.call_soon_threadsafe(
+                queue.put_nowait, e))  # fmt: skip
+        except QueueFull as e:
+            raise ApiError(429, str(e), kind="rate_limit_error", code="queue_full") from None
+        except Closed as e:
+            raise ApiError(503, str(e), kind="server_error", code="shutting_down") from None
+        except JaxparError as e:
+            raise ApiError(400, str(e), "prompt") from None
+        return request, queue
+
+    def usage(request: Request) -> dict:
+        u = request.usage
+        return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+                "total_tokens": u["total_tokens"],
+                "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}  # fmt: skip
+
+    async def answer(http: HttpRequest, body: dict, ids: list[int], params: Params,
+                     chat: bool) -> Response:  # fmt: skip
+        stream = _field(body, "stream", (bool,), False)
+        options = _field(body, "stream_options", (dict,), {})
+        include_usage = options.get("include_usage") is True
+        request, queue = submit(ids, params)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": model_name}  # fmt: skip
+
+        def choice(text: str | None, finish: str | None, role: bool = False) -> dict:
+            if not chat:
+                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            delta = {"role": "assistant", "content": ""} if role else {}
+            if text:
+                delta["content"] = text
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        if not stream:
+            parts: list[str] = []
+            try:
+                while (event := await queue.get()).finish is None:
+                    parts.append(event.text)
+            finally:
+                engine.cancel(request)  # (nothing left to cancel when it has finished)
+            metrics.finished(request)
+            if request.finish == "cancelled":
+                raise ApiError(503, "the request was cancelled: the server is shutting down",
+                               kind="server_error", code="shutting_down")  # fmt: skip
+            text = "".join(parts)
+            body_out = {**head, "object": "chat.completion" if chat else "text_completion"}
+            if chat:
+                message = {"role": "assistant", "content": text}
+                body_out["choices"] = [{"index": 0, "message": message, "logprobs": None,
+                                        "finish_reason": request.finish}]  # fmt: skip
+            else:
+                body_out["choices"] = [choice(text, request.finish)]
+            body_out["usage"] = usage(request)
+            return JSONResponse(body_out)
+
+        async def events() -> AsyncIterator[str]:
+            def sse(doc: dict) -> str:
+                return f"data: {json.dumps(doc)}\n\n"
+
+            if chat:
+                yield sse({**head, "choices": [choice(None, None, role=True)]})
+            while (event := await queue.get()).finish is None:
+                if event.text:
+                    yield sse({**head, "choices": [choice(event.text, None)]})
+            finish = "abort" if request.finish == "cancelled" else request.finish
+            yield sse({**head, "choices": [choice(None, finish)]})
+            metrics.finished(request)
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": usage(request)})
+            yield "data: [DONE]\n\n"
+
+        return _Stream(events(), lambda: engine.cancel(request))
+
+    async def completions(http: HttpRequest) -> Response:
+        body = await read_body(http)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            ids = model.encode(prompt)
+        elif (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt)
+        ):
+            ids = prompt
+        else:
+            raise ApiError(400, "'prompt' must be a non-empty string or array of token ids "
+                           "(one prompt a request)", "prompt")  # fmt: skip
+        if not ids:
+            raise ApiError(400, "'prompt' is empty; give at least one token", "prompt")
+        params = _params(body, 16, engine, len(ids))
+        return await answer(http, body, ids, params, chat=False)
+
+    async def chat_completions(http: HttpRequest) -> Response:
+        body = await read_body(http)
+        messages = _messages(body)
+        try:
+            ids = model.encode(render_chat(model, messages))
+        except JaxparError as e:
+            raise ApiError(400, str(e), "messages") from None
+        params = _params(body, max(model.context - len(ids), 1), engine, len(ids))
+        return await answer(http, body, ids, params, chat=True)
+
+    async def models(http: HttpRequest) -> Response:
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def one_model(http: HttpRequest) -> Response:
+        name = http.path_params["name"]
+        if name != model_name:
+            raise ApiError(404, f"the model '{name}' does not exist", "model",
+                           code="model_not_found")  # fmt: skip
+        return JSONResponse(model_card())
+
+    async def health(http: HttpRequest) -> Response:
+        return JSONResponse({"status": "ok", "model": model_name})
+
+    async def prometheus(http: HttpRequest) -> Response:
+        return Response(generate_latest(metrics.registry),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")  # fmt: skip
+
+    def counted(endpoint: Callable, name: str) -> Callable:
+        async def handle(http: HttpRequest) -> Response:
+            try:
+                response = await endpoint(http)
+            except ApiError as e:
+                response = e.response()
+            metrics.requests.labels(name, str(response.status_code)).inc()
+            return response
+
+        return handle
+
+    async def http_error(http: HttpRequest, exc: HTTPException) -> Response:
+        return ApiError(exc.status_code, f"{http.method} {http.url.path}: {exc.detail}",
+                        code=None).response()  # fmt: skip
+
+    routes = [
+        Route("/v1/completions", counted(completions, "completions"), methods=["POST"]),
+        Route("/v1/chat/completions", counted(chat_completions, "chat"), methods=["POST"]),
+        Route("/v1/models", counted(models, "models"), methods=["GET"]),
+        Route("/v1/models/{name:path}", counted(one_model, "models"), methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        if on_shutdown is not None:
+            on_shutdown()
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error},
+                    lifespan=lifespan)  # fmt: skip
+    app.state.metrics = metrics
+    return app
+
+
+def bind(host: str, port: int):
+    """A listening socket on host:port (port 0: a free one), bound before the model loads so
+    that a taken port is refused at once.
+
+    Raises:
+        JaxparError: the port is out of range or the address cannot be bound.
+    """
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise JaxparError(f"--port {port} must be in [0, 65535] (0: any free port)")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise JaxparError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    return sock
+
+
+def serve(engine: Engine, model_name: str, sock, shutdown_s: float, log=print) -> None:
+    """Serves `engine` on the bound socket until SIGTERM or SIGINT: then it stops accepting,
+    gives in-flight requests `shutdown_s` seconds to finish, cancels the rest and returns."""
+    import signal
+
+    import uvicorn
+
+    host, port = sock.getsockname()[:2]
+    app = create_app(engine, model_name, on_shutdown=lambda: engine.close(0))
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=shutdown_s,
+                            lifespan="on")  # fmt: skip
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it once it has shut down; with a handler of
+    # our own installed, that ends in a clean return (exit code 0) instead of death by signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    log(f"serving {model_name!r} on http://{host}:{port} ({engine.slots} slots)")
+    server.run(sockets=[sock])
+    log("stopped")

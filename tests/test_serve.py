@@ -1,0 +1,440 @@
+"""`jaxpar serve`: continuous batching against one request at a time and against `generate`, the
+prefix cache, and the OpenAI HTTP API (the official client, streaming, errors, load and faults)
+on a live server bound to 127.0.0.1."""
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import jax
+import numpy as np
+import openai
+import pytest
+import uvicorn
+
+from jaxpar.cli import main
+from jaxpar.config import ServeConfig
+from jaxpar.infer.chat import PLAIN_TEMPLATE, render_chat
+from jaxpar.infer.load import load_run
+from jaxpar.infer.scheduler import Engine, Params
+from jaxpar.infer.server import bind, create_app
+from jaxpar.mesh import make_mesh, parse_mesh
+
+SIZES = ["model.layers=2", "model.dim=32", "model.heads=4", "model.kv_heads=2",
+         "model.mlp_dim=64"]  # fmt: skip
+CONTEXT = 256
+SERVE = ServeConfig(max_seqs=4, prefill_chunk=32, max_queue=16, prefix_block=8, prefix_blocks=64)
+WAIT_S = 60  # the bound on every wait below
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "tiny"
+    text = out.parent / "corpus.txt"
+    text.write_text("def add(a, b):\n    return a + b\n\nimport os\nprint('hello')\n" * 40)
+    argv = ["train", "--out", str(out), "--mesh", "data=4,tensor=2", *SIZES, "train.batch_size=4",
+            f"train.seq_len={CONTEXT}", "train.steps=30", "train.sample_tokens=0",
+            "train.warmup_steps=1", f"data.path={text}"]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def loaded(run, spec: str):
+    s = parse_mesh(spec)
+    return load_run(run, make_mesh(s, jax.devices()[: s.size]), "float32")
+
+
+@pytest.fixture(scope="module")
+def engine(run):
+    engine = Engine(loaded(run, "data=1"), SERVE).start()
+    yield engine
+    engine.close()
+
+
+class LiveServer:
+    """`create_app` under uvicorn on a thread, on a free port of 127.0.0.1."""
+
+    def __init__(self, engine: Engine, name: str):
+        sock = bind("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        config = uvicorn.Config(create_app(engine, name), log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]})
+        self.thread.start()
+        deadline = time.monotonic() + WAIT_S
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(WAIT_S)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    live = LiveServer(engine, "tiny")
+    yield live
+    live.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def submit_and_wait(engine: Engine, jobs: list[tuple[list[int], Params]]):
+    """Submits every job at once; returns the finished requests in order."""
+    done = [threading.Event() for _ in jobs]
+    requests = [
+        engine.submit(prompt, params, lambda e, d=d: e.finish and d.set())
+        for (prompt, params), d in zip(jobs, done, strict=True)
+    ]
+    for d in done:
+        assert d.wait(WAIT_S)
+    return requests
+
+
+# --- the engine -------------------------------------------------------------------------------
+
+
+def jobs(n: int, seed: int = 0) -> list[tuple[list[int], Params]]:
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.integers(0, 256, int(rng.integers(1, 70))).tolist(),
+         Params(max_tokens=int(rng.integers(1, 24)), temperature=0.0))
+        for _ in range(n)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", ["data=1", "data=2,pipeline=2,tensor=2"])
+def test_concurrent_requests_get_the_tokens_they_get_alone(run, engine, spec):
+    # 16 greedy requests of different lengths over 4 slots (prompts up to 70 tokens: several
+    # 32-token pieces each), against each alone and against the static batch of `generate`.
+    mesh_engine = engine if spec == "data=1" else Engine(loaded(run, spec), SERVE).start()
+    work = jobs(16)
+    together = [r.tokens for r in submit_and_wait(mesh_engine, work)]
+    alone = [submit_and_wait(mesh_engine, [job])[0].tokens for job in work]
+    assert together == alone
+    assert [len(t) for t in together] == [p.max_tokens for _, p in work]
+    generator = engine.model.generator(1, CONTEXT)
+    static = [generator.generate([prompt], p.max_tokens).new_ids[0] for prompt, p in work[:4]]
+    assert static == together[:4]
+    if mesh_engine is not engine:
+        assert mesh_engine.generator.microbatches == 2  # the slots run as micro-batches
+        mesh_engine.close()
+
+
+def test_prefix_cache_prefills_only_the_new_tokens(engine):
+    rng = np.random.default_rng(7)
+    shared = rng.integers(0, 256, 200).tolist()  # 25 blocks of 8
+    first, second = shared + [1, 2, 3, 4, 5], shared + [9, 8, 7, 6, 5, 4, 3]
+    submit_and_wait(engine, [(first, Params(4, temperature=0.0))])
+    before, hits = engine.prefilled_tokens, engine.prefix.hit_tokens
+    (request,) = submit_and_wait(engine, [(second, Params(12, temperature=0.0))])
+    assert engine.prefilled_tokens - before == 7  # only the tokens after the shared 200
+    assert engine.prefix.hit_tokens - hits == 200 and request.usage["cached_tokens"] == 200
+    without = engine.model.generator(1, CONTEXT).generate([second], 12).new_ids[0]
+    assert request.tokens == without
+
+
+def test_stop_ids_eos_stop_strings_and_max_tokens(engine):
+    prompt = list(b"def add(a, b):\n")
+    (free,) = submit_and_wait(engine, [(prompt, Params(20, temperature=0.0))])
+    tokens, text = free.tokens, free.text
+    assert free.finish == "length" and len(tokens) == 20
+    k = 6
+    (by_id,) = submit_and_wait(engine, [(prompt, Params(20, temperature=0.0,
+                                                         stop_ids=(tokens[k],)))])  # fmt: skip
+    first = tokens.index(tokens[k])
+    assert by_id.finish == "stop" and by_id.tokens == tokens[: first + 1]
+    eos, engine._eos = engine._eos, (tokens[k],)  # the model's end-of-sequence id
+    try:
+        (by_eos,) = submit_and_wait(engine, [(prompt, Params(20, temperature=0.0))])
+        (ignoring,) = submit_and_wait(engine, [(prompt, Params(20, temperature=0.0,
+                                                               ignore_eos=True))])  # fmt: skip
+    finally:
+        engine._eos = eos
+    assert by_eos.tokens == tokens[: first + 1] and ignoring.tokens == tokens
+    stop = text[8:10]
+    (by_text,) = submit_and_wait(engine, [(prompt, Params(20, temperature=0.0, stop=(stop,)))])
+    assert by_text.finish == "stop" and by_text.text == text[: text.index(stop)]
+    (short,) = submit_and_wait(engine, [(prompt, Params(3, temperature=0.0))])
+    assert short.tokens == tokens[:3] and short.usage["completion_tokens"] == 3
+
+
+def test_sampled_requests_follow_their_seed(engine):
+    prompt = list(b"import ")
+    params = Params(16, temperature=1.0, top_k=20, seed=11)
+    a, b, other = submit_and_wait(
+        engine, [(prompt, params), (prompt, params), (prompt, Params(16, temperature=1.0, seed=12))]
+    )
+    assert a.tokens == b.tokens != other.tokens
+
+
+# --- chat templates ---------------------------------------------------------------------------
+
+
+def test_chat_templates(engine):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert render_chat(engine.model, messages) == "system: be brief\nuser: hi\nassistant:"
+    assert "assistant" in PLAIN_TEMPLATE
+    hf_style = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+        "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    model = engine.model
+    try:
+        model.chat_template, model.special_tokens = (
+            hf_style,
+            {"bos_token": "<s>", "eos_token": "</s>"},
+        )
+        assert render_chat(model, messages[1:]) == "<s><|user|>\nhi</s>\n<|assistant|>\n"
+    finally:
+        model.chat_template, model.special_tokens = None, {}
+
+
+# --- the HTTP API -----------------------------------------------------------------------------
+
+PROMPTS = ["def add(a, b):\n", "import os\n", "p"]
+CHAT = [{"role": "user", "content": "print hello"}]
+
+
+@pytest.fixture(scope="module")
+def generated(run, engine):
+    """`jaxpar generate --greedy` of the completion prompts and of the chat's rendered prompt."""
+    prompts = [*PROMPTS, render_chat(engine.model, CHAT)]
+    argv = ["generate", "--run", str(run), "--mesh", "data=8", "--greedy", "--max-new-tokens",
+            "24", "--json"]  # fmt: skip
+    argv += [arg for p in prompts for arg in ("--prompt", p)]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return json.loads(out.getvalue())["text"]
+
+
+def test_openai_client_gets_the_greedy_text_of_generate(client, generated):
+    for prompt, expected in zip(PROMPTS, generated, strict=False):
+        done = client.completions.create(model="tiny", prompt=prompt, max_tokens=24,
+                                         temperature=0)  # fmt: skip
+        assert done.choices[0].text == expected and done.choices[0].finish_reason == "length"
+        assert done.usage.completion_tokens == 24 and done.usage.prompt_tokens == len(prompt)
+        stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=24,
+                                           temperature=0, stream=True,
+                                           stream_options={"include_usage": True})  # fmt: skip
+        chunks = list(stream)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+        assert chunks[-1].usage.completion_tokens == 24
+    chat = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=24,
+                                          temperature=0)  # fmt: skip
+    assert chat.choices[0].message.content == generated[-1]
+    assert chat.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=24,
+                                            temperature=0, stream=True)  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == generated[-1]
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_stop_strings_and_usage_over_http(server, generated):
+    text = generated[0]
+    stop = text[10:12]
+    body = {"prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0, "stop": [stop]}
+    out = httpx.post(server.url + "/v1/completions", json=body, timeout=WAIT_S).json()
+    assert out["choices"][0]["text"] == text[: text.index(stop)]
+    assert out["choices"][0]["finish_reason"] == "stop"
+    lines = []
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True},
+                      timeout=WAIT_S) as r:  # fmt: skip
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text[: text.index(stop)]
+    u = out["usage"]
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+
+def _open_streams(server, n: int):
+    """n streaming requests that would run long, each read up to its first event."""
+    streams = []
+    for _ in range(n):
+        body = {"prompt": "x", "max_tokens": CONTEXT - 1, "stream": True, "ignore_eos": True}
+        cm = httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=WAIT_S)
+        response = cm.__enter__()
+        assert response.status_code == 200
+        lines = response.iter_lines()  # (kept: dropping it would close the stream)
+        next(lines)
+        streams.append((cm, lines))
+    return streams
+
+
+def slow_decoding(engine, monkeypatch, seconds: float = 0.02) -> None:
+    """Decode steps this much slower: a long request then runs for seconds, not milliseconds."""
+    decode = engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda: (time.sleep(seconds), decode()))
+
+
+def test_a_cancelled_stream_frees_its_slot(server, engine, monkeypatch):
+    slow_decoding(engine, monkeypatch)  # a request of 255 tokens runs for over 5 s
+    streams = _open_streams(server, engine.slots)  # every slot busy
+    running = [r for r in engine._running if r is not None]
+    assert len(running) == engine.slots
+    start = time.monotonic()
+    for cm, _ in streams:
+        cm.__exit__(None, None, None)  # the client goes away mid-stream
+    wait_for(lambda: engine.active_slots == 0, "the slots to be freed")
+    assert time.monotonic() - start < 2
+    assert [r.finish for r in running] == ["cancelled"] * engine.slots
+    out = httpx.post(server.url + "/v1/completions", json={"prompt": "ab", "max_tokens": 2},
+                     timeout=WAIT_S)  # fmt: skip
+    assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_full_queue_gives_429(server, engine, monkeypatch):
+    monkeypatch.setattr(engine, "config", dataclasses.replace(SERVE, max_queue=2))
+    slow_decoding(engine, monkeypatch)
+    streams = _open_streams(server, engine.slots)
+    waiting = []
+
+    def wait_in_queue():
+        body = {"prompt": "q", "max_tokens": 2}
+        waiting.append(httpx.post(server.url + "/v1/completions", json=body, timeout=WAIT_S))
+
+    threads = [threading.Thread(target=wait_in_queue) for _ in range(engine.config.max_queue)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: engine.queue_length == engine.config.max_queue, "the queue to fill")
+        full = httpx.post(server.url + "/v1/completions", json={"prompt": "q"}, timeout=WAIT_S)
+        assert full.status_code == 429
+        assert full.json()["error"]["type"] == "rate_limit_error"
+        assert "serve.max_queue = 2" in full.json()["error"]["message"]
+    finally:
+        for cm, _ in streams:
+            cm.__exit__(None, None, None)
+        for t in threads:
+            t.join(WAIT_S)
+    assert [r.status_code for r in waiting] == [200] * engine.config.max_queue
+    metrics = httpx.get(server.url + "/metrics", timeout=WAIT_S).text
+    assert 'jaxpar_requests_total{endpoint="completions",status="429"} 1.0' in metrics
+
+
+BAD = [
+    ("/v1/completions", "{not json", 400, "not valid JSON"),
+    ("/v1/completions", "[1, 2]", 400, "must be a JSON object"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "'max_tokens' must be at least 1"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, 400, "must be an integer"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "must be a number"),
+    ("/v1/completions", {"prompt": "x", "temperature": 3}, 400, "'temperature' must be in"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "'top_p' must be in (0, 1]"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "'stream' must be a boolean"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "'n' = 2 is not supported"),
+    ("/v1/completions", {"prompt": "x", "stop": [1]}, 400, "'stop' must be"),
+    ("/v1/completions", {"prompt": ""}, 400, "'prompt' is empty"),
+    ("/v1/completions", {"prompt": 5}, 400, "'prompt' must be"),
+    ("/v1/completions", {"prompt": [300]}, 400, "outside the vocabulary"),
+    ("/v1/completions", {"prompt": "x" * 250, "max_tokens": 10}, 400,
+     "the prompt's 250 tokens + max_tokens 10 exceed the model's context of 256"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "the model 'gpt-4' does not exist"),
+    ("/v1/chat/completions", {"messages": []}, 400, "'messages' must be a non-empty array"),
+    ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "must be an object with a"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400,
+     "content must be a string"),
+    ("/v1/nothing", {}, 404, "Not Found"),
+]  # fmt: skip
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
+    for path, body, status, fragment in BAD:
+        content = body if isinstance(body, str) else json.dumps(body)
+        r = httpx.post(server.url + path, content=content, timeout=WAIT_S)
+        assert r.status_code == status, (body, r.text)
+        error = r.json()["error"]
+        assert fragment in error["message"], (body, error)
+        assert set(error) == {"message", "type", "param", "code"}
+    assert httpx.get(server.url + "/v1/models/gpt-4", timeout=WAIT_S).status_code == 404
+    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1},
+                    timeout=WAIT_S)  # fmt: skip
+    assert ok.status_code == 200
+    assert httpx.get(server.url + "/health", timeout=WAIT_S).json()["status"] == "ok"
+
+
+def test_metrics(server):
+    httpx.post(server.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 3},
+               timeout=WAIT_S)  # fmt: skip
+    text = httpx.get(server.url + "/metrics", timeout=WAIT_S).text
+    for name in ("jaxpar_queue_length", "jaxpar_active_slots", "jaxpar_slots 4.0",
+                 "jaxpar_prompt_tokens_total", "jaxpar_generation_tokens_total",
+                 "jaxpar_time_to_first_token_seconds_bucket", "jaxpar_inter_token_latency_seconds",
+                 "jaxpar_time_per_output_token_seconds", "jaxpar_prefix_cache_hit_rate",
+                 'jaxpar_requests_total{endpoint="completions",status="200"}'):  # fmt: skip
+        assert name in text, name
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def test_serve_command_serves_and_exits_0_on_sigterm(run):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "jaxpar", "serve", "--run", str(run), "--port", "0",
+            "--model-name", "m", "serve.max_seqs=2", "serve.shutdown_s=5"]  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line, "jaxpar serve exited before serving"
+            found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+            url = found and found.group(1)
+        assert url, "jaxpar serve did not start"
+        assert httpx.get(url + "/v1/models", timeout=WAIT_S).json()["data"][0]["id"] == "m"
+        body = {"model": "m", "prompt": "x", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=WAIT_S) as r:
+            lines = r.iter_lines()
+            next(lines)
+            proc.send_signal(signal.SIGTERM)  # mid-stream: the stream still ends properly
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert proc.wait(timeout=30) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health", timeout=5)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--port", "70000"], "--port 70000 must be in [0, 65535]"),
+    (["model.dim=64"], "serve takes serve.* settings only"),
+    (["serve.max_seqs=0"], "'serve.max_seqs' must be positive"),
+])  # fmt: skip
+def test_serve_bad_input(capsys, run, args, fragment):
+    assert main(["serve", "--run", str(run), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
+
+
+def test_serve_refuses_a_taken_port(capsys, run):
+    sock = bind("127.0.0.1", 0)
+    try:
+        port = sock.getsockname()[1]
+        assert main(["serve", "--run", str(run), "--port", str(port)]) == 2
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    finally:
+        sock.close()

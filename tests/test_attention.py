@@ -155,7 +155,7 @@ def test_decode_steps_read_prepared_weights():
     assert gen.weights.w_qkv_DKCH.shape == (1, m.layers, *fused)
     assert gen.weights.w_qkv_DKCH.dtype == gen.top["head_DV"].get_value().dtype == p.dtype
     with jax.set_mesh(p.mesh):
-        jaxpr = str(jax.make_jaxpr(gen._decode)(*gen.decode_inputs(gen.empty_cache())))
+        jaxpr = str(jax.make_jaxpr(gen._decode)(*gen.decode_inputs()))
     weight_dims = [fused, (m.dim, m.vocab), (m.vocab, m.dim)]  # a layer's QKV, head, embedding
     shapes = "|".join(",".join(map(str, w)) for w in weight_dims)
     derived = re.compile(r"\[(\d+,)*(" + shapes + r")\].* = (convert_element_type|concatenate)")

@@ -97,7 +97,9 @@ def test_per_row_settings_mix_in_one_batch():
         top_p=np.array([1, 1, 1, 1e-3], np.float32),
     )  # fmt: skip
     assert np.asarray(sample(logits, rows)).tolist()[:2] == [1, 1]
-    assert np.asarray(sample(logits, rows))[2] in (1, 3) and np.asarray(sample(logits, rows))[3] == 1
+    assert (
+        np.asarray(sample(logits, rows))[2] in (1, 3) and np.asarray(sample(logits, rows))[3] == 1
+    )
 
 
 # --- the commands -----------------------------------------------------------------------------

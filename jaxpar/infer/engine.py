@@ -20,6 +20,7 @@ as they are; it neither casts nor concatenates a weight.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -123,16 +124,14 @@ class Generator:
 
     The cache's rows are also the server's decode slots: a static batch (`generate`) fills them
     all at once; the server (`jaxpar.infer.scheduler`) fills them one request at a time, with
-    prompt chunks (`prefill_chunk`), and decodes every active slot together (`decode`).
+    prompt pieces (`prefill_chunk`), and decodes every active slot together (`decode`). Every step
+    reads the cache and writes only the positions it computes, in place.
 
     Args:
         placement: a serving placement (`Placement(config, mesh, serving=True)`).
         params: parameters laid out by `placement.param_shardings`.
         batch: rows per call, before padding to a multiple of `data`.
         max_len: prompt plus new tokens, the longest sequence a row holds.
-        chunk: the width of `prefill_chunk`'s prompt pieces (0: no chunked prefill). The cache
-            keeps `chunk - 1` positions beyond `max_len`, so that a chunk written from any
-            position below `max_len` fits.
         prefix_blocks, prefix_block: the prefix cache's pool (`empty_pool`): this many blocks of
             this many positions, as the cache lays them out (0: none).
     """
@@ -144,7 +143,6 @@ class Generator:
         *,
         batch: int,
         max_len: int,
-        chunk: int = 0,
         prefix_blocks: int = 0,
         prefix_block: int = 16,
     ):
@@ -156,8 +154,7 @@ class Generator:
         self.rows = -(-batch // spec.data) * spec.data  # padded to a multiple of `data`
         self.local_rows = self.rows // spec.data  # the rows of one `data` shard
         self.microbatches = self.stages if self.local_rows % self.stages == 0 else 1
-        self.max_len, self.chunk = max_len, chunk
-        self.length = max_len + max(chunk - 1, 0)  # the cache's positions
+        self.max_len = self.length = max_len  # the cache's positions
         self.prefix_blocks, self.prefix_block = prefix_blocks, prefix_block
         self.graphdef = placement.graphdef
         self._compiled: dict[tuple, jax.stages.Compiled] = {}
@@ -210,10 +207,13 @@ class Generator:
     def _layer_shape(self) -> tuple[int, int]:
         return self.stages, self.placement.layout.slots_per_stage
 
-    def empty_cache(self) -> KVCache:
+    @property
+    def _cache_shape(self) -> tuple[int, ...]:
         m = self.placement.config.model
-        shape = (*self._layer_shape, self.rows, self.length, m.kv_heads, m.head_dim)
-        return self._zeros(shape, self.cache_sharding)
+        return (*self._layer_shape, self.rows, self.length, m.kv_heads, m.head_dim)
+
+    def empty_cache(self) -> KVCache:
+        return self._zeros(self._cache_shape, self.cache_sharding)
 
     def empty_pool(self) -> KVCache:
         """The prefix cache's blocks, [P, C, blocks + 1, block, K, H] per key and value: laid out
@@ -230,10 +230,18 @@ class Generator:
         m = self.placement.config.model
         return 2 * m.layers * self.length * m.kv_heads * m.head_dim * jnp.dtype(self.dtype).itemsize
 
+    @property
+    def pool_bytes(self) -> int:
+        """The prefix pool's bytes (its scratch block included; 0 without a pool)."""
+        if not self.prefix_blocks:
+            return 0
+        per_position = self.slot_bytes // self.length
+        return per_position * (self.prefix_blocks + 1) * self.prefix_block
+
     # -- the steps ---------------------------------------------------------------------------
 
     def _stack(self, model: Llama, weights: BlockWeights, x_BTD, positions_BT, cache: KVCache,
-               slot_B, write_B, by_seq: bool = False):  # fmt: skip
+               slot_B, write_B, by_seq: bool = False, span: int | None = None):  # fmt: skip
         """The layer stack on (B, T, D) through the pipelined shard_map; returns (x, cache).
 
         Row b reads and writes cache row `slot_B[b]` of its `data` shard (the rows of one
@@ -241,7 +249,8 @@ class Generator:
         Positions None mean 0..T-1 in every row (a prefill). With `by_seq`, each shard has one
         row whose positions are cut into micro-batches along the sequence (a prompt chunk): the
         stages work on consecutive pieces at once, each piece attending to what the pieces
-        before it wrote on the same stage.
+        before it wrote on the same stage. Attention reads the cache's first `span` positions
+        (None: all); every position this call computes must lie below it.
         """
         p = self.stages
         manual = {PIPELINE} if self.data == 1 else {PIPELINE, DATA}
@@ -277,22 +286,23 @@ class Generator:
                 def layer(h_bTD, slot):
                     w, real, k, v = slot
                     out_bTD, new = model.blocks.apply(w, h_bTD, positions_bT, KVCache(k, v))
-                    return jnp.where(real, out_bTD, h_bTD), (new.k, new.v)
+                    return jnp.where(real, out_bTD, h_bTD), new
 
-                slots = (weights_X, valid[stage, 0], *cache_X)
-                h_bTD, (k, v) = jax.lax.scan(layer, h_bTD, slots)
-                return h_bTD, KVCache(k, v)
+                return jax.lax.scan(layer, h_bTD, (weights_X, valid[stage, 0], *cache_X))
 
             def run(repeat, micro, active, h_bTD, cache_X: KVCache):
                 row = slot_Mb[micro, 0]
-                rows = [jax.lax.dynamic_slice_in_dim(c, row, b, axis=1) for c in cache_X]
-                h_bTD, new = layers(h_bTD, None if causal else positions_MbT[micro],
-                                    KVCache(*rows))  # fmt: skip
-                keep = (active & write_Mb[micro])[None, :, None, None, None]
-                cache_X = KVCache(*(
-                    jax.lax.dynamic_update_slice_in_dim(c, jnp.where(keep, n, r), row, 1)
-                    for c, n, r in zip(cache_X, new, rows, strict=True)
-                ))  # fmt: skip
+                rows = [jax.lax.dynamic_slice_in_dim(c, row, b, axis=1)[:, :, :span]
+                        for c in cache_X]  # fmt: skip
+                h_bTD, new_CbTKH = layers(h_bTD, None if causal else positions_MbT[micro],
+                                          KVCache(*rows))  # fmt: skip
+                # This call's keys and values go to their rows and positions, in place; a row
+                # that must not write (and every row of an idle tick) aims past the end, dropped.
+                keep_b = active & write_Mb[micro]
+                at_bT = jnp.where(keep_b[:, None], positions_MbT[micro], self.length)
+                rows_bT = jnp.broadcast_to((row + jnp.arange(b))[:, None], at_bT.shape)
+                cache_X = KVCache(*(c.at[:, rows_bT, at_bT].set(n, mode="drop")
+                                    for c, n in zip(cache_X, new_CbTKH, strict=True)))  # fmt: skip
                 return h_bTD, cache_X
 
             out_MbTD, cache_X = forward_ticks(Schedule("gpipe", p, m), run, x_MbTD, cache_X)
@@ -311,12 +321,12 @@ class Generator:
         return y_PBTD[p - 1], cache  # only the last stage's outputs are the model's
 
     def _forward(self, top, weights, cache, tokens_BT, positions_BT, slot_B, write_B, last_B,
-                 by_seq=False):  # fmt: skip
+                 by_seq=False, span=None):  # fmt: skip
         """Logits at each row's position `last_B` of this call (B, V), and the cache."""
         model = self._model(top)
         x_BTD = model.embed(tokens_BT, self.dtype)
         x_BTD, cache = self._stack(model, weights, x_BTD, positions_BT, cache, slot_B, write_B,
-                                   by_seq)  # fmt: skip
+                                   by_seq, span)  # fmt: skip
         x_B1D = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
         return model.logits(x_B1D)[:, 0], cache
 
@@ -331,11 +341,13 @@ class Generator:
                                          write_B, lengths_B - 1)  # fmt: skip
         return cache, logits_BV, sample(logits_BV, rows)
 
-    def _decode(self, top, weights, cache, token_B, position_B, active_B, rows: RowSampling):
-        """One token per row at its own position; inactive rows leave the cache as it is."""
+    def _decode(self, top, weights, cache, token_B, position_B, active_B, rows: RowSampling,
+                span=None):  # fmt: skip
+        """One token per row at its own position (below `span`); inactive rows leave the cache
+        as it is."""
         logits_BV, cache = self._forward(
             top, weights, cache, token_B[:, None], position_B[:, None], self._all_slots(),
-            active_B, jnp.zeros_like(position_B),
+            active_B, jnp.zeros_like(position_B), span=span,
         )  # fmt: skip
         return cache, logits_BV, sample(logits_BV, rows)
 
@@ -345,7 +357,10 @@ class Generator:
         shard r at positions start_R[r]..; its first `length_R[r]` tokens are real, and the
         token drawn after the last of them is returned (the first new token, on a prompt's
         last piece)."""
-        positions_RT = start_R[:, None] + jnp.arange(tokens_RT.shape[1], dtype=jnp.int32)
+        offsets_T = jnp.arange(tokens_RT.shape[1], dtype=jnp.int32)
+        # The padding after the real tokens sits past the cache's end: never written, never seen.
+        positions_RT = jnp.where(offsets_T < length_R[:, None], start_R[:, None] + offsets_T,
+                                 self.length)  # fmt: skip
         logits_RV, cache = self._forward(top, weights, cache, tokens_RT, positions_RT, slot_R,
                                          active_R, length_R - 1, by_seq=True)  # fmt: skip
         return cache, logits_RV, sample(logits_RV, rows)
@@ -397,11 +412,12 @@ class Generator:
 
     # -- compiled once per shape -------------------------------------------------------------
 
-    def _run(self, name: str, args: tuple) -> Any:
-        """Runs step `name` (`_prefill`, `_decode`, `_chunk`, `_load_prefix`, `_save_prefix`)
-        on device arguments, compiled the first time these shapes come."""
+    def _step(self, name: str, args: tuple, **static: Any) -> jax.stages.Compiled:
+        """Step `name` (`_prefill`, `_decode`, `_chunk`, `_load_prefix`, `_save_prefix`)
+        compiled for the shapes of `args` (device arrays) and the `static` settings, the first
+        time they come."""
         shapes = tuple((x.shape, x.dtype.name) for x in jax.tree.leaves(args))
-        key = (name, shapes)
+        key = (name, shapes, tuple(sorted(static.items())))
         if key not in self._compiled:
             cache = KVCache(self.cache_sharding, self.cache_sharding)
             outs = {
@@ -412,7 +428,8 @@ class Generator:
             # The new tokens come back replicated, readable by every process.
             out = outs.get(name, (cache, rows, self.placement.replicated))
             donate = 0 if name in outs else 2
-            jitted = jax.jit(getattr(self, name), out_shardings=out, donate_argnums=donate)
+            step = functools.partial(getattr(self, name), **static)
+            jitted = jax.jit(step, out_shardings=out, donate_argnums=donate)
             abstract = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), args
             )
@@ -420,7 +437,10 @@ class Generator:
             with jax.set_mesh(self.mesh):
                 self._compiled[key] = jitted.lower(*abstract).compile()
             self.compile_s += time.perf_counter() - start
-        return self._compiled[key](*args)
+        return self._compiled[key]
+
+    def _run(self, name: str, args: tuple, **static: Any) -> Any:
+        return self._step(name, args, **static)(*args)
 
     def _rows(self, x: Any) -> jax.Array:
         return global_array(np.asarray(x), NamedSharding(self.mesh, PartitionSpec(DATA)))
@@ -432,19 +452,31 @@ class Generator:
         rows = RowSampling.fill(n, Sampling(), 0) if rows is None else rows
         return RowSampling(*(self._rows(x) for x in rows))
 
-    def decode_inputs(self, cache: KVCache) -> tuple:
+    def decode_inputs(self, cache: KVCache | None = None) -> tuple:
         """The decode step's arguments for an all-active batch at position 0 (for inspecting
-        its program)."""
+        its program); the cache only as a shape unless one is given."""
+        if cache is None:
+            c = jax.ShapeDtypeStruct(self._cache_shape, self.dtype, sharding=self.cache_sharding)
+            cache = KVCache(c, c)
         zeros = np.zeros(self.rows, np.int32)
         return (self.top, self.weights, cache, self._rows(zeros), self._rows(zeros),
                 self._rows(np.ones(self.rows, bool)), self._sampling(None, self.rows))  # fmt: skip
 
-    def decode_compiled(self) -> jax.stages.Compiled:
+    def decode_compiled(self, span: int | None = None) -> jax.stages.Compiled:
         """The compiled decode step (for FLOP, byte and collective accounting)."""
-        args = self.decode_inputs(self.empty_cache())
-        self._run("_decode", args)
-        shapes = tuple((x.shape, x.dtype.name) for x in jax.tree.leaves(args))
-        return self._compiled[("_decode", shapes)]
+        return self._step("_decode", self.decode_inputs(), span=self._span(span))
+
+    def spans(self, least: int = 128) -> list[int]:
+        """The cache spans decode steps are compiled for: powers of two from `least`, and the
+        whole cache."""
+        spans, span = [], least
+        while span < self.length:
+            spans.append(span)
+            span *= 2
+        return [*spans, self.length]
+
+    def _span(self, span: int | None) -> int:
+        return self.length if span is None else min(span, self.length)
 
     def prefill(self, cache, tokens_BT, lengths_B, rows: RowSampling | None = None):
         """Runs the prompts (right-padded, (B, T) with T <= max_len) from position 0: returns
@@ -452,14 +484,17 @@ class Generator:
         args = (self._rows(tokens_BT), self._rows(lengths_B), self._sampling(rows, self.rows))
         return self._run("_prefill", (self.top, self.weights, cache, *args))
 
-    def decode(self, cache, token_B, position_B, rows: RowSampling | None = None, active_B=None):
+    def decode(self, cache, token_B, position_B, rows: RowSampling | None = None, active_B=None,
+               span: int | None = None):  # fmt: skip
         """One token per row at its own position (rows not `active_B` write nothing): returns
-        the cache, the logits and the next token. Compiled once: every step has the same
-        shapes."""
+        the cache, the logits and the next token. Attention reads the cache's first `span`
+        positions (None: all; every position must be below it), so that short sequences in a
+        long cache read only what they need. Compiled once per span: every step of a span has
+        the same shapes."""
         active_B = np.ones(self.rows, bool) if active_B is None else active_B
         args = (self._rows(token_B), self._rows(position_B), self._rows(active_B),
                 self._sampling(rows, self.rows))  # fmt: skip
-        return self._run("_decode", (self.top, self.weights, cache, *args))
+        return self._run("_decode", (self.top, self.weights, cache, *args), span=self._span(span))
 
     def prefill_chunk(self, cache, tokens_RT, slot_R, start_R, length_R, active_R,
                       rows: RowSampling):  # fmt: skip
@@ -525,8 +560,8 @@ class Generator:
         compile_before = self.compile_s
         cache = self.empty_cache()
         self.decode_compiled()  # compiled before the clock starts, as is the prefill:
-        self._run("_prefill", (self.top, self.weights, self.empty_cache(), self._rows(tokens),
-                               self._rows(lengths), self._sampling(rows, self.rows)))  # fmt: skip
+        self._step("_prefill", (self.top, self.weights, cache, self._rows(tokens),
+                                self._rows(lengths), self._sampling(rows, self.rows)))  # fmt: skip
         start = time.perf_counter()
         cache, _, token_B = self.prefill(cache, tokens, lengths, rows)
         new = [[] for _ in range(n)]

@@ -112,9 +112,10 @@ class Engine:
         blocks = config.prefix_blocks if config.prefix_block <= model.context else 0
         self.generator = Generator(
             model.placement, model.params, batch=self.slots, max_len=model.context,
-            chunk=self.chunk, prefix_blocks=blocks, prefix_block=config.prefix_block,
+            prefix_blocks=blocks, prefix_block=config.prefix_block,
         )  # fmt: skip
         self.prefix = PrefixCache(blocks, config.prefix_block) if blocks else None
+        self.spans = self.generator.spans()  # a decode step reads the smallest that holds all
         self._eos = tuple(model.stop_ids)
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
@@ -210,8 +211,9 @@ class Engine:
         rows = RowSampling.fill(data, Sampling(), 0)
         cache = g.prefill_chunk(g.empty_cache(), np.zeros((data, self.chunk), np.int32), zeros,
                                 zeros, zeros + 1, idle, rows)[0]  # fmt: skip
-        cache = g.decode(cache, np.zeros(g.rows, np.int32), np.zeros(g.rows, np.int32),
-                         active_B=np.zeros(g.rows, bool))[0]  # fmt: skip
+        for span in self.spans:
+            cache = g.decode(cache, np.zeros(g.rows, np.int32), np.zeros(g.rows, np.int32),
+                             active_B=np.zeros(g.rows, bool), span=span)[0]  # fmt: skip
         if self.prefix:
             pool = g.save_prefix(g.empty_pool(), cache, 0, {})
             g.load_prefix(cache, pool, 0, [])
@@ -321,8 +323,10 @@ class Engine:
             if request is not None:
                 token[s] = request.tokens[-1]
                 position[s] = len(request.prompt) + len(request.tokens) - 1
-        self._cache, _, new = self.generator.decode(self._cache, token, position,
-                                                    self._sampling(ready), active)  # fmt: skip
+        span = next(s for s in self.spans if s > position.max())
+        rows = self._sampling(ready)
+        self._cache, _, new = self.generator.decode(self._cache, token, position, rows, active,
+                                                    span)  # fmt: skip
         self.decode_steps += 1
         new = np.asarray(new)
         for s, request in enumerate(ready):

@@ -177,6 +177,11 @@ class Metrics:
             lambda: engine.active_slots
         )
         Gauge("jaxpar_slots", "Decode slots", registry=r).set(engine.slots)
+        Gauge("jaxpar_cache_bytes_per_slot", "KV cache bytes a slot holds (all layers)",
+              registry=r).set(engine.generator.slot_bytes)  # fmt: skip
+        Gauge("jaxpar_prefix_pool_bytes", "The prefix cache's device bytes", registry=r).set(
+            engine.generator.pool_bytes
+        )
         self.prompt_tokens = Counter("jaxpar_prompt_tokens", "Prompt tokens", registry=r)
         self.generation_tokens = Counter("jaxpar_generation_tokens", "New tokens", registry=r)
         self.ttft = Histogram("jaxpar_time_to_first_token_seconds", "Arrival to first token",

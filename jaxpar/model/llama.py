@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpar.config import ModelConfig
-from jaxpar.model.attention import attend
+from jaxpar.model.attention import attend, attend_cached
 from jaxpar.pipeline.layout import StageLayout
 from jaxpar.pipeline.taps import SCALE, einsum
 from jaxpar.sharding import (
@@ -189,14 +189,14 @@ class Attention(nnx.Module):
         cache: KVCache | None,
         project: Project = einsum,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Attention on the block's derived weights, writing this call's keys and values into
-        `cache` when one is given. Positions None mean 0..T-1 in every row.
+        """Attention on the block's derived weights, reading a KV cache when one is given.
+        Positions None mean 0..T-1 in every row.
 
-        With a cache, T > 1 is a prefill of consecutive positions written from each row's first
-        position (0 when positions are None): with positions None attention is causal within the
-        call, else each query attends to every cached position up to its own (a chunk after a
-        cached prefix). T = 1 is one decode step: each row writes its key and value at its own
-        position and attends to every cached position up to it.
+        With a cache, row b's cache holds its positions below its first one here
+        (`positions_BT[b, 0]`; none when positions are None) and the queries attend to those and,
+        causally, to this call's keys: a prefill (positions None), a prompt piece after a cached
+        prefix, or a decode step (T = 1) are one path. The cache is only read; the second result
+        is this call's keys and values, (B, T, K, H) each, for the caller to write into it.
         """
         cfg, dtype = self.cfg, x_BTD.dtype
         b, t = x_BTD.shape[:2]
@@ -204,32 +204,20 @@ class Attention(nnx.Module):
         qkv_BTKCH = project("w_qkv_DKCH", "BTD,DKCH->BTKCH", x_BTD, w.w_qkv_DKCH.astype(dtype))
         qkv_BTKCH = self.rules.constrain(qkv_BTKCH, (BATCH, SEQ, ACT_KV_HEADS, None, None))
         q_BTNH = qkv_BTKCH[:, :, :, :g].reshape(b, t, cfg.heads, h)
-        k_BSKH, v_BSKH = qkv_BTKCH[:, :, :, g], qkv_BTKCH[:, :, :, g + 1]
+        k_BTKH, v_BTKH = qkv_BTKCH[:, :, :, g], qkv_BTKCH[:, :, :, g + 1]
         rope_positions_BT = positions_BT
         if rope_positions_BT is None:
             rope_positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
         q_BTNH = rope(q_BTNH, rope_positions_BT, cfg.rope_theta)
-        k_BSKH = rope(k_BSKH, rope_positions_BT, cfg.rope_theta)
-        k_positions = positions_BT
-        if cache is not None and t > 1:
-            write = jax.vmap(lambda c_SKH, x_TKH, s: jax.lax.dynamic_update_slice_in_dim(
-                c_SKH, x_TKH.astype(c_SKH.dtype), s, 0))  # fmt: skip
-            cache = KVCache(*(write(c, x, rope_positions_BT[:, 0])
-                              for c, x in ((cache.k, k_BSKH), (cache.v, v_BSKH))))  # fmt: skip
-            if positions_BT is not None:
-                k_BSKH, v_BSKH, k_positions = cache.k, cache.v, None  # None: every cache position
-        elif cache is not None:
-            # A select rather than a scatter: rows write at different positions, and the
-            # cache's batch and kv-head shardings carry through elementwise.
-            s_positions = jnp.arange(cache.k.shape[1])
-            at_BS11 = (s_positions[None, :] == rope_positions_BT)[:, :, None, None]
-            cache = KVCache(
-                jnp.where(at_BS11, k_BSKH, cache.k), jnp.where(at_BS11, v_BSKH, cache.v)
-            )
-            k_BSKH, v_BSKH, k_positions = cache.k, cache.v, None  # None: every cache position
-        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, positions_BT, k_positions, self.impl)
+        k_BTKH = rope(k_BTKH, rope_positions_BT, cfg.rope_theta)
+        if cache is not None and positions_BT is not None:
+            out_BTNH = attend_cached(q_BTNH, k_BTKH, v_BTKH, positions_BT, cache.k, cache.v)
+        else:  # nothing cached before this call: plain (causal) attention on its own keys
+            out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, positions_BT, self.impl)
         out_BTD = project("wo_NHD", "BTNH,NHD->BTD", out_BTNH, w.wo_NHD.astype(dtype))
-        return self.rules.constrain(out_BTD, X_AXES), cache
+        new = None if cache is None else KVCache(k_BTKH.astype(cache.k.dtype),
+                                                  v_BTKH.astype(cache.v.dtype))  # fmt: skip
+        return self.rules.constrain(out_BTD, X_AXES), new
 
 
 class SwiGLU(nnx.Module):
@@ -293,8 +281,9 @@ class Block(nnx.Module):
         cache: KVCache | None = None,
         project: Project = einsum,
     ) -> tuple[jax.Array, KVCache | None]:
-        """One block on one layer's derived weights, reading and writing a KV cache (see
-        `Attention.apply`); `project` computes every weight's contraction (see `einsum`)."""
+        """One block on one layer's derived weights, reading a KV cache and returning this call's
+        keys and values (see `Attention.apply`); `project` computes every weight's contraction
+        (see `einsum`)."""
         eps = self.attn_norm.eps
         normed_BTD = rms_norm(x_BTD, w.attn_norm_D, eps, project, "attn_norm_D")
         attn_BTD, cache = self.attn.apply(w, normed_BTD, positions_BT, cache, project)

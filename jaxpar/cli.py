@@ -525,6 +525,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     sock = bind(args.host, args.port)
     model = _load_model(args)
+    import jax
+
+    if jax.process_count() > 1:
+        raise JaxparError("jaxpar serve runs in one process (its mesh may span that process's "
+                          "devices); multi-process serving is not supported")  # fmt: skip
     config = load_config(None, args.overrides, base=model.config).serve
     from jaxpar.infer.scheduler import Engine
 

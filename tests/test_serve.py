@@ -210,6 +210,17 @@ def test_chat_templates(engine):
         model.chat_template, model.special_tokens = None, {}
 
 
+def test_chat_template_from_tokenizer_config():
+    from jaxpar.infer.load import _chat_template
+
+    config = {"chat_template": [{"name": "tool_use", "template": "T"},
+                                {"name": "default", "template": "D"}],
+              "bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>",
+              "model_max_length": 4096}  # fmt: skip
+    assert _chat_template(config) == ("D", {"bos_token": "<s>", "eos_token": "</s>"})
+    assert _chat_template({}) == (None, {})
+
+
 # --- the HTTP API -----------------------------------------------------------------------------
 
 PROMPTS = ["def add(a, b):\n", "import os\n", "p"]

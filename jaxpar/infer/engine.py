@@ -276,7 +276,7 @@ class Generator:
                 slot_Mb = jnp.broadcast_to(slot_B, (m, 1))
                 write_Mb = jnp.broadcast_to(write_B, (m, 1))
             else:
-                m = self.microbatches
+                m = p if b_all % p == 0 else 1  # (all the rows: self.microbatches)
                 b = b_all // m
                 x_MbTD = x_BTD.reshape(m, b, t, d)
                 positions_MbT = positions_BT.reshape(m, b, t)
@@ -330,14 +330,15 @@ class Generator:
         x_B1D = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
         return model.logits(x_B1D)[:, 0], cache
 
-    def _all_slots(self) -> jax.Array:
-        """Every row's slot: 0..local_rows - 1 on each `data` shard."""
-        return jnp.arange(self.rows, dtype=jnp.int32) % self.local_rows
+    def _first_slots(self, n: int) -> jax.Array:
+        """The slots of n rows (a multiple of `data`): the first n / data of each shard."""
+        return jnp.arange(n, dtype=jnp.int32) % (n // self.data)
 
     def _prefill(self, top, weights, cache, tokens_BT, lengths_B, rows: RowSampling):
         """Every row's prompt from position 0 (a static batch)."""
         write_B = jnp.ones(self.rows, bool)
-        logits_BV, cache = self._forward(top, weights, cache, tokens_BT, None, self._all_slots(),
+        logits_BV, cache = self._forward(top, weights, cache, tokens_BT, None,
+                                         self._first_slots(self.rows),
                                          write_B, lengths_B - 1)  # fmt: skip
         return cache, logits_BV, sample(logits_BV, rows)
 
@@ -346,7 +347,8 @@ class Generator:
         """One token per row at its own position (below `span`); inactive rows leave the cache
         as it is."""
         logits_BV, cache = self._forward(
-            top, weights, cache, token_B[:, None], position_B[:, None], self._all_slots(),
+            top, weights, cache, token_B[:, None], position_B[:, None],
+            self._first_slots(token_B.shape[0]),
             active_B, jnp.zeros_like(position_B), span=span,
         )  # fmt: skip
         return cache, logits_BV, sample(logits_BV, rows)
@@ -475,6 +477,17 @@ class Generator:
             span *= 2
         return [*spans, self.length]
 
+    def row_counts(self) -> list[int]:
+        """The decode steps' row counts per `data` shard: all the rows, then a quarter of them
+        again and again while the pipeline's stages still get a micro-batch each."""
+        counts, n = [], self.local_rows
+        while n >= self.stages and n % self.stages == 0 and n >= 1:
+            counts.append(n)
+            if n < 4 * self.stages:
+                break
+            n //= 4
+        return sorted(counts or [self.local_rows])
+
     def _span(self, span: int | None) -> int:
         return self.length if span is None else min(span, self.length)
 
@@ -487,13 +500,17 @@ class Generator:
     def decode(self, cache, token_B, position_B, rows: RowSampling | None = None, active_B=None,
                span: int | None = None):  # fmt: skip
         """One token per row at its own position (rows not `active_B` write nothing): returns
-        the cache, the logits and the next token. Attention reads the cache's first `span`
-        positions (None: all; every position must be below it), so that short sequences in a
-        long cache read only what they need. Compiled once per span: every step of a span has
-        the same shapes."""
-        active_B = np.ones(self.rows, bool) if active_B is None else active_B
+        the cache, the logits and the next token.
+
+        B may be fewer than all the rows: a multiple of `data`, the rows then being the first
+        B / data slots of each shard (`row_counts`), so that a few requests in many slots
+        compute only their own rows. Attention reads the cache's first `span` positions (None:
+        all; every position must be below it), so that short sequences in a long cache read only
+        what they need. Compiled once per row count and span."""
+        n = len(token_B)
+        active_B = np.ones(n, bool) if active_B is None else active_B
         args = (self._rows(token_B), self._rows(position_B), self._rows(active_B),
-                self._sampling(rows, self.rows))  # fmt: skip
+                self._sampling(rows, n))  # fmt: skip
         return self._run("_decode", (self.top, self.weights, cache, *args), span=self._span(span))
 
     def prefill_chunk(self, cache, tokens_RT, slot_R, start_R, length_R, active_R,
@@ -559,7 +576,8 @@ class Generator:
         rows = RowSampling.fill(self.rows, sampling, seed + np.arange(self.rows))
         compile_before = self.compile_s
         cache = self.empty_cache()
-        self.decode_compiled()  # compiled before the clock starts, as is the prefill:
+        span = next(s for s in self.spans() if s >= longest + max_new_tokens)  # holds every row
+        self.decode_compiled(span)  # compiled before the clock starts, as is the prefill:
         self._step("_prefill", (self.top, self.weights, cache, self._rows(tokens),
                                 self._rows(lengths), self._sampling(rows, self.rows)))  # fmt: skip
         start = time.perf_counter()
@@ -587,7 +605,7 @@ class Generator:
                 break
             start = time.perf_counter()
             rows = rows._replace(count=np.full(self.rows, step + 1, np.int32))
-            cache, _, token_B = self.decode(cache, token_B, position_B, rows)
+            cache, _, token_B = self.decode(cache, token_B, position_B, rows, span=span)
             position_B = position_B + 1
         return Generation(new, prefill_s, decode_s, self.compile_s - compile_before)
 

@@ -115,7 +115,9 @@ class Engine:
             prefix_blocks=blocks, prefix_block=config.prefix_block,
         )  # fmt: skip
         self.prefix = PrefixCache(blocks, config.prefix_block) if blocks else None
-        self.spans = self.generator.spans()  # a decode step reads the smallest that holds all
+        # A decode step computes the fewest rows and reads the shortest span that hold every
+        # ready request; the lowest free slots are taken first, so few requests use few rows.
+        self.spans, self.row_counts = self.generator.spans(), self.generator.row_counts()
         self._eos = tuple(model.stop_ids)
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
@@ -211,9 +213,17 @@ class Engine:
         rows = RowSampling.fill(data, Sampling(), 0)
         cache = g.prefill_chunk(g.empty_cache(), np.zeros((data, self.chunk), np.int32), zeros,
                                 zeros, zeros + 1, idle, rows)[0]  # fmt: skip
-        for span in self.spans:
-            cache = g.decode(cache, np.zeros(g.rows, np.int32), np.zeros(g.rows, np.int32),
-                             active_B=np.zeros(g.rows, bool), span=span)[0]  # fmt: skip
+        for local in self.row_counts:
+            n = local * data
+            for span in self.spans:
+                cache = g.decode(
+                    cache,
+                    np.zeros(n, np.int32),
+                    np.zeros(n, np.int32),
+                    RowSampling.fill(n, Sampling(), 0),
+                    np.zeros(n, bool),
+                    span,
+                )[0]
         if self.prefix:
             pool = g.save_prefix(g.empty_pool(), cache, 0, {})
             g.load_prefix(cache, pool, 0, [])
@@ -316,22 +326,26 @@ class Engine:
                  for r in self._running]  # fmt: skip
         if not any(ready):
             return
-        n = self.slots
-        token, position = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        # The first `local` slots of each shard, as few as hold every ready request.
+        g = self.generator
+        highest = max(s % g.local_rows for s, r in enumerate(ready) if r is not None)
+        local = next(n for n in self.row_counts if n > highest)
+        rows = [s for s in range(self.slots) if s % g.local_rows < local]
+        ready = [ready[s] for s in rows]
+        token, position = (np.zeros(len(rows), np.int32) for _ in range(2))
         active = np.array([r is not None for r in ready])
-        for s, request in enumerate(ready):
+        for i, request in enumerate(ready):
             if request is not None:
-                token[s] = request.tokens[-1]
-                position[s] = len(request.prompt) + len(request.tokens) - 1
+                token[i] = request.tokens[-1]
+                position[i] = len(request.prompt) + len(request.tokens) - 1
         span = next(s for s in self.spans if s > position.max())
-        rows = self._sampling(ready)
-        self._cache, _, new = self.generator.decode(self._cache, token, position, rows, active,
-                                                    span)  # fmt: skip
+        sampling = self._sampling(ready)
+        self._cache, _, new = g.decode(self._cache, token, position, sampling, active, span)
         self.decode_steps += 1
         new = np.asarray(new)
-        for s, request in enumerate(ready):
+        for i, request in enumerate(ready):
             if request is not None:
-                self._accept(request, int(new[s]))
+                self._accept(request, int(new[i]))
 
     def _sampling(self, requests: Sequence[Request | None]) -> RowSampling:
         n = len(requests)

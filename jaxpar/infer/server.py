@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -225,6 +227,32 @@ class _PrefixCollector:
                                   value=self.engine.prefilled_tokens)  # fmt: skip
 
 
+class _Handoff:
+    """Events from the engine's thread to the event loop: one wake-up of the loop for all the
+    events of a step, not one per token per request."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: deque[tuple[asyncio.Queue, Event]] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, event: Event) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._scheduled = list(self._pending), False
+            self._pending.clear()
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
 class _Stream(StreamingResponse):
     """Server-sent events that cancel their request however the response ends (a client that
     disconnects frees its slot at once)."""
@@ -264,12 +292,14 @@ def create_app(engine: Engine, model_name: str, on_shutdown: Callable[[], None] 
             raise ApiError(404, message, "model", code="model_not_found")
         return body
 
+    handoffs: dict[asyncio.AbstractEventLoop, _Handoff] = {}
+
     def submit(ids: list[int], params: Params) -> tuple[Request, asyncio.Queue]:
         loop = asyncio.get_running_loop()
+        handoff = handoffs.setdefault(loop, _Handoff(loop))
         queue: asyncio.Queue[Event] = asyncio.Queue()
         try:
-            request = engine.submit(ids, params, lambda e: loop.call_soon_threadsafe(
-                queue.put_nowait, e))  # fmt: skip
+            request = engine.submit(ids, params, lambda e: handoff.put(queue, e))
         except QueueFull as e:
             raise ApiError(429, str(e), kind="rate_limit_error", code="queue_full") from None
         except Closed as e:

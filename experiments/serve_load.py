@@ -9,7 +9,7 @@ decodes exactly its `max_tokens`), with a context of 1024. The workload is N req
 lengths (16-256 tokens) and output lengths (16-128 tokens) are drawn from a fixed seed, all greedy.
 For each mesh:
 
-- continuous: a live `jaxpar serve` (16 slots, 64-token prompt pieces) driven over HTTP by
+- continuous: a live `jaxpar serve` (64 slots, 64-token prompt pieces) driven over HTTP by
   streaming clients at concurrency 1, 4, 16 and 64 (each client sends its next request when the
   last one ends), and with Poisson arrivals at `--rate` requests/s;
 - one at a time: the same server and clients, with the requests served one after another (a FIFO
@@ -48,7 +48,7 @@ MODEL = [
     "model.mlp_dim=352", "model.vocab=256",
 ]  # fmt: skip
 CONTEXT = 1024
-SLOTS, CHUNK = 16, 64
+SLOTS, CHUNK = 64, 64
 MESHES = ["data=1", "data=2,pipeline=2,tensor=2"]
 CONCURRENCY = [1, 4, 16, 64]
 WAIT_S = 600  # the bound on any single wait

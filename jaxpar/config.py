@@ -138,11 +138,14 @@ class PipelineConfig:
 class ServeConfig:
     """`jaxpar serve`: continuous batching over `max_seqs` decode slots (rounded up to a multiple
     of data x pipeline, so every stage gets micro-batches), prompts prefilled `prefill_chunk`
-    tokens at a time between decode steps, at most `max_queue` requests waiting, and a prefix
-    cache of `prefix_blocks` blocks of `prefix_block` positions (0 blocks: no prefix cache)."""
+    tokens at a time between decode steps (about `max_batched_tokens` tokens a turn), at most
+    `max_queue` requests waiting, and a prefix cache of `prefix_blocks` blocks of `prefix_block`
+    positions (0 blocks: no prefix cache)."""
 
     max_seqs: int = 8
     prefill_chunk: int = 64
+    # Tokens a turn of the loop computes: one per decoding slot, the rest in prompt pieces.
+    max_batched_tokens: int = 512
     max_queue: int = 64
     prefix_block: int = 16
     prefix_blocks: int = 256
@@ -386,7 +389,14 @@ def validate(config: Config) -> None:
     if t.dtype not in DTYPES:
         raise JaxparError(f"train.dtype={t.dtype!r} is not one of {', '.join(DTYPES)}")
     s = config.serve
-    for name in ("max_seqs", "prefill_chunk", "max_queue", "prefix_block", "shutdown_s"):
+    for name in (
+        "max_seqs",
+        "prefill_chunk",
+        "max_batched_tokens",
+        "max_queue",
+        "prefix_block",
+        "shutdown_s",
+    ):
         _positive(f"serve.{name}", getattr(s, name))
     if s.prefix_blocks < 0:
         raise JaxparError(f"serve.prefix_blocks={s.prefix_blocks} must be >= 0 (0: no cache)")

@@ -385,6 +385,20 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert httpx.get(server.url + "/health", timeout=WAIT_S).json()["status"] == "ok"
 
 
+def test_a_failed_step_fails_its_requests_not_the_server(server, engine, monkeypatch):
+    def broken():
+        monkeypatch.undo()  # once
+        raise RuntimeError("injected device failure")
+
+    monkeypatch.setattr(engine, "_decode", broken)
+    failed = httpx.post(server.url + "/v1/completions", json={"prompt": "ab", "max_tokens": 4},
+                        timeout=WAIT_S)  # fmt: skip
+    assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "ab", "max_tokens": 4},
+                    timeout=WAIT_S)  # fmt: skip
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+
 def test_metrics(server):
     httpx.post(server.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 3},
                timeout=WAIT_S)  # fmt: skip

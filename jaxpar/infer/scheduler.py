@@ -4,9 +4,10 @@ The cache's rows are decode slots. One thread runs the loop; each turn it
 
 1. admits waiting requests into free slots (first come, first served), copying the longest cached
    prefix of each prompt from the prefix cache's pool into its slot;
-2. prefills one piece (`serve.prefill_chunk` tokens) of one prompt per `data` shard, so that a
-   long prompt delays the decoding slots by one piece per turn, not by its whole length; a prompt's
-   last piece draws its first token, and its full blocks are copied to the pool;
+2. prefills prompt pieces (`serve.prefill_chunk` tokens, one prompt per `data` shard at a time)
+   within the turn's budget of `serve.max_batched_tokens`, so that a long prompt delays the
+   decoding slots by a few pieces per turn, not by its whole length; a prompt's last piece draws
+   its first token, and its full blocks are copied to the pool;
 3. decodes one token in every slot that has its prompt in the cache, all together, each at its
    own position with its own sampling settings (inactive slots write nothing).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -64,7 +66,7 @@ class Event:
 
     text: str
     token_ids: tuple[int, ...]
-    finish: str | None = None  # "stop", "length" or "cancelled"
+    finish: str | None = None  # "stop", "length", "cancelled" or "error" (a failed step)
     time: float = 0.0
 
 
@@ -237,13 +239,29 @@ class Engine:
                     self._lock.wait()
                 if self._closed and not (self._waiting or self.active_slots):
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception:  # a failed step ends the requests it held, not the server
+                traceback.print_exc()
+                with self._lock:
+                    for request in [*self._waiting, *(r for r in self._running if r)]:
+                        self._finish(request, "error")
+                    self._waiting.clear()
 
     def step(self) -> None:
-        """One turn: admit, prefill one piece per shard, decode every ready slot."""
+        """One turn: admit, prefill prompt pieces, decode every ready slot.
+
+        A turn computes about `serve.max_batched_tokens` tokens (as vLLM's chunked prefill
+        budgets a step): one per decoding slot, the rest in prompt pieces, at least one piece
+        per shard, so many new requests are prefilled in few turns while decoding waits at most
+        one turn's pieces."""
         self._free_cancelled()
         self._admit()
-        self._prefill()
+        decoding = sum(r is not None and r.prefilled == len(r.prompt) for r in self._running)
+        pieces = max(1, (self.config.max_batched_tokens - decoding) // self.chunk)
+        for _ in range(pieces):
+            if not self._prefill():
+                break
         self._decode()
 
     def _free_cancelled(self) -> None:
@@ -276,7 +294,9 @@ class Engine:
                     self._cache = g.load_prefix(self._cache, self._pool, slot, hits)
                 request.cached = request.prefilled = len(hits) * self.prefix.block
 
-    def _prefill(self) -> None:
+    def _prefill(self) -> bool:
+        """One prompt piece per shard (of its oldest request still prefilling); False when no
+        prompt waits."""
         g, data = self.generator, self.generator.data
         picked: list[Request | None] = [None] * data
         for request in self._running:
@@ -285,7 +305,7 @@ class Engine:
                 if picked[shard] is None or picked[shard].arrival > request.arrival:
                     picked[shard] = request
         if not any(picked):
-            return
+            return False
         tokens = np.zeros((data, self.chunk), np.int32)
         slot, start, length = (np.zeros(data, np.int32) for _ in range(3))
         length += 1
@@ -312,6 +332,7 @@ class Engine:
             if request.prefilled == len(request.prompt):
                 self._remember(request)
                 self._accept(request, int(token[r]))
+        return True
 
     def _remember(self, request: Request) -> None:
         """Copies the prompt's full blocks that the pool lacks from its slot to the pool."""

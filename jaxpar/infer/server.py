@@ -343,6 +343,9 @@ def create_app(engine: Engine, model_name: str, on_shutdown: Callable[[], None] 
             if request.finish == "cancelled":
                 raise ApiError(503, "the request was cancelled: the server is shutting down",
                                kind="server_error", code="shutting_down")  # fmt: skip
+            if request.finish == "error":
+                raise ApiError(500, "generation failed on the device (see the server's log)",
+                               kind="server_error")  # fmt: skip
             text = "".join(parts)
             body_out = {**head, "object": "chat.completion" if chat else "text_completion"}
             if chat:
@@ -363,7 +366,7 @@ def create_app(engine: Engine, model_name: str, on_shutdown: Callable[[], None] 
             while (event := await queue.get()).finish is None:
                 if event.text:
                     yield sse({**head, "choices": [choice(event.text, None)]})
-            finish = "abort" if request.finish == "cancelled" else request.finish
+            finish = {"cancelled": "abort"}.get(request.finish, request.finish)
             yield sse({**head, "choices": [choice(None, finish)]})
             metrics.finished(request)
             if include_usage:

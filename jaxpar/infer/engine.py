@@ -523,22 +523,21 @@ class Generator:
 
     def load_prefix(self, cache: KVCache, pool: KVCache, slot: int, ids: Sequence[int]) -> KVCache:
         """Copies pool blocks `ids` into (global) slot `slot`'s positions 0..len(ids) * block."""
-        ids_N = self._block_ids(ids)
-        args = (cache, pool, self._shared(np.int32(slot)), self._shared(ids_N),
+        args = (cache, pool, self._shared(np.int32(slot)),
+                self._shared(self._block_ids(dict(enumerate(ids)))),
                 self._shared(np.int32(len(ids))))  # fmt: skip
         return self._run("_load_prefix", args)
 
     def save_prefix(self, pool: KVCache, cache: KVCache, slot: int, ids: dict[int, int]):
         """Copies block i of slot `slot` (positions i * block..) to pool block ids[i]."""
+        args = (pool, cache, self._shared(np.int32(slot)), self._shared(self._block_ids(ids)))
+        return self._run("_save_prefix", args)
+
+    def _block_ids(self, ids: dict[int, int]) -> np.ndarray:
+        """Block index -> pool block, for every block of a slot (the scratch block elsewhere)."""
         ids_N = np.full(self.max_len // self.prefix_block, self.prefix_blocks, np.int32)
         for i, pool_id in ids.items():
             ids_N[i] = pool_id
-        args = (pool, cache, self._shared(np.int32(slot)), self._shared(ids_N))
-        return self._run("_save_prefix", args)
-
-    def _block_ids(self, ids: Sequence[int]) -> np.ndarray:
-        ids_N = np.full(self.max_len // self.prefix_block, self.prefix_blocks, np.int32)
-        ids_N[: len(ids)] = ids
         return ids_N
 
     def generate(

@@ -518,7 +518,7 @@ class Generator:
         """One prompt piece per `data` shard (R = data rows; see `_chunk`): returns the cache,
         the logits after each row's last real token and the token drawn from them."""
         args = [self._rows(x) for x in (tokens_RT, slot_R, start_R, length_R, active_R)]
-        rows = RowSampling(*(self._rows(x) for x in rows))
+        rows = self._sampling(rows, len(tokens_RT))
         return self._run("_chunk", (self.top, self.weights, cache, *args, rows))
 
     def load_prefix(self, cache: KVCache, pool: KVCache, slot: int, ids: Sequence[int]) -> KVCache:

@@ -283,8 +283,9 @@ class Engine:
                 request = self._waiting.popleft()
                 # The free slot on the least busy shard: prompts on different shards prefill
                 # together.
-                busy = [sum(r is not None for r in self._running[s - s % g.local_rows:][
-                    : g.local_rows]) for s in free]  # fmt: skip
+                shard_busy = [sum(r is not None for r in self._running[i : i + g.local_rows])
+                              for i in range(0, self.slots, g.local_rows)]  # fmt: skip
+                busy = [shard_busy[s // g.local_rows] for s in free]
                 slot = free[int(np.argmin(busy))]
                 request.slot = slot
                 self._running[slot] = request

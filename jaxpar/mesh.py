@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from jaxpar import runtime
 from jaxpar.errors import JaxparError
 
 if TYPE_CHECKING:
@@ -214,7 +215,8 @@ def describe(mesh: jax.sharding.Mesh) -> str:
 
 
 def prepare(spec: MeshSpec, devices: int | None = None) -> MeshSpec:
-    """Simulates the CPU devices a mesh needs (before JAX starts), then resolves the spec.
+    """Simulates the CPU devices a mesh needs and applies `jaxpar.runtime`'s settings (before and
+    as JAX starts), then resolves the spec.
 
     Args:
         spec: the parsed spec; a -1 axis is filled from the device count.
@@ -238,6 +240,9 @@ def prepare(spec: MeshSpec, devices: int | None = None) -> MeshSpec:
                 f"evenly; use a multiple of {processes}"
             )
         simulate_devices(count // processes)
+    runtime.gpu_flags()
     import jax
 
+    if jax.default_backend() == "cpu":
+        runtime.tune_host_allocator()
     return spec.resolve(jax.device_count())

@@ -223,8 +223,16 @@ def run_pipeline(
         x_MbTD = x_RPQTD.reshape(r_here, m, b_local, t, d).transpose(1, 0, 2, 3, 4)
         x_MbTD = x_MbTD.reshape(m, -1, t, d)
 
+        def compute(repeat, h_bTD):
+            return chunk(weights_X, repeat, valid_PVC[stage, repeat], h_bTD)
+
         def run(repeat, micro, active, h_bTD, state):
-            return chunk(weights_X, repeat, valid_PVC[stage, repeat], h_bTD), state
+            if p == 1:  # every tick is busy
+                return compute(repeat, h_bTD), state
+            # An idle tick (the ramps) computes nothing, forward or (the transposed cond)
+            # backward: a stage's branch is its own, and its tensor collectives stay among the
+            # devices of that stage, which all take the same branch.
+            return jax.lax.cond(active, compute, lambda _, h: h, repeat, h_bTD), state
 
         y_MbTD, _ = forward_ticks(schedule.forward(), run, x_MbTD)
 

@@ -11,7 +11,7 @@ commands:
   mesh         print a mesh: sizes, devices and groups
   shardings    print every parameter's layout on the mesh
   analyze      compile the train step without running it: memory, FLOPs, collectives, bubble
-  bench        time train steps: median step time, tokens/s, MFU
+  bench        time train steps: median step time, tokens/s, MFU and HFU
   eval         negative log-likelihood and perplexity of a model on text
   generate     generate text with a KV cache on the mesh
   chat         talk to a model; replies stream as they are decoded
@@ -368,8 +368,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(), indent=2))
         return 0
     mfu = (
-        f"MFU {result.mfu:.1%} of {result.peak_flops_per_device / 1e12:,.0f} TFLOP/s peak"
-        if result.mfu is not None
+        f"MFU {result.mfu:.1%}, HFU {result.hfu:.1%} of "
+        f"{result.peak_flops_per_device / 1e12:,.0f} TFLOP/s peak"
+        if result.mfu is not None and result.hfu is not None
         else f"MFU: no known peak for '{result.device_kind}'"
     )
     log(

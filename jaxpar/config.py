@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from jaxpar.mesh import MeshSpec
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPT_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("gpipe", "circular", "1f1b", "interleaved_1f1b", "zb_h1")
-REMAT = ("none", "full", "dots", "dots_no_batch")
+REMAT = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attn")
 ATTENTION = ("auto", "xla", "dot_product")
 
 
@@ -45,7 +46,8 @@ class ModelConfig:
     attention: str = "auto"
     # Recompute activations in the backward pass, per layer (a checkpoint around each layer in
     # the layer scan, on every mesh): none, full, or a saving policy (dots: keep matmul outputs;
-    # dots_no_batch: keep only weight-like matmul outputs).
+    # dots_no_batch: keep only weight-like matmul outputs; dots_no_batch_attn: those and the
+    # attention output). `jaxpar.pipeline.remat` lists what each keeps.
     remat: str = "none"
 
     @property
@@ -85,6 +87,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     # "auto": float32 on CPU, bfloat16 on GPU/TPU. Parameters always stay float32.
     dtype: str = "auto"
+    # Adam's moments as stored between steps (each update computes in float32): bfloat16 halves
+    # the optimizer state's memory and the bytes an update reads and writes.
+    opt_dtype: str = "float32"
     sample_tokens: int = 120  # the closing sample, with the prompt, fills at most seq_len
     sample_prompt: str = "def "
     # A step whose loss or gradient is not finite is skipped (state unchanged); this many in a
@@ -388,6 +393,8 @@ def validate(config: Config) -> None:
         )
     if t.dtype not in DTYPES:
         raise JaxparError(f"train.dtype={t.dtype!r} is not one of {', '.join(DTYPES)}")
+    if t.opt_dtype not in OPT_DTYPES:
+        raise JaxparError(f"train.opt_dtype={t.opt_dtype!r} is not one of {', '.join(OPT_DTYPES)}")
     s = config.serve
     for name in (
         "max_seqs",

@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxpar.config import ModelConfig
 from jaxpar.model.attention import attend, attend_cached
 from jaxpar.pipeline.layout import StageLayout
+from jaxpar.pipeline.remat import ATTENTION
 from jaxpar.pipeline.taps import SCALE, einsum
 from jaxpar.sharding import (
     ACT_EMBED,
@@ -214,6 +216,7 @@ class Attention(nnx.Module):
             out_BTNH = attend_cached(q_BTNH, k_BTKH, v_BTKH, positions_BT, cache.k, cache.v)
         else:  # nothing cached before this call: plain (causal) attention on its own keys
             out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, positions_BT, self.impl)
+        out_BTNH = checkpoint_name(out_BTNH, ATTENTION)  # what remat may keep
         out_BTD = project("wo_NHD", "BTNH,NHD->BTD", out_BTNH, w.wo_NHD.astype(dtype))
         new = None if cache is None else KVCache(k_BTKH.astype(cache.k.dtype),
                                                   v_BTKH.astype(cache.v.dtype))  # fmt: skip

@@ -31,21 +31,9 @@ from jax.sharding import PartitionSpec
 
 from jaxpar.mesh import DATA, PIPELINE
 from jaxpar.pipeline.layout import StageLayout
+from jaxpar.pipeline.remat import checkpointed
 from jaxpar.pipeline.schedule import Schedule
 from jaxpar.pipeline.taps import einsum, tapped, weight_grad
-
-
-def _keep_all_but_slot(primitive: Any, *_: Any, **__: Any) -> bool:
-    """Saves everything for the backward pass except dynamic reads (a slot's weights out of the
-    stage's): those are recomputed from the stage's weights, which are kept once."""
-    return primitive.name not in ("dynamic_slice", "squeeze")
-
-
-_POLICIES: dict[str, Callable | None] = {
-    "full": None,  # save nothing: recompute the whole tick
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 def stage_chunk(layer: Callable, v: int, c: int, remat: str) -> Callable:
@@ -70,9 +58,7 @@ def stage_chunk(layer: Callable, v: int, c: int, remat: str) -> Callable:
             return layer(w, h_bTD)
         return layer(w, h_bTD, lambda name, eq, x, w: tapped(name, eq, x, w, taps[name]))
 
-    if remat != "none" or v > 1:
-        policy = _POLICIES[remat] if remat != "none" else _keep_all_but_slot
-        slot_layer = jax.checkpoint(slot_layer, policy=policy, prevent_cse=False)
+    slot_layer = checkpointed(slot_layer, remat, v)
 
     def chunk(weights_X: Any, repeat: jax.Array, real_C: jax.Array, h_bTD: jax.Array,
               taps: dict | None = None):  # fmt: skip

@@ -186,6 +186,7 @@ class _Run:
     skipped: int = 0
     bad_in_row: int = 0
     stopped_by: str | None = None
+    last_done: float = 0.0  # when the last step's metrics were read (or the loop began)
 
 
 def _run_steps(
@@ -199,17 +200,25 @@ def _run_steps(
     console: Console,
 ) -> _Run:
     """Steps `start` .. `last` - 1: one metrics row each, progress, and a checkpoint every
-    `checkpoint.every` steps, at the end and when stopped."""
+    `checkpoint.every` steps, at the end and when stopped.
+
+    The host never waits for a step before the next is queued (as MaxText's loop, metrics are
+    read one step behind): while the devices run step s, the host builds step s + 1's batch and
+    dispatches it, then reads step s's metrics. It waits for a step only to save after it, since
+    the next step takes (donates) its state."""
     p = trainer.placement
     t, every = p.config.train, p.config.checkpoint.every
     meta = {"config": p.config.to_dict(), "mesh": str(p.spec), "seed": t.seed}
-    run = _Run(state)
+    run = _Run(state, last_done=time.perf_counter())
     with _metrics_file(out) as metrics_file, _progress(console) as progress, _Signals() as signals:
         task = progress.add_task(
             "train", total=t.steps, completed=start, loss=float("nan"), tps=0.0
         )
-        for step in range(start, last):
-            row = _step(trainer, corpus, run, step)
+
+        def finish(step: int, metrics: dict) -> None:
+            """Reads a dispatched step's metrics (waiting for it), writes its row, and aborts
+            after too many non-finite steps in a row."""
+            row = _row(trainer, run, step, metrics)
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
             progress.update(task, advance=1, loss=row["loss"], tps=row["tokens_per_s"])
@@ -220,26 +229,45 @@ def _run_steps(
                     f"or gradient (train.max_bad_steps={t.max_bad_steps}); stopped without "
                     f"saving, the last good checkpoint is in {out / CHECKPOINTS}"
                 )
+
+        pending: tuple[int, dict] | None = None
+        for step in range(start, last):
+            metrics = _dispatch(trainer, corpus, run, step)
+            if pending is not None:
+                finish(*pending)
+            pending = (step, metrics)
             done = step + 1
             run.stopped_by = _stop_reason(signals, done, last, t.steps)
             if run.stopped_by or done == t.steps or (every and done % every == 0):
+                finish(*pending)
+                pending = None
                 checkpoints.save(done, run.state, meta)
             if run.stopped_by:
                 break
+        if pending is not None:
+            finish(*pending)
     return run
 
 
-def _step(trainer: Trainer, corpus: Corpus, run: _Run, step: int) -> dict[str, Any]:
-    """Runs step `step` on its batch, updates `run`, and returns its metrics row."""
+def _dispatch(trainer: Trainer, corpus: Corpus, run: _Run, step: int) -> dict[str, jax.Array]:
+    """Queues step `step` on its batch (`run.state` becomes its result); returns its metrics,
+    still on the devices."""
     t = trainer.placement.config.train
     batch = global_batch(
         corpus, t.seed, step, trainer.batch_shape(), trainer.placement.batch_sharding
     )
     poison = float("nan") if step in t.nan_steps else 0.0
-    t0 = time.perf_counter()
     run.state, metrics = trainer.step(run.state, batch, poison)
-    metrics = jax.device_get(metrics)  # waits for the step's results
-    dt = time.perf_counter() - t0
+    return metrics
+
+
+def _row(trainer: Trainer, run: _Run, step: int, metrics: dict[str, jax.Array]) -> dict[str, Any]:
+    """Waits for a step's metrics, updates `run`, and returns its metrics row. Its time is from
+    the end of the step before (in the steady state, the time the devices spent on it)."""
+    t = trainer.placement.config.train
+    metrics = jax.device_get(metrics)
+    now = time.perf_counter()
+    dt, run.last_done = now - run.last_done, now
     skipped = bool(metrics["skipped"])
     run.bad_in_row = run.bad_in_row + 1 if skipped else 0
     run.skipped += skipped

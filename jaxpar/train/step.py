@@ -50,12 +50,32 @@ def make_optimizer(cfg: TrainConfig, abstract_params: nnx.State) -> optax.Gradie
         abstract_params,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(
-            lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask
-        ),
+    adamw = optax.adamw(
+        lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask
     )
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip), state_stored_in(adamw, jnp.dtype(cfg.opt_dtype))
+    )
+
+
+def state_stored_in(
+    tx: optax.GradientTransformation, dtype: jnp.dtype
+) -> optax.GradientTransformation:
+    """`tx` with its floating-point state (Adam's moments) stored in `dtype` between steps and
+    computed in float32 within each (float32: `tx` itself, exactly)."""
+
+    def cast(state: optax.OptState, to: jnp.dtype) -> optax.OptState:
+        floating = lambda a: jnp.issubdtype(a.dtype, jnp.floating)  # noqa: E731
+        return jax.tree.map(lambda a: a.astype(to) if floating(a) else a, state)
+
+    def init(params: optax.Params) -> optax.OptState:
+        return cast(tx.init(params), dtype)
+
+    def update(updates, state, params=None):
+        updates, state = tx.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(init, update)
 
 
 class Trainer:
@@ -71,6 +91,7 @@ class Trainer:
         self.placement = placement
         self.tx = make_optimizer(placement.config.train, placement.abstract_params)
         self.lr = lr_schedule(placement.config.train)
+        self._no_poison: jax.Array | None = None
 
     @cached_property
     def state_shardings(self) -> TrainState:
@@ -170,5 +191,12 @@ class Trainer:
 
         `poison` is added to the loss (NaN injects a fault for the non-finite guard).
         """
-        poison_arr = jax.device_put(jnp.float32(poison), self.placement.replicated)
-        return self._compiled[0](state, tokens_BT, poison_arr)
+        return self._compiled[0](state, tokens_BT, self._poison(poison))
+
+    def _poison(self, value: float) -> jax.Array:
+        """`value` on every device; the usual 0 is placed once, not per step."""
+        if value != 0.0:
+            return jax.device_put(jnp.float32(value), self.placement.replicated)
+        if self._no_poison is None:
+            self._no_poison = jax.device_put(jnp.float32(0.0), self.placement.replicated)
+        return self._no_poison

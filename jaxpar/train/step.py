@@ -91,7 +91,6 @@ class Trainer:
         self.placement = placement
         self.tx = make_optimizer(placement.config.train, placement.abstract_params)
         self.lr = lr_schedule(placement.config.train)
-        self._no_poison: jax.Array | None = None
 
     @cached_property
     def state_shardings(self) -> TrainState:
@@ -191,12 +190,5 @@ class Trainer:
 
         `poison` is added to the loss (NaN injects a fault for the non-finite guard).
         """
-        return self._compiled[0](state, tokens_BT, self._poison(poison))
-
-    def _poison(self, value: float) -> jax.Array:
-        """`value` on every device; the usual 0 is placed once, not per step."""
-        if value != 0.0:
-            return jax.device_put(jnp.float32(value), self.placement.replicated)
-        if self._no_poison is None:
-            self._no_poison = jax.device_put(jnp.float32(0.0), self.placement.replicated)
-        return self._no_poison
+        poison_arr = jax.device_put(jnp.float32(poison), self.placement.replicated)
+        return self._compiled[0](state, tokens_BT, poison_arr)

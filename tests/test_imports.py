@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "jaxpar"
 FORBIDDEN = {
     # The foundation knows nothing of what is built on it.
     "jaxpar.errors": "*",
+    "jaxpar.runtime": "*",
     "jaxpar.config": ("jaxpar.sharding", "jaxpar.model", "jaxpar.pipeline", "jaxpar.placement",
                       "jaxpar.checkpoint", "jaxpar.train", "jaxpar.infer", "jaxpar.interop",
                       "jaxpar.analysis", "jaxpar.cli"),

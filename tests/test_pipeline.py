@@ -47,6 +47,7 @@ CASES = [
     # recomputation inside the tick changes nothing numerically
     ("pipeline=2,tensor=2", 8, (*gpipe(4), "model.remat=full")),
     ("pipeline=4", 8, (*circular(4), "model.remat=dots")),
+    ("pipeline=2", 4, (*gpipe(2), "model.remat=dots_no_batch_attn")),
     # pipeline=1: micro-batches are gradient accumulation
     ("data=4,tensor=2", 8, gpipe(4)),
 ]  # fmt: skip

@@ -1,0 +1,138 @@
+"""What the speed work relies on: the FLOPs behind MFU and HFU, remat policies, Adam's moments in
+bfloat16, and the runtime settings jaxpar applies as JAX starts."""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxpar import runtime
+from jaxpar.analysis.flops import model_flops, recompute_flops
+from jaxpar.analysis.hlo import dot_flops
+from jaxpar.config import REMAT, load_config
+from jaxpar.train.bench import step_flops
+from jaxpar.train.step import make_optimizer, state_stored_in
+from tests.pipeline_cases import B, T, tokens, trainer
+
+
+@pytest.mark.parametrize("remat", REMAT)
+def test_hardware_flops_are_the_model_flops_plus_what_remat_recomputes(remat):
+    """One device runs exactly the model's matmuls plus the policy's recomputation."""
+    tr = trainer("data=1", 2, (f"model.remat={remat}",))
+    m = tr.placement.config.model
+    ran = dot_flops(tr.compile()[0].as_text())
+    assert ran == model_flops(m, B, T) + recompute_flops(m, B, T, remat)
+    model, hardware = step_flops(tr)  # B x T is the config's batch
+    assert model == model_flops(m, B, T, causal=True) < model_flops(m, B, T)
+    assert hardware == ran  # the XLA path computes every key position
+
+
+def test_causal_half_is_half_of_attention():
+    m = load_config(None, ["model.layers=2", "model.dim=64", "model.heads=4"]).model
+    full, causal = model_flops(m, 4, 256), model_flops(m, 4, 256, causal=True)
+    attention = 3 * 4 * 256 * m.layers * 2 * 2 * 256 * m.heads * m.head_dim
+    assert full - causal == attention // 2
+
+
+def test_idle_pipeline_ticks_are_conditional():
+    """GPipe's ramps run no layer: each tick's chunk is a `conditional` in the tick loop."""
+    text = trainer("pipeline=2", 4, ("pipeline.microbatches=2",)).compile()[0].as_text()
+    assert " conditional(" in text
+    assert " conditional(" not in trainer("data=1", 2, ()).compile()[0].as_text()
+
+
+def test_float32_moments_are_the_optimizer_itself():
+    cfg = load_config(None, ["train.opt_dtype=float32"]).train
+    params = {"w": jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float32).reshape(3, 4)}
+    grads = {"w": jnp.cos(params["w"] * 7)}
+    plain = optax.adamw(0.1, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    wrapped = state_stored_in(plain, jnp.float32)
+    a, b = plain.init(params), wrapped.init(params)
+    for _ in range(3):
+        (ua, a), (ub, b) = plain.update(grads, a, params), wrapped.update(grads, b, params)
+        np.testing.assert_array_equal(ua["w"], ub["w"])
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_bfloat16_moments_round_only_what_is_stored():
+    """The first update is computed from float32 moments, so the parameters equal the float32
+    run's exactly; the stored moments are those moments rounded to bfloat16."""
+    f32 = trainer("data=1", 2, ())
+    b16 = trainer("data=1", 2, ("train.opt_dtype=bfloat16",))
+    abstract = b16.abstract_state()
+    floating = [x for x in jax.tree.leaves(abstract.opt_state) if x.dtype != jnp.int32]
+    assert floating and all(x.dtype == jnp.bfloat16 for x in floating)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(abstract.params))
+    batch = tokens()
+    states = []
+    for tr in (f32, b16):
+        state, _ = tr.step(tr.init_state(), jax.device_put(batch, tr.placement.batch_sharding))
+        states.append(jax.device_get(state))
+    for x, y in zip(*(jax.tree.leaves(s.params) for s in states), strict=True):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(*(jax.tree.leaves(s.opt_state) for s in states), strict=True):
+        np.testing.assert_array_equal(np.asarray(x).astype(y.dtype), y)
+
+
+def test_optimizer_state_bytes_halve_in_bfloat16():
+    def state_bytes(dtype: str) -> int:
+        cfg = load_config(None, [f"train.opt_dtype={dtype}", "model.layers=2"])
+        tx = make_optimizer(cfg.train, trainer("data=1", 2, ()).placement.abstract_params)
+        shapes = jax.eval_shape(tx.init, trainer("data=1", 2, ()).placement.abstract_params)
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes) if x.ndim)
+
+    assert state_bytes("bfloat16") * 2 == state_bytes("float32")
+
+
+def test_gpu_flags_only_where_a_gpu_plugin_is_installed(monkeypatch):
+    env = {"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=false --xla_dump_to=/x"}
+    monkeypatch.setattr(runtime, "_gpu_plugin_installed", lambda: False)
+    assert runtime.gpu_flags(env) == [] and env["XLA_FLAGS"].endswith("/x")
+    monkeypatch.setattr(runtime, "_gpu_plugin_installed", lambda: True)
+    added = runtime.gpu_flags(env)
+    # the user's own setting stays; the others are appended once
+    assert "--xla_gpu_enable_latency_hiding_scheduler=false" in env["XLA_FLAGS"]
+    assert len(added) == len(runtime.GPU_FLAGS) - 1
+    assert all(flag in env["XLA_FLAGS"] for flag in added)
+    assert runtime.gpu_flags(env) == []
+
+
+def test_gpu_plugin_detection_respects_jax_platforms(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not runtime._gpu_plugin_installed()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_host_allocator_reuses_freed_blocks():
+    """A 64 MiB block freed and allocated again page-faults anew under glibc's defaults; after
+    `tune_host_allocator` the second one reuses the first's pages."""
+    script = textwrap.dedent("""
+        import ctypes, resource, sys
+        from jaxpar import runtime
+        if sys.argv[1] == "tuned":
+            assert runtime.tune_host_allocator()
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        def faults_of_a_fresh_block():  # as XLA allocates a step's temporaries
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            block = libc.malloc(64 << 20)
+            ctypes.memset(block, 1, 64 << 20)
+            libc.free(block)
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        faults_of_a_fresh_block()
+        print(faults_of_a_fresh_block())
+    """)
+    faults = {}
+    for mode in ("default", "tuned"):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        faults[mode] = int(out.stdout)
+    assert faults["default"] >= (64 << 20) // (2 << 20)  # at least one fault per 2 MiB page
+    assert faults["tuned"] * 10 < faults["default"], faults

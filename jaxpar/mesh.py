@@ -240,7 +240,7 @@ def prepare(spec: MeshSpec, devices: int | None = None) -> MeshSpec:
                 f"evenly; use a multiple of {processes}"
             )
         simulate_devices(count // processes)
-    runtime.gpu_flags()
+    runtime.xla_flags()
     import jax
 
     if jax.default_backend() == "cpu":

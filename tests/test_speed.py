@@ -1,6 +1,7 @@
 """What the speed work relies on: the FLOPs behind MFU and HFU, remat policies, Adam's moments in
 bfloat16, and the runtime settings jaxpar applies as JAX starts."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -90,22 +91,70 @@ def test_optimizer_state_bytes_halve_in_bfloat16():
     assert state_bytes("bfloat16") * 2 == state_bytes("float32")
 
 
-def test_gpu_flags_only_where_a_gpu_plugin_is_installed(monkeypatch):
+def test_xla_flags_for_the_platform_jax_will_run_on(monkeypatch):
     env = {"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=false --xla_dump_to=/x"}
     monkeypatch.setattr(runtime, "_gpu_plugin_installed", lambda: False)
-    assert runtime.gpu_flags(env) == [] and env["XLA_FLAGS"].endswith("/x")
+    monkeypatch.setattr(runtime, "_accelerator_plugin_installed", lambda: True)  # a TPU
+    assert runtime.xla_flags(env) == [] and env["XLA_FLAGS"].endswith("/x")
     monkeypatch.setattr(runtime, "_gpu_plugin_installed", lambda: True)
-    added = runtime.gpu_flags(env)
+    added = runtime.xla_flags(env)
     # the user's own setting stays; the others are appended once
     assert "--xla_gpu_enable_latency_hiding_scheduler=false" in env["XLA_FLAGS"]
     assert len(added) == len(runtime.GPU_FLAGS) - 1
     assert all(flag in env["XLA_FLAGS"] for flag in added)
-    assert runtime.gpu_flags(env) == []
+    assert runtime.xla_flags(env) == []
+    cpu: dict[str, str] = {}
+    monkeypatch.setattr(runtime, "_gpu_plugin_installed", lambda: False)
+    monkeypatch.setattr(runtime, "_accelerator_plugin_installed", lambda: False)
+    assert runtime.xla_flags(cpu) == ["--xla_multiheap_size_constraint_per_heap=33554432"]
 
 
-def test_gpu_plugin_detection_respects_jax_platforms(monkeypatch):
+def test_plugin_detection_respects_jax_platforms(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert not runtime._gpu_plugin_installed()
+    assert not runtime._accelerator_plugin_installed()
+
+
+STEP_FAULTS = textwrap.dedent("""
+    import resource
+    import jax
+    from jaxpar.config import load_config
+    from jaxpar.mesh import make_mesh, parse_mesh, prepare
+    from jaxpar.placement import Placement
+    from jaxpar.train.step import Trainer
+
+    spec = prepare(parse_mesh("data=1"))  # what every command does first
+    config = load_config(None, ["model.layers=2", "model.dim=256", "model.mlp_dim=512",
+                                "train.batch_size=16", "train.seq_len=128"])
+    tr = Trainer(Placement(config, make_mesh(spec)))
+    assert tr.compile()[0].memory_analysis().temp_size_in_bytes > 64 << 20
+    state = tr.init_state()
+    batch = jax.device_put(jax.numpy.ones(tr.batch_shape(), "int32"), tr.placement.batch_sharding)
+    faults = []
+    for _ in range(8):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(2):  # one step queued behind another, as the training loop runs
+            state, m = tr.step(state, batch)
+        jax.block_until_ready(m)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(sorted(faults[2:])[3] // 2)  # per step, the median round after the first ones
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_cpu_steps_reuse_their_temporaries():
+    """A step whose temporaries exceed 64 MiB page-faults them anew every step unless XLA splits
+    them into blocks glibc's heaps keep (`CPU_FLAGS`, which every command sets). The heaps of the
+    threads that allocate grow to the steps' peak over the first rounds, then stop faulting."""
+    faults = {}
+    for mode, flags in (("unsplit", "--xla_multiheap_size_constraint_per_heap=-1"), ("split", "")):
+        env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        out = subprocess.run([sys.executable, "-c", STEP_FAULTS], capture_output=True, text=True,
+                             env=env, check=True)  # fmt: skip
+        faults[mode] = int(out.stdout)
+    assert faults["unsplit"] > (64 << 20) // 4096 // 2, faults  # half of 64 MiB in 4 KiB pages
+    assert faults["split"] * 20 < faults["unsplit"], faults
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")

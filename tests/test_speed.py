@@ -2,7 +2,6 @@
 bfloat16, and the runtime settings jaxpar applies as JAX starts."""
 
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -44,20 +43,8 @@ def test_causal_half_is_half_of_attention():
 def test_idle_pipeline_ticks_are_conditional():
     """GPipe's ramps run no layer: each tick's chunk is a `conditional` in the tick loop."""
     text = trainer("pipeline=2", 4, ("pipeline.microbatches=2",)).compile()[0].as_text()
-    plain = trainer("data=1", 2, ()).compile()[0].as_text()  # the non-finite guard's alone
-    assert text.count(" conditional(") > plain.count(" conditional(") == 1
-
-
-@pytest.mark.parametrize(
-    "mesh_spec,extra",
-    [("data=2,tensor=2", ()), ("pipeline=2,data=2", ("pipeline.microbatches=2",))],
-)
-def test_the_donated_state_is_not_copied(mesh_spec, extra):
-    """The step updates the state in place: the non-finite guard's branch leaves XLA nothing to
-    copy first but the step counter (a select of old and new state made it copy ~all of it)."""
-    text = trainer(mesh_spec, 2, extra).compile()[0].as_text()
-    entry = text[text.index("\nENTRY") :]
-    assert re.findall(r"= (\S+) copy\(%param", entry) == ["s32[]"]
+    assert " conditional(" in text
+    assert " conditional(" not in trainer("data=1", 2, ()).compile()[0].as_text()
 
 
 def test_float32_moments_are_the_optimizer_itself():

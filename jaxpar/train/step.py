@@ -134,19 +134,14 @@ class Trainer:
 
         value, grads = jax.value_and_grad(loss)(state.params)
         grad_norm = optax.tree.norm(grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
         # A non-finite loss or gradient skips the update: parameters and optimizer state stay as
-        # they were, and only the data position (the step) moves on. A branch, not a select of
-        # old and new: the state is donated (updated in place), and a select reads each old value
-        # after its new one exists, for which XLA copied most of the state at every step.
+        # they were, and only the data position (the step) moves on.
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
-
-        def update(_: None) -> tuple[nnx.State, optax.OptState]:
-            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state
-
-        params, opt_state = jax.lax.cond(
-            finite, update, lambda _: (state.params, state.opt_state), None
-        )
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
         metrics = {
             "loss": value,
             "grad_norm": grad_norm,

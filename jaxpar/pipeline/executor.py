@@ -209,16 +209,11 @@ def run_pipeline(
         x_MbTD = x_RPQTD.reshape(r_here, m, b_local, t, d).transpose(1, 0, 2, 3, 4)
         x_MbTD = x_MbTD.reshape(m, -1, t, d)
 
-        def compute(repeat, h_bTD):
-            return chunk(weights_X, repeat, valid_PVC[stage, repeat], h_bTD)
-
+        # Idle ticks (the ramps) compute on a clamped job and drop it, rather than skip it under
+        # a `lax.cond`: jax 0.10 turns every input a cond's backward reads into a residual of
+        # the tick, so the tick loop would keep a copy of the stage's weights per tick.
         def run(repeat, micro, active, h_bTD, state):
-            if p == 1:  # every tick is busy
-                return compute(repeat, h_bTD), state
-            # An idle tick (the ramps) computes nothing, forward or (the transposed cond)
-            # backward: a stage's branch is its own, and its tensor collectives stay among the
-            # devices of that stage, which all take the same branch.
-            return jax.lax.cond(active, compute, lambda _, h: h, repeat, h_bTD), state
+            return chunk(weights_X, repeat, valid_PVC[stage, repeat], h_bTD), state
 
         y_MbTD, _ = forward_ticks(schedule.forward(), run, x_MbTD)
 

@@ -12,7 +12,7 @@ is the step time.
   (bubbles, padding, recomputation) counts.
 - HFU: the matmul FLOPs the program runs: the model's as its attention computes them (every key
   position on the XLA path, the causal half in cuDNN's kernel) plus what `model.remat` recomputes
-  (`recompute_flops`). Pipeline bubbles cost nothing (idle ticks compute nothing) and do not count.
+  (`recompute_flops`). Pipeline bubbles do not count (GPipe's idle ticks compute and drop a job).
 """
 
 from __future__ import annotations

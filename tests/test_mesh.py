@@ -11,6 +11,7 @@ import jax
 import pytest
 
 from jaxpar import mesh as mesh_mod
+from jaxpar import runtime
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import AXES, MeshSpec, describe, groups, make_mesh, parse_mesh, simulate_devices
 
@@ -296,7 +297,8 @@ def test_cli_user_flags_stay_in_xla_flags_and_take_effect(tmp_path):
     )
     proc = _run(["-c", script], xla_flags=f"--xla_dump_to={dump}")
     assert proc.returncode == 0, proc.stderr
-    assert f"FLAGS=--xla_dump_to={dump} {DEVICE_FLAG}=4" in proc.stdout.splitlines()
+    cpu_flags = " ".join(f"--{k}={v}" for k, v in runtime.CPU_FLAGS.items())
+    assert f"FLAGS=--xla_dump_to={dump} {DEVICE_FLAG}=4 {cpu_flags}" in proc.stdout.splitlines()
     assert "COUNT=4" in proc.stdout.splitlines()
     assert any(dump.iterdir())
 

@@ -16,6 +16,7 @@ import optax
 import pytest
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
+from pipeline_cases import B, T, tokens, trainer
 
 from jaxpar import runtime
 from jaxpar.analysis.flops import model_flops, recompute_flops
@@ -23,7 +24,6 @@ from jaxpar.analysis.hlo import dot_flops
 from jaxpar.config import REMAT, load_config
 from jaxpar.train.bench import step_flops
 from jaxpar.train.step import make_optimizer, state_stored_in
-from tests.pipeline_cases import B, T, tokens, trainer
 
 
 @pytest.mark.parametrize("remat", REMAT)

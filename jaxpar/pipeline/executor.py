@@ -14,9 +14,10 @@ replicas, P stages, Q rows per (replica, stage) outside the pipeline.
 tensor-parallel block and XLA partitions it exactly as without pipelining. For `run_pipeline` the
 embedding, LM head and loss run outside, with the batch split over `data` and `pipeline`
 (`outer_batch`): nothing is computed twice. The micro-batches' inputs are gathered over `pipeline`
-at the start (one all-gather) and the last stage's outputs spread back over the stages at the end
-(one reduce-scatter); the backward pass runs the transposed collectives. Per tick each stage sends
-one (b, T, D) activation to the next, forward, and receives one cotangent, backward.
+at the start and the last stage's outputs spread back over the stages at the end, each one
+all-to-all (`gather_stages`, `from_last_stage`); the backward pass runs the transposed
+collectives. Per tick each stage sends one (b, T, D) activation to the next, forward, and receives
+one cotangent, backward.
 """
 
 from __future__ import annotations
@@ -34,6 +35,32 @@ from jaxpar.pipeline.layout import StageLayout
 from jaxpar.pipeline.remat import checkpointed
 from jaxpar.pipeline.schedule import Schedule
 from jaxpar.pipeline.taps import einsum, tapped, weight_grad
+
+# The activations enter and leave the stages through all-to-alls, not an all-gather and a
+# reduce-scatter: the same bytes, and neither they nor their transposes reduce anything across
+# devices. On XLA:CPU a bfloat16 reduction (psum, psum_scatter, pmax) in a shard_map that leaves
+# some mesh axes automatic aborts the process: jax lowers the reducer with a sharding annotation,
+# a `copy` at its root, and the CPU pass that promotes bfloat16 all-reduces to float32 CHECK-fails
+# on it ("Invalid binary instruction opcode copy"; jax 0.10 and 0.12). The reduce-scatter summed
+# the last stage's outputs with zeros anyway.
+
+
+def gather_stages(x_R1X: jax.Array) -> jax.Array:
+    """`all_gather(x, PIPELINE, axis=1, tiled=True)`: every stage's rows [R, 1, ...] on every
+    stage, [R, P, ...], as an all-to-all of P copies. Its transpose sums the P cotangents each
+    stage gets back locally."""
+    p = jax.lax.axis_size(PIPELINE)
+    x_RPX = jnp.broadcast_to(x_R1X, (x_R1X.shape[0], p, *x_R1X.shape[2:]))
+    return jax.lax.all_to_all(x_RPX, PIPELINE, 1, 1, tiled=True)
+
+
+def from_last_stage(y_RPX: jax.Array) -> jax.Array:
+    """Hands stage s block s of the last stage's [R, P, ...], as [R, 1, ...]: what
+    `psum_scatter(y, PIPELINE, scatter_dimension=1, tiled=True)` gives when the other stages hold
+    zeros, copied rather than summed."""
+    p = jax.lax.axis_size(PIPELINE)
+    y_RPX = jax.lax.all_to_all(y_RPX, PIPELINE, 1, 1, tiled=True)  # block s of every stage
+    return y_RPX[:, p - 1 :]
 
 
 def stage_chunk(layer: Callable, v: int, c: int, remat: str) -> Callable:
@@ -79,8 +106,9 @@ def stage_chunk(layer: Callable, v: int, c: int, remat: str) -> Callable:
 
 def layer_taps(
     layer: Callable, weights_X: Any, h_bTD: jax.Array, c: int, zeros: Callable | None = None
-) -> tuple[dict[str, str], dict[str, tuple]]:
-    """Each weight's contraction equation, and zero taps for c slots shaped like its input and
+) -> tuple[dict[str, tuple[str, jnp.dtype]], dict[str, tuple]]:
+    """Each weight's contraction equation and the dtype the layer contracts it in (its compute
+    dtype: matmul weights are cast to it), and zero taps for c slots shaped like its input and
     output (see `tapped`), from one dry trace of a layer (nothing uses its values: XLA drops it;
     `jax.eval_shape` cannot see a shard_map's manual axes)."""
     zeros = zeros or (lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), tree))
@@ -88,22 +116,27 @@ def layer_taps(
 
     def record(name: str, eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
         y = einsum(name, eq, x, w)
-        found[name] = (eq, *(jax.ShapeDtypeStruct((c, *a.shape), a.dtype) for a in (x, y)))
+        found[name] = (eq, w.dtype, *(jax.ShapeDtypeStruct((c, *a.shape), a.dtype) for a in (x, y)))
         return y
 
     layer(jax.tree.map(lambda a: a[0], weights_X), h_bTD, record)
-    eqs = {name: eq for name, (eq, _, _) in found.items()}
-    return eqs, {name: zeros((x, y)) for name, (_, x, y) in found.items()}
+    eqs = {name: (eq, dtype) for name, (eq, dtype, _, _) in found.items()}
+    return eqs, {name: zeros((x, y)) for name, (_, _, x, y) in found.items()}
 
 
-def weight_grads(weights_X: Any, eqs: dict[str, str], held: dict[str, tuple]) -> Any:
+def weight_grads(
+    weights_X: Any, eqs: dict[str, tuple[str, jnp.dtype]], held: dict[str, tuple]
+) -> Any:
     """A chunk's weight gradients (one repeat, [c, ...]) from its taps' cotangents: per weight,
-    its contractions' inputs and output cotangents, stacked over the slots."""
+    its contractions' inputs and output cotangents, stacked over the slots. Each is the gradient
+    of the weight as the layer contracted it (cast to its compute dtype, `layer_taps`), then cast
+    to the weight's own dtype, as the unsplit backward's transposed cast does."""
     grads = {}
     for name, (x, ct) in held.items():
         w = getattr(weights_X, name)
-        grad = jax.vmap(functools.partial(weight_grad, name, eqs[name]))
-        grads[name] = grad(x, ct, w).astype(w.dtype)
+        eq, dtype = eqs[name]
+        grad = jax.vmap(functools.partial(weight_grad, name, eq))
+        grads[name] = grad(x, ct, w.astype(dtype)).astype(w.dtype)
     return weights_X._replace(**grads)
 
 
@@ -203,7 +236,7 @@ def run_pipeline(
             # here, once, puts the gradient's sum over replicas (the transpose of this cast) here
             # too, instead of at every use inside the tick loop.
             weights_X = jax.tree.map(lambda a: jax.lax.pcast(a, (DATA,), to="varying"), weights_X)
-        x_RPQTD = jax.lax.all_gather(x_R1QTD, PIPELINE, axis=1, tiled=True) if p > 1 else x_R1QTD
+        x_RPQTD = gather_stages(x_R1QTD) if p > 1 else x_R1QTD
         r_here = x_RPQTD.shape[0]  # 1 when `data` is manual, else all replicas
         # Micro-batch k holds rows [k * b_local, (k + 1) * b_local) of every data replica.
         x_MbTD = x_RPQTD.reshape(r_here, m, b_local, t, d).transpose(1, 0, 2, 3, 4)
@@ -221,9 +254,8 @@ def run_pipeline(
         y_RPQTD = y_RPQTD.reshape(r_here, p, q, t, d)
         if p == 1:
             return y_RPQTD
-        # Only the last stage holds the outputs (zeros elsewhere); a reduce-scatter hands each
-        # stage its rows, exactly (x + 0 == x).
-        return jax.lax.psum_scatter(y_RPQTD, PIPELINE, scatter_dimension=1, tiled=True)
+        # Only the last stage holds the outputs (zeros elsewhere): each stage takes its rows.
+        return from_last_stage(y_RPQTD)
 
     spec = PartitionSpec(DATA if DATA in manual else None, PIPELINE)
     y_RPQTD = jax.shard_map(

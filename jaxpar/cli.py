@@ -12,6 +12,7 @@ commands:
   shardings    print every parameter's layout on the mesh
   analyze      compile the train step without running it: memory, FLOPs, collectives, bubble
   bench        time train steps: median step time, tokens/s, MFU and HFU
+  plan         rank every layout for N devices: memory, step time, MFU; the best compiled
   eval         negative log-likelihood and perplexity of a model on text
   generate     generate text with a KV cache on the mesh
   chat         talk to a model; replies stream as they are decoded
@@ -22,6 +23,8 @@ commands:
 examples:
   jaxpar train --mesh data=2,pipeline=2,tensor=2 pipeline.microbatches=4 --out runs/demo
   jaxpar analyze --mesh pipeline=4,tensor=2 pipeline.microbatches=8 --json
+  jaxpar plan --devices 64 --hardware h100-sxm model.layers=32 model.dim=4096 ...
+  jaxpar train --mesh auto --devices 4 --out runs/demo
   jaxpar generate --run runs/demo --prompt "def " --greedy
   jaxpar serve --run runs/demo --mesh data=2,pipeline=2,tensor=2 serve.max_seqs=16
 """
@@ -51,7 +54,10 @@ class _Parser(argparse.ArgumentParser):
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config; keys as in README")
     p.add_argument(
-        "--mesh", metavar="SPEC", help="mesh like data=2,tensor=4 (overrides parallel.mesh)"
+        "--mesh",
+        metavar="SPEC",
+        help="mesh like data=2,tensor=4 (overrides parallel.mesh); "
+        "'auto': the planner's best layout for the devices present",
     )
     p.add_argument("--devices", type=int, metavar="N", help="simulate N CPU devices")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=50")
@@ -104,6 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, metavar="N", help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed steps first")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = _command(sub, "plan")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config; keys as in README")
+    p.add_argument("--devices", type=int, metavar="N", help="devices to plan for (default: those "
+                   "present; on CPU, 8 simulated)")  # fmt: skip
+    p.add_argument("--hardware", metavar="NAME|FILE", help="profile: h100-sxm, h200, a100-80g, "
+                   "tpu-v5e, cpu, or a YAML file (default: the devices present)")  # fmt: skip
+    p.add_argument("--top", type=int, default=5, metavar="K", help="rows to show and to compile "
+                   "(default 5)")  # fmt: skip
+    p.add_argument("--no-compile", action="store_true", help="rank by the cost model alone")
+    p.add_argument("--json", action="store_true", help='print {"candidates": [...]}, best first')
+    p.add_argument("--write", metavar="FILE.yaml", help="write the best layout's config (with "
+                   "--calibrate: the measured profile)")  # fmt: skip
+    p.add_argument("--calibrate", action="store_true", help="measure the devices present and "
+                   "write their hardware profile")  # fmt: skip
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.batch_size=64")
+
     p = _command(sub, "eval")
     _add_model_args(p)
     source = p.add_mutually_exclusive_group(required=True)
@@ -190,11 +213,36 @@ def _config_and_mesh(args: argparse.Namespace) -> tuple[Config, MeshSpec]:
     if args.mesh is not None:
         overrides.append(f"parallel.mesh={args.mesh}")
     config = load_config(args.config, overrides)
-    spec = prepare(parse_mesh(config.parallel.mesh), args.devices)
+    if config.parallel.mesh == AUTO:
+        config, spec = _auto_layout(config, args.devices)
+    else:
+        spec = prepare(parse_mesh(config.parallel.mesh), args.devices)
     from jaxpar.placement import compute_dtype
 
     resolved_dtype = compute_dtype(config.train.dtype).name
     return config.replace(**{"parallel.mesh": str(spec), "train.dtype": resolved_dtype}), spec
+
+
+AUTO = "auto"
+SIMULATED = 8  # CPU devices `plan` and `--mesh auto` simulate when not told a count
+MAX_SIMULATED = 64  # the most CPU devices `plan` simulates to compile-check its candidates
+
+
+def _auto_layout(config: Config, devices: int | None) -> tuple[Config, MeshSpec]:
+    """`--mesh auto`: the planner's best layout (by the cost model) for the devices present."""
+    prepare(MeshSpec(data=-1), devices or SIMULATED)
+    import jax
+
+    from jaxpar.distributed import current
+    from jaxpar.plan.hardware import detect_hardware
+    from jaxpar.plan.planner import auto_layout, describe_choice
+
+    config, result = auto_layout(
+        config, jax.device_count(), detect_hardware(config.parallel.hardware)
+    )
+    if current().primary:
+        print(f"jaxpar: {describe_choice(result)}", file=sys.stderr)
+    return config, result.best.candidate.spec
 
 
 def _placement(args: argparse.Namespace):
@@ -378,6 +426,80 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"compile {result.compile_s:.1f}s; {result.achieved_flops_per_device / 1e12:,.3f} "
         f"model TFLOP/s per device; {mfu}; loss {result.first_loss:.4f} -> {result.last_loss:.4f}"
     )
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    if args.top < 1:
+        raise JaxparError(f"--top {args.top} must be at least 1")
+    if args.devices is not None and args.devices < 1:
+        raise JaxparError(f"--devices must be a positive integer, got {args.devices}")
+    write = Path(args.write) if args.write else None
+    if write is not None and write.exists():
+        raise JaxparError(f"--write {str(write)!r} exists; give a new file name")
+    config = load_config(args.config, args.overrides)
+    from jaxpar.plan.hardware import detect_hardware, load_hardware
+
+    hw = load_hardware(args.hardware) if args.hardware else None  # bad profiles fail first
+    compiling = not args.no_compile and not args.calibrate
+    present = None
+    if args.calibrate or args.devices is None or (compiling and args.devices <= MAX_SIMULATED):
+        prepare(MeshSpec(data=-1), args.devices or SIMULATED)  # on CPU: simulated devices
+        import jax
+
+        present = jax.device_count()
+    if args.calibrate:
+        return _calibrate(write)
+    devices = args.devices or present
+    hw = hw or detect_hardware(config.parallel.hardware)
+    compile_top = args.top if compiling and present == devices else 0
+    import json
+
+    from rich.progress import Progress
+
+    from jaxpar.plan.planner import plan, render
+
+    console = _wide_console()
+    with Progress(console=console, transient=True, disable=args.json) as bar:
+        task = bar.add_task("planning", total=None)
+
+        def progress(phase: str, done: int, total: int) -> None:
+            bar.update(task, description=phase, completed=done, total=total)
+
+        result = plan(config, devices, hw, args.top,
+                      compile_top, progress)  # fmt: skip
+    if write is not None:
+        from jaxpar.config import dump_yaml
+
+        write.write_text(dump_yaml(result.best.candidate.apply(config)))
+    if args.json:
+        print(json.dumps(result.to_json(args.top), indent=2))
+        return 0
+    render(result, args.top, console)
+    if not compile_top:
+        reason = (
+            "--no-compile"
+            if args.no_compile
+            else (f"{devices} devices cannot be simulated here (at most {MAX_SIMULATED})")
+        )
+        console.print(f"ranked by the cost model alone: {reason}")
+    if write is not None:
+        console.print(f"config: {write}")
+    return 0
+
+
+def _calibrate(write: Path | None) -> int:
+    import jax
+
+    from jaxpar.plan.calibrate import calibrate
+
+    name = jax.devices()[0].device_kind.lower().replace(" ", "-")
+    path = write or Path(f"hardware-{name}-{jax.device_count()}.yaml")
+    if path.exists():
+        raise JaxparError(f"{str(path)!r} exists; give a new file name with --write")
+    profile = calibrate(name, progress=print)
+    path.write_text(profile.to_yaml())
+    print(f"profile: {path}")
     return 0
 
 
@@ -566,6 +688,7 @@ COMMANDS = {
     "shardings": cmd_shardings,
     "analyze": cmd_analyze,
     "bench": cmd_bench,
+    "plan": cmd_plan,
     "eval": cmd_eval,
     "generate": cmd_generate,
     "chat": cmd_chat,

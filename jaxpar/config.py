@@ -7,6 +7,7 @@ CPU devices to simulate) before JAX initialises its backend.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from collections.abc import Mapping, Sequence
@@ -112,10 +113,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the model is laid out: the mesh spec and whether to shard parameters over `data` too."""
+    """How the model is laid out: the mesh spec (`auto`: the planner's best layout for the devices
+    present, `jaxpar.plan`), whether to shard parameters over `data` too, and the hardware profile
+    `auto` plans for (`auto`: the profile of the devices' kind)."""
 
     mesh: str = "data=2,tensor=4"
     fsdp: bool = False
+    hardware: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,7 @@ _SECTION_TYPES = {
 }
 
 
+@functools.cache
 def _field_types(cls: type) -> dict[str, type]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from jaxpar.analysis.comm import megatron_expected_bytes
-from jaxpar.analysis.report import analyze
+from jaxpar.analysis.report import analyze, compiled_figures, placement_estimate
 from jaxpar.analysis.timeline import ascii_timeline
 from jaxpar.cli import main
 from jaxpar.config import load_config
@@ -105,6 +105,28 @@ def test_gpipe_bubble_is_p_minus_one_over_m_plus_p_minus_one(stages, micro):
     bubble = (stages - 1) / (micro + stages - 1)
     assert a.bubble_theory == pytest.approx(bubble, abs=1e-12)
     assert a.overhead.stack_bubble == pytest.approx(bubble, abs=1e-12)
+
+
+# The smallest model with a layer per stage on 8 stages, grouped-query attention and an MLP wider
+# than the model, so that every term of the estimate is there; GPipe with M = 2P when P > 1, as
+# experiments/mesh_sweep.py runs it.
+ESTIMATE_SIZES = [
+    "model.layers=8", "model.dim=64", "model.heads=16", "model.kv_heads=8", "model.mlp_dim=96",
+    "model.vocab=128", "train.batch_size=16", "train.seq_len=16", "train.dtype=float32",
+    "pipeline.schedule=gpipe",
+]  # fmt: skip
+LAYOUTS = [(d, p, 8 // (d * p)) for d in (8, 4, 2, 1) for p in (1, 2, 4, 8) if 8 % (d * p) == 0]
+
+
+@pytest.mark.parametrize(("data", "pipeline", "tensor"), LAYOUTS)
+def test_memory_estimate_is_within_15_percent_of_the_compiled_peak(data, pipeline, tensor):
+    micro = 2 * pipeline if pipeline > 1 else 1
+    config = load_config(None, [*ESTIMATE_SIZES, f"pipeline.microbatches={micro}"])
+    mesh = make_mesh(parse_mesh(f"data={data},pipeline={pipeline},tensor={tensor}"))
+    placement = Placement(config, mesh)
+    peak = compiled_figures(Trainer(placement)).memory.peak_bytes  # no `analyze`: one compile
+    estimate = placement_estimate(placement)
+    assert 0.85 <= estimate.total_bytes / peak <= 1.15, (estimate.to_json(), peak)
 
 
 def test_analyze_json_keys_and_types(capsys, tmp_path):

@@ -1,23 +1,67 @@
-"""An analytic estimate of one device's memory for a train step, before anything is compiled.
+"""An analytic estimate of one device's peak memory for a train step, before anything is compiled.
 
-Persistent state is counted exactly from the shardings: float32 parameters, AdamW's two moments
-(same layout) and the gradients (same layout, live during the update). Activations are counted per
-token from the tensors the backward pass keeps, as a Megatron-style accounting does, adapted to this
-model (RMSNorm, RoPE, GQA, SwiGLU, float32 attention scores, no sequence parallelism):
+Pure arithmetic on the config, the mesh and the schedule (a layout planner calls it thousands of
+times). Each term is a set of buffers the compiled step holds at its peak, the end of the forward
+pass, where every residual the backward pass reads is live (checked against XLA's buffer
+assignment and live ranges, `--xla_dump_to`, at jax 0.10 and 0.12). Sizes per device, with D model
+dim, N heads, K kv heads, H head dim, F MLP dim, V vocab, S = T sequence, t tensor, d data, p
+pipeline, c layer slots per chunk, v repeats, b micro-batch rows per replica, cb bytes of the
+compute dtype; weights, their gradients, attention scores and logits are float32.
 
-    kept per layer and token  =  4 D                      residual input and output, two norms
-                               + (2 N + 3 K) H / t        q k v, rotated q k, attention output
-                               + 4 F / t                  gate, up, silu(gate), their product
-                  (in float32)  + N S / t                  attention probabilities
+Arguments (the state is donated: its outputs are written in place):
+    params, opt_state   exact from the shardings; AdamW's two moments are laid out like the
+                        parameters.
+    batch               the (B / dp, T + 1) int32 token ids.
 
-(D model dim, N heads, K kv heads, H head dim, F MLP dim, S sequence, t tensor-parallel size), and
-one float32 copy of the logits per token (V / t). A stage keeps these for every layer slot of each
-job the schedule holds at once (`Schedule.stash_slots`, or every forward tick for gpipe and
-circular, bubbles included), for a micro-batch of b = B / (data x M) rows; with
-`model.remat=full` each layer keeps only its input, plus one layer rebuilt during the backward
-pass; `dots` keeps the matmul outputs, `dots_no_batch` those without batch dimensions (projections,
-not attention). XLA's buffer assignment reuses and fuses buffers, so the compiled figure differs;
-`jaxpar analyze` prints both and the difference.
+Temporaries:
+    guard_copy          the non-finite guard (`where(finite, new, old)`) needs the old moments
+                        after the new ones are written into the donated buffers, so XLA copies
+                        both moments at the step's start. The donated buffers are then dead
+                        until the update, and buffer assignment puts temporaries into them:
+                        the residual stacks no larger than one moment leaf (best fit, one per
+                        buffer). The term is the moments less what is placed so.
+    grads               the weight-gradient accumulators of the layer stack (and top weights),
+                        one per parameter: params bytes.
+    derived_weights     the fused weights the layers' matmuls read, built once per step in
+                        float32 (`Block.weights`): q k v concatenated and gate up stacked,
+                        v c D ((N + 2K) H + 2F) / t (/ d with FSDP); the out and down
+                        projections are read in place.
+    residuals           what the backward pass reads, stacked by the layer scan over the c slots
+                        of a job and, in the tick loop, over the jobs a stage holds: every
+                        forward tick for gpipe and circular (v M + P - 1, ramps included), the
+                        stash ring's slots for the schedules with their own backward. Per layer
+                        and token, by `model.remat` (as XLA's fusions store them):
+                          none   6 D (the layer input, the residual sum after attention, and for
+                                 each norm its input times rsqrt and that times the scale)
+                                 + 2 N H / t (rotated q, attention output) + 2 K H / t (rotated
+                                 k, v) + 6 F / t (gate, up, sigmoid(gate), its derivative, silu,
+                                 silu x up) in cb, + 2 N S / t float32 (softmax's exponentials
+                                 and probabilities);
+                          full   the layer input, D;
+                          dots_no_batch  the layer input and the weights' matmul outputs:
+                                 D + (N + 2K) H / t + 2 F / t + 2 D; dots adds the attention
+                                 scores and values, dots_no_batch_attn the attention output.
+                        When a tick loop runs (more than one tick), one job's residuals more: the
+                        tick's own layer-scan stack, written into the stacks at the end of a
+                        forward tick and sliced out of them at the start of a backward one
+                        (double-buffered).
+    weight_grad_inputs  zb_h1 only: what a B hands its W (`tapped`), per layer and token each
+                        weight's contraction input and output cotangent, 8 D + 2 (N + K) H / t
+                        + 3 F / t in cb (q k v, out, gate up, down and the two norm scales), for
+                        the W ring's slots plus the job being written or read.
+    pipeline_buffers    with a tick loop: the replica's micro-batch inputs (gathered over
+                        `pipeline`), the last stage's outputs and their cotangent, 3 B / d T D.
+    layer_working       one layer's working set: its weights sliced out of the stack for the
+                        scan body, d ((2N + 2K) H + 3F) / t float32, and four (b, T, D)
+                        activations (its input, the attention and MLP outputs before and after
+                        the tensor all-reduce).
+    mask                the causal mask as a float32 fill and a predicate, b N / t T S x 5
+                        bytes, built once outside the layer loop.
+    logits              the one-hot embedding input (cb) and the logits and their gradient
+                        (float32), B / dp T V / t each.
+
+On the CPU backend temporaries are packed into 32 MiB heaps (`jaxpar.runtime`), which wastes a
+little more; `jaxpar analyze` prints the estimate next to XLA's figures.
 """
 
 from __future__ import annotations
@@ -29,76 +73,168 @@ from jaxpar.config import Config
 from jaxpar.mesh import MeshSpec
 from jaxpar.pipeline.schedule import Schedule
 
+F32 = 4  # bytes: float32 (master weights, their gradients, attention scores, logits)
+I32 = 4  # bytes: an int32 token id
+
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per device: the persistent state, the transient gradients and the activations."""
+    """Bytes per device at the step's peak, term by term (the module docstring defines each)."""
 
     params_bytes: int
     opt_state_bytes: int
+    batch_bytes: int
+    guard_copy_bytes: int
     grads_bytes: int
-    activations_bytes: int
+    derived_weights_bytes: int
+    residuals_bytes: int
+    weight_grad_inputs_bytes: int
+    pipeline_buffers_bytes: int
+    layer_working_bytes: int
+    mask_bytes: int
+    logits_bytes: int
 
     @property
     def state_bytes(self) -> int:
-        return self.params_bytes + self.opt_state_bytes
+        """The step's arguments: parameters, optimizer state and the token batch."""
+        return self.params_bytes + self.opt_state_bytes + self.batch_bytes
+
+    @property
+    def activations_bytes(self) -> int:
+        """What the batch adds: everything that grows with tokens."""
+        return (
+            self.residuals_bytes + self.weight_grad_inputs_bytes + self.pipeline_buffers_bytes
+            + self.layer_working_bytes + self.mask_bytes + self.logits_bytes
+        )  # fmt: skip
+
+    @property
+    def temp_bytes(self) -> int:
+        """Everything but the arguments: XLA's temporaries."""
+        return self.total_bytes - self.state_bytes
 
     @property
     def total_bytes(self) -> int:
-        return self.state_bytes + self.grads_bytes + self.activations_bytes
+        return (
+            self.state_bytes + self.guard_copy_bytes + self.grads_bytes
+            + self.derived_weights_bytes + self.activations_bytes
+        )  # fmt: skip
 
     def to_json(self) -> dict[str, int]:
-        return {**asdict(self), "total_bytes": self.total_bytes}
+        return {
+            **asdict(self),
+            "activations_bytes": self.activations_bytes,
+            "total_bytes": self.total_bytes,
+        }
 
 
-def _layer_elements(config: Config, tensor: int) -> tuple[float, float, float]:
-    """(all kept elements, matmul outputs, matmul outputs without batch dims) per layer and token,
-    in compute-dtype elements; the float32 attention probabilities count twice in bfloat16."""
+def _kept_per_token(config: Config, tensor: int, compute_bytes: int) -> list[tuple[int, float]]:
+    """What one layer keeps for its backward pass per token under `model.remat`: (how many
+    arrays, bytes per token of each)."""
     m = config.model
-    d, h, n, k, f = m.dim, m.head_dim, m.heads, m.kv_heads, m.mlp_dim
-    projections = ((n + 2 * k) * h + 2 * f) / tensor + 2 * d  # qkv, gate/up, out and down
-    every = 4 * d + ((2 * n + 3 * k) * h + 4 * f) / tensor
-    return every, projections + n * h / tensor, projections
+    d, h, n, k, f, s = m.dim, m.head_dim, m.heads, m.kv_heads, m.mlp_dim, config.train.seq_len
+    cb = compute_bytes
+    qkv, gate_up = (n + 2 * k) * h / tensor * cb, 2 * f / tensor * cb
+    # the weights' matmuls: the layer input, q k v, gate up, and the out and down projections
+    projections = [(1, d * cb), (1, qkv), (1, gate_up), (2, d * cb)]
+    return {
+        "none": [
+            (6, d * cb),
+            (2, n * h / tensor * cb),
+            (2, k * h / tensor * cb),
+            (6, f / tensor * cb),
+            (2, n * s / tensor * F32),
+        ],
+        "full": [(1, d * cb)],
+        "dots": [*projections, (1, n * h / tensor * cb), (1, n * s / tensor * F32)],
+        "dots_no_batch": projections,
+        "dots_no_batch_attn": [*projections, (1, n * h / tensor * cb)],
+    }[config.model.remat]
+
+
+def _moment_buffers(config: Config, spec: MeshSpec, slots: int) -> list[int]:
+    """Bytes of each optimizer-state leaf one device holds (each moment is laid out like its
+    parameter; FSDP also splits the weights' model dimension over `data`)."""
+    m, t = config.model, spec.tensor
+    d, h, n, k, f, v = m.dim, m.head_dim, m.heads, m.kv_heads, m.mlp_dim, m.vocab
+    shard = spec.data if config.parallel.fsdp else 1
+    weights = [d * n * h, d * k * h, d * k * h, n * h * d, d * f, d * f, d * f]
+    leaves = [slots * w // t // shard for w in weights] + [slots * d, slots * d]
+    leaves += [v * d // t // shard] * (1 if m.tie_embeddings else 2) + [d]
+    return [F32 * x for x in leaves for _ in range(2)]  # AdamW: first and second moments
+
+
+def _reused(temps: list[float], buffers: list[int]) -> float:
+    """Bytes of `temps` XLA can place in `buffers` (dead donated arguments): largest temporary
+    first, each in the smallest free buffer that holds it, one per buffer."""
+    free = sorted(buffers)
+    placed = 0.0
+    for size in sorted(temps, reverse=True):
+        fit = next((i for i, b in enumerate(free) if b >= size), None)
+        if fit is not None:
+            placed += size
+            free.pop(fit)
+    return placed
 
 
 def estimate_memory(
     config: Config, spec: MeshSpec, schedule: Schedule, params_bytes: int, compute_bytes: int
 ) -> MemoryEstimate:
-    """Estimates one device's memory for `config` on the mesh `spec`, run by `schedule`.
-
-    The jobs whose activations a stage keeps at once come from the schedule: every forward tick
-    for gpipe and circular (their backward is the transposed scan), the stash ring's slots for
-    the schedules with their own backward.
+    """Estimates one device's peak memory for `config` on the mesh `spec`, run by `schedule`:
+    arithmetic only, nothing is traced or compiled.
 
     Args:
         params_bytes: the parameters one device holds (exact, from the shardings).
         compute_bytes: bytes of one element of the compute dtype (4 float32, 2 bfloat16).
+
+    Returns:
+        The terms in bytes per device (the module docstring defines each).
     """
     m, t = config.model, config.train
     data, pipeline, tensor = spec.data, spec.pipeline, spec.tensor
-    seq, v, remat = t.seq_len, schedule.repeats, m.remat
+    shard = data if config.parallel.fsdp else 1  # FSDP splits the weights' D over `data`
+    d, h, n, k, f, seq = m.dim, m.head_dim, m.heads, m.kv_heads, m.mlp_dim, t.seq_len
+    v, micro = schedule.repeats, schedule.microbatches
     chunk = math.ceil(m.layers / (pipeline * v))  # layer slots per job, padding included
-    jobs = schedule.stash_slots if schedule.hand_backward else schedule.ticks
-    rows = t.batch_size // (data * schedule.microbatches)  # micro-batch rows per replica
-    every, dots, dots_no_batch = _layer_elements(config, tensor)
-    probs_f32 = m.heads * seq / tensor * (4 - compute_bytes)  # extra bytes, scores kept in f32
-    per_token = {
-        "none": every * compute_bytes + probs_f32,
-        "dots": dots * compute_bytes + m.heads * seq / tensor * 4,
-        "dots_no_batch": dots_no_batch * compute_bytes,
-        "full": 0.0,
-    }[remat]
+    slots = v * chunk  # layer slots per stage
+    rows = t.batch_size // (data * micro)  # micro-batch rows per replica
     job_tokens = rows * seq
-    kept = jobs * chunk * job_tokens * (m.dim * compute_bytes + per_token)
-    if remat != "none":  # one layer rebuilt in full during the backward pass
-        kept += job_tokens * (every * compute_bytes + probs_f32)
+    replica_tokens = t.batch_size // data * seq
     outer_tokens = t.batch_size // (data * pipeline) * seq
-    outer = outer_tokens * (4 * m.dim * compute_bytes + m.vocab / tensor * 4)
-    held = schedule.microbatches * job_tokens * m.dim * compute_bytes if pipeline > 1 else 0
+    cb = compute_bytes
+
+    stacked = schedule.stash_slots if schedule.hand_backward else schedule.ticks
+    looped = schedule.hand_backward or schedule.ticks > 1
+    stacks = [
+        stacked * chunk * job_tokens * per_token
+        for count, per_token in _kept_per_token(config, tensor, cb)
+        for _ in range(count)
+    ]
+    one_job = sum(stacks) / stacked
+    residuals = sum(stacks) + (one_job if looped else 0)
+    opt_buffers = _moment_buffers(config, spec, slots)
     opt = 2 * params_bytes  # AdamW: first and second moments, laid out like the parameters
+    reused = min(_reused(stacks, opt_buffers), opt)
+    layer_weights = d * ((n + 2 * k) * h + n * h + 3 * f) / tensor * F32 / shard
+    layer = layer_weights + 4 * job_tokens * d * cb
+    derived = slots * d * ((n + 2 * k) * h + 2 * f) / tensor * F32 / shard
+    pipeline_buffers = 3 * replica_tokens * d * cb if looped else 0
+    held_w = schedule.routes.slots["wstash"] if schedule.split else 0
+    # per token of a layer: each weight's contraction input and output cotangent (`tapped`)
+    taps = 8 * d + (2 * n + 2 * k) * h / tensor + 3 * f / tensor
+    weight_grad_inputs = (held_w + 1) * chunk * job_tokens * taps * cb if held_w else 0
+    mask = rows * n / tensor * seq * seq * (F32 + 1)
+    logits = outer_tokens * m.vocab / tensor * (2 * F32 + cb)
     return MemoryEstimate(
         params_bytes=params_bytes,
         opt_state_bytes=opt,
+        batch_bytes=outer_tokens // seq * (seq + 1) * I32,
+        guard_copy_bytes=int(opt - reused),
         grads_bytes=params_bytes,
-        activations_bytes=int(kept + outer + held),
+        derived_weights_bytes=int(derived),
+        residuals_bytes=int(residuals),
+        weight_grad_inputs_bytes=int(weight_grad_inputs),
+        pipeline_buffers_bytes=int(pipeline_buffers),
+        layer_working_bytes=int(layer),
+        mask_bytes=int(mask),
+        logits_bytes=int(logits),
     )

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from jaxpar.analysis.comm import AxisTraffic, traffic
 from jaxpar.analysis.flops import ActionCosts, ComputeOverhead, action_costs, compute_overhead
-from jaxpar.analysis.hlo import collectives, parse
+from jaxpar.analysis.hlo import HloModule, collectives, parse
 from jaxpar.analysis.memory import MemoryEstimate, estimate_memory
 from jaxpar.analysis.params import ParamRow, param_rows, tree_bytes_per_device
 from jaxpar.mesh import AXES
@@ -132,18 +132,26 @@ class CompiledStep(Protocol):
         ...
 
 
-def analyze(step: CompiledStep) -> Analysis:
-    """Compiles `step` (nothing runs) and reads its figures."""
+@dataclass(frozen=True)
+class CompiledFigures:
+    """What one compile of a step tells without compiling anything else."""
+
+    memory: CompiledMemory
+    collectives: list[AxisTraffic]
+    module: HloModule
+    compile_s: float
+
+
+def compiled_figures(step: CompiledStep) -> CompiledFigures:
+    """Compiles `step` (nothing runs) and reads XLA's memory assignment and its collectives."""
     placement = step.placement
-    config, mesh, spec = placement.config, placement.mesh, placement.spec
     compiled, compile_s = step.compile()
     opt_state = step.abstract_state().opt_state
     module = parse(compiled.as_text())
     rows = param_rows(placement.abstract_params, placement.param_shardings)
-    params_bytes = sum(r.bytes_per_device for r in rows)
     stats = compiled.memory_analysis()
     memory = CompiledMemory(
-        params_bytes=params_bytes,
+        params_bytes=sum(r.bytes_per_device for r in rows),
         params_total_bytes=sum(r.bytes for r in rows),
         opt_state_bytes=tree_bytes_per_device(
             opt_state, jax.tree.map(lambda x: x.sharding, opt_state)
@@ -154,10 +162,27 @@ def analyze(step: CompiledStep) -> Analysis:
         temp_bytes=stats.temp_size_in_bytes,
         alias_bytes=stats.alias_size_in_bytes,
     )
-    estimate = estimate_memory(
-        config, spec, placement.schedule, params_bytes, compute_bytes=placement.dtype.itemsize
-    )
-    found = collectives(module, spec.sizes, AXES)
+    found = traffic(collectives(module, placement.spec.sizes, AXES))
+    return CompiledFigures(memory, found, module, compile_s)
+
+
+def placement_estimate(placement: Placement) -> MemoryEstimate:
+    """The analytic memory estimate for a placement (parameters per device from its shardings)."""
+    rows = param_rows(placement.abstract_params, placement.param_shardings)
+    return estimate_memory(
+        placement.config, placement.spec, placement.schedule,
+        sum(r.bytes_per_device for r in rows), compute_bytes=placement.dtype.itemsize,
+    )  # fmt: skip
+
+
+def analyze(step: CompiledStep) -> Analysis:
+    """Compiles `step` (nothing runs) and reads its figures."""
+    placement = step.placement
+    config, mesh, spec = placement.config, placement.mesh, placement.spec
+    figures = compiled_figures(step)
+    memory, module = figures.memory, figures.module
+    rows = param_rows(placement.abstract_params, placement.param_shardings)
+    estimate = placement_estimate(placement)
     actions = action_costs(placement)
     return Analysis(
         mesh=str(spec),
@@ -174,8 +199,8 @@ def analyze(step: CompiledStep) -> Analysis:
         bubble_theory=placement.schedule.bubble,
         bubble_lockstep=actions.lockstep_bubble(placement.schedule),
         actions=actions,
-        collectives=traffic(found),
-        compile_s=compile_s,
+        collectives=figures.collectives,
+        compile_s=figures.compile_s,
         parameters=rows,
     )
 
@@ -213,9 +238,11 @@ def render(a: Analysis, console: Console) -> None:
     row("optimizer state", m.opt_state_bytes, e.opt_state_bytes,
         sharded(m.opt_state_total_bytes, m.opt_state_bytes))  # fmt: skip
     row("arguments", m.argument_bytes, e.state_bytes, "state + token batch")
+    row("  token batch", None, e.batch_bytes, "int32 token ids")
     row("outputs", m.output_bytes, None, f"{_mb(m.alias_bytes)} written in place (donated)")
-    transient = f"gradients {_mb(e.grads_bytes)} + activations {_mb(e.activations_bytes)}"
-    row("temporaries", m.temp_bytes, e.grads_bytes + e.activations_bytes, f"estimate: {transient}")
+    row("temporaries", m.temp_bytes, e.temp_bytes, "estimate: the terms below")
+    for name, value, note in _temporaries(e):
+        row(f"  {name}", None, value, note)
     row("peak", m.peak_bytes, e.total_bytes, "arguments + outputs - aliased + temporaries")
     console.print(table)
 
@@ -238,6 +265,21 @@ def render(a: Analysis, console: Console) -> None:
     console.print(table)
 
     console.print(param_table(a.parameters, "parameters"))
+
+
+def _temporaries(e: MemoryEstimate) -> list[tuple[str, int, str]]:
+    """The estimate's temporaries, term by term (`jaxpar.analysis.memory` defines each)."""
+    return [
+        ("guard copy", e.guard_copy_bytes, "old optimizer state kept by the non-finite guard"),
+        ("gradients", e.grads_bytes, "weight-gradient accumulators"),
+        ("derived weights", e.derived_weights_bytes, "fused q k v and gate up, once per step"),
+        ("residuals", e.residuals_bytes, "what the backward pass reads, every job held"),
+        ("weight-gradient inputs", e.weight_grad_inputs_bytes, "zb_h1: what each W waits on"),
+        ("pipeline buffers", e.pipeline_buffers_bytes, "micro-batch inputs, outputs, cotangents"),
+        ("layer working set", e.layer_working_bytes, "one layer's weights and activations"),
+        ("attention mask", e.mask_bytes, "built once outside the layer loop"),
+        ("logits", e.logits_bytes, "one-hot input, logits and their gradient"),
+    ]
 
 
 def param_table(rows: list[ParamRow], title: str) -> Table:

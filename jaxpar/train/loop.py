@@ -103,6 +103,13 @@ def train(
                 f"resuming from checkpoint {start} (written on mesh {restored['mesh']}) in "
                 f"{out / CHECKPOINTS}"
             )
+            changed = layout_change(restored["config"], config)
+            if changed:
+                console.print(
+                    f"layout changed since the checkpoint: {changed}; the global batch stays "
+                    f"{t.batch_size} x {t.seq_len}",
+                    style="yellow",
+                )
         compile_s = _compile(trainer, console)
         last = min(t.steps, stop_after) if stop_after is not None else t.steps
         start_time = time.perf_counter()
@@ -126,6 +133,23 @@ def train(
         stopped_by=run.stopped_by,
         placement=trainer.placement,
         state=run.state,
+    )
+
+
+LAYOUT_KEYS = (
+    ("parallel", "mesh"), ("parallel", "fsdp"), ("pipeline", "schedule"),
+    ("pipeline", "microbatches"), ("pipeline", "repeats"), ("model", "remat"),
+)  # fmt: skip
+
+
+def layout_change(saved: dict[str, dict[str, Any]], config: Config) -> str:
+    """The layout keys that differ between a checkpoint's config and `config`, as
+    `key old -> new` (empty when none does): what a resumed run re-planned."""
+    now = config.to_dict()
+    return ", ".join(
+        f"{section}.{key} {saved[section][key]} -> {now[section][key]}"
+        for section, key in LAYOUT_KEYS
+        if saved.get(section, {}).get(key, now[section][key]) != now[section][key]
     )
 
 

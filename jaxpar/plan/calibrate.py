@@ -1,0 +1,121 @@
+"""`jaxpar plan --calibrate`: measure the devices present and write a hardware profile.
+
+Three measurements, each the median of a few timed runs after a warm-up:
+- the sustained matmul rate per device and dtype: every device multiplies its own square
+  matrices at once (a batched matmul sharded over all devices), so devices that share a host's
+  cores, as simulated CPU devices do, are measured as they run in a step;
+- the bus bandwidth of an all-reduce over all devices (NCCL's convention: 2 (g - 1) / g of the
+  array per device over the time);
+- the latency of a collective: an all-reduce of one number.
+The devices present are taken as one node (both links get the measured figures). The peak is the
+datasheet's where `jaxpar.train.bench` knows the chip, else the measured rate.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+from jaxpar.plan.hardware import DTYPES, Hardware, Link
+
+
+def _median_s(run: Callable[[], object], repeats: int) -> float:
+    import jax
+
+    jax.block_until_ready(run())  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops(dtype: str, size: int, repeats: int = 5) -> float:
+    """Sustained matmul FLOP/s of one device while every device runs its own [size, size]^2."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ("all",))
+    sharding = NamedSharding(mesh, PartitionSpec("all"))
+    keys = jax.random.split(jax.random.key(0), 2)
+    a, b = (
+        jax.device_put(jax.random.normal(k, (n, size, size), dtype=jnp.dtype(dtype)), sharding)
+        for k in keys
+    )
+    f = jax.jit(lambda a, b: jnp.einsum("nij,njk->nik", a, b), out_shardings=sharding)
+    seconds = _median_s(lambda: f(a, b), repeats)
+    return 2 * size**3 / seconds
+
+
+def allreduce_seconds(elements: int, repeats: int = 5) -> float:
+    """Seconds of one float32 all-reduce of `elements` per device over all devices."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ("all",))
+    x = jax.device_put(
+        jnp.ones((n, elements), jnp.float32), NamedSharding(mesh, PartitionSpec("all"))
+    )
+    f = jax.jit(
+        jax.shard_map(
+            lambda x: jax.lax.psum(x, "all"), mesh=mesh, in_specs=PartitionSpec("all"),
+            out_specs=PartitionSpec("all"),
+        )
+    )  # fmt: skip
+    return _median_s(lambda: f(x), repeats)
+
+
+def _memory_gib(device) -> float:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return stats["bytes_limit"] / 2**30
+    import jax
+
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # CPU: the host's share
+    return host / jax.local_device_count() / 2**30
+
+
+def calibrate(name: str, progress: Callable[[str], None] = lambda line: None) -> Hardware:
+    """Measures the devices JAX sees and returns their profile."""
+    import jax
+
+    from jaxpar.train.bench import peak_flops
+
+    device = jax.devices()[0]
+    cpu = device.platform == "cpu"
+    sizes = {"float32": 512 if cpu else 8192, "bfloat16": 256 if cpu else 8192}
+    sustained = {}
+    for dtype in DTYPES:
+        sustained[dtype] = matmul_flops(dtype, sizes[dtype]) / 1e12
+        progress(f"matmul {dtype}: {sustained[dtype]:,.3f} TFLOP/s per device")
+    peak = {d: (peak_flops(device.device_kind, d) or sustained[d] * 1e12) / 1e12 for d in DTYPES}
+    n = jax.device_count()
+    if n > 1:
+        elements = 2**20 if cpu else 2**26
+        seconds = allreduce_seconds(elements)
+        latency = allreduce_seconds(1)
+        bus = 2 * (n - 1) / n * 4 * elements / max(seconds - latency, 1e-9)
+        link = Link(gbytes_per_s=round(bus / 1e9, 3), latency_us=round(latency * 1e6, 1))
+        progress(f"all-reduce over {n} devices: {link.gbytes_per_s:,.2f} GB/s bus bandwidth, "
+                 f"{link.latency_us:,.1f} us latency")  # fmt: skip
+    else:
+        link = Link(gbytes_per_s=1e3, latency_us=0.0)  # one device: nothing to measure
+        progress("one device: no collectives to measure")
+    return Hardware(
+        name=name,
+        description=f"{n} x {device.device_kind}, calibrated by jaxpar plan --calibrate",
+        memory_gib=round(_memory_gib(device), 2),
+        peak_tflops={d: round(v, 6) for d, v in peak.items()},
+        sustained_tflops={d: round(v, 6) for d, v in sustained.items()},
+        devices_per_node=n,
+        node_link=link,
+        network_link=link,
+        overlap=0.0 if cpu else 0.8,
+    )

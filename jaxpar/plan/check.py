@@ -1,0 +1,50 @@
+"""The compile check: a candidate's train step compiled ahead of time (nothing runs), and its
+estimate redone with what XLA assigned and the collectives it emitted."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxpar.config import Config
+from jaxpar.plan.cost import Estimate, comm_terms
+from jaxpar.plan.hardware import Hardware
+
+
+def compile_check(config: Config, estimate: Estimate, hw: Hardware) -> Estimate:
+    """`estimate` with the compiled peak memory and the compiled collectives in place of the
+    model's; `fits` against the profile's memory, with a note when it no longer does."""
+    from jaxpar.analysis.report import compiled_figures
+    from jaxpar.mesh import make_mesh
+    from jaxpar.placement import Placement
+    from jaxpar.train.step import Trainer
+
+    c = estimate.candidate
+    placement = Placement(c.apply(config), make_mesh(c.spec))
+    figures = compiled_figures(Trainer(placement))
+    memory = figures.memory
+    comm = comm_terms(figures.collectives, c.spec, hw)
+    step_s = estimate.step_s - estimate.comm_s + sum(t.seconds for t in comm)
+    data_s = sum(t.seconds for t in comm if t.axis == "data")
+    hidden_s = min(hw.overlap * data_s, estimate.compute_s * 2 / 3)
+    step_s = step_s + estimate.hidden_s - hidden_s
+    fits = memory.peak_bytes <= hw.memory_bytes
+    notes = list(estimate.notes)
+    if not fits:
+        notes.append(
+            f"dropped: compiled peak {memory.peak_bytes / 2**30:,.2f} GiB exceeds the profile's "
+            f"{hw.memory_gib:g} GiB (estimate {estimate.memory_bytes / 2**30:,.2f} GiB)"
+        )
+    tokens = estimate.tokens_per_s * estimate.step_s
+    return dataclasses.replace(
+        estimate,
+        memory={**estimate.memory, "compiled_peak_bytes": memory.peak_bytes},
+        memory_bytes=memory.peak_bytes,
+        comm=comm,
+        hidden_s=hidden_s,
+        step_s=step_s,
+        tokens_per_s=tokens / step_s,
+        mfu=estimate.mfu * estimate.step_s / step_s,
+        fits=fits,
+        compiled=True,
+        notes=notes,
+    )

@@ -1,0 +1,246 @@
+"""The planner's cost model: memory per device and step time of a candidate layout, term by term.
+
+Nothing here compiles or touches a device; a candidate costs well under a millisecond:
+
+    memory   = `jaxpar.analysis.memory.estimate_memory` (parameters, optimizer state, gradients,
+               activations by schedule and remat; checked against XLA's peak by the tests), with
+               the parameters per device counted from the sharding rules.
+    compute  = the slowest stage's matmul FLOPs summed over the schedule's ticks (every tick lasts
+               as long as its slowest stage: `Schedule.lockstep_cost`, so bubbles and padded layer
+               slots are paid), plus the recomputed forward matmuls of `model.remat`, plus the
+               embedding, LM head and loss on this device's share of the batch, all over the
+               profile's sustained FLOP/s for the compute dtype.
+    comm     = for every (kind, axes) of `jaxpar.plan.traffic.predict_traffic` (the collectives
+               the compiled step runs, per device): latency x count + bus bytes / bandwidth, on the
+               node link when the axes' device group fits in one node, else on the network link.
+               Bus bytes are NCCL's: 2 (g - 1) / g of the array for an all-reduce over g devices,
+               (g - 1) / g for an all-gather or reduce-scatter, the array for a send.
+    hidden   = the profile's `overlap` share of the data-axis traffic (gradient reduction and
+               FSDP gathers run asynchronously beside the backward pass), at most the backward
+               compute; tensor and pipeline traffic waits on the critical path.
+    step     = compute + comm - hidden.
+
+The MFU is the model's FLOPs (causal attention counted half, as `jaxpar bench` counts them) over
+the step time and the devices' peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from jaxpar.analysis.comm import AxisTraffic
+from jaxpar.analysis.flops import _RECOMPUTED, _layer_forward, model_flops
+from jaxpar.analysis.memory import MemoryEstimate, estimate_memory
+from jaxpar.config import Config, ModelConfig
+from jaxpar.mesh import AXES, DATA, MeshSpec
+from jaxpar.plan.hardware import Hardware, Link
+from jaxpar.plan.space import Candidate
+from jaxpar.plan.traffic import predict_traffic
+
+
+@dataclass(frozen=True)
+class CommTerm:
+    """One (kind, axes) of the step's collectives and what it costs."""
+
+    kind: str
+    axis: str
+    count: int
+    bytes: int
+    link: str
+    seconds: float
+
+
+@dataclass
+class Estimate:
+    """A candidate's predicted memory and speed, with every term; `compiled` once the compile
+    check has replaced the memory and traffic with the compiled program's."""
+
+    candidate: Candidate
+    memory: dict[str, int]
+    memory_bytes: int
+    compute_s: float
+    recompute_s: float
+    bubble: float
+    comm: list[CommTerm]
+    hidden_s: float
+    step_s: float
+    tokens_per_s: float
+    mfu: float
+    fits: bool
+    compiled: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def comm_s(self) -> float:
+        return sum(c.seconds for c in self.comm)
+
+    def to_json(self) -> dict[str, Any]:
+        c = self.candidate
+        return {
+            "mesh": c.mesh,
+            "overrides": c.overrides[1:],
+            "fsdp": c.fsdp,
+            "schedule": c.schedule,
+            "microbatches": c.microbatches,
+            "repeats": c.repeats,
+            "remat": c.remat,
+            "memory_bytes": self.memory_bytes,
+            "fits": self.fits,
+            "step_s": self.step_s,
+            "tokens_per_s": self.tokens_per_s,
+            "mfu": self.mfu,
+            "compiled": self.compiled,
+            "terms": {
+                "compute_s": self.compute_s,
+                "recompute_s": self.recompute_s,
+                "bubble": self.bubble,
+                "comm_s": self.comm_s,
+                "hidden_s": self.hidden_s,
+                "comm": [vars(t) for t in self.comm],
+                "memory": self.memory,
+            },
+            "notes": self.notes,
+        }
+
+
+@cache
+def _param_shapes(model: ModelConfig) -> tuple[tuple[tuple[int, ...], tuple[str, ...], bool], ...]:
+    """(shape, logical axes, is a block) of every parameter of a one-layer model: the blocks' shapes
+    without their (stage, layers) dimensions, which the layout decides."""
+    from flax import nnx
+
+    from jaxpar.model.llama import Llama
+    from jaxpar.sharding import REPLICATED
+
+    one = dataclasses.replace(model, layers=1)
+    abstract = nnx.eval_shape(lambda: Llama(one, REPLICATED, rngs=nnx.Rngs(params=0)))
+    rows = []
+    for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        axes = tuple(v.get_metadata()["logical_axes"])
+        block = any(getattr(k, "key", k) == "blocks" for k in path)
+        shape = tuple(v.get_value().shape)
+        rows.append((shape[2:] if block else shape, axes[2:] if block else axes, block))
+    return tuple(rows)
+
+
+def param_bytes(config: Config, spec: MeshSpec) -> int:
+    """Float32 parameter bytes one device holds: the blocks' [P, v * c, ...] stage layout, every
+    dimension divided by the mesh axes the sharding rules put it on."""
+    from jaxpar.sharding import _as_tuple, rules_for
+
+    rules = rules_for(spec, config.parallel.fsdp)
+    sizes = dict(zip(AXES, spec.sizes, strict=True))
+    chunks = spec.pipeline * config.pipeline.repeats
+    slots = config.pipeline.repeats * math.ceil(config.model.layers / chunks)  # per stage
+    total = 0
+    architecture = dataclasses.replace(config.model, remat="none", attention="auto")
+    for shape, axes, block in _param_shapes(architecture):
+        elements = slots if block else 1
+        for dim, target in zip(shape, rules.spec(axes), strict=True):
+            elements *= math.ceil(dim / math.prod(sizes[a] for a in _as_tuple(target)))
+        total += 4 * elements
+    return total
+
+
+def _span(spec: MeshSpec, axes: tuple[str, ...]) -> tuple[int, int]:
+    """(group size, extent): the devices a collective over `axes` joins, and the span of device
+    ids one group covers (axes are laid out data-major, tensor fastest)."""
+    sizes = dict(zip(AXES, spec.sizes, strict=True))
+    group = math.prod(sizes[a] for a in axes)
+    outer = min((AXES.index(a) for a in axes), default=len(AXES))
+    extent = math.prod(spec.sizes[outer:]) if axes else 1
+    return group, extent
+
+
+_BUS = {
+    "all-reduce": lambda g: 2 * (g - 1) / g,
+    "all-gather": lambda g: (g - 1) / g,
+    "reduce-scatter": lambda g: (g - 1) / g,
+    "all-to-all": lambda g: (g - 1) / g,
+    "collective-permute": lambda g: 1.0,
+}
+
+
+def comm_terms(traffic: list[AxisTraffic], spec: MeshSpec, hw: Hardware) -> list[CommTerm]:
+    terms = []
+    for t in traffic:
+        group, extent = _span(spec, t.axes)
+        if group <= 1:
+            continue
+        inside = extent <= hw.devices_per_node
+        link: Link = hw.node_link if inside else hw.network_link
+        seconds = link.seconds(_BUS[t.kind](group) * t.bytes, t.count)
+        terms.append(CommTerm(t.kind, t.axis, t.count, t.bytes, "node" if inside else "network",
+                              seconds))  # fmt: skip
+    return terms
+
+
+def stack_flops(config: Config, candidate: Candidate) -> tuple[float, float, float]:
+    """(the slowest stage's layer-stack FLOPs over the schedule's ticks, of which recomputed, the
+    lockstep bubble):
+    one job's F, B and W from the model's shapes (B and W each as F; remat adds its recomputed
+    matmuls to B), charged tick by tick as `Schedule.lockstep_cost` does."""
+    m, t = config.model, config.train
+    schedule = candidate.schedule_of
+    chunk = math.ceil(m.layers / (candidate.pipeline * candidate.repeats))
+    rows = t.batch_size / (candidate.data * candidate.microbatches)
+    forward = _layer_forward(m, t.seq_len)
+    per_job = rows * t.seq_len * chunk / candidate.tensor
+    f = per_job * sum(forward.values())
+    redo = per_job * sum(forward[name] for name in _RECOMPUTED[candidate.remat])
+    if schedule.split:
+        b, w = f + redo, f
+    else:
+        b, w = 2 * f + redo, 0.0
+    jobs = schedule.repeats * schedule.microbatches
+    return schedule.lockstep_cost(f, b, w), jobs * redo, schedule.lockstep_bubble(f, b, w)
+
+
+def compute_dtype_for(name: str, hw: Hardware) -> str:
+    """`train.dtype` on the profile's devices: `auto` is float32 on CPU, bfloat16 elsewhere (as
+    `jaxpar.placement.compute_dtype` resolves it on the devices themselves)."""
+    if name == "auto":
+        return "float32" if hw.name == "cpu" else "bfloat16"
+    return "bfloat16" if name == "float16" else name
+
+
+def estimate(config: Config, candidate: Candidate, hw: Hardware) -> Estimate:
+    """The cost model for one candidate (see the module docstring)."""
+    m, t = config.model, config.train
+    layout = candidate.apply(config)
+    spec, schedule = candidate.spec, candidate.schedule_of
+    dtype = compute_dtype_for(t.dtype, hw)
+    compute_bytes = 4 if dtype == "float32" else 2
+    memory: MemoryEstimate = estimate_memory(
+        layout, spec, schedule, param_bytes(layout, spec), compute_bytes
+    )
+    stack, recomputed, bubble = stack_flops(config, candidate)
+    outer_tokens = t.batch_size * t.seq_len / (spec.data * spec.pipeline * spec.tensor)
+    outer = outer_tokens * (3 * 2 + 2 * 2) * m.dim * m.vocab
+    rate = hw.sustained_flops(dtype)
+    compute_s = (stack + outer) / rate
+    comm = comm_terms(predict_traffic(layout, spec, compute_bytes), spec, hw)
+    data_s = sum(c.seconds for c in comm if c.axis == DATA)
+    hidden_s = min(hw.overlap * data_s, compute_s * 2 / 3)
+    step_s = compute_s + sum(c.seconds for c in comm) - hidden_s
+    tokens = t.batch_size * t.seq_len
+    useful = model_flops(m, t.batch_size, t.seq_len, causal=True)
+    devices = spec.size
+    return Estimate(
+        candidate=candidate,
+        memory=memory.to_json(),
+        memory_bytes=memory.total_bytes,
+        compute_s=compute_s,
+        recompute_s=recomputed / rate,
+        bubble=bubble,
+        comm=comm,
+        hidden_s=hidden_s,
+        step_s=step_s,
+        tokens_per_s=tokens / step_s,
+        mfu=useful / (step_s * devices * hw.peak_flops(dtype)),
+        fits=memory.total_bytes <= hw.memory_bytes,
+    )

@@ -1,0 +1,191 @@
+"""Hardware profiles: what the planner's cost model knows of the devices, from small YAML files.
+
+A profile gives one device's memory, its peak and sustained matmul rates per compute dtype, how many
+devices share a node, and two links in the alpha-beta form (a latency per collective and a bus
+bandwidth, as NCCL's tests report it): `node_link` inside a node (NVLink, a TPU slice's ICI, or
+this host's memory), `network_link` between nodes (InfiniBand, DCN). `overlap` is the share of the
+data-parallel gradient reduction hidden behind the backward pass (XLA's asynchronous collectives);
+tensor-parallel all-reduces and pipeline sends sit on the critical path and are never hidden.
+
+Shipped profiles live in `jaxpar/plan/profiles/` (`h100-sxm`, `h200`, `a100-80g`, `tpu-v5e`, `cpu`);
+`jaxpar plan --calibrate` measures the devices it runs on and writes one; any file of the same
+fields works (`--hardware my-cluster.yaml`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxpar.errors import JaxparError
+
+PROFILES = Path(__file__).parent / "profiles"
+DTYPES = ("bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class Link:
+    """A collective's cost: `latency_us` once per collective plus its bytes over `gbytes_per_s`
+    (bus bandwidth: a ring all-reduce of n bytes over g devices moves 2 (g - 1) / g n)."""
+
+    gbytes_per_s: float
+    latency_us: float
+
+    def seconds(self, bus_bytes: float, count: int) -> float:
+        return count * self.latency_us * 1e-6 + bus_bytes / (self.gbytes_per_s * 1e9)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    description: str
+    memory_gib: float
+    peak_tflops: dict[str, float]
+    sustained_tflops: dict[str, float]
+    devices_per_node: int
+    node_link: Link
+    network_link: Link
+    overlap: float
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * 2**30)
+
+    def peak_flops(self, dtype: str) -> float:
+        return self.peak_tflops[dtype] * 1e12
+
+    def sustained_flops(self, dtype: str) -> float:
+        return self.sustained_tflops[dtype] * 1e12
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(asdict(self), sort_keys=False)
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILES.glob("*.yaml"))
+
+
+def load_hardware(name_or_file: str) -> Hardware:
+    """A shipped profile by name, or a profile file.
+
+    Raises:
+        JaxparError: neither a shipped name nor a readable file, or a malformed profile (the
+            message names the field).
+    """
+    path = PROFILES / f"{name_or_file}.yaml"
+    if not path.is_file():
+        path = Path(name_or_file)
+        if not path.is_file():
+            raise JaxparError(
+                f"hardware {name_or_file!r} is neither a profile ({', '.join(profile_names())}) "
+                "nor a profile file"
+            )
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise JaxparError(f"hardware profile {str(path)!r} is not valid YAML{at}") from None
+    return parse_hardware(raw, str(path))
+
+
+def _number(source: str, key: str, value: Any, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= minimum:
+        raise JaxparError(
+            f"hardware profile {source!r}: field {key!r} must be a number > {minimum:g}, "
+            f"got {value!r}"
+        )
+    return float(value)
+
+
+def _mapping(source: str, key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise JaxparError(
+            f"hardware profile {source!r}: field {key!r} must be a mapping, got {value!r}"
+        )
+    return value
+
+
+def _link(source: str, key: str, value: Any) -> Link:
+    raw = _mapping(source, key, value)
+    _known(source, key, raw, ("gbytes_per_s", "latency_us"))
+    return Link(
+        gbytes_per_s=_number(source, f"{key}.gbytes_per_s", raw.get("gbytes_per_s")),
+        latency_us=_number(source, f"{key}.latency_us", raw.get("latency_us"), minimum=-1e-12),
+    )
+
+
+def _rates(source: str, key: str, value: Any) -> dict[str, float]:
+    raw = _mapping(source, key, value)
+    _known(source, key, raw, DTYPES)
+    return {d: _number(source, f"{key}.{d}", raw.get(d)) for d in DTYPES}
+
+
+def _known(source: str, where: str, raw: dict[str, Any], fields: tuple[str, ...]) -> None:
+    for key in raw:
+        if key not in fields:
+            name = f"{where}.{key}" if where else key
+            raise JaxparError(
+                f"hardware profile {source!r}: unknown field {name!r} (valid: {', '.join(fields)})"
+            )
+
+
+def parse_hardware(raw: Any, source: str) -> Hardware:
+    """A profile from its parsed YAML; every field is required and checked."""
+    fields = tuple(Hardware.__dataclass_fields__)
+    raw = _mapping(source, "(top level)", raw)
+    _known(source, "", raw, fields)
+    for key in fields:
+        if key not in raw:
+            raise JaxparError(f"hardware profile {source!r}: missing field {key!r}")
+    devices = raw["devices_per_node"]
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise JaxparError(
+            f"hardware profile {source!r}: field 'devices_per_node' must be a positive integer, "
+            f"got {devices!r}"
+        )
+    overlap = raw["overlap"]
+    if isinstance(overlap, bool) or not isinstance(overlap, int | float) or not 0 <= overlap <= 1:
+        raise JaxparError(
+            f"hardware profile {source!r}: field 'overlap' must be a number from 0 to 1, "
+            f"got {overlap!r}"
+        )
+    return Hardware(
+        name=str(raw["name"]),
+        description=str(raw["description"]),
+        memory_gib=_number(source, "memory_gib", raw["memory_gib"]),
+        peak_tflops=_rates(source, "peak_tflops", raw["peak_tflops"]),
+        sustained_tflops=_rates(source, "sustained_tflops", raw["sustained_tflops"]),
+        devices_per_node=devices,
+        node_link=_link(source, "node_link", raw["node_link"]),
+        network_link=_link(source, "network_link", raw["network_link"]),
+        overlap=float(overlap),
+    )
+
+
+# Device kinds (as JAX reports them) and their shipped profiles.
+_KINDS = (("H100", "h100-sxm"), ("H200", "h200"), ("A100", "a100-80g"), ("v5 lite", "tpu-v5e"),
+          ("v5e", "tpu-v5e"), ("cpu", "cpu"))  # fmt: skip
+
+
+def detect_hardware(name: str = "auto") -> Hardware:
+    """`name`'s profile, or with `auto` the profile of the devices JAX sees.
+
+    Raises:
+        JaxparError: no shipped profile for the devices' kind.
+    """
+    if name != "auto":
+        return load_hardware(name)
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    for marker, profile in _KINDS:
+        if marker.lower() in kind.lower():
+            return load_hardware(profile)
+    raise JaxparError(
+        f"no hardware profile for device kind {kind!r} (shipped: {', '.join(profile_names())}); "
+        "write one with 'jaxpar plan --calibrate' and pass it as parallel.hardware=FILE.yaml"
+    )

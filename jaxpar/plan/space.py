@@ -1,0 +1,163 @@
+"""The search space: every layout of a model on a number of devices that jaxpar can run.
+
+A `Candidate` is one choice of the mesh (`data x pipeline x tensor`), FSDP, the pipeline schedule,
+its micro-batches and repeats, and the remat policy. `candidates` enumerates them for a config and
+a device count and keeps exactly those the config's own checks accept (`validate`,
+`validate_for_mesh` and the `Schedule` itself), so a plan never proposes a layout `train` refuses.
+
+Left out, as copies of another candidate or as waste: FSDP over one replica (it shards nothing),
+schedules other than gpipe on one stage (all are gradient accumulation over the micro-batches),
+circular with one repeat (gpipe), and layers that do not split evenly into the stages and repeats
+(the padded layer slots would run and compute nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+
+from jaxpar.config import REMAT, SCHEDULES, Config, load_config, validate_for_mesh
+from jaxpar.errors import JaxparError
+from jaxpar.mesh import MeshSpec
+from jaxpar.pipeline.schedule import Schedule, ScheduleError
+
+
+@dataclass(frozen=True)
+class Candidate:
+    data: int
+    pipeline: int
+    tensor: int
+    fsdp: bool
+    schedule: str
+    microbatches: int
+    repeats: int
+    remat: str
+
+    @property
+    def spec(self) -> MeshSpec:
+        return MeshSpec(self.data, self.pipeline, self.tensor)
+
+    @property
+    def mesh(self) -> str:
+        return str(self.spec)
+
+    @property
+    def overrides(self) -> list[str]:
+        """The `key=value` list that realises this layout (with `--mesh` or `parallel.mesh`)."""
+        return [
+            f"parallel.mesh={self.mesh}",
+            f"parallel.fsdp={str(self.fsdp).lower()}",
+            f"pipeline.schedule={self.schedule}",
+            f"pipeline.microbatches={self.microbatches}",
+            f"pipeline.repeats={self.repeats}",
+            f"model.remat={self.remat}",
+        ]
+
+    def apply(self, config: Config) -> Config:
+        """`config` laid out as this candidate (validated)."""
+        return _applied(config, self)
+
+    @property
+    def schedule_of(self) -> Schedule:
+        return schedule_of(self.schedule, self.pipeline, self.microbatches, self.repeats)
+
+    def describe(self) -> str:
+        parts = [f"{self.data}x{self.pipeline}x{self.tensor}"]
+        if self.fsdp:
+            parts.append("fsdp")
+        if self.pipeline > 1:
+            repeats = f" v={self.repeats}" if self.repeats > 1 else ""
+            parts.append(f"{self.schedule}{repeats}")
+        return " ".join(parts)
+
+
+@cache
+def _applied(config: Config, candidate: Candidate) -> Config:
+    return load_config(None, candidate.overrides, base=config)
+
+
+@cache
+def schedule_of(name: str, stages: int, microbatches: int, repeats: int) -> Schedule:
+    """Schedules are built once per shape: building one checks its whole table."""
+    return Schedule(name, stages, microbatches, repeats)
+
+
+def factorisations(devices: int) -> list[MeshSpec]:
+    """Every (data, pipeline, tensor) whose product is `devices`, most data-parallel first."""
+    divisors = [d for d in range(devices, 0, -1) if devices % d == 0]
+    return [
+        MeshSpec(d, p, devices // (d * p))
+        for d in divisors
+        for p in sorted(x for x in divisors if (devices // d) % x == 0)
+    ]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _raw(config: Config, spec: MeshSpec) -> Iterator[Candidate]:
+    """Every combination for one mesh, before the checks."""
+    layers, per_replica = config.model.layers, config.train.batch_size // spec.data
+    for fsdp in (False, True) if spec.data > 1 else (False,):
+        for remat in REMAT:
+            if layers % spec.pipeline:
+                continue
+            if spec.pipeline == 1:
+                for m in _divisors(per_replica):
+                    yield Candidate(*spec.sizes, fsdp, "gpipe", m, 1, remat)
+                continue
+            for name in SCHEDULES:
+                one_chunk = name in ("gpipe", "1f1b", "zb_h1")
+                chunks = range(2, layers // spec.pipeline + 1)
+                repeats = [1] if one_chunk else [
+                    v for v in chunks if layers % (spec.pipeline * v) == 0
+                ]  # fmt: skip
+                for v in repeats:
+                    for m in _divisors(per_replica):
+                        yield Candidate(*spec.sizes, fsdp, name, m, v, remat)
+
+
+def check(config: Config, candidate: Candidate) -> None:
+    """Raises JaxparError (or ScheduleError) if jaxpar would refuse to run `candidate`."""
+    layout = candidate.apply(config)  # validated
+    validate_for_mesh(layout, candidate.spec)
+    candidate.schedule_of  # noqa: B018 (builds and checks the table)
+
+
+def candidates(config: Config, devices: int) -> list[Candidate]:
+    """Every layout of `config` on `devices` devices that jaxpar accepts.
+
+    Raises:
+        JaxparError: no layout at all; the message says why each axis fails.
+    """
+    found = []
+    for spec in factorisations(devices):
+        for c in _raw(config, spec):
+            try:
+                check(config, c)
+            except (JaxparError, ScheduleError):
+                continue
+            found.append(c)
+    if not found:
+        raise JaxparError(why_no_layout(config, devices))
+    return found
+
+
+def why_no_layout(config: Config, devices: int) -> str:
+    """One line: which sizes each axis allows on its own, for a device count no layout uses."""
+    m, t = config.model, config.train
+    sizes = _divisors(devices)
+    splits = (m.heads, m.kv_heads, m.mlp_dim, m.vocab)
+    tensor = [d for d in sizes if all(v % d == 0 for v in splits)]
+    data = [d for d in sizes if t.batch_size % d == 0]
+    pipeline = [d for d in sizes if d <= m.layers and t.batch_size % d == 0]
+    return (
+        f"no layout of {devices} devices runs this model: tensor must divide model.heads="
+        f"{m.heads}, kv_heads={m.kv_heads}, mlp_dim={m.mlp_dim} and vocab={m.vocab} (of the "
+        f"divisors of {devices}: {tensor}); data must divide train.batch_size={t.batch_size} "
+        f"({data}); pipeline must be at most model.layers={m.layers} and divide the per-replica "
+        f"batch ({pipeline}); no data x pipeline x tensor from these multiplies to {devices} "
+        "and passes every check"
+    )

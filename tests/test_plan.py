@@ -1,0 +1,218 @@
+"""`jaxpar plan`: the search space, the hardware profiles, the ranking, `--mesh auto` and elastic
+re-planning. The traffic model's test is in test_plan_traffic.py, the memory estimate's in
+test_analyze.py."""
+
+import itertools
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from rich.console import Console
+
+from jaxpar.cli import main
+from jaxpar.config import REMAT, SCHEDULES, load_config, validate_for_mesh
+from jaxpar.errors import JaxparError
+from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.pipeline.schedule import ScheduleError
+from jaxpar.plan.hardware import load_hardware, parse_hardware, profile_names
+from jaxpar.plan.planner import auto_layout, plan
+from jaxpar.plan.space import Candidate, candidates, check, schedule_of
+from jaxpar.train.loop import train
+
+SMALL = [
+    "model.layers=4", "model.dim=32", "model.heads=8", "model.kv_heads=8", "model.mlp_dim=64",
+    "model.vocab=128", "train.batch_size=16", "train.seq_len=16", "train.dtype=float32",
+]  # fmt: skip
+
+
+def _brute_force(config, devices: int) -> set[Candidate]:
+    """Every combination the config keys allow, kept when jaxpar accepts it."""
+    m, t = config.model, config.train
+    found = set()
+    for d, p, tp in itertools.product(range(1, devices + 1), repeat=3):
+        if d * p * tp != devices:
+            continue
+        for fsdp, name, mb, v, remat in itertools.product(
+            (False, True), SCHEDULES, range(1, t.batch_size + 1), range(1, m.layers + 1), REMAT
+        ):
+            c = Candidate(d, p, tp, fsdp, name, mb, v, remat)
+            try:
+                check(config, c)
+            except (JaxparError, ScheduleError):
+                continue
+            found.add(c)
+    return found
+
+
+def _left_out(c: Candidate, layers: int) -> bool:
+    """Layouts the enumerator leaves out (`jaxpar.plan.space`): copies of another, and padded
+    layer slots."""
+    return (
+        (c.fsdp and c.data == 1)
+        or (c.pipeline == 1 and c.schedule != "gpipe")
+        or (c.schedule == "circular" and c.repeats == 1)
+        or layers % (c.pipeline * c.repeats) != 0
+    )
+
+
+@pytest.mark.parametrize(
+    ("devices", "extra"),
+    [
+        (4, ()),
+        (
+            6,
+            (
+                "model.dim=48",
+                "model.heads=6",
+                "model.kv_heads=3",
+                "model.mlp_dim=48",
+                "model.vocab=96",
+                "train.batch_size=12",
+            ),
+        ),  # fmt: skip
+        (8, ("model.layers=6", "model.kv_heads=2", "train.batch_size=8")),
+    ],
+)
+def test_the_enumerator_yields_exactly_the_valid_layouts(devices, extra):
+    config = load_config(None, [*SMALL, *extra])
+    found = candidates(config, devices)
+    assert len(found) == len(set(found))
+    for c in found:  # each one is what `train` accepts
+        layout = c.apply(config)
+        validate_for_mesh(layout, c.spec)
+        schedule_of(c.schedule, c.pipeline, c.microbatches, c.repeats)
+    expected = {c for c in _brute_force(config, devices) if not _left_out(c, config.model.layers)}
+    assert set(found) == expected
+
+
+def test_no_layout_names_each_axis():
+    config = load_config(None, SMALL)
+    with pytest.raises(JaxparError, match=r"no layout of 7 devices") as e:
+        candidates(config, 7)
+    assert "tensor must divide model.heads=8" in str(e.value)
+    assert "data must divide train.batch_size=16" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["h100-sxm", "h200", "a100-80g", "tpu-v5e", "cpu"])
+def test_shipped_profiles_load(name):
+    hw = load_hardware(name)
+    assert hw.name == name and hw.memory_bytes > 0 and hw.devices_per_node >= 1
+    assert set(profile_names()) >= {"h100-sxm", "h200", "a100-80g", "tpu-v5e", "cpu"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"memory_gib": "lots"}, "field 'memory_gib' must be a number"),
+        ({"node_link": {"gbytes_per_s": 1}}, "field 'node_link.latency_us' must be a number"),
+        ({"peak_tflops": {"bfloat16": 1, "fp8": 2}}, "unknown field 'peak_tflops.fp8'"),
+        ({"overlap": 2}, "field 'overlap' must be a number from 0 to 1"),
+        ({"colour": "red"}, "unknown field 'colour'"),
+    ],
+)
+def test_a_malformed_profile_names_the_field(change, message):
+    raw = {**vars(load_hardware("h100-sxm")), **change}
+    raw = {k: vars(v) if hasattr(v, "latency_us") else v for k, v in raw.items()}
+    with pytest.raises(JaxparError, match=message):
+        parse_hardware(raw, "mine.yaml")
+
+
+def test_missing_field_and_unknown_name():
+    with pytest.raises(JaxparError, match="missing field 'overlap'"):
+        raw = {k: v for k, v in vars(load_hardware("cpu")).items() if k != "overlap"}
+        parse_hardware({k: vars(v) if hasattr(v, "latency_us") else v for k, v in raw.items()}, "x")
+    with pytest.raises(JaxparError, match="neither a profile"):
+        load_hardware("h900")
+
+
+def test_ranking_prefers_what_the_terms_say():
+    """On 8 H100s of one node a small model's best layout beats every other by its step time,
+    and all its terms add up."""
+    config = load_config(None, SMALL)
+    result = plan(config, 8, load_hardware("h100-sxm"), top=3)
+    times = [e.step_s for e in result.ranked]
+    assert times == sorted(times) and result.searched == len(result.ranked)
+    for e in result.ranked[:20]:
+        assert e.step_s == pytest.approx(e.compute_s + e.comm_s - e.hidden_s)
+        assert e.mfu > 0 and e.tokens_per_s == pytest.approx(16 * 16 / e.step_s)
+
+
+def test_plan_json_schema_and_written_config(capsys, tmp_path):
+    written = tmp_path / "best.yaml"
+    assert main(["plan", "--devices", "8", "--hardware", "h100-sxm", "--top", "3", "--json",
+                 "--no-compile", "--write", str(written), *SMALL]) == 0  # fmt: skip
+    doc = json.loads(capsys.readouterr().out)
+    best = load_config(written)
+    assert best.parallel.mesh == doc["candidates"][0]["mesh"]
+    assert best.model.layers == 4 and best.train.batch_size == 16
+    assert main(["plan", "--no-compile", "--write", str(written), *SMALL]) == 2  # never overwrites
+    assert len(doc["candidates"]) == 3 and doc["compile_checked"] is False
+    for c in doc["candidates"]:
+        assert set(c) >= {"mesh", "overrides", "memory_bytes", "step_s", "tokens_per_s", "mfu",
+                          "compiled", "terms"}  # fmt: skip
+        assert parse_mesh(c["mesh"]).size == 8
+        assert all("=" in o for o in c["overrides"])
+        assert set(c["terms"]) >= {"compute_s", "comm_s", "hidden_s", "bubble", "memory"}
+
+
+def test_plan_compiles_the_best_and_reranks(capsys):
+    assert main(["plan", "--devices", "8", "--hardware", "cpu", "--top", "2", "--json",
+                 *SMALL]) == 0  # fmt: skip
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["compile_checked"] is True
+    assert all(c["compiled"] for c in doc["candidates"][:2])
+    assert all(c["terms"]["memory"]["compiled_peak_bytes"] == c["memory_bytes"]
+               for c in doc["candidates"][:2])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("options", "overrides", "message"),
+    [
+        (["--top", "0"], [], "--top 0 must be at least 1"),
+        (["--devices", "7"], [], "no layout of 7 devices runs this model"),
+        (["--hardware", "h900"], [], "hardware 'h900' is neither a profile"),
+        (["--devices", "8", "--hardware", "tpu-v5e"],
+         ["model.dim=16384", "model.mlp_dim=65536", "train.seq_len=1024"],
+         "fits tpu-v5e's 15.75 GiB per device: the smallest needs"),
+    ],
+)  # fmt: skip
+def test_plan_bad_input_is_one_line(options, overrides, message, capsys):
+    assert main(["plan", "--no-compile", *options, *SMALL, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+# -- elastic re-planning -------------------------------------------------------------------------
+
+ELASTIC = [*SMALL, "train.steps=12", "train.warmup_steps=2", "train.sample_tokens=0",
+           "checkpoint.every=4", "parallel.hardware=cpu"]  # fmt: skip
+QUIET = Console(quiet=True)
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_auto_resumes_on_fewer_devices_with_the_same_losses(tmp_path, capsys):
+    """A run planned for 8 devices loses half of them twice; each time it plans again, restores
+    its checkpoint onto the new layout and continues as the uninterrupted run does."""
+    straight = tmp_path / "straight"
+    assert main(["train", "--mesh", "auto", "--devices", "8", "--out", str(straight),
+                 *ELASTIC]) == 0  # fmt: skip
+    assert "--mesh auto took parallel.mesh=" in capsys.readouterr().err
+
+    config = load_config(None, ELASTIC)
+    hw = load_hardware("cpu")
+    out, layouts = tmp_path / "elastic", []
+    for devices, stop in ((8, 4), (4, 8), (2, None)):
+        layout, _ = auto_layout(config, devices, hw)
+        layouts.append(layout.parallel.mesh)
+        spec = parse_mesh(layout.parallel.mesh)
+        console = Console(record=True, width=200)
+        train(layout, make_mesh(spec, jax.devices()[:devices]), out, console, stop_after=stop)
+        text = console.export_text()
+    assert len(set(layouts)) == 3, layouts  # a new layout each time
+    assert "layout changed since the checkpoint: parallel.mesh" in text
+    np.testing.assert_allclose(_losses(out), _losses(straight), rtol=1e-4)

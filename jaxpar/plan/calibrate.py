@@ -1,9 +1,14 @@
 """`jaxpar plan --calibrate`: measure the devices present and write a hardware profile.
 
-Three measurements, each the median of a few timed runs after a warm-up:
-- the sustained matmul rate per device and dtype: every device multiplies its own square
-  matrices at once (a batched matmul sharded over all devices), so devices that share a host's
-  cores, as simulated CPU devices do, are measured as they run in a step;
+Four measurements, each the median of a few timed runs after a warm-up:
+- the matmul rate per device and dtype: every device multiplies its own square matrices at once
+  (a batched matmul sharded over all devices), so devices that share a host's cores, as simulated
+  CPU devices do, are measured as they run in a step;
+- a reference train step (4 layers, d=256, data-parallel over every device) with one and with
+  four micro-batches: the difference, at equal FLOPs, is the fixed cost of the 24 extra layer
+  passes (`layer_overhead_us`); the one-micro-batch step's matmul FLOPs over its time, less that
+  overhead and its gradient all-reduce, is the sustained rate a step reaches in the platform's
+  compute dtype (the other dtype's is scaled by the matmul rates' ratio);
 - the bus bandwidth of an all-reduce over all devices (NCCL's convention: 2 (g - 1) / g of the
   array per device over the time);
 - the latency of a collective: an all-reduce of one number.
@@ -72,6 +77,31 @@ def allreduce_seconds(elements: int, repeats: int = 5) -> float:
     return _median_s(lambda: f(x), repeats)
 
 
+REFERENCE = [
+    "model.layers=4", "model.dim=256", "model.heads=8", "model.kv_heads=8", "model.mlp_dim=768",
+    "model.vocab=256", "train.seq_len=128", "model.remat=none", "pipeline.schedule=gpipe",
+]  # fmt: skip
+
+
+def step_seconds(microbatches: int, rows_per_device: int = 4) -> tuple[float, object]:
+    """The reference step's median seconds on all devices (data-parallel), and its config."""
+    import jax
+
+    from jaxpar.config import load_config
+    from jaxpar.mesh import MeshSpec, make_mesh
+    from jaxpar.placement import Placement
+    from jaxpar.train.bench import bench
+    from jaxpar.train.step import Trainer
+
+    n = jax.device_count()
+    config = load_config(None, [
+        *REFERENCE, f"parallel.mesh=data={n}", f"train.batch_size={rows_per_device * n}",
+        f"pipeline.microbatches={microbatches}",
+    ])  # fmt: skip
+    result = bench(Trainer(Placement(config, make_mesh(MeshSpec(data=n)))), steps=4, warmup=1)
+    return result.median_step_s, config
+
+
 def _memory_gib(device) -> float:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
@@ -108,6 +138,30 @@ def calibrate(name: str, progress: Callable[[str], None] = lambda line: None) ->
     else:
         link = Link(gbytes_per_s=1e3, latency_us=0.0)  # one device: nothing to measure
         progress("one device: no collectives to measure")
+    from jaxpar.placement import compute_dtype
+    from jaxpar.plan.cost import comm_terms, outer_flops, stack_flops
+    from jaxpar.plan.space import Candidate
+    from jaxpar.plan.traffic import predict_traffic
+
+    one, config = step_seconds(1)
+    four, _ = step_seconds(4)
+    layers = config.model.layers
+    overhead = max(four - one, 0.0) / (2 * layers * (4 - 1))  # F and B of each layer, 3 more M
+    layer_overhead_us = round(overhead * 1e6, 1)
+    progress(f"reference step: {one * 1e3:,.1f} ms with 1 micro-batch, {four * 1e3:,.1f} ms with "
+             f"4: {layer_overhead_us:,.1f} us per layer pass")  # fmt: skip
+    step_dtype = compute_dtype("auto").name
+    candidate = Candidate(n, 1, 1, False, "gpipe", 1, 1, "none")
+    spec = candidate.spec
+    flops = stack_flops(config, candidate)[0] + outer_flops(config, spec)
+    traffic = predict_traffic(config, spec, 4 if step_dtype == "float32" else 2)
+    fake = Hardware(name, "", 1.0, peak, sustained, n, link, link, 0.0, 0.0)
+    comm = sum(t.seconds for t in comm_terms(traffic, spec, fake))
+    busy = max(one - comm - 2 * layers * overhead, one * 0.1)
+    rate = flops / busy / 1e12
+    scale = rate / sustained[step_dtype]
+    sustained = {d: v * scale for d, v in sustained.items()}
+    progress(f"sustained in a step: {rate:,.4f} TFLOP/s per device in {step_dtype}")
     return Hardware(
         name=name,
         description=f"{n} x {device.device_kind}, calibrated by jaxpar plan --calibrate",
@@ -118,4 +172,5 @@ def calibrate(name: str, progress: Callable[[str], None] = lambda line: None) ->
         node_link=link,
         network_link=link,
         overlap=0.0 if cpu else 0.8,
+        layer_overhead_us=layer_overhead_us,
     )

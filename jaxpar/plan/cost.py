@@ -10,6 +10,8 @@ Nothing here compiles or touches a device; a candidate costs well under a millis
                slots are paid), plus the recomputed forward matmuls of `model.remat`, plus the
                embedding, LM head and loss on this device's share of the batch, all over the
                profile's sustained FLOP/s for the compute dtype.
+    overhead = the profile's `layer_overhead_us` per layer pass (one layer's F, B or W on one
+               micro-batch) on the slowest stage, tick by tick as the compute is counted.
     comm     = for every (kind, axes) of `jaxpar.plan.traffic.predict_traffic` (the collectives
                the compiled step runs, per device): latency x count + bus bytes / bandwidth, on the
                node link when the axes' device group fits in one node, else on the network link.
@@ -18,7 +20,7 @@ Nothing here compiles or touches a device; a candidate costs well under a millis
     hidden   = the profile's `overlap` share of the data-axis traffic (gradient reduction and
                FSDP gathers run asynchronously beside the backward pass), at most the backward
                compute; tensor and pipeline traffic waits on the critical path.
-    step     = compute + comm - hidden.
+    step     = compute + overhead + comm - hidden.
 
 The MFU is the model's FLOPs (causal attention counted half, as `jaxpar bench` counts them) over
 the step time and the devices' peak.
@@ -63,6 +65,7 @@ class Estimate:
     memory: dict[str, int]
     memory_bytes: int
     compute_s: float
+    overhead_s: float
     recompute_s: float
     bubble: float
     comm: list[CommTerm]
@@ -96,6 +99,7 @@ class Estimate:
             "compiled": self.compiled,
             "terms": {
                 "compute_s": self.compute_s,
+                "overhead_s": self.overhead_s,
                 "recompute_s": self.recompute_s,
                 "bubble": self.bubble,
                 "comm_s": self.comm_s,
@@ -179,9 +183,9 @@ def comm_terms(traffic: list[AxisTraffic], spec: MeshSpec, hw: Hardware) -> list
     return terms
 
 
-def stack_flops(config: Config, candidate: Candidate) -> tuple[float, float, float]:
+def stack_flops(config: Config, candidate: Candidate) -> tuple[float, float, float, float]:
     """(the slowest stage's layer-stack FLOPs over the schedule's ticks, of which recomputed, the
-    lockstep bubble):
+    lockstep bubble, the slowest stage's layer passes over the ticks):
     one job's F, B and W from the model's shapes (B and W each as F; remat adds its recomputed
     matmuls to B), charged tick by tick as `Schedule.lockstep_cost` does."""
     m, t = config.model, config.train
@@ -197,7 +201,18 @@ def stack_flops(config: Config, candidate: Candidate) -> tuple[float, float, flo
     else:
         b, w = 2 * f + redo, 0.0
     jobs = schedule.repeats * schedule.microbatches
-    return schedule.lockstep_cost(f, b, w), jobs * redo, schedule.lockstep_bubble(f, b, w)
+    passes = chunk * (schedule.lockstep_cost(1, 1, 1) if schedule.split else
+                      schedule.lockstep_cost(1, 1, 0))  # fmt: skip
+    return schedule.lockstep_cost(f, b, w), jobs * redo, schedule.lockstep_bubble(f, b, w), passes
+
+
+def outer_flops(config: Config, spec: MeshSpec) -> float:
+    """Matmul FLOPs per device outside the layer stack: the one-hot embedding (forward and weight
+    gradient) and the LM head (forward and backward) on this device's rows, vocabulary split
+    over `tensor`."""
+    m, t = config.model, config.train
+    tokens = t.batch_size * t.seq_len / spec.size
+    return tokens * (3 * 2 + 2 * 2) * m.dim * m.vocab
 
 
 def compute_dtype_for(name: str, hw: Hardware) -> str:
@@ -218,15 +233,15 @@ def estimate(config: Config, candidate: Candidate, hw: Hardware) -> Estimate:
     memory: MemoryEstimate = estimate_memory(
         layout, spec, schedule, param_bytes(layout, spec), compute_bytes
     )
-    stack, recomputed, bubble = stack_flops(config, candidate)
-    outer_tokens = t.batch_size * t.seq_len / (spec.data * spec.pipeline * spec.tensor)
-    outer = outer_tokens * (3 * 2 + 2 * 2) * m.dim * m.vocab
+    stack, recomputed, bubble, passes = stack_flops(config, candidate)
+    outer = outer_flops(config, spec)
     rate = hw.sustained_flops(dtype)
     compute_s = (stack + outer) / rate
     comm = comm_terms(predict_traffic(layout, spec, compute_bytes), spec, hw)
     data_s = sum(c.seconds for c in comm if c.axis == DATA)
     hidden_s = min(hw.overlap * data_s, compute_s * 2 / 3)
-    step_s = compute_s + sum(c.seconds for c in comm) - hidden_s
+    overhead_s = passes * hw.layer_overhead_us * 1e-6
+    step_s = compute_s + overhead_s + sum(c.seconds for c in comm) - hidden_s
     tokens = t.batch_size * t.seq_len
     useful = model_flops(m, t.batch_size, t.seq_len, causal=True)
     devices = spec.size
@@ -235,6 +250,7 @@ def estimate(config: Config, candidate: Candidate, hw: Hardware) -> Estimate:
         memory=memory.to_json(),
         memory_bytes=memory.total_bytes,
         compute_s=compute_s,
+        overhead_s=overhead_s,
         recompute_s=recomputed / rate,
         bubble=bubble,
         comm=comm,

@@ -6,6 +6,9 @@ bandwidth, as NCCL's tests report it): `node_link` inside a node (NVLink, a TPU 
 this host's memory), `network_link` between nodes (InfiniBand, DCN). `overlap` is the share of the
 data-parallel gradient reduction hidden behind the backward pass (XLA's asynchronous collectives);
 tensor-parallel all-reduces and pipeline sends sit on the critical path and are never hidden.
+`layer_overhead_us` is the fixed time of one layer's forward or backward on one micro-batch beyond
+its matmuls (kernel launches, the tick loop's bookkeeping): what makes many small micro-batches
+slower than few large ones at equal FLOPs.
 
 Shipped profiles live in `jaxpar/plan/profiles/` (`h100-sxm`, `h200`, `a100-80g`, `tpu-v5e`, `cpu`);
 `jaxpar plan --calibrate` measures the devices it runs on and writes one; any file of the same
@@ -49,6 +52,7 @@ class Hardware:
     node_link: Link
     network_link: Link
     overlap: float
+    layer_overhead_us: float
 
     @property
     def memory_bytes(self) -> int:
@@ -163,6 +167,9 @@ def parse_hardware(raw: Any, source: str) -> Hardware:
         node_link=_link(source, "node_link", raw["node_link"]),
         network_link=_link(source, "network_link", raw["network_link"]),
         overlap=float(overlap),
+        layer_overhead_us=_number(
+            source, "layer_overhead_us", raw["layer_overhead_us"], minimum=-1e-12
+        ),
     )
 
 

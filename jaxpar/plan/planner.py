@@ -158,7 +158,7 @@ def render(p: Plan, top: int, console: Console) -> None:
     )
     table = Table()
     columns = ("#", "layout", "M", "remat", "memory/dev", "step ms", "tokens/s", "MFU",
-               "compute", "bubble", "recompute", "comm exposed", "checked")  # fmt: skip
+               "compute", "overhead", "bubble", "recompute", "comm exposed", "checked")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column in ("layout", "remat") else "right")
     for i, e in enumerate(p.ranked[:top]):
@@ -167,7 +167,8 @@ def render(p: Plan, top: int, console: Console) -> None:
         table.add_row(
             str(i + 1), c.describe(), str(c.microbatches), c.remat, _size(e.memory_bytes),
             f"{e.step_s * 1e3:,.2f}", f"{e.tokens_per_s:,.0f}", f"{e.mfu:.1%}",
-            f"{e.compute_s * 1e3:,.2f}", f"{e.bubble:.1%}", f"{e.recompute_s * 1e3:,.2f}",
+            f"{e.compute_s * 1e3:,.2f}", f"{e.overhead_s * 1e3:,.2f}", f"{e.bubble:.1%}",
+            f"{e.recompute_s * 1e3:,.2f}",
             f"{(e.comm_s - e.hidden_s) * 1e3:,.2f} ({comm or '-'})",
             "compiled" if e.compiled else "model",
         )  # fmt: skip

@@ -11,14 +11,17 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from jaxpar.analysis.params import param_rows
 from jaxpar.cli import main
 from jaxpar.config import REMAT, SCHEDULES, load_config, validate_for_mesh
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.pipeline.schedule import ScheduleError
+from jaxpar.placement import Placement
 from jaxpar.plan.hardware import load_hardware, parse_hardware, profile_names
 from jaxpar.plan.planner import auto_layout, plan
 from jaxpar.plan.space import Candidate, candidates, check, schedule_of
+from jaxpar.plan.traffic import param_bytes
 from jaxpar.train.loop import train
 
 SMALL = [
@@ -85,6 +88,24 @@ def test_the_enumerator_yields_exactly_the_valid_layouts(devices, extra):
         schedule_of(c.schedule, c.pipeline, c.microbatches, c.repeats)
     expected = {c for c in _brute_force(config, devices) if not _left_out(c, config.model.layers)}
     assert set(found) == expected
+
+
+@pytest.mark.parametrize(
+    ("mesh", "extra"),
+    [
+        ("data=8", ()), ("data=2,tensor=4", ()), ("data=4,pipeline=2", ("parallel.fsdp=true",)),
+        ("pipeline=2,tensor=2", ("pipeline.repeats=2", "pipeline.schedule=circular",
+                                 "pipeline.microbatches=2")),
+        ("data=2,pipeline=2,tensor=2", ("parallel.fsdp=true", "model.layers=3")),
+    ],
+)  # fmt: skip
+def test_parameter_bytes_per_device_are_the_shardings(mesh, extra):
+    """The planner counts parameters without building a model; the placement's shardings agree."""
+    config = load_config(None, [*SMALL, f"parallel.mesh={mesh}", *extra])
+    spec = parse_mesh(mesh)
+    placement = Placement(config, make_mesh(spec, jax.devices()[: spec.size]))
+    rows = param_rows(placement.abstract_params, placement.param_shardings)
+    assert param_bytes(config, spec) == sum(r.bytes_per_device for r in rows)
 
 
 def test_no_layout_names_each_axis():
@@ -158,13 +179,13 @@ def test_plan_json_schema_and_written_config(capsys, tmp_path):
 
 
 def test_plan_compiles_the_best_and_reranks(capsys):
-    assert main(["plan", "--devices", "8", "--hardware", "cpu", "--top", "2", "--json",
+    assert main(["plan", "--devices", "8", "--hardware", "cpu", "--top", "1", "--json",
                  *SMALL]) == 0  # fmt: skip
     doc = json.loads(capsys.readouterr().out)
     assert doc["compile_checked"] is True
-    assert all(c["compiled"] for c in doc["candidates"][:2])
-    assert all(c["terms"]["memory"]["compiled_peak_bytes"] == c["memory_bytes"]
-               for c in doc["candidates"][:2])  # fmt: skip
+    best = doc["candidates"][0]
+    assert best["compiled"]
+    assert best["terms"]["memory"]["compiled_peak_bytes"] == best["memory_bytes"]
 
 
 @pytest.mark.parametrize(
@@ -186,8 +207,8 @@ def test_plan_bad_input_is_one_line(options, overrides, message, capsys):
 
 # -- elastic re-planning -------------------------------------------------------------------------
 
-ELASTIC = [*SMALL, "train.steps=12", "train.warmup_steps=2", "train.sample_tokens=0",
-           "checkpoint.every=4", "parallel.hardware=cpu"]  # fmt: skip
+ELASTIC = [*SMALL, "train.steps=9", "train.warmup_steps=2", "train.sample_tokens=0",
+           "checkpoint.every=3", "parallel.hardware=cpu"]  # fmt: skip
 QUIET = Console(quiet=True)
 
 
@@ -206,7 +227,7 @@ def test_auto_resumes_on_fewer_devices_with_the_same_losses(tmp_path, capsys):
     config = load_config(None, ELASTIC)
     hw = load_hardware("cpu")
     out, layouts = tmp_path / "elastic", []
-    for devices, stop in ((8, 4), (4, 8), (2, None)):
+    for devices, stop in ((8, 3), (4, 6), (2, None)):
         layout, _ = auto_layout(config, devices, hw)
         layouts.append(layout.parallel.mesh)
         spec = parse_mesh(layout.parallel.mesh)

@@ -17,8 +17,6 @@ SIZES = [
 ]  # fmt: skip
 
 LAYOUTS = {
-    "data": ["parallel.mesh=data=8"],
-    "tensor": ["parallel.mesh=tensor=8"],
     "data+tensor": ["parallel.mesh=data=2,tensor=4"],
     "fsdp": ["parallel.mesh=data=8", "parallel.fsdp=true"],
     "3d-gpipe": ["parallel.mesh=data=2,pipeline=2,tensor=2", "pipeline.microbatches=2"],
@@ -26,7 +24,6 @@ LAYOUTS = {
         "parallel.mesh=data=2,pipeline=2,tensor=2", "pipeline.schedule=1f1b",
         "pipeline.microbatches=4",
     ],
-    "pipeline-gpipe": ["parallel.mesh=pipeline=4", "pipeline.microbatches=4"],
     "pipeline-zb_h1": [
         "parallel.mesh=pipeline=4", "pipeline.schedule=zb_h1", "pipeline.microbatches=4",
     ],
@@ -34,7 +31,6 @@ LAYOUTS = {
         "parallel.mesh=pipeline=4", "pipeline.schedule=interleaved_1f1b", "pipeline.repeats=2",
         "pipeline.microbatches=4", "model.layers=8",
     ],
-    "pipeline+tensor": ["parallel.mesh=pipeline=2,tensor=4", "pipeline.microbatches=2"],
     "pipeline+fsdp": [
         "parallel.mesh=data=4,pipeline=2", "parallel.fsdp=true", "pipeline.microbatches=2",
     ],

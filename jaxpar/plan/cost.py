@@ -28,20 +28,18 @@ the step time and the devices' peak.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 
 from jaxpar.analysis.comm import AxisTraffic
 from jaxpar.analysis.flops import _RECOMPUTED, _layer_forward, model_flops
 from jaxpar.analysis.memory import MemoryEstimate, estimate_memory
-from jaxpar.config import Config, ModelConfig
+from jaxpar.config import Config
 from jaxpar.mesh import AXES, DATA, MeshSpec
 from jaxpar.plan.hardware import Hardware, Link
 from jaxpar.plan.space import Candidate
-from jaxpar.plan.traffic import predict_traffic
+from jaxpar.plan.traffic import param_bytes, predict_traffic
 
 
 @dataclass(frozen=True)
@@ -109,45 +107,6 @@ class Estimate:
             },
             "notes": self.notes,
         }
-
-
-@cache
-def _param_shapes(model: ModelConfig) -> tuple[tuple[tuple[int, ...], tuple[str, ...], bool], ...]:
-    """(shape, logical axes, is a block) of every parameter of a one-layer model: the blocks' shapes
-    without their (stage, layers) dimensions, which the layout decides."""
-    from flax import nnx
-
-    from jaxpar.model.llama import Llama
-    from jaxpar.sharding import REPLICATED
-
-    one = dataclasses.replace(model, layers=1)
-    abstract = nnx.eval_shape(lambda: Llama(one, REPLICATED, rngs=nnx.Rngs(params=0)))
-    rows = []
-    for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        axes = tuple(v.get_metadata()["logical_axes"])
-        block = any(getattr(k, "key", k) == "blocks" for k in path)
-        shape = tuple(v.get_value().shape)
-        rows.append((shape[2:] if block else shape, axes[2:] if block else axes, block))
-    return tuple(rows)
-
-
-def param_bytes(config: Config, spec: MeshSpec) -> int:
-    """Float32 parameter bytes one device holds: the blocks' [P, v * c, ...] stage layout, every
-    dimension divided by the mesh axes the sharding rules put it on."""
-    from jaxpar.sharding import _as_tuple, rules_for
-
-    rules = rules_for(spec, config.parallel.fsdp)
-    sizes = dict(zip(AXES, spec.sizes, strict=True))
-    chunks = spec.pipeline * config.pipeline.repeats
-    slots = config.pipeline.repeats * math.ceil(config.model.layers / chunks)  # per stage
-    total = 0
-    architecture = dataclasses.replace(config.model, remat="none", attention="auto")
-    for shape, axes, block in _param_shapes(architecture):
-        elements = slots if block else 1
-        for dim, target in zip(shape, rules.spec(axes), strict=True):
-            elements *= math.ceil(dim / math.prod(sizes[a] for a in _as_tuple(target)))
-        total += 4 * elements
-    return total
 
 
 def _span(spec: MeshSpec, axes: tuple[str, ...]) -> tuple[int, int]:

@@ -136,6 +136,19 @@ def params(m: ModelConfig, layout: StageLayout) -> list[Param]:
     return top + [Param(nm, lead + s, lead_axes + a, n_) for nm, s, a, n_ in block]
 
 
+def param_bytes(config: Config, spec: MeshSpec) -> int:
+    """Float32 parameter bytes one device holds: the blocks' [P, v c, ...] stage layout, every
+    dimension divided by the mesh axes the sharding rules put it on."""
+    rules = rules_for(spec, config.parallel.fsdp)
+    size = dict(zip(AXES, spec.sizes, strict=True))
+    layout = StageLayout(config.model.layers, spec.pipeline, config.pipeline.repeats)
+    total = 0
+    for q in params(config.model, layout):
+        axes = [a for logical in q.axes if (a := rules.mesh_axes(logical)) is not None]
+        total += math.prod(q.shape) // math.prod(size[a] for a in axes)
+    return total * F32
+
+
 class _Tally:
     """Sums (count, bytes) per (kind, axes), keeping only the mesh axes of size > 1."""
 

@@ -1,12 +1,18 @@
 """The compile check: a candidate's train step compiled ahead of time (nothing runs), and its
-estimate redone with what XLA assigned and the collectives it emitted."""
+estimate redone with what XLA assigned and the collectives it emitted.
+
+The step is compiled for the devices present (on a CPU host, simulated ones) in the profile's
+compute dtype. For an accelerator's profile checked on CPU that is the same program but XLA:CPU's
+buffer assignment, and XLA:CPU moves bfloat16 all-reduces as float32; the compiled memory and
+traffic are what this compiler allocates and emits.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
 from jaxpar.config import Config
-from jaxpar.plan.cost import Estimate, comm_terms
+from jaxpar.plan.cost import Estimate, comm_terms, compute_dtype_for, step_time
 from jaxpar.plan.hardware import Hardware
 
 
@@ -19,14 +25,12 @@ def compile_check(config: Config, estimate: Estimate, hw: Hardware) -> Estimate:
     from jaxpar.train.step import Trainer
 
     c = estimate.candidate
-    placement = Placement(c.apply(config), make_mesh(c.spec))
+    dtype = compute_dtype_for(config.train.dtype, hw)  # the profile's, whatever runs the compile
+    placement = Placement(c.apply(config).replace(**{"train.dtype": dtype}), make_mesh(c.spec))
     figures = compiled_figures(Trainer(placement))
     memory = figures.memory
     comm = comm_terms(figures.collectives, c.spec, hw)
-    step_s = estimate.step_s - estimate.comm_s + sum(t.seconds for t in comm)
-    data_s = sum(t.seconds for t in comm if t.axis == "data")
-    hidden_s = min(hw.overlap * data_s, estimate.compute_s * 2 / 3)
-    step_s = step_s + estimate.hidden_s - hidden_s
+    hidden_s, step_s = step_time(estimate.compute_s, estimate.overhead_s, comm, hw)
     fits = memory.peak_bytes <= hw.memory_bytes
     notes = list(estimate.notes)
     if not fits:

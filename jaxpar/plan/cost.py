@@ -174,6 +174,16 @@ def outer_flops(config: Config, spec: MeshSpec) -> float:
     return tokens * (3 * 2 + 2 * 2) * m.dim * m.vocab
 
 
+def step_time(
+    compute_s: float, overhead_s: float, comm: list[CommTerm], hw: Hardware
+) -> tuple[float, float]:
+    """(hidden, step) seconds: the profile's `overlap` share of the data-axis traffic, at most the
+    backward pass's two thirds of the compute, is hidden; the rest of every term adds up."""
+    data_s = sum(c.seconds for c in comm if c.axis == DATA)
+    hidden_s = min(hw.overlap * data_s, compute_s * 2 / 3)
+    return hidden_s, compute_s + overhead_s + sum(c.seconds for c in comm) - hidden_s
+
+
 def compute_dtype_for(name: str, hw: Hardware) -> str:
     """`train.dtype` on the profile's devices: `auto` is float32 on CPU, bfloat16 elsewhere (as
     `jaxpar.placement.compute_dtype` resolves it on the devices themselves)."""
@@ -197,10 +207,8 @@ def estimate(config: Config, candidate: Candidate, hw: Hardware) -> Estimate:
     rate = hw.sustained_flops(dtype)
     compute_s = (stack + outer) / rate
     comm = comm_terms(predict_traffic(layout, spec, compute_bytes), spec, hw)
-    data_s = sum(c.seconds for c in comm if c.axis == DATA)
-    hidden_s = min(hw.overlap * data_s, compute_s * 2 / 3)
     overhead_s = passes * hw.layer_overhead_us * 1e-6
-    step_s = compute_s + overhead_s + sum(c.seconds for c in comm) - hidden_s
+    hidden_s, step_s = step_time(compute_s, overhead_s, comm, hw)
     tokens = t.batch_size * t.seq_len
     useful = model_flops(m, t.batch_size, t.seq_len, causal=True)
     devices = spec.size

@@ -136,7 +136,7 @@ def describe_choice(p: Plan) -> str:
     return (
         f"--mesh auto took {' '.join(best.candidate.overrides)} (the best of {p.searched:,} "
         f"layouts for {p.devices} x {p.hardware.name}: predicted {best.step_s * 1e3:,.1f} ms per "
-        f"step, {best.memory_bytes / 2**30:,.2f} GiB per device)"
+        f"step, {_size(best.memory_bytes)} per device)"
     )
 
 

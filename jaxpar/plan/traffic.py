@@ -69,7 +69,6 @@ zb_h1 with FSDP (modelled as 1f1b, W's gradient reduction in place of B's).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -78,7 +77,7 @@ from jaxpar.analysis.comm import AxisTraffic, megatron_expected_bytes
 from jaxpar.config import Config, ModelConfig
 from jaxpar.mesh import AXES, DATA, PIPELINE, TENSOR, MeshSpec
 from jaxpar.pipeline.layout import StageLayout
-from jaxpar.pipeline.schedule import Schedule
+from jaxpar.plan.space import schedule_of
 from jaxpar.sharding import (
     EMBED,
     HEAD_DIM,
@@ -169,11 +168,6 @@ class _Tally:
         ]
 
 
-@functools.cache
-def _ticks(name: str, stages: int, microbatches: int, repeats: int) -> int:
-    return Schedule(name, stages, microbatches, repeats).ticks
-
-
 def predict_traffic(config: Config, spec: MeshSpec, compute_bytes: int) -> list[AxisTraffic]:
     """Every collective of one train step per device, grouped as `jaxpar.analysis.comm.traffic`
     groups the compiled step's (see the module docstring for each term).
@@ -191,7 +185,7 @@ def predict_traffic(config: Config, spec: MeshSpec, compute_bytes: int) -> list[
     r, p = spec.data, spec.pipeline
     layout = StageLayout(m.layers, p, pipe.repeats)
     hand = pipe.schedule in ("1f1b", "interleaved_1f1b", "zb_h1")
-    ticks = _ticks(pipe.schedule, p, pipe.microbatches, pipe.repeats)
+    ticks = schedule_of(pipe.schedule, p, pipe.microbatches, pipe.repeats).ticks
     c, seq, d = layout.chunk_size, t.seq_len, m.dim
     b = t.batch_size // (r * pipe.microbatches)  # rows of one tick's job
     o = t.batch_size // (r * p)  # rows per (replica, stage) outside the pipeline

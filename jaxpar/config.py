@@ -48,7 +48,7 @@ class ModelConfig:
     # Recompute activations in the backward pass, per layer (a checkpoint around each layer in
     # the layer scan, on every mesh): none, full, or a saving policy (dots: keep matmul outputs;
     # dots_no_batch: keep only weight-like matmul outputs; dots_no_batch_attn: those and the
-    # attention output). `jaxpar.pipeline.remat` lists what each keeps.
+    # attention output). `jaxpar.model.remat` lists what each keeps.
     remat: str = "none"
 
     @property

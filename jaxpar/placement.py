@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxpar.config import Config, validate_for_mesh, validate_model_for_mesh
 from jaxpar.mesh import MeshSpec, mesh_spec_of
 from jaxpar.model import attention
+from jaxpar.model.layout import StageLayout
 from jaxpar.model.llama import (
     BlockWeights,
     Llama,
@@ -38,10 +39,9 @@ from jaxpar.model.llama import (
     logits,
     token_nll,
 )
+from jaxpar.model.taps import einsum
 from jaxpar.pipeline.executor import run_pipeline, run_train_program
-from jaxpar.pipeline.layout import StageLayout
 from jaxpar.pipeline.schedule import Schedule
-from jaxpar.pipeline.taps import einsum
 from jaxpar.sharding import OUTER_BATCH, Rules, rules_for, serving_rules
 
 

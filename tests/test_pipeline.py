@@ -23,7 +23,7 @@ from jaxpar.analysis.flops import compute_overhead, model_flops
 from jaxpar.analysis.hlo import collectives, dot_flops
 from jaxpar.cli import main
 from jaxpar.mesh import AXES
-from jaxpar.pipeline.layout import StageLayout
+from jaxpar.model.layout import StageLayout
 from jaxpar.pipeline.schedule import Schedule
 
 CASES = [

@@ -51,7 +51,7 @@ def model_flops(cfg: ModelConfig, batch: int, seq: int, causal: bool = False) ->
     return layer_stack_flops(cfg, batch, seq, causal) + outer
 
 
-# The forward matmuls each `model.remat` runs again in the backward pass (`jaxpar.pipeline.remat`):
+# The forward matmuls each `model.remat` runs again in the backward pass (`jaxpar.model.remat`):
 # `full` all but the MLP's down projection, whose output the backward pass never reads.
 _RECOMPUTED = {
     "none": (),
@@ -120,7 +120,7 @@ def compute_overhead(placement: Placement, hlo: str | HloModule) -> ComputeOverh
 class ActionCosts:
     """Matmul FLOPs of one job's actions on one stage (one chunk of layers, one micro-batch),
     read from compiled programs with trip counts applied: F the forward, B the input gradient,
-    W the weight gradient from B's tap cotangents (`jaxpar.pipeline.taps`), and the unsplit
+    W the weight gradient from B's tap cotangents (`jaxpar.model.taps`), and the unsplit
     backward. With remat, B includes the recomputed forward."""
 
     f: int
@@ -148,8 +148,8 @@ def action_costs(placement: Placement) -> ActionCosts:
     import jax.numpy as jnp
     from flax import nnx
 
+    from jaxpar.model.taps import einsum
     from jaxpar.pipeline.executor import layer_taps, stage_chunk, weight_grads
-    from jaxpar.pipeline.taps import einsum
 
     config, layout, schedule = placement.config, placement.layout, placement.schedule
     t, c = config.train, layout.chunk_size

@@ -2,9 +2,9 @@
 
 The cache is [P, C, B, S, K, H] per key and value: stage, layer slot, batch (over `data`), position,
 kv head (over `tensor`), head dim. Each pipeline stage keeps only its own layers' cache. The layer
-stack runs in one `jax.shard_map`, manual over `pipeline` (and `data` when it has several
-replicas), around the tick loop every forward pass runs (`forward_ticks`), on a GPipe table: the
-batch is cut into M micro-batches (M = P when the rows allow, else 1), stage s works on
+stack runs in the stage program every pass over the stages runs (`StageProgram`: one
+`jax.shard_map`, manual over `pipeline` and `data`, around a scan over ticks), on a GPipe table:
+the batch is cut into M micro-batches (M = P when the rows allow, else 1), stage s works on
 micro-batch t - s at tick t and hands its activation to stage s + 1 with `lax.ppermute`, so with
 several micro-batches every stage is busy once the pipeline is full. A decode step is then
 M + P - 1 ticks of one token each.
@@ -37,7 +37,7 @@ from jaxpar.distributed import global_array
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import DATA, PIPELINE
 from jaxpar.model.llama import BLOCK_WEIGHT_AXES, BlockWeights, KVCache, Llama
-from jaxpar.pipeline.executor import forward_ticks
+from jaxpar.pipeline.program import StageProgram, manual_axes, microbatch_count
 from jaxpar.pipeline.schedule import Schedule
 from jaxpar.placement import Placement, logical_axes
 from jaxpar.sharding import ACT_KV_HEADS, BATCH, LAYERS, NORM, SEQ, STAGE
@@ -153,7 +153,7 @@ class Generator:
         self.data, self.stages = spec.data, spec.pipeline
         self.rows = -(-batch // spec.data) * spec.data  # padded to a multiple of `data`
         self.local_rows = self.rows // spec.data  # the rows of one `data` shard
-        self.microbatches = self.stages if self.local_rows % self.stages == 0 else 1
+        self.microbatches = microbatch_count(self.local_rows, self.stages)  # of a full batch
         self.max_len = self.length = max_len  # the cache's positions
         self.prefix_blocks, self.prefix_block = prefix_blocks, prefix_block
         self.graphdef = placement.graphdef
@@ -252,14 +252,13 @@ class Generator:
         before it wrote on the same stage. Attention reads the cache's first `span` positions
         (None: all); every position this call computes must lie below it.
         """
-        p = self.stages
-        manual = {PIPELINE} if self.data == 1 else {PIPELINE, DATA}
-        batch_axis = DATA if DATA in manual else None
+        p, t = self.stages, x_BTD.shape[1]
+        program = StageProgram(self.mesh, Schedule("gpipe", p, self._microbatches(x_BTD, by_seq)))
+        m = program.schedule.microbatches
         valid = jnp.asarray(self.placement.layout.valid)
         causal = positions_BT is None  # then the positions are 0..T-1 in every row
         if causal:
-            positions_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1], dtype=jnp.int32),
-                                            x_BTD.shape[:2])  # fmt: skip
+            positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), x_BTD.shape[:2])
 
         def stages(weights_1X, cache_1X: KVCache, x_BTD, positions_BT, slot_B, write_B):
             stage = jax.lax.axis_index(PIPELINE)
@@ -268,19 +267,17 @@ class Generator:
             # The inputs are the same on every stage; what each stage carries is its own.
             x_BTD = jax.lax.pcast(x_BTD, (PIPELINE,), to="varying")
             b_all, t, d = x_BTD.shape
-            if by_seq:
-                m = p if t % p == 0 else 1
+            if by_seq:  # one row per shard, its positions cut into M consecutive pieces
                 b = 1
                 x_MbTD = x_BTD.reshape(m, 1, t // m, d)
                 positions_MbT = positions_BT.reshape(m, 1, t // m)
                 slot_Mb = jnp.broadcast_to(slot_B, (m, 1))
                 write_Mb = jnp.broadcast_to(write_B, (m, 1))
             else:
-                m = p if b_all % p == 0 else 1  # (all the rows: self.microbatches)
                 b = b_all // m
-                x_MbTD = x_BTD.reshape(m, b, t, d)
-                positions_MbT = positions_BT.reshape(m, b, t)
-                slot_Mb, write_Mb = slot_B.reshape(m, b), write_B.reshape(m, b)
+                x_MbTD, positions_MbT, slot_Mb, write_Mb = (
+                    program.split(a[None]) for a in (x_BTD, positions_BT, slot_B, write_B)
+                )
 
             def layers(h_bTD, positions_bT, cache_X: KVCache):
                 def layer(h_bTD, slot):
@@ -305,20 +302,25 @@ class Generator:
                                     for c, n in zip(cache_X, new_CbTKH, strict=True)))  # fmt: skip
                 return h_bTD, cache_X
 
-            out_MbTD, cache_X = forward_ticks(Schedule("gpipe", p, m), run, x_MbTD, cache_X)
+            out_MbTD, cache_X = program.forward(run, x_MbTD, cache_X)
             out_1BTD = out_MbTD.reshape(1, b_all, t, d)  # (by_seq: the pieces in order)
             return out_1BTD, KVCache(*(c[None] for c in cache_X))
 
-        cache_spec = PartitionSpec(PIPELINE, None, batch_axis)
-        x_spec = PartitionSpec(batch_axis)
-        y_PBTD, cache = jax.shard_map(
+        cache_spec = PartitionSpec(PIPELINE, None, program.batch_axis)
+        caches, x_spec = KVCache(cache_spec, cache_spec), program.rows_spec(over_stages=False)
+        run_stages = program(
             stages,
-            mesh=self.mesh,
-            in_specs=(PartitionSpec(PIPELINE), KVCache(cache_spec, cache_spec), *[x_spec] * 4),
-            out_specs=(PartitionSpec(PIPELINE, batch_axis), KVCache(cache_spec, cache_spec)),
-            axis_names=manual,
-        )(weights, cache, x_BTD, positions_BT, slot_B, write_B)
+            in_specs=(PartitionSpec(PIPELINE), caches, *[x_spec] * 4),
+            out_specs=(PartitionSpec(PIPELINE, program.batch_axis), caches),
+        )
+        y_PBTD, cache = run_stages(weights, cache, x_BTD, positions_BT, slot_B, write_B)
         return y_PBTD[p - 1], cache  # only the last stage's outputs are the model's
+
+    def _microbatches(self, x_BTD: jax.Array, by_seq: bool) -> int:
+        """Micro-batches of a call: of one shard's rows, or (`by_seq`) of its one row's
+        positions."""
+        n = x_BTD.shape[1] if by_seq else x_BTD.shape[0] // self.data
+        return microbatch_count(n, self.stages)
 
     def _forward(self, top, weights, cache, tokens_BT, positions_BT, slot_B, write_B, last_B,
                  by_seq=False, span=None):  # fmt: skip
@@ -370,7 +372,7 @@ class Generator:
     def _prefix_op(self, save: bool):
         """Copies between one slot's first positions and blocks of the pool, per key and value:
         load (pool -> slot, positions below n * block) or save (slot -> pool)."""
-        manual = {PIPELINE} if self.data == 1 else {PIPELINE, DATA}
+        manual = manual_axes(self.data, fsdp=False)
         batch_axis = DATA if DATA in manual else None
         block, local = self.prefix_block, self.local_rows
 
@@ -403,7 +405,7 @@ class Generator:
         return jax.shard_map(
             copy, mesh=self.mesh,
             in_specs=(cache_spec, pool_spec, PartitionSpec(), PartitionSpec(), PartitionSpec()),
-            out_specs=pool_spec if save else cache_spec, axis_names=manual,
+            out_specs=pool_spec if save else cache_spec, axis_names=set(manual),
         )  # fmt: skip
 
     def _load_prefix(self, cache, pool, slot, ids_N, n):

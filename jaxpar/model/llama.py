@@ -25,9 +25,9 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxpar.config import ModelConfig
 from jaxpar.model.attention import attend, attend_cached
-from jaxpar.pipeline.layout import StageLayout
-from jaxpar.pipeline.remat import ATTENTION
-from jaxpar.pipeline.taps import SCALE, einsum
+from jaxpar.model.layout import StageLayout
+from jaxpar.model.remat import ATTENTION
+from jaxpar.model.taps import SCALE, einsum
 from jaxpar.sharding import (
     ACT_EMBED,
     ACT_KV_HEADS,

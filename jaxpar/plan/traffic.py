@@ -76,7 +76,7 @@ from collections.abc import Callable, Iterable
 from jaxpar.analysis.comm import AxisTraffic, megatron_expected_bytes
 from jaxpar.config import Config, ModelConfig
 from jaxpar.mesh import AXES, DATA, PIPELINE, TENSOR, MeshSpec
-from jaxpar.pipeline.layout import StageLayout
+from jaxpar.model.layout import StageLayout
 from jaxpar.plan.space import schedule_of
 from jaxpar.sharding import (
     EMBED,

@@ -1,4 +1,5 @@
-"""What every experiment does with its figures: results/NAME.json plus a markdown table."""
+"""What every experiment does with its figures: experiments/results/NAME.json plus a markdown
+table, wherever the script is run from."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path("results")
+# Resolved from this file, not the working directory, so that every script writes to one folder.
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def write_results(
@@ -16,8 +18,8 @@ def write_results(
     header: Sequence[str],
     cells: Callable[[dict[str, Any]], Sequence[Any]],
 ) -> Path:
-    """Writes `results/NAME.json` (the rows) and `results/NAME.md` (one table line per row, from
-    `cells`), prints the table, and returns the results folder."""
+    """Writes `RESULTS/NAME.json` (the rows) and `RESULTS/NAME.md` (one table line per row, from
+    `cells`), prints the table, and returns the results folder, `experiments/results/`."""
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(list(rows), indent=2) + "\n")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

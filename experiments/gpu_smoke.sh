@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One-GPU smoke check of `jaxpar train` (bfloat16 compute by default on GPU) and a ~284M-parameter
 # step time with MFU (`jaxpar bench`). Run on a GPU host from the repository root; writes logs
-# under ${OUT:-results}.
+# under experiments/results/ (or $OUT).
 set -uo pipefail
-out="${OUT:-results}"
+out="${OUT:-$(cd "$(dirname "$0")" && pwd)/results}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"

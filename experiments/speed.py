@@ -189,7 +189,6 @@ def main() -> int:
                              "dots_no_batch_attn)")  # fmt: skip
     parser.add_argument("--gpu", action="store_true", help="MFU of the 350M and 1.1B models")
     args = parser.parse_args()
-    os.chdir(Path(__file__).resolve().parent)  # results/ beside this script
     if args.gpu:
         args.remat = args.remat or ["none", "dots_no_batch_attn"]
         return gpu(args)

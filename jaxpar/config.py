@@ -96,12 +96,6 @@ class TrainConfig:
     # A step whose loss or gradient is not finite is skipped (state unchanged); this many in a
     # row abort the run, leaving the last good checkpoint in place.
     max_bad_steps: int = 3
-    # Fault injection for testing the guard: comma-separated step indices whose loss is NaN.
-    fault_nan_steps: str = ""
-
-    @property
-    def nan_steps(self) -> frozenset[int]:
-        return frozenset(int(s) for s in self.fault_nan_steps.split(",") if s.strip())
 
 
 @dataclass(frozen=True)
@@ -362,14 +356,6 @@ def validate(config: Config) -> None:
         raise JaxparError(f"config key 'train.sample_tokens' must be >= 0, got {t.sample_tokens}")
     if t.max_bad_steps < 1:
         raise JaxparError(f"train.max_bad_steps={t.max_bad_steps} must be at least 1")
-    try:
-        bad = [s for s in t.nan_steps if s < 0]
-    except ValueError:
-        bad = [t.fault_nan_steps]
-    if bad:
-        raise JaxparError(
-            f"train.fault_nan_steps={t.fault_nan_steps!r} must be comma-separated step indices >= 0"
-        )
     c = config.checkpoint
     if c.every < 0:
         raise JaxparError(f"checkpoint.every={c.every} must be >= 0 (0: only at the end)")

@@ -125,14 +125,8 @@ class Trainer:
         shapes = jax.eval_shape(lambda: self._init(0))
         return self.placement.abstract(shapes, self.state_shardings)
 
-    def _step(
-        self, state: TrainState, tokens_BT: jax.Array, poison: jax.Array
-    ) -> tuple[TrainState, dict]:
-        def loss(params: nnx.State) -> jax.Array:
-            # poison: 0, or NaN to test the guard
-            return self.placement.loss(params, tokens_BT) + poison
-
-        value, grads = jax.value_and_grad(loss)(state.params)
+    def _step(self, state: TrainState, tokens_BT: jax.Array) -> tuple[TrainState, dict]:
+        value, grads = jax.value_and_grad(self.placement.loss)(state.params, tokens_BT)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -156,7 +150,7 @@ class Trainer:
         replicated = self.placement.replicated
         return jax.jit(
             self._step,
-            in_shardings=(self.state_shardings, self.placement.batch_sharding, replicated),
+            in_shardings=(self.state_shardings, self.placement.batch_sharding),
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=0,
         )
@@ -169,9 +163,8 @@ class Trainer:
         """Lowers the train step for abstract inputs (nothing is allocated or run)."""
         p = self.placement
         tokens = jax.ShapeDtypeStruct(self.batch_shape(), jnp.int32, sharding=p.batch_sharding)
-        poison = jax.ShapeDtypeStruct((), jnp.float32, sharding=p.replicated)
         with jax.set_mesh(p.mesh):
-            return self.jitted_step.lower(self.abstract_state(), tokens, poison)
+            return self.jitted_step.lower(self.abstract_state(), tokens)
 
     @cached_property
     def _compiled(self) -> tuple[jax.stages.Compiled, float]:
@@ -183,12 +176,6 @@ class Trainer:
         """The compiled train step (compiled once) and the seconds its compilation took."""
         return self._compiled
 
-    def step(
-        self, state: TrainState, tokens_BT: jax.Array, poison: float = 0.0
-    ) -> tuple[TrainState, dict]:
-        """One update on a (B, T+1) token batch laid out by `batch_sharding`; donates `state`.
-
-        `poison` is added to the loss (NaN injects a fault for the non-finite guard).
-        """
-        poison_arr = jax.device_put(jnp.float32(poison), self.placement.replicated)
-        return self._compiled[0](state, tokens_BT, poison_arr)
+    def step(self, state: TrainState, tokens_BT: jax.Array) -> tuple[TrainState, dict]:
+        """One update on a (B, T+1) token batch laid out by `batch_sharding`; donates `state`."""
+        return self._compiled[0](state, tokens_BT)

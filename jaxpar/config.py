@@ -170,8 +170,17 @@ class Config:
         return dataclasses.asdict(self)
 
     def replace(self, **overrides: Any) -> Config:
-        """Returns a validated copy with dotted overrides, e.g. `replace(**{"train.steps": 5})`."""
-        return load_config(None, [f"{k}={v}" for k, v in overrides.items()], base=self)
+        """A validated copy with dotted keys set to typed values, e.g.
+        `replace(**{"train.steps": 5})`. Values are checked as a YAML file's are (an int may
+        stand for a float; nothing is parsed from text).
+
+        Raises:
+            JaxparError: an unknown key, a value of the wrong type, or a value out of range.
+        """
+        tree = self.to_dict()
+        for key, value in overrides.items():
+            _set(tree, key, value, from_text=False)
+        return _validated(tree)
 
 
 _COMPUTE_ONLY = ("attention", "remat")
@@ -304,6 +313,11 @@ def load_config(
         if not sep or not key.strip():
             raise JaxparError(f"override {item!r} must look like SECTION.NAME=VALUE")
         _set(tree, key.strip(), value, from_text=True)
+    return _validated(tree)
+
+
+def _validated(tree: dict[str, dict[str, Any]]) -> Config:
+    """The `Config` of a tree of sections (as `Config.to_dict` gives), validated."""
     config = Config(**{name: cls(**tree[name]) for name, cls in _SECTION_TYPES.items()})
     validate(config)
     return config

@@ -16,6 +16,8 @@ from functools import cached_property
 
 import numpy as np
 
+from jaxpar.errors import JaxparError
+
 
 @dataclass(frozen=True)
 class StageLayout:
@@ -25,7 +27,7 @@ class StageLayout:
 
     def __post_init__(self) -> None:
         if self.layers < self.chunks:
-            raise ValueError(f"{self.layers} layers cannot fill {self.chunks} chunks")
+            raise JaxparError(f"{self.layers} layers cannot fill {self.chunks} chunks")
 
     @property
     def chunks(self) -> int:

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from jaxpar.config import TrainConfig
+from jaxpar.errors import JaxparError
 from jaxpar.placement import Placement, logical_axes
 from jaxpar.sharding import NORM
 
@@ -87,7 +88,9 @@ class Trainer:
 
     def __init__(self, placement: Placement):
         if placement.serving:
-            raise ValueError("a Trainer needs a training placement (Placement(..., serving=False))")
+            raise JaxparError(
+                "a Trainer needs a training placement (Placement(..., serving=False))"
+            )
         self.placement = placement
         self.tx = make_optimizer(placement.config.train, placement.abstract_params)
         self.lr = lr_schedule(placement.config.train)

@@ -558,6 +558,9 @@ def _calibrate(write: Path | None) -> int:
 def _load_model(args: argparse.Namespace):
     """The model named by --run or --init-from-hf, on the mesh of --mesh."""
     source = Path(args.run or args.init_from_hf)
+    if not source.is_dir():  # before JAX starts: the mesh comes next
+        flag = "--run" if args.run else "--init-from-hf"
+        raise JaxparError(f"{flag} {str(source)!r} is not a directory")
     spec = _prepare(parse_mesh(args.mesh), args.devices)
     from jaxpar.infer.load import load_hf, load_run
     from jaxpar.mesh import make_mesh

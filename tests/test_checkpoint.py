@@ -133,11 +133,11 @@ def nan_loss_at(monkeypatch):
     step, loss = Trainer._step, Placement.loss
 
     def inject(*bad_steps: int) -> None:
-        def poisoned_step(self, state, tokens_BT):
+        def poisoned_step(self, state, *inputs):
             poison = jnp.where(jnp.isin(state.step, jnp.array(bad_steps)), jnp.nan, 0.0)
             with pytest.MonkeyPatch.context() as m:  # while the step is traced
                 m.setattr(Placement, "loss", lambda p, *args: loss(p, *args) + poison)
-                return step(self, state, tokens_BT)
+                return step(self, state, *inputs)
 
         monkeypatch.setattr(Trainer, "_step", poisoned_step)
 

@@ -60,7 +60,6 @@ def load_run(
     Raises:
         JaxparError: `run` is not a run folder or holds no checkpoint.
     """
-    _check_dir(run, "--run")
     if not (run / CONFIG).is_file():
         raise JaxparError(f"--run {str(run)!r} is not a jaxpar run folder (no {CONFIG})")
     restored = restore_run(run, mesh, dtype, warn)
@@ -79,7 +78,6 @@ def load_run(
 
 def load_hf(path: Path, mesh: jax.sharding.Mesh, dtype: str = "auto") -> LoadedModel:
     """A local Hugging Face Llama directory, read straight onto `mesh`."""
-    _check_dir(path, "--init-from-hf")
     from jaxpar.interop.hf import load_hf_params, load_tokenizer, read_hf_config
 
     model, context = read_hf_config(path)
@@ -117,11 +115,6 @@ def _chat_template(config: dict) -> tuple[str | None, dict[str, str]]:
             if isinstance(value, str):
                 special[key] = value
     return template if isinstance(template, str) else None, special
-
-
-def _check_dir(path: Path, flag: str) -> None:
-    if not path.is_dir():
-        raise JaxparError(f"{flag} {str(path)!r} is not a directory")
 
 
 def _read_json(path: Path) -> dict:

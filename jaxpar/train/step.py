@@ -128,8 +128,13 @@ class Trainer:
         shapes = jax.eval_shape(lambda: self._init(0))
         return self.placement.abstract(shapes, self.state_shardings)
 
-    def _step(self, state: TrainState, tokens_BT: jax.Array) -> tuple[TrainState, dict]:
-        value, grads = jax.value_and_grad(self.placement.loss)(state.params, tokens_BT)
+    def _step(
+        self, state: TrainState, tokens_BT: jax.Array, fence: jax.Array
+    ) -> tuple[TrainState, dict]:
+        def loss(params: nnx.State) -> jax.Array:
+            return self.placement.loss(params, tokens_BT) + fence  # + 0.0: the same loss
+
+        value, grads = jax.value_and_grad(loss)(state.params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -153,7 +158,7 @@ class Trainer:
         replicated = self.placement.replicated
         return jax.jit(
             self._step,
-            in_shardings=(self.state_shardings, self.placement.batch_sharding),
+            in_shardings=(self.state_shardings, self.placement.batch_sharding, replicated),
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=0,
         )
@@ -166,8 +171,9 @@ class Trainer:
         """Lowers the train step for abstract inputs (nothing is allocated or run)."""
         p = self.placement
         tokens = jax.ShapeDtypeStruct(self.batch_shape(), jnp.int32, sharding=p.batch_sharding)
+        fence = jax.ShapeDtypeStruct((), jnp.float32, sharding=p.replicated)
         with jax.set_mesh(p.mesh):
-            return self.jitted_step.lower(self.abstract_state(), tokens)
+            return self.jitted_step.lower(self.abstract_state(), tokens, fence)
 
     @cached_property
     def _compiled(self) -> tuple[jax.stages.Compiled, float]:
@@ -181,4 +187,10 @@ class Trainer:
 
     def step(self, state: TrainState, tokens_BT: jax.Array) -> tuple[TrainState, dict]:
         """One update on a (B, T+1) token batch laid out by `batch_sharding`; donates `state`."""
-        return self._compiled[0](state, tokens_BT)
+        # A zero placed on every device anew for each step, and added to the loss: with every
+        # input of the next steps already on the devices (batches placed ahead, steps queued
+        # without reading their results), the 8-device CPU runtime deadlocked in a pipeline's
+        # collective-permute rendezvous (commit c7eadd5: 3 of 4 runs of 60 queued steps; again
+        # with zb_h1 when this transfer was dropped); never with a transfer per step.
+        fence = jax.device_put(jnp.float32(0.0), self.placement.replicated)
+        return self._compiled[0](state, tokens_BT, fence)

@@ -31,7 +31,7 @@ TRIES = 2
 
 
 def main() -> int:
-    spec = prepare(parse_mesh(MESH))
+    spec = prepare(parse_mesh(MESH), tune_runtime=True)
     from jaxpar.analysis.report import analyze
     from jaxpar.config import load_config
     from jaxpar.mesh import make_mesh

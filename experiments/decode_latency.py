@@ -35,7 +35,7 @@ def worker(spec_text: str) -> None:
     """Measures one layout; prints one JSON row per batch size."""
     from jaxpar.mesh import parse_mesh, prepare
 
-    spec = prepare(parse_mesh(spec_text))
+    spec = prepare(parse_mesh(spec_text), tune_runtime=True)
     import numpy as np
 
     from jaxpar.analysis.comm import traffic

@@ -137,7 +137,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> int:
-    prepare(parse_mesh(f"data={DEVICES}"))
+    prepare(parse_mesh(f"data={DEVICES}"), tune_runtime=True)
     from jaxpar.analysis.report import analyze
     from jaxpar.config import load_config
     from jaxpar.mesh import make_mesh

@@ -58,7 +58,7 @@ def plot_bubble(rows: list[dict], stages: int, path: Path) -> None:
 
 
 def main() -> int:
-    spec = prepare(parse_mesh(MESH))
+    spec = prepare(parse_mesh(MESH), tune_runtime=True)
     import matplotlib
 
     matplotlib.use("Agg")

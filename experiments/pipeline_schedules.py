@@ -77,7 +77,7 @@ def write(rows: list[dict]) -> Path:
 
 
 def main() -> int:
-    spec = prepare(parse_mesh(MESH))
+    spec = prepare(parse_mesh(MESH), tune_runtime=True)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -79,7 +79,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--profile", help="a hardware profile (default: calibrate this host now)")
     args = parser.parse_args()
-    prepare(MeshSpec(data=DEVICES))
+    prepare(MeshSpec(data=DEVICES), tune_runtime=True)
     from jaxpar.config import load_config
     from jaxpar.mesh import make_mesh
     from jaxpar.placement import Placement

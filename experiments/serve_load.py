@@ -208,7 +208,7 @@ def static_worker(run: str, mesh: str, work_json: str) -> None:
     concurrency."""
     from jaxpar.mesh import make_mesh, parse_mesh, prepare
 
-    spec = prepare(parse_mesh(mesh))
+    spec = prepare(parse_mesh(mesh), tune_runtime=True)
     from jaxpar.infer.engine import Generator, _bucket
     from jaxpar.infer.load import load_run
 

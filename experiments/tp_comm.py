@@ -35,7 +35,7 @@ COMMON = ["train.batch_size=16", "train.seq_len=128", "train.dtype=float32", "mo
 
 
 def main() -> int:
-    prepare(parse_mesh("data=8"))
+    prepare(parse_mesh("data=8"), tune_runtime=True)
     from jaxpar.analysis.comm import megatron_check
     from jaxpar.analysis.hlo import collectives
     from jaxpar.analysis.report import analyze

@@ -227,8 +227,8 @@ def _model_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> str:
     )
 
 
-class CorruptCheckpoint(Exception):
-    """A checkpoint that exists but cannot be trusted."""
+class CorruptCheckpoint(JaxparError):
+    """A checkpoint that exists but cannot be trusted (`restore_latest` falls back past it)."""
 
 
 @dataclass(frozen=True)

@@ -45,135 +45,46 @@ from jaxpar.config import Config, load_config
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import MeshSpec, parse_mesh, prepare
 
+AUTO = "auto"
+SIMULATED = 8  # CPU devices `plan` and `--mesh auto` simulate when not told a count
+MAX_SIMULATED = 64  # the most CPU devices `plan` simulates to compile-check its candidates
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise JaxparError(f"{message} (see '{self.prog} --help')")
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+# -- arguments shared by several commands, each defined once -------------------------------------
+
+
+def _add_config_file(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config; keys as in README")
+
+
+def _add_overrides(p: argparse.ArgumentParser, example: str = "e.g. train.steps=50") -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=example)
+
+
+def _add_devices(p: argparse.ArgumentParser, help: str = "simulate N CPU devices") -> None:
+    p.add_argument("--devices", type=int, metavar="N", help=help)
+
+
+def _add_json(p: argparse.ArgumentParser, help: str = "print one JSON document") -> None:
+    p.add_argument("--json", action="store_true", help=help)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    """A config to build and place: --config, --mesh, --devices and KEY=VALUE overrides."""
+    _add_config_file(p)
     p.add_argument(
         "--mesh",
         metavar="SPEC",
         help="mesh like data=2,tensor=4 (overrides parallel.mesh); "
         "'auto': the planner's best layout for the devices present",
     )
-    p.add_argument("--devices", type=int, metavar="N", help="simulate N CPU devices")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=50")
-
-
-# Each command's one-line description, as the module docstring lists it (one source for both
-# `jaxpar --help` and `jaxpar COMMAND --help`).
-_DESCRIPTIONS = dict(
-    line.strip().split(None, 1)
-    for line in __doc__.split("commands:\n", 1)[1].split("\n\n", 1)[0].splitlines()
-)
-
-
-def _command(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, description=f"jaxpar {name}: {_DESCRIPTIONS[name]}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="jaxpar", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--version", action="version", version=f"jaxpar {__version__}")
-    sub = parser.add_subparsers(
-        dest="command", required=True, parser_class=_Parser, metavar="command",
-        help="one of the commands above; 'jaxpar COMMAND --help' describes its options",
-    )  # fmt: skip
-
-    p = _command(sub, "train")
-    _add_config_args(p)
-    p.add_argument("--out", metavar="DIR", help="run folder (default: a new folder under runs/)")
-    _add_process_args(p)
-
-    p = _command(sub, "checkpoints")
-    p.add_argument("out", metavar="OUT", help="the run folder")
-
-    p = _command(sub, "mesh")
-    p.add_argument("spec", metavar="SPEC", help="e.g. data=2,pipeline=2,tensor=2")
-    p.add_argument("--devices", type=int, metavar="N", help="simulate N CPU devices")
-
-    p = _command(sub, "shardings")
-    _add_config_args(p)
-
-    p = _command(sub, "analyze")
-    _add_config_args(p)
-    p.add_argument("--json", action="store_true", help="print one JSON document (keys in README)")
-    p.add_argument("--timeline", metavar="FILE.png", help="draw the pipeline schedule to a PNG")
-
-    p = _command(sub, "bench")
-    _add_config_args(p)
-    p.add_argument("--steps", type=int, default=10, metavar="N", help="timed steps (default 10)")
-    p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed steps first")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
-
-    p = _command(sub, "plan")
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML config; keys as in README")
-    p.add_argument("--devices", type=int, metavar="N", help="devices to plan for (default: those "
-                   "present; on CPU, 8 simulated)")  # fmt: skip
-    p.add_argument("--hardware", metavar="NAME|FILE", help="profile: h100-sxm, h200, a100-80g, "
-                   "tpu-v5e, cpu, or a YAML file (default: the devices present)")  # fmt: skip
-    p.add_argument("--top", type=int, default=5, metavar="K", help="rows to show and to compile "
-                   "(default 5)")  # fmt: skip
-    p.add_argument("--no-compile", action="store_true", help="rank by the cost model alone")
-    p.add_argument("--json", action="store_true", help='print {"candidates": [...]}, best first')
-    p.add_argument("--write", metavar="FILE.yaml", help="write the best layout's config (with "
-                   "--calibrate: the measured profile)")  # fmt: skip
-    p.add_argument("--calibrate", action="store_true", help="measure the devices present and "
-                   "write their hardware profile")  # fmt: skip
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.batch_size=64")
-
-    p = _command(sub, "eval")
-    _add_model_args(p)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text", metavar="FILE", help="a text file")
-    source.add_argument("--tokens", metavar="FILE.npy", help="int token ids [batch, length]")
-    p.add_argument("--batch", type=int, default=8, metavar="N", help="rows per forward pass")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-    p = _command(sub, "generate")
-    _add_model_args(p)
-    _add_sampling_args(p)
-    prompts = p.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompt", action="append", metavar="TEXT", help="repeat for a batch")
-    prompts.add_argument(
-        "--prompt-ids", action="append", metavar="1,2,3", help="token ids; repeat for a batch"
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-    p = _command(sub, "chat")
-    _add_model_args(p)
-    _add_sampling_args(p)
-
-    p = _command(sub, "serve")
-    _add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
-    p.add_argument("--model-name", metavar="NAME", help="the served model's id (default: the "
-                   "folder's name)")  # fmt: skip
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="serve.* keys, e.g. "
-                   "serve.max_seqs=16")  # fmt: skip
-
-    p = _command(sub, "launch")
-    p.add_argument(
-        "-n", "--num-processes", type=int, required=True, metavar="N", help="processes to start"
-    )
-    p.add_argument(
-        "--devices-per-process", type=int, metavar="K", help="simulated CPU devices per process"
-    )
-    p.add_argument(
-        "--pin-cores", action="store_true", help="run process r on CPU core r alone (timing runs)"
-    )
-    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
-
-    p = _command(sub, "export-hf")
-    p.add_argument("out", metavar="OUT", help="the jaxpar run folder")
-    p.add_argument("dest", metavar="DIR", help="a new folder for config.json and safetensors")
-    return parser
+    _add_devices(p)
+    _add_overrides(p)
 
 
 def _add_process_args(p: argparse.ArgumentParser) -> None:
@@ -186,11 +97,12 @@ def _add_process_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """A trained model to load (--run or --init-from-hf) and the mesh to load it onto."""
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", metavar="OUT", help="a jaxpar run folder (its newest checkpoint)")
     source.add_argument("--init-from-hf", metavar="DIR", help="a local Hugging Face Llama folder")
     p.add_argument("--mesh", default="data=1", metavar="SPEC", help="mesh (default data=1)")
-    p.add_argument("--devices", type=int, metavar="N", help="simulate N CPU devices")
+    _add_devices(p)
     p.add_argument(
         "--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="compute dtype"
     )
@@ -205,6 +117,151 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+# -- each command's arguments ----------------------------------------------------------------------
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--out", metavar="DIR", help="run folder (default: a new folder under runs/)")
+    _add_process_args(p)
+
+
+def _checkpoints_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", metavar="OUT", help="the run folder")
+
+
+def _mesh_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", metavar="SPEC", help="e.g. data=2,pipeline=2,tensor=2")
+    _add_devices(p)
+
+
+def _analyze_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    _add_json(p, "print one JSON document (keys in README)")
+    p.add_argument("--timeline", metavar="FILE.png", help="draw the pipeline schedule to a PNG")
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--steps", type=int, default=10, metavar="N", help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed steps first")
+    _add_json(p)
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    _add_config_file(p)
+    _add_devices(p, f"devices to plan for (default: those present; on CPU, {SIMULATED} simulated)")
+    p.add_argument("--hardware", metavar="NAME|FILE", help="profile: h100-sxm, h200, a100-80g, "
+                   "tpu-v5e, cpu, or a YAML file (default: the devices present)")  # fmt: skip
+    p.add_argument("--top", type=int, default=5, metavar="K", help="rows to show and to compile "
+                   "(default 5)")  # fmt: skip
+    p.add_argument("--no-compile", action="store_true", help="rank by the cost model alone")
+    _add_json(p, 'print {"candidates": [...]}, best first')
+    p.add_argument("--write", metavar="FILE.yaml", help="write the best layout's config (with "
+                   "--calibrate: the measured profile)")  # fmt: skip
+    p.add_argument("--calibrate", action="store_true", help="measure the devices present and "
+                   "write their hardware profile")  # fmt: skip
+    _add_overrides(p, "e.g. train.batch_size=64")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", metavar="FILE", help="a text file")
+    source.add_argument("--tokens", metavar="FILE.npy", help="int token ids [batch, length]")
+    p.add_argument("--batch", type=int, default=8, metavar="N", help="rows per forward pass")
+    _add_json(p, "print one JSON object")
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    _add_sampling_args(p)
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", metavar="TEXT", help="repeat for a batch")
+    prompts.add_argument(
+        "--prompt-ids", action="append", metavar="1,2,3", help="token ids; repeat for a batch"
+    )
+    _add_json(p, "print one JSON object")
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    _add_sampling_args(p)
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+    p.add_argument("--model-name", metavar="NAME", help="the served model's id (default: the "
+                   "folder's name)")  # fmt: skip
+    _add_overrides(p, "serve.* keys, e.g. serve.max_seqs=16")
+
+
+def _launch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-n", "--num-processes", type=int, required=True, metavar="N", help="processes to start"
+    )
+    p.add_argument(
+        "--devices-per-process", type=int, metavar="K", help="simulated CPU devices per process"
+    )
+    p.add_argument(
+        "--pin-cores", action="store_true", help="run process r on CPU core r alone (timing runs)"
+    )
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+
+
+def _export_hf_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", metavar="OUT", help="the jaxpar run folder")
+    p.add_argument("dest", metavar="DIR", help="a new folder for config.json and safetensors")
+
+
+# Each command's arguments, in the order `jaxpar --help` lists the commands.
+_ARGUMENTS = {
+    "train": _train_args,
+    "checkpoints": _checkpoints_args,
+    "mesh": _mesh_args,
+    "shardings": _add_config_args,
+    "analyze": _analyze_args,
+    "bench": _bench_args,
+    "plan": _plan_args,
+    "eval": _eval_args,
+    "generate": _generate_args,
+    "chat": _chat_args,
+    "serve": _serve_args,
+    "launch": _launch_args,
+    "export-hf": _export_hf_args,
+}
+
+# Each command's one-line description, as the module docstring lists it (one source for both
+# `jaxpar --help` and `jaxpar COMMAND --help`).
+_DESCRIPTIONS = dict(
+    line.strip().split(None, 1)
+    for line in __doc__.split("commands:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `jaxpar` and its commands (`_ARGUMENTS`)."""
+    parser = _Parser(
+        prog="jaxpar", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"jaxpar {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="command",
+        help="one of the commands above; 'jaxpar COMMAND --help' describes its options",
+    )  # fmt: skip
+    for name, add_arguments in _ARGUMENTS.items():
+        add_arguments(sub.add_parser(name, description=f"jaxpar {name}: {_DESCRIPTIONS[name]}"))
+    return parser
+
+
+def _prepare(spec: MeshSpec, devices: int | None) -> MeshSpec:
+    """`mesh.prepare` with `jaxpar.runtime`'s process-wide settings: every command runs with them
+    (the library leaves them to its caller)."""
+    return prepare(spec, devices, tune_runtime=True)
+
+
 def _config_and_mesh(args: argparse.Namespace) -> tuple[Config, MeshSpec]:
     """Loads the config and sets up the devices its mesh needs (the placement checks the rest).
 
@@ -216,21 +273,16 @@ def _config_and_mesh(args: argparse.Namespace) -> tuple[Config, MeshSpec]:
     if config.parallel.mesh == AUTO:
         config, spec = _auto_layout(config, args.devices)
     else:
-        spec = prepare(parse_mesh(config.parallel.mesh), args.devices)
+        spec = _prepare(parse_mesh(config.parallel.mesh), args.devices)
     from jaxpar.placement import compute_dtype
 
     resolved_dtype = compute_dtype(config.train.dtype).name
     return config.replace(**{"parallel.mesh": str(spec), "train.dtype": resolved_dtype}), spec
 
 
-AUTO = "auto"
-SIMULATED = 8  # CPU devices `plan` and `--mesh auto` simulate when not told a count
-MAX_SIMULATED = 64  # the most CPU devices `plan` simulates to compile-check its candidates
-
-
 def _auto_layout(config: Config, devices: int | None) -> tuple[Config, MeshSpec]:
     """`--mesh auto`: the planner's best layout (by the cost model) for the devices present."""
-    prepare(MeshSpec(data=-1), devices or SIMULATED)
+    _prepare(MeshSpec(data=-1), devices or SIMULATED)
     import jax
 
     from jaxpar.distributed import current
@@ -262,7 +314,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from jaxpar.distributed import current
-    from jaxpar.infer.load import sample_text
+    from jaxpar.infer.train_sample import sample_text
     from jaxpar.mesh import make_mesh
     from jaxpar.train.loop import TrainingAborted, train
 
@@ -311,7 +363,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 def cmd_mesh(args: argparse.Namespace) -> int:
     from jaxpar.mesh import describe, make_mesh
 
-    spec = prepare(parse_mesh(args.spec), args.devices)
+    spec = _prepare(parse_mesh(args.spec), args.devices)
     print(describe(make_mesh(spec)))
     return 0
 
@@ -444,7 +496,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     compiling = not args.no_compile and not args.calibrate
     present = None
     if args.calibrate or args.devices is None or (compiling and args.devices <= MAX_SIMULATED):
-        prepare(MeshSpec(data=-1), args.devices or SIMULATED)  # on CPU: simulated devices
+        _prepare(MeshSpec(data=-1), args.devices or SIMULATED)  # on CPU: simulated devices
         import jax
 
         present = jax.device_count()
@@ -506,10 +558,10 @@ def _calibrate(write: Path | None) -> int:
 def _load_model(args: argparse.Namespace):
     """The model named by --run or --init-from-hf, on the mesh of --mesh."""
     source = Path(args.run or args.init_from_hf)
-    flag = "--run" if args.run else "--init-from-hf"
-    if not source.is_dir():
+    if not source.is_dir():  # before JAX starts: the mesh comes next
+        flag = "--run" if args.run else "--init-from-hf"
         raise JaxparError(f"{flag} {str(source)!r} is not a directory")
-    spec = prepare(parse_mesh(args.mesh), args.devices)
+    spec = _prepare(parse_mesh(args.mesh), args.devices)
     from jaxpar.infer.load import load_hf, load_run
     from jaxpar.mesh import make_mesh
 
@@ -544,7 +596,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = _load_model(args)
     import json
 
-    from jaxpar.infer.load import read_token_rows, text_rows
+    from jaxpar.infer.evaluate import evaluate, read_token_rows, text_rows
 
     if args.text:
         ids = model.encode(path.read_text(errors="replace"))
@@ -552,7 +604,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows = text_rows(ids, model.context)
     else:
         rows = read_token_rows(path, model)
-    result = model.evaluate(rows, args.batch)
+    result = evaluate(model, rows, args.batch)
     if args.json:
         print(json.dumps(result))
     else:
@@ -622,19 +674,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     model = _load_model(args)
-    from jaxpar.infer.chat import Chat
+    from jaxpar.infer.chat import Chat, chat_in_terminal
 
     chat = Chat(model, args.max_new_tokens, sampling, seed=args.seed)
     print(f"chatting with {model.source}; an empty line or Ctrl-D ends", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        chat.reply(line, on_text=lambda text: print(text, end="", flush=True))
-        print()
+    chat_in_terminal(chat)
     return 0
 
 
@@ -674,7 +718,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from jaxpar.infer.load import export_run
+    from jaxpar.infer.export import export_run
 
     dest = export_run(Path(args.out), Path(args.dest))
     print(f"wrote {dest}")

@@ -214,15 +214,18 @@ def describe(mesh: jax.sharding.Mesh) -> str:
     return "\n".join(lines)
 
 
-def prepare(spec: MeshSpec, devices: int | None = None) -> MeshSpec:
-    """Simulates the CPU devices a mesh needs and applies `jaxpar.runtime`'s settings (before and
-    as JAX starts), then resolves the spec.
+def prepare(spec: MeshSpec, devices: int | None = None, *, tune_runtime: bool = False) -> MeshSpec:
+    """Simulates the CPU devices a mesh needs (before JAX starts), then resolves the spec.
 
     Args:
         spec: the parsed spec; a -1 axis is filled from the device count.
         devices: the device count to simulate on CPU, over all processes of a multi-process
             job; defaults to the spec's product. With a -1 axis and no count, the devices JAX
             already sees are used.
+        tune_runtime: also apply `jaxpar.runtime`'s process-wide settings: XLA flags appended to
+            `XLA_FLAGS` (before JAX starts) and, on CPU, glibc's `mallopt` settings that keep
+            freed memory in the process. The CLI and `experiments/` pass True; a library caller
+            opts in, since both change the whole process (see `jaxpar.runtime`).
 
     Raises:
         JaxparError: the mesh does not use exactly the available devices.
@@ -240,9 +243,10 @@ def prepare(spec: MeshSpec, devices: int | None = None) -> MeshSpec:
                 f"evenly; use a multiple of {processes}"
             )
         simulate_devices(count // processes)
-    runtime.xla_flags()
+    if tune_runtime:
+        runtime.xla_flags()
     import jax
 
-    if jax.default_backend() == "cpu":
+    if tune_runtime and jax.default_backend() == "cpu":
         runtime.tune_host_allocator()
     return spec.resolve(jax.device_count())

@@ -16,7 +16,7 @@ logical layer order [L, ...] that checkpoints keep and that any other placement 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpar.config import Config, validate_for_mesh, validate_model_for_mesh
+from jaxpar.errors import JaxparError
 from jaxpar.mesh import MeshSpec, mesh_spec_of
 from jaxpar.model import attention
 from jaxpar.model.layout import StageLayout
@@ -72,9 +73,10 @@ def _in_blocks(path: tuple[Any, ...]) -> bool:
     return any(getattr(k, "key", None) == "blocks" for k in path)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Placement:
-    """A model config laid out on a mesh.
+    """A model config laid out on a mesh; frozen, with what it derives from the config and the
+    mesh as fields (`dataclasses.replace` derives them again).
 
     Attributes:
         config: the config (for serving, with the training-only layout settings reset).
@@ -82,6 +84,14 @@ class Placement:
         serving: lay the model out for inference: the rules keep the embedding's and head's batch
             over `data` only (a serving batch need not divide over `data` x `pipeline`), one chunk
             of layers per stage, no FSDP, and only the model's sizes are checked against the mesh.
+        spec: the mesh's axis sizes.
+        rules: the rules preset mapping logical axes to mesh axes.
+        layout: which layers each pipeline stage holds.
+        schedule: the pipeline schedule's table.
+        dtype: the compute dtype (`train.dtype` resolved).
+        attention: the attention implementation (`model.attention` resolved).
+        graphdef: the model's NNX graph definition (not in `repr`).
+        abstract_params: the parameters' shapes and logical axes (not in `repr`).
 
     Raises:
         JaxparError: the config does not fit the mesh (a size that does not divide, too few
@@ -91,23 +101,36 @@ class Placement:
     config: Config
     mesh: jax.sharding.Mesh
     serving: bool = False
+    # Derived in __post_init__ from the three fields above (so not compared: they follow them).
+    spec: MeshSpec = field(init=False, compare=False)
+    rules: Rules = field(init=False, compare=False)
+    layout: StageLayout = field(init=False, compare=False)
+    schedule: Schedule = field(init=False, compare=False)
+    dtype: jnp.dtype = field(init=False, compare=False)
+    attention: str = field(init=False, compare=False)
+    graphdef: nnx.GraphDef = field(init=False, compare=False, repr=False)
+    abstract_params: nnx.State = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.spec: MeshSpec = mesh_spec_of(self.mesh)
+        derive = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        spec = mesh_spec_of(self.mesh)
+        derive("spec", spec)
         if self.serving:
-            self.config = serving_config(self.config)
-            validate_model_for_mesh(self.config.model, self.spec)
-            self.rules: Rules = serving_rules(rules_for(self.spec, fsdp=False))
+            derive("config", serving_config(self.config))
+            validate_model_for_mesh(self.config.model, spec)
+            derive("rules", serving_rules(rules_for(spec, fsdp=False)))
         else:
-            validate_for_mesh(self.config, self.spec)
-            self.rules = rules_for(self.spec, self.config.parallel.fsdp)
+            validate_for_mesh(self.config, spec)
+            derive("rules", rules_for(spec, self.config.parallel.fsdp))
         m, pipe = self.config.model, self.config.pipeline
-        self.layout = StageLayout(m.layers, self.spec.pipeline, pipe.repeats)
-        self.schedule = Schedule(pipe.schedule, self.spec.pipeline, pipe.microbatches, pipe.repeats)
-        self.dtype = compute_dtype(self.config.train.dtype)
-        self.attention = attention.resolve(m.attention, m.heads, m.kv_heads, m.head_dim, self.dtype)
-        abstract = nnx.eval_shape(lambda: self.new_model(0))
-        self.graphdef, self.abstract_params = nnx.split(abstract)
+        derive("layout", StageLayout(m.layers, spec.pipeline, pipe.repeats))
+        derive("schedule", Schedule(pipe.schedule, spec.pipeline, pipe.microbatches, pipe.repeats))
+        derive("dtype", compute_dtype(self.config.train.dtype))
+        derive("attention", attention.resolve(m.attention, m.heads, m.kv_heads, m.head_dim,
+                                              self.dtype))  # fmt: skip
+        graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: self.new_model(0)))
+        derive("graphdef", graphdef)
+        derive("abstract_params", abstract_params)
 
     def new_model(self, seed: int) -> Llama:
         """The model with parameters drawn from `seed` (call inside jit with out_shardings to
@@ -257,7 +280,7 @@ class Placement:
         """`params` laid out by `source` (same model, same mesh), moved into this placement's
         stage layout and shardings."""
         if dataclasses.asdict(source.config.model) != dataclasses.asdict(self.config.model):
-            raise ValueError("relayout needs the same model on both placements")
+            raise JaxparError("relayout needs the same model on both placements")
         move = jax.jit(
             lambda p: self.from_logical(source.to_logical(p)), out_shardings=self.param_shardings
         )

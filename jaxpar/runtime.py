@@ -1,6 +1,9 @@
-"""Process-wide settings of the runtime under JAX that jaxpar applies as JAX starts.
+"""Process-wide settings of the runtime under JAX that jaxpar's commands apply as JAX starts.
 
-`jaxpar.mesh.prepare` calls both, so every command and experiment gets them:
+`jaxpar.mesh.prepare(spec, devices, tune_runtime=True)` calls both: every `jaxpar` command and
+experiment does. A program that imports jaxpar as a library gets neither unless it passes
+`tune_runtime=True` (or calls the two functions itself, as the tests' conftest does), since both
+change the whole process: its `XLA_FLAGS` and its C allocator.
 
 - `xla_flags`, before JAX starts: XLA flags for the platform it will run on (a flag already in the
   user's `XLA_FLAGS` is left as the user set it).

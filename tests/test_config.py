@@ -354,6 +354,19 @@ def test_replace_keeps_non_default_base():
     assert changed.train.steps == 11
 
 
+def test_replace_is_typed():
+    """Values are set as given (never printed and parsed back) and type-checked as YAML's are."""
+    config = Config().replace(
+        **{"train.sample_prompt": " x=1, y ", "train.lr": 1, "pipeline.remat": "full"}
+    )
+    assert config.train.sample_prompt == " x=1, y " and config.train.lr == 1.0
+    assert config.model.remat == "full"  # the old name of the key still works
+    with pytest.raises(JaxparError, match=r"'train.steps' must be an integer, got '5'"):
+        Config().replace(**{"train.steps": "5"})
+    with pytest.raises(JaxparError, match=r"'parallel.fsdp' must be true or false, got 1"):
+        Config().replace(**{"parallel.fsdp": 1})
+
+
 def test_replace_validates():
     with pytest.raises(JaxparError, match=r"'train.steps' must be positive, got 0"):
         Config().replace(**{"train.steps": 0})

@@ -263,6 +263,17 @@ def test_prepare_in_running_process():
     assert mesh_mod.prepare(parse_mesh("tensor=-1")) == MeshSpec(1, 1, 8)
 
 
+def test_prepare_applies_the_runtime_settings_only_when_asked(monkeypatch):
+    """A library caller's process keeps its XLA flags and allocator unless it opts in."""
+    calls = []
+    monkeypatch.setattr(runtime, "xla_flags", lambda: calls.append("xla_flags"))
+    monkeypatch.setattr(runtime, "tune_host_allocator", lambda: calls.append("allocator"))
+    mesh_mod.prepare(parse_mesh("data=8"))
+    assert calls == []
+    mesh_mod.prepare(parse_mesh("data=8"), tune_runtime=True)
+    assert calls == ["xla_flags", "allocator"]  # the tests run on CPU
+
+
 # --- the CLI in a fresh process (JAX not started yet) --------------------------------------------
 
 

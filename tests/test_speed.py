@@ -141,7 +141,7 @@ STEP_FAULTS = textwrap.dedent("""
     from jaxpar.placement import Placement
     from jaxpar.train.step import Trainer
 
-    spec = prepare(parse_mesh("data=1"))  # what every command does first
+    spec = prepare(parse_mesh("data=1"), tune_runtime=True)  # as every command does first
     config = load_config(None, ["model.layers=2", "model.dim=256", "model.mlp_dim=512",
                                 "train.batch_size=16", "train.seq_len=128"])
     tr = Trainer(Placement(config, make_mesh(spec)))

@@ -1,4 +1,4 @@
-"""Conversations with a loaded model: chat templates, and the turns of `jaxpar chat`.
+"""Conversations with a loaded model: chat templates, and the turns and loop of `jaxpar chat`.
 
 `render_chat` turns OpenAI-style messages into the prompt text, with the model's own chat template
 (`chat_template` of its `tokenizer_config.json`, rendered by jinja2 as Hugging Face's
@@ -91,3 +91,17 @@ class Chat:
         self.history = (self.history + reply)[-self.keep :]
         self.turns += 1
         return "".join(parts)
+
+
+def chat_in_terminal(chat: Chat, prompt: str = "> ") -> None:
+    """`jaxpar chat`'s loop: reads a message a line from stdin until an empty line or end of
+    input, and streams each reply to stdout as it is decoded."""
+    while True:
+        try:
+            line = input(prompt)
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        chat.reply(line, on_text=lambda text: print(text, end="", flush=True))
+        print()

@@ -44,6 +44,11 @@ from jaxpar.sharding import ACT_KV_HEADS, BATCH, LAYERS, NORM, SEQ, STAGE
 
 CACHE_AXES = (STAGE, LAYERS, BATCH, SEQ, ACT_KV_HEADS, None)
 POOL_AXES = (STAGE, LAYERS, None, None, ACT_KV_HEADS, None)  # the prefix cache's blocks
+# Shapes are bucketed so that a few compilations serve every request: prompt widths are padded to
+# a power of two of at least MIN_PROMPT_WIDTH tokens, and decode steps are compiled for cache spans
+# of powers of two from MIN_DECODE_SPAN positions up to the whole cache.
+MIN_PROMPT_WIDTH = 16
+MIN_DECODE_SPAN = 128
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,9 @@ class Generator:
         prefix_block: int = 16,
     ):
         if not placement.serving:
-            raise ValueError("a Generator needs a serving placement (Placement(..., serving=True))")
+            raise JaxparError(
+                "a Generator needs a serving placement (Placement(..., serving=True))"
+            )
         spec = placement.spec
         self.placement, self.mesh, self.dtype = placement, placement.mesh, placement.dtype
         self.data, self.stages = spec.data, spec.pipeline
@@ -470,7 +477,7 @@ class Generator:
         """The compiled decode step (for FLOP, byte and collective accounting)."""
         return self._step("_decode", self.decode_inputs(), span=self._span(span))
 
-    def spans(self, least: int = 128) -> list[int]:
+    def spans(self, least: int = MIN_DECODE_SPAN) -> list[int]:
         """The cache spans decode steps are compiled for: powers of two from `least`, and the
         whole cache."""
         spans, span = [], least
@@ -612,5 +619,6 @@ class Generator:
 
 
 def _bucket(n: int) -> int:
-    """Prompt widths are padded to a power of two (at least 16): few prefill compilations."""
-    return max(16, 1 << (n - 1).bit_length())
+    """Prompt widths are padded to a power of two (at least `MIN_PROMPT_WIDTH`): few prefill
+    compilations."""
+    return max(MIN_PROMPT_WIDTH, 1 << (n - 1).bit_length())

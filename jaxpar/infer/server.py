@@ -36,6 +36,14 @@ from jaxpar.infer.chat import render_chat
 from jaxpar.infer.scheduler import Closed, Engine, Event, Params, QueueFull, Request
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# OpenAI's defaults for a request's fields (its API reference): what a request that omits one gets.
+# A chat completion's `max_tokens` defaults to what the context leaves after the prompt instead.
+DEFAULT_COMPLETION_TOKENS = 16  # /v1/completions' max_tokens
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_TOP_K = 0  # no limit (vLLM's extension; -1 says the same)
+DEFAULT_N = 1  # choices per request, the only number jaxpar returns
+MAX_STOPS = 4  # strings in `stop`
 
 
 class ApiError(Exception):
@@ -86,15 +94,17 @@ def _range(name: str, value: float, low: float, high: float, low_open: bool = Fa
 def _stops(body: dict) -> tuple[str, ...]:
     stop = _field(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
-    if not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-        raise ApiError(400, "'stop' must be a string or an array of at most 4 strings", "stop")
+    if not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOPS:
+        raise ApiError(
+            400, f"'stop' must be a string or an array of at most {MAX_STOPS} strings", "stop"
+        )
     return tuple(s for s in stop if s)
 
 
 def _params(body: dict, max_tokens: int, engine: Engine, prompt_len: int) -> Params:
     """The generation settings of a request body; `max_tokens` is the default."""
-    n = _field(body, "n", (int,), 1)
-    if n != 1:
+    n = _field(body, "n", (int,), DEFAULT_N)
+    if n != DEFAULT_N:
         raise ApiError(400, f"'n' = {n} is not supported: jaxpar returns 1 choice a request", "n")
     for name in ("presence_penalty", "frequency_penalty"):
         if _field(body, name, (float,), 0) != 0:
@@ -111,11 +121,11 @@ def _params(body: dict, max_tokens: int, engine: Engine, prompt_len: int) -> Par
     tokens = _field(body, name, (int,), max_tokens)
     if tokens < 1:
         raise ApiError(400, f"'{name}' must be at least 1, got {tokens}", name)
-    temperature = float(_field(body, "temperature", (float,), 1.0))
+    temperature = float(_field(body, "temperature", (float,), DEFAULT_TEMPERATURE))
     _range("temperature", temperature, 0, 2)
-    top_p = float(_field(body, "top_p", (float,), 1.0))
+    top_p = float(_field(body, "top_p", (float,), DEFAULT_TOP_P))
     _range("top_p", top_p, 0, 1, low_open=True)
-    top_k = _field(body, "top_k", (int,), 0)
+    top_k = _field(body, "top_k", (int,), DEFAULT_TOP_K)
     if top_k < -1:
         raise ApiError(400, f"'top_k' must be -1 or 0 (no limit) or more, got {top_k}", "top_k")
     seed = _field(body, "seed", (int,), None)
@@ -393,7 +403,7 @@ def create_app(engine: Engine, model_name: str, on_shutdown: Callable[[], None] 
                            "(one prompt a request)", "prompt")  # fmt: skip
         if not ids:
             raise ApiError(400, "'prompt' is empty; give at least one token", "prompt")
-        params = _params(body, 16, engine, len(ids))
+        params = _params(body, DEFAULT_COMPLETION_TOKENS, engine, len(ids))
         return await answer(http, body, ids, params, chat=False)
 
     async def chat_completions(http: HttpRequest) -> Response:

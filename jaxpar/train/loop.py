@@ -280,8 +280,7 @@ def _dispatch(trainer: Trainer, corpus: Corpus, run: _Run, step: int) -> dict[st
     batch = global_batch(
         corpus, t.seed, step, trainer.batch_shape(), trainer.placement.batch_sharding
     )
-    poison = float("nan") if step in t.nan_steps else 0.0
-    run.state, metrics = trainer.step(run.state, batch, poison)
+    run.state, metrics = trainer.step(run.state, batch)
     return metrics
 
 

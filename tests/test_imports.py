@@ -66,7 +66,7 @@ def test_the_graph_is_read():
     edges = graph()
     assert "jaxpar.placement" in edges["jaxpar.train.step"]
     assert "jaxpar.model.attention" in edges["jaxpar.placement"]  # `from jaxpar.model import`
-    assert "jaxpar.infer.load" in edges["jaxpar.cli"]  # imported inside a function
+    assert "jaxpar.infer.load" in edges["jaxpar.cli.infer"]  # imported inside a function
 
 
 def test_no_import_cycles():

@@ -1,0 +1,183 @@
+"""The serving wing's commands: eval, generate, chat, serve and export-hf.
+
+Each command checks its arguments and the model's folder before JAX starts, sets up the mesh's
+devices (`jaxpar.cli.devices`), and imports the library inside the function afterwards."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from jaxpar.cli.devices import prepare_devices
+from jaxpar.config import load_config
+from jaxpar.errors import JaxparError
+from jaxpar.mesh import parse_mesh
+
+
+def _load_model(args: argparse.Namespace):
+    """The model named by --run or --init-from-hf, on the mesh of --mesh."""
+    source = Path(args.run or args.init_from_hf)
+    if not source.is_dir():  # before JAX starts: the mesh comes next
+        flag = "--run" if args.run else "--init-from-hf"
+        raise JaxparError(f"{flag} {str(source)!r} is not a directory")
+    spec = prepare_devices(parse_mesh(args.mesh), args.devices)
+    from jaxpar.infer.load import load_hf, load_run
+    from jaxpar.mesh import make_mesh
+
+    mesh = make_mesh(spec)
+    warn = lambda msg: print(f"jaxpar: {msg}", file=sys.stderr)  # noqa: E731
+    if args.run:
+        return load_run(source, mesh, args.dtype, warn=warn)
+    return load_hf(source, mesh, args.dtype)
+
+
+def _sampling(args: argparse.Namespace):
+    from jaxpar.infer.engine import Sampling
+
+    if args.max_new_tokens < 1:
+        raise JaxparError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    if not args.greedy and args.temperature <= 0:
+        raise JaxparError(f"--temperature {args.temperature} must be > 0 (or use --greedy)")
+    if args.top_k < 0:
+        raise JaxparError(f"--top-k {args.top_k} must be 0 (no limit) or more")
+    if not 0 < args.top_p <= 1:
+        raise JaxparError(f"--top-p {args.top_p} must be in (0, 1]")
+    temperature = 0.0 if args.greedy else args.temperature
+    return Sampling(temperature, args.top_k, args.top_p)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`jaxpar eval`: a model's negative log-likelihood and perplexity on --text or --tokens."""
+    if args.batch < 1:
+        raise JaxparError(f"--batch {args.batch} must be at least 1")
+    path = Path(args.text or args.tokens)
+    if not path.is_file():
+        raise JaxparError(f"{'--text' if args.text else '--tokens'} {str(path)!r} does not exist")
+    model = _load_model(args)
+    import json
+
+    from jaxpar.infer.evaluate import evaluate, read_token_rows, text_rows
+
+    if args.text:
+        ids = model.encode(path.read_text(errors="replace"))
+        model.check_ids(ids, f"--text {str(path)!r}")
+        rows = text_rows(ids, model.context)
+    else:
+        rows = read_token_rows(path, model)
+    result = evaluate(model, rows, args.batch)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{model.source}: nll {result['nll']:.4f} nats/token, perplexity "
+            f"{result['perplexity']:.3f} over {result['tokens']:,} predicted tokens"
+        )
+    return 0
+
+
+def _prompts(args: argparse.Namespace, model) -> list[list[int]]:
+    if args.prompt_ids:
+        prompts = []
+        for text in args.prompt_ids:
+            try:
+                ids = [int(x) for x in text.split(",") if x.strip()]
+            except ValueError:
+                raise JaxparError(
+                    f"--prompt-ids {text!r} is not a comma-separated list of ids"
+                ) from None
+            prompts.append(ids)
+        labels = [f"--prompt-ids {t!r}" for t in args.prompt_ids]
+    else:
+        prompts = [model.encode(t) for t in args.prompt]
+        labels = [f"--prompt {t!r}" for t in args.prompt]
+    for ids, label in zip(prompts, labels, strict=True):
+        if not ids:
+            raise JaxparError(f"{label} is empty; give at least one token")
+        model.check_ids(ids, label)
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """`jaxpar generate`: continues each prompt; the text, or with --json ids and timings."""
+    sampling = _sampling(args)
+    model = _load_model(args)
+    import json
+
+    prompts = _prompts(args, model)
+    longest = max(len(p) for p in prompts)
+    model.check_fits(longest, args.max_new_tokens)
+    gen = model.generator(len(prompts), longest + args.max_new_tokens)
+    out = gen.generate(
+        prompts, args.max_new_tokens, sampling, seed=args.seed, stop_ids=model.stop_ids
+    )
+    texts = [model.decode(ids) for ids in out.new_ids]
+    if args.json:
+        doc = {
+            "new_ids": out.new_ids,
+            "text": texts,
+            "time_to_first_token_s": out.prefill_s,
+            "tokens_per_s": out.tokens_per_s,
+            "compile_s": out.compile_s,
+        }
+        print(json.dumps(doc))
+        return 0
+    for prompt, text in zip(prompts, texts, strict=True):
+        print(model.decode(prompt) + text)
+        print("-" * 40)
+    print(
+        f"time to first token {out.prefill_s * 1e3:,.1f} ms, then {out.tokens_per_s:,.1f} "
+        f"tokens/s per sequence x {len(prompts)} sequences (compile {out.compile_s:.1f}s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """`jaxpar chat`: a chat in the terminal."""
+    sampling = _sampling(args)
+    model = _load_model(args)
+    from jaxpar.infer.chat import Chat, chat_in_terminal
+
+    chat = Chat(model, args.max_new_tokens, sampling, seed=args.seed)
+    print(f"chatting with {model.source}; an empty line or Ctrl-D ends", file=sys.stderr)
+    chat_in_terminal(chat)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`jaxpar serve`: the OpenAI-compatible server, until SIGTERM or Ctrl-C."""
+    bad = [o for o in args.overrides if not o.startswith("serve.")]
+    if bad:
+        raise JaxparError(f"{bad[0]!r}: serve takes serve.* settings only (the model's come "
+                          "from its folder)")  # fmt: skip
+    load_config(None, args.overrides)  # refused before anything loads
+    from jaxpar.infer.server import bind, serve
+
+    sock = bind(args.host, args.port)
+    model = _load_model(args)
+    import jax
+
+    if jax.process_count() > 1:
+        raise JaxparError("jaxpar serve runs in one process (its mesh may span that process's "
+                          "devices); multi-process serving is not supported")  # fmt: skip
+    config = load_config(None, args.overrides, base=model.config).serve
+    from jaxpar.infer.scheduler import Engine
+
+    log = lambda msg: print(f"jaxpar: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    name = args.model_name or Path(args.run or args.init_from_hf).resolve().name
+    engine = Engine(model, config)
+    log(f"{model.source}: compiling the steps for {engine.slots} slots of {model.context} "
+        f"tokens ({engine.generator.slot_bytes / 2**20:,.2f} MiB of cache per slot)")  # fmt: skip
+    engine.start()
+    serve(engine, name, sock, config.shutdown_s, log)
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    """`jaxpar export-hf`: writes a run's newest checkpoint as a Hugging Face folder."""
+    from jaxpar.infer.export import export_run
+
+    dest = export_run(Path(args.out), Path(args.dest))
+    print(f"wrote {dest}")
+    return 0

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 
 from jaxpar.errors import JaxparError
-from jaxpar.mesh import _DEVICE_FLAG
+from jaxpar.mesh import with_device_count
 
 GRACE_S = 5.0  # between SIGTERM and SIGKILL when stopping the others after a failure
 INTERRUPT_GRACE_S = 120.0  # after Ctrl-C or SIGTERM: healthy processes save a checkpoint first
@@ -68,35 +68,13 @@ def launch(
     code of the first to fail (1 for a process killed by a signal). `pin`: process r runs on CPU
     core r alone (every thread of it), so the processes are truly parallel and do not share a
     core: needs a core per process."""
-    if not argv:
-        raise JaxparError("launch needs a command after --, e.g. jaxpar launch -n 2 -- train")
-    if argv[0] == "launch":
-        raise JaxparError("launch cannot launch itself")
-    if num_processes < 1:
-        raise JaxparError(f"-n {num_processes} must be at least 1")
-    if devices_per_process is not None and devices_per_process < 1:
-        raise JaxparError(f"--devices-per-process {devices_per_process} must be at least 1")
-    cores = sorted(os.sched_getaffinity(0))
-    if pin and num_processes > len(cores):
-        raise JaxparError(
-            f"--pin-cores needs a core per process: -n {num_processes} but {len(cores)} cores"
-        )
+    cores = _check(argv, num_processes, devices_per_process, pin)
     coordinator = f"127.0.0.1:{_free_port()}"
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
     pumps = []
     for rank in range(num_processes):
-        env = dict(os.environ)
-        env |= {
-            "JAXPAR_COORDINATOR": coordinator,
-            "JAXPAR_NUM_PROCESSES": str(num_processes),
-            "JAXPAR_PROCESS_ID": str(rank),
-            "JAX_PLATFORMS": "cpu",
-            "PYTHONUNBUFFERED": "1",
-        }
-        if devices_per_process is not None:
-            flags = env.get("XLA_FLAGS", "")
-            env["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={devices_per_process}".strip()
+        env = _environment(coordinator, rank, num_processes, devices_per_process)
         proc = subprocess.Popen(
             [sys.executable, "-m", "jaxpar", *argv],
             env=env,
@@ -118,15 +96,7 @@ def launch(
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     failed: tuple[int, int] | None = None
     try:
-        while failed is None and any(p.poll() is None for p in procs):
-            for rank, p in enumerate(procs):
-                code = p.poll()
-                if code is not None and code != 0:
-                    failed = (rank, code)
-                    break
-            time.sleep(0.1)
-        if failed is None:
-            failed = next(((r, p.returncode) for r, p in enumerate(procs) if p.returncode), None)
+        failed = _first_failure(procs)
     except KeyboardInterrupt:
         with lock:
             print("[launch] interrupted: asking every process to stop", flush=True)
@@ -145,3 +115,52 @@ def launch(
     if failed is None:
         return 0
     return failed[1] if failed[1] > 0 else 1
+
+
+def _check(
+    argv: Sequence[str], num_processes: int, devices_per_process: int | None, pin: bool
+) -> list[int]:
+    """Refuses a launch that cannot run, in one line; returns the CPU cores this process may use."""
+    if not argv:
+        raise JaxparError("launch needs a command after --, e.g. jaxpar launch -n 2 -- train")
+    if argv[0] == "launch":
+        raise JaxparError("launch cannot launch itself")
+    if num_processes < 1:
+        raise JaxparError(f"-n {num_processes} must be at least 1")
+    if devices_per_process is not None and devices_per_process < 1:
+        raise JaxparError(f"--devices-per-process {devices_per_process} must be at least 1")
+    cores = sorted(os.sched_getaffinity(0))
+    if pin and num_processes > len(cores):
+        raise JaxparError(
+            f"--pin-cores needs a core per process: -n {num_processes} but {len(cores)} cores"
+        )
+    return cores
+
+
+def _environment(
+    coordinator: str, rank: int, num_processes: int, devices_per_process: int | None
+) -> dict[str, str]:
+    """Process `rank`'s environment: ours, the job's coordinates, and its simulated devices."""
+    env = dict(os.environ)
+    env |= {
+        "JAXPAR_COORDINATOR": coordinator,
+        "JAXPAR_NUM_PROCESSES": str(num_processes),
+        "JAXPAR_PROCESS_ID": str(rank),
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if devices_per_process is not None:
+        env["XLA_FLAGS"] = with_device_count(env.get("XLA_FLAGS", ""), devices_per_process)
+    return env
+
+
+def _first_failure(procs: list[subprocess.Popen]) -> tuple[int, int] | None:
+    """Waits until every process has ended or one has failed: (rank, exit code) of the first
+    failure seen, None if all succeeded."""
+    while any(p.poll() is None for p in procs):
+        for rank, p in enumerate(procs):
+            code = p.poll()
+            if code is not None and code != 0:
+                return rank, code
+        time.sleep(0.1)
+    return next(((r, p.returncode) for r, p in enumerate(procs) if p.returncode), None)

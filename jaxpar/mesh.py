@@ -121,12 +121,20 @@ def parse_mesh(spec: str) -> MeshSpec:
     return MeshSpec(**sizes)
 
 
+def with_device_count(flags: str, num_devices: int) -> str:
+    """`flags` (an `XLA_FLAGS` value) with the simulated CPU device count set to `num_devices`:
+    the user's other flags kept, any earlier count replaced rather than followed by a second one,
+    so that the same count always gives the same flags (and compilation cache keys)."""
+    kept = re.sub(rf"{_DEVICE_FLAG}=\S*", "", flags).split()
+    return " ".join([*kept, f"{_DEVICE_FLAG}={num_devices}"])
+
+
 def simulate_devices(num_devices: int) -> None:
     """Makes JAX's host (CPU) platform expose `num_devices` devices.
 
-    Appends to the user's XLA_FLAGS instead of replacing them; the last occurrence of the flag wins.
-    Only affects the CPU platform, so it is harmless on GPU hosts. Must run before JAX initialises
-    its backend; afterwards it only checks that the count already matches.
+    Keeps the user's other XLA_FLAGS and replaces any device count they hold. Only affects the
+    CPU platform, so it is harmless on GPU hosts. Must run before JAX initialises its backend;
+    afterwards it only checks that the count already matches.
 
     Raises:
         JaxparError: JAX already started with a different number of CPU devices.
@@ -146,9 +154,9 @@ def simulate_devices(num_devices: int) -> None:
             return
     flags = os.environ.get("XLA_FLAGS", "")
     current = re.findall(rf"{_DEVICE_FLAG}=(\d+)", flags)
-    if current and int(current[-1]) == num_devices:
+    if current == [str(num_devices)]:
         return
-    os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={num_devices}".strip()
+    os.environ["XLA_FLAGS"] = with_device_count(flags, num_devices)
 
 
 def make_mesh(spec: MeshSpec, devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:

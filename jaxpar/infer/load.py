@@ -25,7 +25,7 @@ from flax import nnx
 from jaxpar.checkpoint import Checkpointer
 from jaxpar.config import Config, load_config
 from jaxpar.errors import JaxparError
-from jaxpar.infer.engine import Generator, Sampling
+from jaxpar.infer.engine import Generator, Sampling, check_context
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.model.llama import token_nll
 from jaxpar.placement import Placement, compute_dtype
@@ -100,11 +100,7 @@ class LoadedModel:
 
     def check_fits(self, prompt_len: int, new_tokens: int) -> None:
         """Refuses a prompt and a number of new tokens that together exceed the context."""
-        if prompt_len + new_tokens > self.context:
-            raise JaxparError(
-                f"prompt of {prompt_len} tokens + --max-new-tokens {new_tokens} exceeds the "
-                f"model's context of {self.context} tokens"
-            )
+        check_context(prompt_len, new_tokens, self.context, "--max-new-tokens")
 
     def generator(self, batch: int, max_len: int) -> Generator:
         return Generator(self.placement, self.params, batch=batch, max_len=max_len)
@@ -179,7 +175,7 @@ def read_token_rows(path: Path, model: LoadedModel) -> list[np.ndarray]:
 def sample_text(
     placement: Placement, params: nnx.State, prompt: str, tokens: int, seed: int
 ) -> tuple[str, int]:
-    """`prompt` and what a trained byte-token model writes after it (temperature 0.8), with the
+    """`prompt` and what a trained byte-token model writes after it (default temperature), with the
     KV-cached engine on the training mesh: the end-of-training sample.
 
     `params` are laid out by the training `placement`; they are moved into the serving layout of
@@ -196,7 +192,7 @@ def sample_text(
     tokens = min(tokens, room)
     params = serving.relayout(params, placement)
     gen = Generator(serving, params, batch=1, max_len=len(ids) + tokens)
-    out = gen.generate([ids], tokens, Sampling(temperature=0.8), seed=seed)
+    out = gen.generate([ids], tokens, Sampling(), seed=seed)
     text = bytes(i for i in out.new_ids[0] if 0 <= i < 256).decode("utf-8", errors="replace")
     return prompt + text, len(out.new_ids[0])
 

@@ -31,8 +31,8 @@ from functools import cached_property
 
 import numpy as np
 
-from jaxpar.config import check_schedule_counts, check_schedule_stages, schedule_rule
 from jaxpar.errors import JaxparError
+from jaxpar.schedule_rules import check_schedule_counts, check_schedule_stages, schedule_rule
 
 F, B, W = 0, 1, 2
 KINDS = "FBW"
@@ -51,7 +51,7 @@ class Schedule:
 
     def __post_init__(self) -> None:
         p, m, v = self.stages, self.microbatches, self.repeats
-        try:  # the rules of `jaxpar.config.SCHEDULE_RULES`, stated there once
+        try:  # the rules of `jaxpar.schedule_rules`, stated there once
             check_schedule_counts(self.name, m, v)
             check_schedule_stages(self.name, p, m)
         except JaxparError as e:

@@ -18,10 +18,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 
-from jaxpar.config import REMAT, SCHEDULE_RULES, Config, load_config, validate_for_mesh
+from jaxpar.config import REMAT, Config, load_config, validate_for_mesh
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import MeshSpec
 from jaxpar.pipeline.schedule import Schedule
+from jaxpar.schedule_rules import SCHEDULE_RULES
 
 
 @dataclass(frozen=True)

@@ -181,8 +181,8 @@ def predict_traffic(config: Config, spec: MeshSpec, compute_bytes: int) -> list[
     fsdp = config.parallel.fsdp
     r, p = spec.data, spec.pipeline
     layout = StageLayout(m.layers, p, pipe.repeats)
-    hand = pipe.schedule in ("1f1b", "interleaved_1f1b", "zb_h1")
-    ticks = schedule_of(pipe.schedule, p, pipe.microbatches, pipe.repeats).ticks
+    schedule = schedule_of(pipe.schedule, p, pipe.microbatches, pipe.repeats)
+    hand, ticks = schedule.hand_backward, schedule.ticks
     c, seq, d = layout.chunk_size, t.seq_len, m.dim
     b = t.batch_size // (r * pipe.microbatches)  # rows of one tick's job
     o = t.batch_size // (r * p)  # rows per (replica, stage) outside the pipeline

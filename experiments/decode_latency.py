@@ -41,7 +41,7 @@ def worker(spec_text: str) -> None:
     from jaxpar.analysis.comm import traffic
     from jaxpar.analysis.hlo import collectives, dot_flops, parse
     from jaxpar.config import load_config
-    from jaxpar.infer.engine import Generator
+    from jaxpar.infer.engine import GREEDY, Generator
     from jaxpar.mesh import AXES, make_mesh
     from jaxpar.placement import Placement
     from jaxpar.train.step import Trainer
@@ -55,8 +55,8 @@ def worker(spec_text: str) -> None:
         for batch in BATCHES:
             gen = Generator(placement, params, batch=batch, max_len=PROMPT + NEW)
             prompts = rng.integers(0, 256, (batch, PROMPT)).tolist()
-            gen.generate(prompts, NEW)  # compiles and warms up
-            runs = [gen.generate(prompts, NEW) for _ in range(TRIES)]
+            gen.generate(prompts, NEW, GREEDY)  # compiles and warms up
+            runs = [gen.generate(prompts, NEW, GREEDY) for _ in range(TRIES)]
             token_ms = [1e3 * statistics.median(r.decode_s) for r in runs]
             compiled = gen.decode_compiled()
             hlo = parse(compiled.as_text())

@@ -209,7 +209,7 @@ def static_worker(run: str, mesh: str, work_json: str) -> None:
     from jaxpar.mesh import make_mesh, parse_mesh, prepare
 
     spec = prepare(parse_mesh(mesh), tune_runtime=True)
-    from jaxpar.infer.engine import Generator, _bucket
+    from jaxpar.infer.engine import GREEDY, Generator, _bucket
     from jaxpar.infer.load import load_run
 
     model = load_run(Path(run), make_mesh(spec), "float32", warn=lambda m: None)
@@ -220,10 +220,10 @@ def static_worker(run: str, mesh: str, work_json: str) -> None:
         gen = Generator(model.placement, model.params, batch=c, max_len=CONTEXT)
         batches = [work[i : i + c] for i in range(0, len(work), c)]
         for width in sorted({_bucket(max(len(p) for p, _ in b)) for b in batches}):
-            gen.generate([[1] * min(width, CONTEXT - 128)], 2)  # compile every width first
+            gen.generate([[1] * min(width, CONTEXT - 128)], 2, GREEDY)  # compile every width first
         records, clock = [], 0.0
         for batch in batches:
-            result = gen.generate([p for p, _ in batch], max(n for _, n in batch))
+            result = gen.generate([p for p, _ in batch], max(n for _, n in batch), GREEDY)
             for (prompt, n), _ in zip(batch, result.new_ids, strict=True):
                 steps = result.decode_s[: n - 1]
                 times = [clock + result.prefill_s]

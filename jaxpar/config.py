@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from jaxpar.errors import JaxparError
+from jaxpar.errors import JaxparError, type_error, typed
+from jaxpar.schedule_rules import SCHEDULES as SCHEDULES  # re-exported: the config's valid names
+from jaxpar.schedule_rules import check_schedule_counts, check_schedule_stages
 
 if TYPE_CHECKING:
     from jaxpar.mesh import MeshSpec
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPT_DTYPES = ("float32", "bfloat16")
-SCHEDULES = ("gpipe", "circular", "1f1b", "interleaved_1f1b", "zb_h1")
 REMAT = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attn")
 ATTENTION = ("auto", "xla", "dot_product")
 
@@ -209,43 +210,25 @@ def _field_types(cls: type) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _type_name(t: type) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[t]
-
-
 def _coerce(key: str, value: Any, t: type, from_text: bool) -> Any:
     """Converts `value` to type `t`, or raises naming the key, the value and the expected type."""
-    bad = JaxparError(f"config key {key!r} must be {_type_name(t)}, got {value!r}")
-    if from_text:
-        if t is str:
-            return str(value)  # verbatim: a prompt may end in a space
-        text = str(value).strip()
-        if t is bool:
-            lowered = text.lower()
-            if lowered in ("true", "1", "yes", "on"):
-                return True
-            if lowered in ("false", "0", "no", "off"):
-                return False
-            raise bad
-        if t is int:
-            try:
-                return int(text)
-            except ValueError:
-                raise bad from None
-        if t is float:
-            try:
-                return float(text)
-            except ValueError:
-                raise bad from None
-        return text
-    # Typed YAML values: ints may stand for floats, but bools are never numbers.
-    if isinstance(value, bool) and t is not bool:
-        raise bad
-    if t is float and isinstance(value, int | float):
-        return float(value)
-    if not isinstance(value, t):
-        raise bad
-    return value
+    what = f"config key {key!r}"
+    if not from_text:
+        return typed(value, t, what)
+    if t is str:
+        return str(value)  # verbatim: a prompt may end in a space
+    text = str(value).strip()
+    if t is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise type_error(what, value, (bool,))
+    try:
+        return t(text)
+    except ValueError:
+        raise type_error(what, value, (t,)) from None
 
 
 def _set(tree: dict[str, dict[str, Any]], key: str, value: Any, from_text: bool) -> None:
@@ -329,14 +312,28 @@ def _positive(key: str, value: float) -> None:
 
 
 def validate(config: Config) -> None:
-    """Checks values that make sense on their own, whatever the mesh."""
-    m, t = config.model, config.train
-    for name in ("layers", "dim", "heads", "kv_heads", "mlp_dim", "vocab"):
+    """Checks values that make sense on their own, whatever the mesh.
+
+    Raises:
+        JaxparError: the first value out of range; the message names it and what is valid.
+    """
+    _validate_model(config.model)
+    _validate_train(config.train)
+    _validate_checkpoint(config.checkpoint)
+    p = config.pipeline
+    check_schedule_counts(p.schedule, p.microbatches, p.repeats)
+    _validate_serve(config.serve)
+
+
+def _one_of(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise JaxparError(f"{key}={value!r} is not one of {', '.join(valid)}")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    for name in ("layers", "dim", "heads", "kv_heads", "mlp_dim", "vocab", "rope_theta",
+                 "norm_eps"):  # fmt: skip
         _positive(f"model.{name}", getattr(m, name))
-    for name in ("rope_theta", "norm_eps"):
-        _positive(f"model.{name}", getattr(m, name))
-    for name in ("steps", "batch_size", "seq_len", "lr"):
-        _positive(f"train.{name}", getattr(t, name))
     if m.dim % m.heads:
         raise JaxparError(
             f"model.dim={m.dim} must be divisible by model.heads={m.heads} (head_dim = dim / heads)"
@@ -345,20 +342,24 @@ def validate(config: Config) -> None:
         raise JaxparError(
             f"head_dim = model.dim / model.heads = {m.head_dim} must be even for RoPE"
         )
-    if m.attention not in ATTENTION:
-        raise JaxparError(f"model.attention={m.attention!r} is not one of {', '.join(ATTENTION)}")
+    _one_of("model.attention", m.attention, ATTENTION)
     if m.heads % m.kv_heads:
         raise JaxparError(
             f"model.heads={m.heads} must be a multiple of model.kv_heads={m.kv_heads} "
             "(each kv head serves heads / kv_heads query heads)"
         )
+    _one_of("model.remat", m.remat, REMAT)
+
+
+def _validate_train(t: TrainConfig) -> None:
+    for name in ("steps", "batch_size", "seq_len", "lr", "grad_clip"):
+        _positive(f"train.{name}", getattr(t, name))
     if t.warmup_steps < 0:
         raise JaxparError(f"config key 'train.warmup_steps' must be >= 0, got {t.warmup_steps}")
     if not 0 <= t.min_lr_ratio <= 1:
         raise JaxparError(
             f"config key 'train.min_lr_ratio' must be in [0, 1], got {t.min_lr_ratio}"
         )
-    _positive("train.grad_clip", t.grad_clip)
     for name in ("b1", "b2"):
         if not 0 <= getattr(t, name) < 1:
             raise JaxparError(
@@ -370,45 +371,20 @@ def validate(config: Config) -> None:
         raise JaxparError(f"config key 'train.sample_tokens' must be >= 0, got {t.sample_tokens}")
     if t.max_bad_steps < 1:
         raise JaxparError(f"train.max_bad_steps={t.max_bad_steps} must be at least 1")
-    c = config.checkpoint
+    _one_of("train.dtype", t.dtype, DTYPES)
+    _one_of("train.opt_dtype", t.opt_dtype, OPT_DTYPES)
+
+
+def _validate_checkpoint(c: CheckpointConfig) -> None:
     if c.every < 0:
         raise JaxparError(f"checkpoint.every={c.every} must be >= 0 (0: only at the end)")
     if c.keep < 1:
         raise JaxparError(f"checkpoint.keep={c.keep} must be at least 1")
-    p = config.pipeline
-    if p.schedule not in SCHEDULES:
-        raise JaxparError(
-            f"pipeline.schedule={p.schedule!r} is not a schedule; valid: {', '.join(SCHEDULES)}"
-        )
-    if config.model.remat not in REMAT:
-        raise JaxparError(f"model.remat={config.model.remat!r} is not one of {', '.join(REMAT)}")
-    if p.repeats < 1:
-        raise JaxparError(f"pipeline.repeats={p.repeats} must be at least 1")
-    if p.microbatches < 1:
-        raise JaxparError(f"pipeline.microbatches={p.microbatches} must be at least 1")
-    if p.schedule in ("gpipe", "1f1b", "zb_h1") and p.repeats != 1:
-        raise JaxparError(
-            f"pipeline.repeats={p.repeats} needs pipeline.schedule=circular or interleaved_1f1b "
-            f"({p.schedule} has one chunk of layers per stage)"
-        )
-    if p.schedule == "interleaved_1f1b" and p.repeats < 2:
-        raise JaxparError(
-            f"pipeline.repeats={p.repeats}: interleaved_1f1b needs at least 2 chunks per stage "
-            "(with 1 it is 1f1b)"
-        )
-    if t.dtype not in DTYPES:
-        raise JaxparError(f"train.dtype={t.dtype!r} is not one of {', '.join(DTYPES)}")
-    if t.opt_dtype not in OPT_DTYPES:
-        raise JaxparError(f"train.opt_dtype={t.opt_dtype!r} is not one of {', '.join(OPT_DTYPES)}")
-    s = config.serve
-    for name in (
-        "max_seqs",
-        "prefill_chunk",
-        "max_batched_tokens",
-        "max_queue",
-        "prefix_block",
-        "shutdown_s",
-    ):
+
+
+def _validate_serve(s: ServeConfig) -> None:
+    for name in ("max_seqs", "prefill_chunk", "max_batched_tokens", "max_queue", "prefix_block",
+                 "shutdown_s"):  # fmt: skip
         _positive(f"serve.{name}", getattr(s, name))
     if s.prefix_blocks < 0:
         raise JaxparError(f"serve.prefix_blocks={s.prefix_blocks} must be >= 0 (0: no cache)")
@@ -452,21 +428,7 @@ def validate_for_mesh(config: Config, spec: MeshSpec) -> None:
                 f"per-replica batch train.batch_size / data = {per_replica} is not divisible by "
                 f"{name} = {value}; use a batch that is a multiple of {value * data}"
             )
-    if p.schedule == "circular" and p.microbatches < pipeline:
-        raise JaxparError(
-            f"pipeline.microbatches={p.microbatches} < pipeline={pipeline}: the circular schedule "
-            "needs at least one micro-batch per stage in flight"
-        )
-    if p.schedule == "interleaved_1f1b" and p.microbatches % pipeline:
-        raise JaxparError(
-            f"pipeline.microbatches={p.microbatches} is not a multiple of pipeline={pipeline}: "
-            "interleaved_1f1b runs the micro-batches through each chunk in groups of one per stage"
-        )
-    if p.schedule == "zb_h1" and pipeline == 1:
-        raise JaxparError(
-            "pipeline.schedule=zb_h1 with pipeline=1: there is no pipeline to fill (zero-bubble "
-            "schedules move weight gradients into pipeline bubbles; use gpipe or 1f1b)"
-        )
+    check_schedule_stages(p.schedule, pipeline, p.microbatches)
 
 
 def _divisors(n: int) -> list[int]:

@@ -190,7 +190,7 @@ def test_read_config_maps_fields_and_hf_defaults(tmp_path):
         ({"mlp_bias": True}, "mlp_bias=true is not supported"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
         ({"head_dim": 16}, "head_dim=16 is not supported.*32 / 4"),
-        ({"hidden_size": "32"}, "hidden_size='32' must be int"),
+        ({"hidden_size": "32"}, "hidden_size must be an integer, got '32'"),
         ({"num_key_value_heads": 3}, "model.heads=4 must be a multiple of model.kv_heads=3"),
     ],
 )

@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxpar.cli import main
 from jaxpar.config import load_config
-from jaxpar.infer.engine import Generator, RowSampling, Sampling, sample
+from jaxpar.infer.engine import GREEDY, Generator, RowSampling, Sampling, sample
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.placement import Placement, serving_config
 from jaxpar.train.step import Trainer
@@ -57,8 +57,8 @@ def test_cached_decoding_equals_recomputation_at_every_position(spec):
 
 def test_greedy_output_is_the_same_on_one_device_and_on_a_3d_mesh():
     prompts = [[1, 2, 3], [70, 71, 72, 73, 74], [9], [200, 100]]
-    one = setup("data=1")[0].generate(prompts, 8, Sampling())
-    spmd = setup(SPMD)[0].generate(prompts, 8, Sampling())
+    one = setup("data=1")[0].generate(prompts, 8, GREEDY)
+    spmd = setup(SPMD)[0].generate(prompts, 8, GREEDY)
     assert one.new_ids == spmd.new_ids
     assert [len(ids) for ids in one.new_ids] == [8] * 4
     assert one.prefill_s > 0 and len(one.decode_s) == 7 and one.tokens_per_s > 0
@@ -66,7 +66,7 @@ def test_greedy_output_is_the_same_on_one_device_and_on_a_3d_mesh():
 
 def test_decode_is_compiled_once():
     gen = setup(SPMD)[0]
-    gen.generate([[1, 2]], 3)
+    gen.generate([[1, 2]], 3, GREEDY)
     before = gen.compile_s
     out = gen.generate([[5, 6, 7]], 6, Sampling(temperature=0.9, top_k=5, top_p=0.9), seed=3)
     assert gen.compile_s == before and out.compile_s == 0  # same prompt width, nothing new

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from pipeline_cases import assert_matches_sequential, interleaved, one_f, zb
 
+from jaxpar.errors import JaxparError
 from jaxpar.pipeline.schedule import B, F, Schedule, ScheduleError, W, check_table
 
 # --- tables ----------------------------------------------------------------------------------
@@ -60,6 +61,25 @@ def test_checker_rejects_a_b_before_its_f():
     message = f"stage 1 tick 0: B of micro-batch 1 chunk 0 runs before its F \\(tick {f_tick}\\)"
     with pytest.raises(ScheduleError, match=message):
         check_table(jobs, 2, 2, 1, split=False, hand=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("1f1b", 2, 2, 2), "pipeline.repeats=2 needs pipeline.schedule=circular or"),
+        (("interleaved_1f1b", 2, 2, 1), "pipeline.repeats=1: interleaved_1f1b needs at least 2"),
+        (("interleaved_1f1b", 4, 2, 2), "pipeline.microbatches=2 is not a multiple of pipeline=4"),
+        (("circular", 4, 2, 2), "pipeline.microbatches=2 < pipeline=4"),
+        (("zb_h1", 1, 2, 1), "pipeline.schedule=zb_h1 with pipeline=1"),
+        (("2f2b", 2, 2, 1), "pipeline.schedule='2f2b' is not a schedule"),
+    ],
+)  # fmt: skip
+def test_a_schedule_states_the_configs_rules_as_a_jaxpar_error(args, message):
+    """`Schedule` reads the one table of schedule rules (`jaxpar.schedule_rules`), the config's
+    validation's too, and its error is a JaxparError (the CLI's one line, exit code 2)."""
+    with pytest.raises(ScheduleError, match=message) as e:
+        Schedule(*args)
+    assert isinstance(e.value, JaxparError)
 
 
 def test_checker_rejects_a_missing_w():

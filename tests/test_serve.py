@@ -24,6 +24,7 @@ import uvicorn
 from jaxpar.cli import main
 from jaxpar.config import ServeConfig
 from jaxpar.infer.chat import PLAIN_TEMPLATE, render_chat
+from jaxpar.infer.engine import GREEDY, Sampling
 from jaxpar.infer.load import load_run
 from jaxpar.infer.scheduler import Engine, Params
 from jaxpar.infer.server import bind, create_app
@@ -118,7 +119,7 @@ def jobs(n: int, seed: int = 0) -> list[tuple[list[int], Params]]:
     rng = np.random.default_rng(seed)
     return [
         (rng.integers(0, 256, int(rng.integers(1, 70))).tolist(),
-         Params(max_tokens=int(rng.integers(1, 24)), temperature=0.0))
+         Params(max_tokens=int(rng.integers(1, 24)), sampling=GREEDY))
         for _ in range(n)
     ]  # fmt: skip
 
@@ -134,7 +135,8 @@ def test_concurrent_requests_get_the_tokens_they_get_alone(run, engine, spec):
     assert together == alone
     assert [len(t) for t in together] == [p.max_tokens for _, p in work]
     generator = engine.model.generator(1, CONTEXT)
-    static = [generator.generate([prompt], p.max_tokens).new_ids[0] for prompt, p in work[:4]]
+    static = [generator.generate([prompt], p.max_tokens, GREEDY).new_ids[0]
+              for prompt, p in work[:4]]  # fmt: skip
     assert static == together[:4]
     if mesh_engine is not engine:
         assert mesh_engine.generator.microbatches == 2  # the slots run as micro-batches
@@ -145,45 +147,45 @@ def test_prefix_cache_prefills_only_the_new_tokens(engine):
     rng = np.random.default_rng(7)
     shared = rng.integers(0, 256, 200).tolist()  # 25 blocks of 8
     first, second = shared + [1, 2, 3, 4, 5], shared + [9, 8, 7, 6, 5, 4, 3]
-    submit_and_wait(engine, [(first, Params(4, temperature=0.0))])
+    submit_and_wait(engine, [(first, Params(4, sampling=GREEDY))])
     before, hits = engine.prefilled_tokens, engine.prefix.hit_tokens
-    (request,) = submit_and_wait(engine, [(second, Params(12, temperature=0.0))])
+    (request,) = submit_and_wait(engine, [(second, Params(12, sampling=GREEDY))])
     assert engine.prefilled_tokens - before == 7  # only the tokens after the shared 200
     assert engine.prefix.hit_tokens - hits == 200 and request.usage["cached_tokens"] == 200
-    without = engine.model.generator(1, CONTEXT).generate([second], 12).new_ids[0]
+    without = engine.model.generator(1, CONTEXT).generate([second], 12, GREEDY).new_ids[0]
     assert request.tokens == without
 
 
 def test_stop_ids_eos_stop_strings_and_max_tokens(engine):
     prompt = list(b"def add(a, b):\n")
-    (free,) = submit_and_wait(engine, [(prompt, Params(20, temperature=0.0))])
+    (free,) = submit_and_wait(engine, [(prompt, Params(20, sampling=GREEDY))])
     tokens, text = free.tokens, free.text
     assert free.finish == "length" and len(tokens) == 20
     k = 6
-    (by_id,) = submit_and_wait(engine, [(prompt, Params(20, temperature=0.0,
+    (by_id,) = submit_and_wait(engine, [(prompt, Params(20, sampling=GREEDY,
                                                          stop_ids=(tokens[k],)))])  # fmt: skip
     first = tokens.index(tokens[k])
     assert by_id.finish == "stop" and by_id.tokens == tokens[: first + 1]
     eos, engine._eos = engine._eos, (tokens[k],)  # the model's end-of-sequence id
     try:
-        (by_eos,) = submit_and_wait(engine, [(prompt, Params(20, temperature=0.0))])
-        (ignoring,) = submit_and_wait(engine, [(prompt, Params(20, temperature=0.0,
+        (by_eos,) = submit_and_wait(engine, [(prompt, Params(20, sampling=GREEDY))])
+        (ignoring,) = submit_and_wait(engine, [(prompt, Params(20, sampling=GREEDY,
                                                                ignore_eos=True))])  # fmt: skip
     finally:
         engine._eos = eos
     assert by_eos.tokens == tokens[: first + 1] and ignoring.tokens == tokens
     stop = text[8:10]
-    (by_text,) = submit_and_wait(engine, [(prompt, Params(20, temperature=0.0, stop=(stop,)))])
+    (by_text,) = submit_and_wait(engine, [(prompt, Params(20, sampling=GREEDY, stop=(stop,)))])
     assert by_text.finish == "stop" and by_text.text == text[: text.index(stop)]
-    (short,) = submit_and_wait(engine, [(prompt, Params(3, temperature=0.0))])
+    (short,) = submit_and_wait(engine, [(prompt, Params(3, sampling=GREEDY))])
     assert short.tokens == tokens[:3] and short.usage["completion_tokens"] == 3
 
 
 def test_sampled_requests_follow_their_seed(engine):
     prompt = list(b"import ")
-    params = Params(16, temperature=1.0, top_k=20, seed=11)
+    params = Params(16, Sampling(1.0, top_k=20), seed=11)
     a, b, other = submit_and_wait(
-        engine, [(prompt, params), (prompt, params), (prompt, Params(16, temperature=1.0, seed=12))]
+        engine, [(prompt, params), (prompt, params), (prompt, Params(16, Sampling(1.0), seed=12))]
     )
     assert a.tokens == b.tokens != other.tokens
 
@@ -353,14 +355,14 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "must be a number"),
     ("/v1/completions", {"prompt": "x", "temperature": 3}, 400, "'temperature' must be in"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "'top_p' must be in (0, 1]"),
-    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "'stream' must be a boolean"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "'stream' must be true or false"),
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, "'n' = 2 is not supported"),
     ("/v1/completions", {"prompt": "x", "stop": [1]}, 400, "'stop' must be"),
     ("/v1/completions", {"prompt": ""}, 400, "'prompt' is empty"),
     ("/v1/completions", {"prompt": 5}, 400, "'prompt' must be"),
     ("/v1/completions", {"prompt": [300]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "x" * 250, "max_tokens": 10}, 400,
-     "the prompt's 250 tokens + max_tokens 10 exceed the model's context of 256"),
+     "prompt of 250 tokens + max_tokens 10 exceeds the model's context of 256"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "the model 'gpt-4' does not exist"),
     ("/v1/chat/completions", {"messages": []}, 400, "'messages' must be a non-empty array"),
     ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "must be an object with a"),

@@ -37,14 +37,15 @@ def _sampling(args: argparse.Namespace):
 
     if args.max_new_tokens < 1:
         raise JaxparError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
-    if not args.greedy and args.temperature <= 0:
+    if not args.greedy and args.temperature is not None and args.temperature <= 0:
         raise JaxparError(f"--temperature {args.temperature} must be > 0 (or use --greedy)")
     if args.top_k < 0:
         raise JaxparError(f"--top-k {args.top_k} must be 0 (no limit) or more")
     if not 0 < args.top_p <= 1:
         raise JaxparError(f"--top-p {args.top_p} must be in (0, 1]")
-    temperature = 0.0 if args.greedy else args.temperature
-    return Sampling(temperature, args.top_k, args.top_p)
+    if args.greedy or args.temperature is not None:
+        return Sampling(0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
+    return Sampling(top_k=args.top_k, top_p=args.top_p)  # the default temperature
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

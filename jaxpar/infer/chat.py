@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from jaxpar.errors import JaxparError
 from jaxpar.infer.engine import Sampling
-from jaxpar.infer.load import LoadedModel
+from jaxpar.infer.loaded import LoadedModel
 
 PLAIN_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

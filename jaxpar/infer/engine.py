@@ -51,14 +51,39 @@ MIN_PROMPT_WIDTH = 16
 MIN_DECODE_SPAN = 128
 
 
+# The temperature of every command that samples when none is given (`generate`, `chat`, `serve`,
+# train's closing sample): 1, the OpenAI API's default, which `serve`'s clients rely on (and vLLM's
+# and Hugging Face's). `generate` and `chat` drew with 0.8 before there was one default.
+DEFAULT_TEMPERATURE = 1.0
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """Greedy when `temperature` is 0; else softmax(logits / temperature) restricted to the
-    `top_k` most likely tokens (0: all) and the smallest set whose probability reaches `top_p`."""
+    """How one sequence draws its tokens, the one type of sampling settings (the CLI's flags, a
+    server request's fields). Greedy when `temperature` is 0; else softmax(logits / temperature)
+    restricted to the `top_k` most likely tokens (0: all) and the smallest set whose probability
+    reaches `top_p`."""
 
-    temperature: float = 0.0
+    temperature: float = DEFAULT_TEMPERATURE
     top_k: int = 0
     top_p: float = 1.0
+
+
+GREEDY = Sampling(temperature=0.0)
+
+
+def check_context(prompt_len: int, new_tokens: int, context: int, what: str = "new tokens") -> None:
+    """The one rule that a prompt and its new tokens fit the context (a generator's `max_len`, a
+    loaded model's `context`); `what` names the count of new tokens as the caller spells it.
+
+    Raises:
+        JaxparError: they do not fit; the message gives the lengths.
+    """
+    if prompt_len + new_tokens > context:
+        raise JaxparError(
+            f"prompt of {prompt_len} tokens + {what} {new_tokens} exceeds the model's context of "
+            f"{context} tokens"
+        )
 
 
 class RowSampling(NamedTuple):
@@ -82,6 +107,13 @@ class RowSampling(NamedTuple):
             np.full((rows,), sampling.top_k, np.int32),
             np.full((rows,), sampling.top_p, np.float32),
         )
+
+    def put(self, row: int, sampling: Sampling, seed: int, count: int) -> None:
+        """Sets host row `row` to `sampling`, seeded `seed`, drawing its token number `count`."""
+        self.seed[row], self.count[row] = seed, count
+        self.temperature[row], self.top_k[row], self.top_p[row] = (
+            sampling.temperature, sampling.top_k, sampling.top_p
+        )  # fmt: skip
 
 
 def sample(logits_BV: jax.Array, rows: RowSampling) -> jax.Array:
@@ -460,7 +492,7 @@ class Generator:
         return global_array(np.asarray(x), self.placement.replicated)
 
     def _sampling(self, rows: RowSampling | None, n: int) -> RowSampling:
-        rows = RowSampling.fill(n, Sampling(), 0) if rows is None else rows
+        rows = RowSampling.fill(n, GREEDY, 0) if rows is None else rows
         return RowSampling(*(self._rows(x) for x in rows))
 
     def decode_inputs(self, cache: KVCache | None = None) -> tuple:
@@ -553,7 +585,7 @@ class Generator:
         self,
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
-        sampling: Sampling = Sampling(),
+        sampling: Sampling,
         *,
         seed: int = 0,
         stop_ids: Sequence[int] = (),
@@ -570,11 +602,7 @@ class Generator:
         if not 0 < n <= self.rows:
             raise JaxparError(f"{n} prompts for a generator built for {self.rows} rows")
         longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.max_len:
-            raise JaxparError(
-                f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the "
-                f"context of {self.max_len}"
-            )
+        check_context(longest, max_new_tokens, self.max_len)
         width = min(self.max_len, _bucket(longest))
         tokens = np.zeros((self.rows, width), np.int32)
         lengths = np.ones((self.rows,), np.int32)

@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxpar.config import Config
 from jaxpar.errors import JaxparError
-from jaxpar.infer.engine import Generator
+from jaxpar.infer.engine import Generator, check_context
 from jaxpar.placement import Placement
 
 
@@ -80,11 +80,7 @@ class LoadedModel:
 
     def check_fits(self, prompt_len: int, new_tokens: int) -> None:
         """Refuses a prompt and a number of new tokens that together exceed the context."""
-        if prompt_len + new_tokens > self.context:
-            raise JaxparError(
-                f"prompt of {prompt_len} tokens + --max-new-tokens {new_tokens} exceeds the "
-                f"model's context of {self.context} tokens"
-            )
+        check_context(prompt_len, new_tokens, self.context, "--max-new-tokens")
 
     def generator(self, batch: int, max_len: int) -> Generator:
         return Generator(self.placement, self.params, batch=batch, max_len=max_len)

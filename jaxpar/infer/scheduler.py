@@ -33,8 +33,8 @@ import numpy as np
 
 from jaxpar.config import ServeConfig
 from jaxpar.errors import JaxparError
-from jaxpar.infer.engine import Generator, RowSampling, Sampling
-from jaxpar.infer.load import LoadedModel
+from jaxpar.infer.engine import GREEDY, Generator, RowSampling, Sampling, check_context
+from jaxpar.infer.loaded import LoadedModel
 from jaxpar.infer.prefix import PrefixCache
 
 
@@ -51,9 +51,7 @@ class Params:
     """One request's generation settings."""
 
     max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    sampling: Sampling = Sampling()
     seed: int | None = None
     stop: tuple[str, ...] = ()  # strings that end the text (not included in it)
     stop_ids: tuple[int, ...] = ()  # token ids that end it, with the model's end-of-sequence ids
@@ -147,12 +145,7 @@ class Engine:
         if not prompt:
             raise JaxparError("the prompt is empty; give at least one token")
         self.model.check_ids(list(prompt), "the prompt")
-        context = self.model.context
-        if len(prompt) + max_tokens > context:
-            raise JaxparError(
-                f"the prompt's {len(prompt)} tokens + max_tokens {max_tokens} exceed the "
-                f"model's context of {context} tokens"
-            )
+        check_context(len(prompt), max_tokens, self.model.context, "max_tokens")
 
     def submit(self, prompt: Sequence[int], params: Params,
                on_event: Callable[[Event], None]) -> Request:  # fmt: skip
@@ -212,7 +205,7 @@ class Engine:
         """Compiles every step the loop runs, on throwaway buffers."""
         g, data = self.generator, self.generator.data
         zeros, idle = np.zeros(data, np.int32), np.zeros(data, bool)
-        rows = RowSampling.fill(data, Sampling(), 0)
+        rows = RowSampling.fill(data, GREEDY, 0)
         cache = g.prefill_chunk(g.empty_cache(), np.zeros((data, self.chunk), np.int32), zeros,
                                 zeros, zeros + 1, idle, rows)[0]  # fmt: skip
         for local in self.row_counts:
@@ -222,7 +215,7 @@ class Engine:
                     cache,
                     np.zeros(n, np.int32),
                     np.zeros(n, np.int32),
-                    RowSampling.fill(n, Sampling(), 0),
+                    RowSampling.fill(n, GREEDY, 0),
                     np.zeros(n, bool),
                     span,
                 )[0]
@@ -371,14 +364,10 @@ class Engine:
 
     def _sampling(self, requests: Sequence[Request | None]) -> RowSampling:
         n = len(requests)
-        rows = RowSampling.fill(n, Sampling(), 0)
+        rows = RowSampling.fill(n, GREEDY, 0)
         for i, r in enumerate(requests):
             if r is not None:
-                p = r.params
-                rows.seed[i], rows.count[i] = r.seed, len(r.tokens)
-                rows.temperature[i], rows.top_k[i], rows.top_p[i] = (
-                    p.temperature, p.top_k, p.top_p
-                )  # fmt: skip
+                rows.put(i, r.params.sampling, r.seed, len(r.tokens))
         return rows
 
     # -- a request's tokens ------------------------------------------------------------------

@@ -31,15 +31,16 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jaxpar.errors import JaxparError
+from jaxpar.errors import JaxparError, typed
 from jaxpar.infer.chat import render_chat
+from jaxpar.infer.engine import DEFAULT_TEMPERATURE, Sampling, check_context
 from jaxpar.infer.scheduler import Closed, Engine, Event, Params, QueueFull, Request
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-# OpenAI's defaults for a request's fields (its API reference): what a request that omits one gets.
+# OpenAI's defaults for a request's fields (its API reference): what a request that omits one gets
+# (the temperature's is the engine's `DEFAULT_TEMPERATURE`, the one default of every command).
 # A chat completion's `max_tokens` defaults to what the context leaves after the prompt instead.
 DEFAULT_COMPLETION_TOKENS = 16  # /v1/completions' max_tokens
-DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
 DEFAULT_TOP_K = 0  # no limit (vLLM's extension; -1 says the same)
 DEFAULT_N = 1  # choices per request, the only number jaxpar returns
@@ -65,24 +66,15 @@ class ApiError(Exception):
 # -- request fields --------------------------------------------------------------------------
 
 
-def _type_name(types: tuple[type, ...]) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-             list: "an array", dict: "an object"}  # fmt: skip
-    return " or ".join(names[t] for t in types)
-
-
 def _field(body: dict, name: str, types: tuple[type, ...], default: Any = None) -> Any:
     """`body[name]` checked against `types` (None or absent: `default`)."""
     value = body.get(name)
     if value is None:
         return default
-    # JSON true is not an integer here, and an integer is a number.
-    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-    if float in types and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
-    if not ok:
-        raise ApiError(400, f"'{name}' must be {_type_name(types)}, got {json.dumps(value)}", name)
-    return value
+    try:
+        return typed(value, types, f"'{name}'")
+    except JaxparError as e:
+        raise ApiError(400, str(e), name) from None
 
 
 def _range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
@@ -121,9 +113,9 @@ def _params(body: dict, max_tokens: int, engine: Engine, prompt_len: int) -> Par
     tokens = _field(body, name, (int,), max_tokens)
     if tokens < 1:
         raise ApiError(400, f"'{name}' must be at least 1, got {tokens}", name)
-    temperature = float(_field(body, "temperature", (float,), DEFAULT_TEMPERATURE))
+    temperature = _field(body, "temperature", (float,), DEFAULT_TEMPERATURE)
     _range("temperature", temperature, 0, 2)
-    top_p = float(_field(body, "top_p", (float,), DEFAULT_TOP_P))
+    top_p = _field(body, "top_p", (float,), DEFAULT_TOP_P)
     _range("top_p", top_p, 0, 1, low_open=True)
     top_k = _field(body, "top_k", (int,), DEFAULT_TOP_K)
     if top_k < -1:
@@ -135,12 +127,12 @@ def _params(body: dict, max_tokens: int, engine: Engine, prompt_len: int) -> Par
                for i in stop_ids):  # fmt: skip
         raise ApiError(400, f"'stop_token_ids' must be ids in [0, {vocab})", "stop_token_ids")
     params = Params(
-        max_tokens=tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
+        max_tokens=tokens, sampling=Sampling(temperature, max(top_k, 0), top_p),
         seed=None if seed is None else seed % (1 << 31), stop=_stops(body),
         stop_ids=tuple(stop_ids), ignore_eos=_field(body, "ignore_eos", (bool,), False),
     )  # fmt: skip
     try:
-        engine.check([0] * prompt_len, params.max_tokens)
+        check_context(prompt_len, params.max_tokens, engine.model.context, name)
     except JaxparError as e:
         raise ApiError(400, str(e), name, code="context_length_exceeded") from None
     return params
@@ -279,37 +271,77 @@ class _Stream(StreamingResponse):
             self.on_close()
 
 
-def create_app(engine: Engine, model_name: str, on_shutdown: Callable[[], None] | None = None):
-    """The Starlette app serving `engine` as model `model_name`."""
-    metrics = Metrics(engine)
-    created = int(time.time())
-    model = engine.model
+def _usage(request: Request) -> dict:
+    u = request.usage
+    return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+            "total_tokens": u["total_tokens"],
+            "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}  # fmt: skip
 
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "jaxpar",
-                "max_model_len": model.context}  # fmt: skip
 
-    async def read_body(request: HttpRequest) -> dict:
+def _choice(chat: bool, text: str | None, finish: str | None, role: bool = False) -> dict:
+    """One choice of a completion (`text`) or of a chat completion chunk (`delta`)."""
+    if not chat:
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+    delta = {"role": "assistant", "content": ""} if role else {}
+    if text:
+        delta["content"] = text
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+def _prompt_ids(body: dict, model) -> list[int]:
+    """The token ids of a completion request's `prompt` (a string or ids, one prompt)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        ids = model.encode(prompt)
+    elif (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt)
+    ):
+        ids = prompt
+    else:
+        raise ApiError(400, "'prompt' must be a non-empty string or array of token ids "
+                       "(one prompt a request)", "prompt")  # fmt: skip
+    if not ids:
+        raise ApiError(400, "'prompt' is empty; give at least one token", "prompt")
+    return ids
+
+
+class _Api:
+    """The endpoints of one app: the engine, the model's name and the metrics they share."""
+
+    def __init__(self, engine: Engine, model_name: str):
+        self.engine, self.model_name, self.model = engine, model_name, engine.model
+        self.metrics = Metrics(engine)
+        self.created = int(time.time())
+        self.handoffs: dict[asyncio.AbstractEventLoop, _Handoff] = {}
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created,
+                "owned_by": "jaxpar", "max_model_len": self.model.context}  # fmt: skip
+
+    async def read_body(self, request: HttpRequest) -> dict:
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
-        name = _field(body, "model", (str,), model_name)
-        if name != model_name:
-            message = f"the model '{name}' does not exist; this server serves '{model_name}'"
+        name = _field(body, "model", (str,), self.model_name)
+        if name != self.model_name:
+            message = f"the model '{name}' does not exist; this server serves '{self.model_name}'"
             raise ApiError(404, message, "model", code="model_not_found")
         return body
 
-    handoffs: dict[asyncio.AbstractEventLoop, _Handoff] = {}
-
-    def submit(ids: list[int], params: Params) -> tuple[Request, asyncio.Queue]:
+    def submit(self, ids: list[int], params: Params) -> tuple[Request, asyncio.Queue]:
+        """Queues a request; its events arrive on the returned queue, in this event loop."""
         loop = asyncio.get_running_loop()
-        handoff = handoffs.setdefault(loop, _Handoff(loop))
+        handoff = self.handoffs.setdefault(loop, _Handoff(loop))
         queue: asyncio.Queue[Event] = asyncio.Queue()
         try:
-            request = engine.submit(ids, params, lambda e: handoff.put(queue, e))
+            request = self.engine.submit(ids, params, lambda e: handoff.put(queue, e))
         except QueueFull as e:
             raise ApiError(429, str(e), kind="rate_limit_error", code="queue_full") from None
         except Closed as e:
@@ -318,143 +350,127 @@ def create_app(engine: Engine, model_name: str, on_shutdown: Callable[[], None] 
             raise ApiError(400, str(e), "prompt") from None
         return request, queue
 
-    def usage(request: Request) -> dict:
-        u = request.usage
-        return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
-                "total_tokens": u["total_tokens"],
-                "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}  # fmt: skip
-
-    async def answer(http: HttpRequest, body: dict, ids: list[int], params: Params,
-                     chat: bool) -> Response:  # fmt: skip
+    async def answer(self, body: dict, ids: list[int], params: Params, chat: bool) -> Response:
+        """The response to a request: one JSON body, or server-sent events with `stream`."""
         stream = _field(body, "stream", (bool,), False)
         options = _field(body, "stream_options", (dict,), {})
-        include_usage = options.get("include_usage") is True
-        request, queue = submit(ids, params)
+        request, queue = self.submit(ids, params)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": model_name}  # fmt: skip
-
-        def choice(text: str | None, finish: str | None, role: bool = False) -> dict:
-            if not chat:
-                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            delta = {"role": "assistant", "content": ""} if role else {}
-            if text:
-                delta["content"] = text
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-
+                "created": int(time.time()), "model": self.model_name}  # fmt: skip
         if not stream:
-            parts: list[str] = []
-            try:
-                while (event := await queue.get()).finish is None:
-                    parts.append(event.text)
-            finally:
-                engine.cancel(request)  # (nothing left to cancel when it has finished)
-            metrics.finished(request)
-            if request.finish == "cancelled":
-                raise ApiError(503, "the request was cancelled: the server is shutting down",
-                               kind="server_error", code="shutting_down")  # fmt: skip
-            if request.finish == "error":
-                raise ApiError(500, "generation failed on the device (see the server's log)",
-                               kind="server_error")  # fmt: skip
-            text = "".join(parts)
-            body_out = {**head, "object": "chat.completion" if chat else "text_completion"}
-            if chat:
-                message = {"role": "assistant", "content": text}
-                body_out["choices"] = [{"index": 0, "message": message, "logprobs": None,
-                                        "finish_reason": request.finish}]  # fmt: skip
-            else:
-                body_out["choices"] = [choice(text, request.finish)]
-            body_out["usage"] = usage(request)
-            return JSONResponse(body_out)
+            return await self.whole(request, queue, head, chat)
+        events = self.events(request, queue, head, chat, options.get("include_usage") is True)
+        return _Stream(events, lambda: self.engine.cancel(request))
 
-        async def events() -> AsyncIterator[str]:
-            def sse(doc: dict) -> str:
-                return f"data: {json.dumps(doc)}\n\n"
-
-            if chat:
-                yield sse({**head, "choices": [choice(None, None, role=True)]})
+    async def whole(self, request: Request, queue: asyncio.Queue, head: dict,
+                    chat: bool) -> Response:  # fmt: skip
+        """The non-streaming answer, once the request has finished."""
+        parts: list[str] = []
+        try:
             while (event := await queue.get()).finish is None:
-                if event.text:
-                    yield sse({**head, "choices": [choice(event.text, None)]})
-            finish = {"cancelled": "abort"}.get(request.finish, request.finish)
-            yield sse({**head, "choices": [choice(None, finish)]})
-            metrics.finished(request)
-            if include_usage:
-                yield sse({**head, "choices": [], "usage": usage(request)})
-            yield "data: [DONE]\n\n"
-
-        return _Stream(events(), lambda: engine.cancel(request))
-
-    async def completions(http: HttpRequest) -> Response:
-        body = await read_body(http)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str):
-            ids = model.encode(prompt)
-        elif (
-            isinstance(prompt, list)
-            and prompt
-            and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt)
-        ):
-            ids = prompt
+                parts.append(event.text)
+        finally:
+            self.engine.cancel(request)  # (nothing left to cancel when it has finished)
+        self.metrics.finished(request)
+        if request.finish == "cancelled":
+            raise ApiError(503, "the request was cancelled: the server is shutting down",
+                           kind="server_error", code="shutting_down")  # fmt: skip
+        if request.finish == "error":
+            raise ApiError(500, "generation failed on the device (see the server's log)",
+                           kind="server_error")  # fmt: skip
+        text = "".join(parts)
+        body = {**head, "object": "chat.completion" if chat else "text_completion"}
+        if chat:
+            message = {"role": "assistant", "content": text}
+            body["choices"] = [{"index": 0, "message": message, "logprobs": None,
+                                "finish_reason": request.finish}]  # fmt: skip
         else:
-            raise ApiError(400, "'prompt' must be a non-empty string or array of token ids "
-                           "(one prompt a request)", "prompt")  # fmt: skip
-        if not ids:
-            raise ApiError(400, "'prompt' is empty; give at least one token", "prompt")
-        params = _params(body, DEFAULT_COMPLETION_TOKENS, engine, len(ids))
-        return await answer(http, body, ids, params, chat=False)
+            body["choices"] = [_choice(chat, text, request.finish)]
+        body["usage"] = _usage(request)
+        return JSONResponse(body)
 
-    async def chat_completions(http: HttpRequest) -> Response:
-        body = await read_body(http)
+    async def events(self, request: Request, queue: asyncio.Queue, head: dict, chat: bool,
+                     include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
+        """The streaming answer: a chunk per piece of text, the finish, usage, `[DONE]`."""
+
+        def sse(doc: dict) -> str:
+            return f"data: {json.dumps(doc)}\n\n"
+
+        if chat:
+            yield sse({**head, "choices": [_choice(chat, None, None, role=True)]})
+        while (event := await queue.get()).finish is None:
+            if event.text:
+                yield sse({**head, "choices": [_choice(chat, event.text, None)]})
+        finish = {"cancelled": "abort"}.get(request.finish, request.finish)
+        yield sse({**head, "choices": [_choice(chat, None, finish)]})
+        self.metrics.finished(request)
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": _usage(request)})
+        yield "data: [DONE]\n\n"
+
+    async def completions(self, http: HttpRequest) -> Response:
+        body = await self.read_body(http)
+        ids = _prompt_ids(body, self.model)
+        params = _params(body, DEFAULT_COMPLETION_TOKENS, self.engine, len(ids))
+        return await self.answer(body, ids, params, chat=False)
+
+    async def chat_completions(self, http: HttpRequest) -> Response:
+        body = await self.read_body(http)
         messages = _messages(body)
         try:
-            ids = model.encode(render_chat(model, messages))
+            ids = self.model.encode(render_chat(self.model, messages))
         except JaxparError as e:
             raise ApiError(400, str(e), "messages") from None
-        params = _params(body, max(model.context - len(ids), 1), engine, len(ids))
-        return await answer(http, body, ids, params, chat=True)
+        params = _params(body, max(self.model.context - len(ids), 1), self.engine, len(ids))
+        return await self.answer(body, ids, params, chat=True)
 
-    async def models(http: HttpRequest) -> Response:
-        return JSONResponse({"object": "list", "data": [model_card()]})
+    async def models(self, http: HttpRequest) -> Response:
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
 
-    async def one_model(http: HttpRequest) -> Response:
+    async def one_model(self, http: HttpRequest) -> Response:
         name = http.path_params["name"]
-        if name != model_name:
+        if name != self.model_name:
             raise ApiError(404, f"the model '{name}' does not exist", "model",
                            code="model_not_found")  # fmt: skip
-        return JSONResponse(model_card())
+        return JSONResponse(self.model_card())
 
-    async def health(http: HttpRequest) -> Response:
-        return JSONResponse({"status": "ok", "model": model_name})
+    async def health(self, http: HttpRequest) -> Response:
+        return JSONResponse({"status": "ok", "model": self.model_name})
 
-    async def prometheus(http: HttpRequest) -> Response:
-        return Response(generate_latest(metrics.registry),
+    async def prometheus(self, http: HttpRequest) -> Response:
+        return Response(generate_latest(self.metrics.registry),
                         media_type="text/plain; version=0.0.4; charset=utf-8")  # fmt: skip
 
-    def counted(endpoint: Callable, name: str) -> Callable:
+    def counted(self, endpoint: Callable, name: str) -> Callable:
+        """`endpoint` answering its ApiErrors as OpenAI error objects, counted by status."""
+
         async def handle(http: HttpRequest) -> Response:
             try:
                 response = await endpoint(http)
             except ApiError as e:
                 response = e.response()
-            metrics.requests.labels(name, str(response.status_code)).inc()
+            self.metrics.requests.labels(name, str(response.status_code)).inc()
             return response
 
         return handle
 
-    async def http_error(http: HttpRequest, exc: HTTPException) -> Response:
-        return ApiError(exc.status_code, f"{http.method} {http.url.path}: {exc.detail}",
-                        code=None).response()  # fmt: skip
 
+async def _http_error(http: HttpRequest, exc: HTTPException) -> Response:
+    return ApiError(exc.status_code, f"{http.method} {http.url.path}: {exc.detail}",
+                    code=None).response()  # fmt: skip
+
+
+def create_app(engine: Engine, model_name: str, on_shutdown: Callable[[], None] | None = None):
+    """The Starlette app serving `engine` as model `model_name`."""
+    api = _Api(engine, model_name)
     routes = [
-        Route("/v1/completions", counted(completions, "completions"), methods=["POST"]),
-        Route("/v1/chat/completions", counted(chat_completions, "chat"), methods=["POST"]),
-        Route("/v1/models", counted(models, "models"), methods=["GET"]),
-        Route("/v1/models/{name:path}", counted(one_model, "models"), methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", prometheus, methods=["GET"]),
+        Route("/v1/completions", api.counted(api.completions, "completions"), methods=["POST"]),
+        Route("/v1/chat/completions", api.counted(api.chat_completions, "chat"), methods=["POST"]),
+        Route("/v1/models", api.counted(api.models, "models"), methods=["GET"]),
+        Route("/v1/models/{name:path}", api.counted(api.one_model, "models"), methods=["GET"]),
+        Route("/health", api.health, methods=["GET"]),
+        Route("/metrics", api.prometheus, methods=["GET"]),
     ]
 
     @contextlib.asynccontextmanager
@@ -463,9 +479,9 @@ def create_app(engine: Engine, model_name: str, on_shutdown: Callable[[], None] 
         if on_shutdown is not None:
             on_shutdown()
 
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error},
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error},
                     lifespan=lifespan)  # fmt: skip
-    app.state.metrics = metrics
+    app.state.metrics = api.metrics
     return app
 
 

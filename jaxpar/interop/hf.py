@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxpar.config import Config, ModelConfig, validate
-from jaxpar.errors import JaxparError
+from jaxpar.errors import JaxparError, typed
 from jaxpar.placement import Placement
 
 if TYPE_CHECKING:
@@ -121,15 +121,7 @@ def _read(kind: str, tensor: Any, shape: tuple[int, ...], index: list[slice]) ->
 
 
 def _get(doc: dict[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
-    value = doc.get(key, default)
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    if kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if kind is bool:
-        ok = isinstance(value, bool)
-    if not ok:
-        raise JaxparError(f"{where}: {key}={value!r} must be {kind.__name__}")
-    return kind(value)
+    return typed(doc.get(key, default), kind, f"{where}: {key}")
 
 
 def _check_rope(doc: dict[str, Any], where: str) -> float:

@@ -31,14 +31,14 @@ from functools import cached_property
 
 import numpy as np
 
-from jaxpar.config import SCHEDULES
+from jaxpar.errors import JaxparError
+from jaxpar.schedule_rules import check_schedule_counts, check_schedule_stages, schedule_rule
 
 F, B, W = 0, 1, 2
 KINDS = "FBW"
-HAND_BACKWARD = ("1f1b", "interleaved_1f1b", "zb_h1")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(JaxparError):
     """A table that cannot run: the message names the stage, the tick and the action."""
 
 
@@ -51,17 +51,11 @@ class Schedule:
 
     def __post_init__(self) -> None:
         p, m, v = self.stages, self.microbatches, self.repeats
-        if self.name not in SCHEDULES:
-            raise ScheduleError(f"schedule {self.name!r} is not one of {', '.join(SCHEDULES)}")
-        if self.name == "interleaved_1f1b" and (v < 2 or m % p):
-            raise ScheduleError(
-                f"interleaved_1f1b needs repeats >= 2 and micro-batches a multiple of {p} "
-                f"stages; got repeats={v}, micro-batches={m}"
-            )
-        if self.name in ("gpipe", "1f1b", "zb_h1") and v != 1:
-            raise ScheduleError(f"{self.name} runs one chunk per stage; got repeats={v}")
-        if self.name == "circular" and m < p:
-            raise ScheduleError(f"circular needs micro-batches >= {p} stages; got {m}")
+        try:  # the rules of `jaxpar.schedule_rules`, stated there once
+            check_schedule_counts(self.name, m, v)
+            check_schedule_stages(self.name, p, m)
+        except JaxparError as e:
+            raise ScheduleError(str(e)) from None
         check_table(self.jobs, p, m, v, split=self.split, hand=self.hand_backward)
 
     # -- what kind of program ------------------------------------------------------------------
@@ -69,12 +63,12 @@ class Schedule:
     @property
     def hand_backward(self) -> bool:
         """The step runs this table's B and W ticks itself (else: `jax.grad` of the F ticks)."""
-        return self.name in HAND_BACKWARD
+        return schedule_rule(self.name).hand_backward
 
     @property
     def split(self) -> bool:
         """B computes input gradients only; W ticks compute the weight gradients."""
-        return self.name == "zb_h1"
+        return schedule_rule(self.name).split
 
     def forward(self) -> Schedule:
         """The forward-only table for this layout: itself for gpipe and circular; for the

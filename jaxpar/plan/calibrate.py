@@ -23,7 +23,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from jaxpar.plan.hardware import DTYPES, Hardware, Link
+from jaxpar.plan.hardware import DTYPES, Hardware, Link, peak_flops
 
 
 def _median_s(run: Callable[[], object], repeats: int) -> float:
@@ -116,8 +116,6 @@ def calibrate(name: str, progress: Callable[[str], None] = lambda line: None) ->
     """Measures the devices JAX sees and returns their profile."""
     import jax
 
-    from jaxpar.train.bench import peak_flops
-
     device = jax.devices()[0]
     cpu = device.platform == "cpu"
     sizes = {"float32": 512 if cpu else 8192, "bfloat16": 256 if cpu else 8192}
@@ -125,7 +123,8 @@ def calibrate(name: str, progress: Callable[[str], None] = lambda line: None) ->
     for dtype in DTYPES:
         sustained[dtype] = matmul_flops(dtype, sizes[dtype]) / 1e12
         progress(f"matmul {dtype}: {sustained[dtype]:,.3f} TFLOP/s per device")
-    peak = {d: (peak_flops(device.device_kind, d) or sustained[d] * 1e12) / 1e12 for d in DTYPES}
+    datasheet = {d: peak_flops(device.device_kind, d) for d in DTYPES}
+    peak = {d: (datasheet[d] or sustained[d] * 1e12) / 1e12 for d in DTYPES}
     n = jax.device_count()
     if n > 1:
         elements = 2**20 if cpu else 2**26
@@ -173,4 +172,5 @@ def calibrate(name: str, progress: Callable[[str], None] = lambda line: None) ->
         network_link=link,
         overlap=0.0 if cpu else 0.8,
         layer_overhead_us=layer_overhead_us,
+        peak_source="datasheet" if all(datasheet.values()) else "measured",
     )

@@ -27,6 +27,7 @@ from jaxpar.errors import JaxparError
 
 PROFILES = Path(__file__).parent / "profiles"
 DTYPES = ("bfloat16", "float32")
+PEAK_SOURCES = ("datasheet", "measured")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class Hardware:
     network_link: Link
     overlap: float
     layer_overhead_us: float
+    # "datasheet": `peak_tflops` are the vendor's dense peaks, the MFU denominator of `jaxpar
+    # bench`; "measured": calibrated on a device without one (a CPU), used by the planner only.
+    peak_source: str = "datasheet"
 
     @property
     def memory_bytes(self) -> int:
@@ -142,7 +146,7 @@ def parse_hardware(raw: Any, source: str) -> Hardware:
     fields = tuple(Hardware.__dataclass_fields__)
     raw = _mapping(source, "(top level)", raw)
     _known(source, "", raw, fields)
-    for key in fields:
+    for key in fields[:-1]:  # all but peak_source, which may be left out
         if key not in raw:
             raise JaxparError(f"hardware profile {source!r}: missing field {key!r}")
     devices = raw["devices_per_node"]
@@ -167,6 +171,7 @@ def parse_hardware(raw: Any, source: str) -> Hardware:
         node_link=_link(source, "node_link", raw["node_link"]),
         network_link=_link(source, "network_link", raw["network_link"]),
         overlap=float(overlap),
+        peak_source=_peak_source(source, raw.get("peak_source", "datasheet")),
         layer_overhead_us=_number(
             source, "layer_overhead_us", raw["layer_overhead_us"], minimum=-1e-12
         ),
@@ -176,6 +181,37 @@ def parse_hardware(raw: Any, source: str) -> Hardware:
 # Device kinds (as JAX reports them) and their shipped profiles.
 _KINDS = (("H100", "h100-sxm"), ("H200", "h200"), ("A100", "a100-80g"), ("v5 lite", "tpu-v5e"),
           ("v5e", "tpu-v5e"), ("cpu", "cpu"))  # fmt: skip
+
+
+def _peak_source(source: str, value: Any) -> str:
+    if value not in PEAK_SOURCES:
+        raise JaxparError(
+            f"hardware profile {source!r}: field 'peak_source' must be one of "
+            f"{', '.join(PEAK_SOURCES)}, got {value!r}"
+        )
+    return value
+
+
+def _profile_of(device_kind: str) -> str | None:
+    """The shipped profile of a device kind (as JAX reports it), if any."""
+    for marker, profile in _KINDS:
+        if marker.lower() in device_kind.lower():
+            return profile
+    return None
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+    """The dense datasheet peak FLOP/s of one device of `device_kind` in `dtype`, from its shipped
+    profile; None without a profile or a datasheet peak (a CPU's profile is measured). float16
+    runs at bfloat16's rate on every shipped chip."""
+    name = _profile_of(device_kind)
+    if name is None:
+        return None
+    hardware = load_hardware(name)
+    rate = hardware.peak_tflops.get("bfloat16" if dtype == "float16" else dtype)
+    if hardware.peak_source != "datasheet" or rate is None:
+        return None
+    return rate * 1e12
 
 
 def detect_hardware(name: str = "auto") -> Hardware:
@@ -189,9 +225,9 @@ def detect_hardware(name: str = "auto") -> Hardware:
     import jax
 
     kind = jax.devices()[0].device_kind
-    for marker, profile in _KINDS:
-        if marker.lower() in kind.lower():
-            return load_hardware(profile)
+    profile = _profile_of(kind)
+    if profile is not None:
+        return load_hardware(profile)
     raise JaxparError(
         f"no hardware profile for device kind {kind!r} (shipped: {', '.join(profile_names())}); "
         "write one with 'jaxpar plan --calibrate' and pass it as parallel.hardware=FILE.yaml"

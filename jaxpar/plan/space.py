@@ -13,14 +13,16 @@ circular with one repeat (gpipe), and layers that do not split evenly into the s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 
-from jaxpar.config import REMAT, SCHEDULES, Config, load_config, validate_for_mesh
+from jaxpar.config import REMAT, Config, load_config, validate_for_mesh
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import MeshSpec
-from jaxpar.pipeline.schedule import Schedule, ScheduleError
+from jaxpar.pipeline.schedule import Schedule
+from jaxpar.schedule_rules import SCHEDULE_RULES
 
 
 @dataclass(frozen=True)
@@ -108,10 +110,9 @@ def _raw(config: Config, spec: MeshSpec) -> Iterator[Candidate]:
                 for m in _divisors(per_replica):
                     yield Candidate(*spec.sizes, fsdp, "gpipe", m, 1, remat)
                 continue
-            for name in SCHEDULES:
-                one_chunk = name in ("gpipe", "1f1b", "zb_h1")
-                chunks = range(2, layers // spec.pipeline + 1)
-                repeats = [1] if one_chunk else [
+            for name, rule in SCHEDULE_RULES.items():
+                chunks = range(2, layers // spec.pipeline + 1)  # circular v=1 is gpipe
+                repeats = [1] if rule.chunks == "one" else [
                     v for v in chunks if layers % (spec.pipeline * v) == 0
                 ]  # fmt: skip
                 for v in repeats:
@@ -120,7 +121,7 @@ def _raw(config: Config, spec: MeshSpec) -> Iterator[Candidate]:
 
 
 def check(config: Config, candidate: Candidate) -> None:
-    """Raises JaxparError (or ScheduleError) if jaxpar would refuse to run `candidate`."""
+    """Raises JaxparError if jaxpar would refuse to run `candidate`."""
     layout = candidate.apply(config)  # validated
     validate_for_mesh(layout, candidate.spec)
     candidate.schedule_of  # noqa: B018 (builds and checks the table)
@@ -137,7 +138,7 @@ def candidates(config: Config, devices: int) -> list[Candidate]:
         for c in _raw(config, spec):
             try:
                 check(config, c)
-            except (JaxparError, ScheduleError):
+            except JaxparError:
                 continue
             found.append(c)
     if not found:
@@ -146,13 +147,30 @@ def candidates(config: Config, devices: int) -> list[Candidate]:
 
 
 def why_no_layout(config: Config, devices: int) -> str:
-    """One line: which sizes each axis allows on its own, for a device count no layout uses."""
+    """One line: which sizes each axis allows on its own, for a device count no layout uses.
+
+    Each axis is tried alone (the others 1) with `validate_for_mesh`, the one statement of what
+    divides over the mesh, on the config without its pipeline settings (gpipe, one micro-batch,
+    one repeat) and FSDP, which the planner chooses itself.
+    """
     m, t = config.model, config.train
+    neutral = dataclasses.replace(
+        config,
+        pipeline=dataclasses.replace(config.pipeline, schedule="gpipe", microbatches=1, repeats=1),
+        parallel=dataclasses.replace(config.parallel, fsdp=False),
+    )
+
+    def fits(spec: MeshSpec) -> bool:
+        try:
+            validate_for_mesh(neutral, spec)
+        except JaxparError:
+            return False
+        return True
+
     sizes = _divisors(devices)
-    splits = (m.heads, m.kv_heads, m.mlp_dim, m.vocab)
-    tensor = [d for d in sizes if all(v % d == 0 for v in splits)]
-    data = [d for d in sizes if t.batch_size % d == 0]
-    pipeline = [d for d in sizes if d <= m.layers and t.batch_size % d == 0]
+    tensor = [d for d in sizes if fits(MeshSpec(1, 1, d))]
+    data = [d for d in sizes if fits(MeshSpec(d, 1, 1))]
+    pipeline = [d for d in sizes if fits(MeshSpec(1, d, 1))]
     return (
         f"no layout of {devices} devices runs this model: tensor must divide model.heads="
         f"{m.heads}, kv_heads={m.kv_heads}, mlp_dim={m.mlp_dim} and vocab={m.vocab} (of the "

@@ -69,6 +69,7 @@ zb_h1 with FSDP (modelled as 1f1b, W's gradient reduction in place of B's).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -77,19 +78,9 @@ from jaxpar.analysis.comm import AxisTraffic, megatron_expected_bytes
 from jaxpar.config import Config, ModelConfig
 from jaxpar.mesh import AXES, DATA, PIPELINE, TENSOR, MeshSpec
 from jaxpar.model.layout import StageLayout
+from jaxpar.model.llama import BLOCK_WEIGHT_AXES
 from jaxpar.plan.space import schedule_of
-from jaxpar.sharding import (
-    EMBED,
-    HEAD_DIM,
-    HEADS,
-    KV_HEADS,
-    LAYERS,
-    MLP,
-    NORM,
-    STAGE,
-    VOCAB,
-    rules_for,
-)
+from jaxpar.sharding import NORM, STAGE, rules_for
 
 F32 = 4
 S32 = 4
@@ -97,13 +88,11 @@ S32 = 4
 
 @dataclasses.dataclass(frozen=True)
 class Param:
-    """One parameter: global shape, logical axes, and how many gradient arrays it is reduced as
-    (0 when fused into another's: wk and wv into wq's q/k/v, up into gate's gate/up)."""
+    """One parameter of the model: its path, global shape and logical axes."""
 
     name: str
     shape: tuple[int, ...]
     axes: tuple[str, ...]
-    arrays: int = 1
 
     @property
     def in_block(self) -> bool:
@@ -114,25 +103,33 @@ class Param:
         return NORM not in self.axes
 
 
+# Gradient arrays a block reduces: one per weight its matmuls consume (`BlockWeights`: wq, wk and
+# wv fused into q/k/v, gate and up into gate/up), and those of the matmuls alone.
+BLOCK_ARRAYS = len(BLOCK_WEIGHT_AXES)
+MATMUL_ARRAYS = sum(NORM not in axes for axes in BLOCK_WEIGHT_AXES)
+
+
 def params(m: ModelConfig, layout: StageLayout) -> list[Param]:
-    """The model's parameters; blocks stored [P, v c, ...] as `Llama` stores them."""
-    d, n, k, h, f, v = m.dim, m.heads, m.kv_heads, m.head_dim, m.mlp_dim, m.vocab
-    lead, lead_axes = (layout.stages, layout.slots_per_stage), (STAGE, LAYERS)
-    block = [
-        ("attn_norm", (d,), (NORM,), 1),
-        ("wq", (d, n, h), (EMBED, HEADS, HEAD_DIM), 1),
-        ("wk", (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), 0),
-        ("wv", (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), 0),
-        ("wo", (n, h, d), (HEADS, HEAD_DIM, EMBED), 1),
-        ("mlp_norm", (d,), (NORM,), 1),
-        ("w_gate", (d, f), (EMBED, MLP), 1),
-        ("w_up", (d, f), (EMBED, MLP), 0),
-        ("w_down", (f, d), (MLP, EMBED), 1),
+    """The model's parameters as `Llama` builds them on `layout` (blocks stored [P, v c, ...]):
+    read from its abstract parameters, so they follow the model."""
+    # Compute-only fields (remat, attention) do not change the parameters: one trace for all.
+    return _params(dataclasses.replace(m, remat="none", attention="xla"), layout)
+
+
+@functools.cache
+def _params(m: ModelConfig, layout: StageLayout) -> list[Param]:
+    from flax import nnx
+
+    from jaxpar.model.llama import Llama
+    from jaxpar.placement import logical_axes
+
+    rules = rules_for(MeshSpec(1, 1, 1), fsdp=False)  # any rules: shapes do not depend on them
+    abstract = nnx.eval_shape(lambda: Llama(m, rules, rngs=nnx.Rngs(params=0), layout=layout))
+    state = nnx.state(abstract, nnx.Param)
+    return [
+        Param(".".join(str(k) for k in path), tuple(v.get_value().shape), logical_axes(v))
+        for path, v in nnx.to_flat_state(state)
     ]
-    top = [Param("embed", (v, d), (VOCAB, EMBED)), Param("final_norm", (d,), (NORM,))]
-    if not m.tie_embeddings:
-        top.append(Param("head", (d, v), (EMBED, VOCAB)))
-    return top + [Param(nm, lead + s, lead_axes + a, n_) for nm, s, a, n_ in block]
 
 
 def param_bytes(config: Config, spec: MeshSpec) -> int:
@@ -184,8 +181,8 @@ def predict_traffic(config: Config, spec: MeshSpec, compute_bytes: int) -> list[
     fsdp = config.parallel.fsdp
     r, p = spec.data, spec.pipeline
     layout = StageLayout(m.layers, p, pipe.repeats)
-    hand = pipe.schedule in ("1f1b", "interleaved_1f1b", "zb_h1")
-    ticks = schedule_of(pipe.schedule, p, pipe.microbatches, pipe.repeats).ticks
+    schedule = schedule_of(pipe.schedule, p, pipe.microbatches, pipe.repeats)
+    hand, ticks = schedule.hand_backward, schedule.ticks
     c, seq, d = layout.chunk_size, t.seq_len, m.dim
     b = t.batch_size // (r * pipe.microbatches)  # rows of one tick's job
     o = t.batch_size // (r * p)  # rows per (replica, stage) outside the pipeline
@@ -219,7 +216,7 @@ def predict_traffic(config: Config, spec: MeshSpec, compute_bytes: int) -> list[
     # Gradients (FSDP's per layer run and its gathers further down).
     if not fsdp:
         blocks = sum(local(q) for q in block)
-        tally.add("all-reduce", [DATA], sum(q.arrays for q in block), blocks * F32)
+        tally.add("all-reduce", [DATA], BLOCK_ARRAYS, blocks * F32)
         tally.add("all-reduce", [DATA, PIPELINE], len(top), sum(local(q) for q in top) * F32)
 
     # Tensor: Megatron's all-reduces.
@@ -264,9 +261,9 @@ def _fsdp(
     """FSDP's weight gathers and gradient reductions over data (see the module docstring)."""
     matmuls = [q for q in block if q.is_matmul]
     gathered = sum(slot(q) for q in matmuls) * F32  # one layer's, before the compute-dtype cast
-    tally.add("all-gather", [DATA], 2 * runs * sum(q.arrays for q in matmuls), 2 * runs * gathered)
+    tally.add("all-gather", [DATA], 2 * runs * MATMUL_ARRAYS, 2 * runs * gathered)
     layer_grads = sum(slot(q) for q in block) * F32
-    tally.add("all-reduce", [DATA], runs * sum(q.arrays for q in block), runs * layer_grads)
+    tally.add("all-reduce", [DATA], runs * BLOCK_ARRAYS, runs * layer_grads)
     ends = [q for q in top if q.is_matmul]
     norms = [q for q in top if not q.is_matmul]
     times = ticks if hand else 1  # the ends run in every tick's branches

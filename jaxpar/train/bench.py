@@ -8,7 +8,8 @@ the steady state, the devices' time per step, what MaxText's step time measures 
 is the step time.
 
 - MFU: the model's matmul FLOPs per step, with attention's causal half (`model_flops(causal=True)`,
-  MaxText's convention), over the step time and the devices' dense peak. Nothing a layout adds
+  MaxText's convention), over the step time and the devices' dense datasheet peak (from the
+  hardware profiles, `jaxpar.plan.hardware.peak_flops`). Nothing a layout adds
   (bubbles, padding, recomputation) counts.
 - HFU: the matmul FLOPs the program runs: the model's as its attention computes them (every key
   position on the XLA path, the causal half in cuDNN's kernel) plus what `model.remat` recomputes
@@ -26,23 +27,8 @@ import jax
 
 from jaxpar.analysis.flops import model_flops, recompute_flops
 from jaxpar.data import Corpus, global_batch
+from jaxpar.plan.hardware import peak_flops
 from jaxpar.train.step import Trainer
-
-# Dense peak FLOP/s per chip by compute dtype, from the vendors' data sheets (SXM parts; without
-# 2:4 sparsity). Matched against `device_kind` in this order.
-PEAK_FLOPS = {
-    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
-    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
-    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
-}
-
-
-def peak_flops(device_kind: str, dtype: str) -> float | None:
-    """The chip's dense peak for `dtype`, or None for chips (and CPUs) not in the table."""
-    for name, peaks in PEAK_FLOPS.items():
-        if name in device_kind:
-            return peaks.get(dtype)
-    return None
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ def worker(spec_text: str) -> None:
     from jaxpar.analysis.comm import traffic
     from jaxpar.analysis.hlo import collectives, dot_flops, parse
     from jaxpar.config import load_config
-    from jaxpar.infer.engine import GREEDY, Generator
+    from jaxpar.infer.engine import Generator
+    from jaxpar.infer.sampling import GREEDY
     from jaxpar.mesh import AXES, make_mesh
     from jaxpar.placement import Placement
     from jaxpar.train.step import Trainer

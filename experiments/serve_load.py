@@ -209,8 +209,9 @@ def static_worker(run: str, mesh: str, work_json: str) -> None:
     from jaxpar.mesh import make_mesh, parse_mesh, prepare
 
     spec = prepare(parse_mesh(mesh), tune_runtime=True)
-    from jaxpar.infer.engine import GREEDY, Generator, _bucket
+    from jaxpar.infer.engine import Generator, _bucket
     from jaxpar.infer.load import load_run
+    from jaxpar.infer.sampling import GREEDY
 
     model = load_run(Path(run), make_mesh(spec), "float32", warn=lambda m: None)
     work = [(model.encode(p), n) for p, n in json.loads(work_json)]

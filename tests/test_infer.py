@@ -13,7 +13,8 @@ from flax import nnx
 
 from jaxpar.cli import main
 from jaxpar.config import load_config
-from jaxpar.infer.engine import GREEDY, Generator, RowSampling, Sampling, sample
+from jaxpar.infer.engine import Generator
+from jaxpar.infer.sampling import GREEDY, RowSampling, Sampling, sample
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.placement import Placement, serving_config
 from jaxpar.train.step import Trainer

@@ -24,8 +24,8 @@ import uvicorn
 from jaxpar.cli import main
 from jaxpar.config import ServeConfig
 from jaxpar.infer.chat import PLAIN_TEMPLATE, render_chat
-from jaxpar.infer.engine import GREEDY, Sampling
 from jaxpar.infer.load import load_run
+from jaxpar.infer.sampling import GREEDY, Sampling
 from jaxpar.infer.scheduler import Engine, Params
 from jaxpar.infer.server import bind, create_app
 from jaxpar.mesh import make_mesh, parse_mesh

@@ -33,7 +33,7 @@ def _load_model(args: argparse.Namespace):
 
 
 def _sampling(args: argparse.Namespace):
-    from jaxpar.infer.engine import Sampling
+    from jaxpar.infer.sampling import Sampling
 
     if args.max_new_tokens < 1:
         raise JaxparError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")

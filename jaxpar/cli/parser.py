@@ -107,7 +107,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
     p.add_argument("--greedy", action="store_true", help="always the most likely token")
     p.add_argument("--temperature", type=float, metavar="T",
-                   help="default: jaxpar.infer.engine.DEFAULT_TEMPERATURE")  # fmt: skip
+                   help="default: jaxpar.infer.sampling.DEFAULT_TEMPERATURE")  # fmt: skip
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: no limit")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus mass")
     p.add_argument("--seed", type=int, default=0)

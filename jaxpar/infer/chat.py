@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from jaxpar.errors import JaxparError
-from jaxpar.infer.engine import Sampling
 from jaxpar.infer.loaded import LoadedModel
+from jaxpar.infer.sampling import Sampling
 
 PLAIN_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

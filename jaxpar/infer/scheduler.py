@@ -33,9 +33,10 @@ import numpy as np
 
 from jaxpar.config import ServeConfig
 from jaxpar.errors import JaxparError
-from jaxpar.infer.engine import GREEDY, Generator, RowSampling, Sampling, check_context
+from jaxpar.infer.engine import Generator, check_context
 from jaxpar.infer.loaded import LoadedModel
 from jaxpar.infer.prefix import PrefixCache
+from jaxpar.infer.sampling import GREEDY, RowSampling, Sampling
 
 
 class QueueFull(JaxparError):

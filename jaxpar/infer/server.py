@@ -33,7 +33,8 @@ from starlette.routing import Route
 
 from jaxpar.errors import JaxparError, typed
 from jaxpar.infer.chat import render_chat
-from jaxpar.infer.engine import DEFAULT_TEMPERATURE, Sampling, check_context
+from jaxpar.infer.engine import check_context
+from jaxpar.infer.sampling import DEFAULT_TEMPERATURE, Sampling
 from jaxpar.infer.scheduler import Closed, Engine, Event, Params, QueueFull, Request
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

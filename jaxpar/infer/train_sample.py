@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from flax import nnx
 
-from jaxpar.infer.engine import Generator, Sampling
+from jaxpar.infer.engine import Generator
+from jaxpar.infer.sampling import Sampling
 from jaxpar.placement import Placement
 
 

@@ -1,0 +1,87 @@
+"""Sampling: how a sequence draws its tokens (`Sampling`, the one type of sampling settings, with
+the one default temperature), the same as traced rows of a batch (`RowSampling`), and the one
+sampler (`sample`) that `generate`, `chat` and the server all draw with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The temperature of every command that samples when none is given (`generate`, `chat`, `serve`,
+# train's closing sample): 1, the OpenAI API's default, which `serve`'s clients rely on (and vLLM's
+# and Hugging Face's). `generate` and `chat` drew with 0.8 before there was one default.
+DEFAULT_TEMPERATURE = 1.0
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one sequence draws its tokens, the one type of sampling settings (the CLI's flags, a
+    server request's fields). Greedy when `temperature` is 0; else softmax(logits / temperature)
+    restricted to the `top_k` most likely tokens (0: all) and the smallest set whose probability
+    reaches `top_p`."""
+
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+GREEDY = Sampling(temperature=0.0)
+
+
+class RowSampling(NamedTuple):
+    """How each row draws its next token, [B] each, passed as traced values so that one compiled
+    step serves every mix of settings. Row b's draw uses the key fold_in(key(seed[b]), count[b]):
+    a request's tokens depend on its own seed and on nothing else in the batch."""
+
+    seed: Any  # int32
+    count: Any  # int32: which new token of the row this draw is
+    temperature: Any  # float32; 0 is greedy
+    top_k: Any  # int32; 0 is no limit
+    top_p: Any  # float32
+
+    @classmethod
+    def fill(cls, rows: int, sampling: Sampling, seeds: Any, count: int = 0) -> RowSampling:
+        """Host arrays: every row with `sampling`, row b seeded `seeds[b]`."""
+        return cls(
+            np.broadcast_to(np.asarray(seeds, np.int32), (rows,)).copy(),
+            np.full((rows,), count, np.int32),
+            np.full((rows,), sampling.temperature, np.float32),
+            np.full((rows,), sampling.top_k, np.int32),
+            np.full((rows,), sampling.top_p, np.float32),
+        )
+
+    def put(self, row: int, sampling: Sampling, seed: int, count: int) -> None:
+        """Sets host row `row` to `sampling`, seeded `seed`, drawing its token number `count`."""
+        self.seed[row], self.count[row] = seed, count
+        self.temperature[row], self.top_k[row], self.top_p[row] = (
+            sampling.temperature, sampling.top_k, sampling.top_p
+        )  # fmt: skip
+
+
+def sample(logits_BV: jax.Array, rows: RowSampling) -> jax.Array:
+    """Draws one token per row with that row's settings (the one sampler: `generate`, `chat` and
+    the server all draw here)."""
+    vocab = logits_BV.shape[-1]
+    greedy_B = jnp.argmax(logits_BV, axis=-1)
+    temperature_B1 = jnp.asarray(rows.temperature, jnp.float32)[:, None]
+    scaled_BV = logits_BV.astype(jnp.float32) / jnp.maximum(temperature_B1, 1e-6)
+    order_BV = jnp.argsort(-scaled_BV, axis=-1)
+    sorted_BV = jnp.take_along_axis(scaled_BV, order_BV, axis=-1)
+    rank_V = jnp.arange(vocab)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of the more likely tokens
+    top_k_B1 = jnp.asarray(rows.top_k)[:, None]
+    keep_BV = (rank_V < jnp.where(top_k_B1 > 0, top_k_B1, vocab)) & (
+        before_BV < jnp.asarray(rows.top_p)[:, None]
+    )
+    keep_BV = keep_BV.at[:, 0].set(True)
+    keys_B = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(
+        jnp.asarray(rows.seed), jnp.asarray(rows.count)
+    )
+    choice_B = jax.vmap(jax.random.categorical)(keys_B, jnp.where(keep_BV, sorted_BV, -jnp.inf))
+    sampled_B = jnp.take_along_axis(order_BV, choice_B[:, None], axis=-1)[:, 0]
+    return jnp.where(temperature_B1[:, 0] > 0, sampled_B, greedy_B).astype(jnp.int32)

@@ -20,7 +20,8 @@ from jaxpar.checkpoint import Checkpointer
 from jaxpar.config import Config, ModelConfig, dump_yaml
 from jaxpar.errors import JaxparError
 from jaxpar.infer.export import export_run
-from jaxpar.interop.hf import export_hf, load_hf_params, load_tokenizer, read_hf_config
+from jaxpar.interop.hf import export_hf, load_hf_params, load_tokenizer
+from jaxpar.interop.hf_config import read_hf_config
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.placement import Placement
 from jaxpar.train.step import Trainer

@@ -78,7 +78,8 @@ def load_run(
 
 def load_hf(path: Path, mesh: jax.sharding.Mesh, dtype: str = "auto") -> LoadedModel:
     """A local Hugging Face Llama directory, read straight onto `mesh`."""
-    from jaxpar.interop.hf import load_hf_params, load_tokenizer, read_hf_config
+    from jaxpar.interop.hf import load_hf_params, load_tokenizer
+    from jaxpar.interop.hf_config import read_hf_config
 
     model, context = read_hf_config(path)
     config = Config(model=model).replace(**{"train.seq_len": context})

@@ -1,15 +1,28 @@
 """Eight simulated CPU devices, set before JAX is imported anywhere in the test session."""
 
 import os
+import re
 import tempfile
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
+# The device count replaces any the environment holds (never a second one next to it), so that the
+# xdist workers and the jaxpar subprocesses the tests start (they inherit this environment) see the
+# same flags, and so the same keys in the compilation cache below.
+# No multiheap split of XLA:CPU's temporaries (`runtime.CPU_FLAGS`, which every command sets):
+# jax cannot serialize an executable whose temporaries are split into several buffers ("Multiple
+# temp buffer allocations found"), so no train step would reach the cache. The split only changes
+# where XLA places temporaries, never a value: losses and gradient norms of `jaxpar train` on
+# data=2,pipeline=2,tensor=2 are bit-identical with and without it. Its own effect (fewer page
+# faults) is `runtime`'s to show, in experiments/.
+_FLAGS = {
+    "xla_force_host_platform_device_count": "8",
+    "xla_multiheap_size_constraint_per_heap": "-1",
+}
+_kept = re.sub(rf"--({'|'.join(_FLAGS)})=\S*", "", os.environ.get("XLA_FLAGS", "")).split()
+os.environ["XLA_FLAGS"] = " ".join([*_kept, *(f"--{k}={v}" for k, v in _FLAGS.items())])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from jaxpar import runtime  # noqa: E402
 
-runtime.xla_flags()  # as `jaxpar.mesh.prepare` does for every command (the same compiled programs)
+runtime.xla_flags()  # as `jaxpar.mesh.prepare` does for every command (adds none of _FLAGS)
 # One persistent compilation cache for the whole session, shared by the xdist workers and the
 # jaxpar subprocesses the tests start (they inherit the environment): many tests compile the same
 # step, and the suite's time is mostly XLA compiling. Cached executables are keyed by the program,

@@ -35,3 +35,38 @@ import jax  # noqa: E402
 
 assert jax.device_count() == 8, "tests need 8 simulated CPU devices"
 runtime.tune_host_allocator()  # as `jaxpar.mesh.prepare` does for every command
+
+# Test files by their measured time, slowest first (`pytest --durations=0`, summed per file, on
+# this 2-core host). `--dist loadfile --no-loadscope-reorder` hands the files to the workers in
+# this order, so the long ones start first and the short ones fill the gaps at the end. (xdist's
+# own order, by number of tests, started the subprocess-heavy files last, and one worker ran them
+# alone.) A file not listed runs after these.
+SLOWEST_FIRST = (
+    "test_faults.py",
+    "test_checkpoint.py",
+    "test_serve.py",
+    "test_distributed.py",
+    "test_pipeline.py",
+    "test_hf.py",
+    "test_plan.py",
+    "test_schedules.py",
+    "test_infer.py",
+    "test_cli.py",
+    "test_speed.py",
+    "test_analyze.py",
+    "test_parallel.py",
+    "test_comm.py",
+    "test_plan_traffic.py",
+    "test_schedule_memory.py",
+    "test_attention.py",
+    "test_sharding.py",
+    "test_mesh.py",
+    "test_data.py",
+    "test_config.py",
+    "test_imports.py",
+)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order

@@ -9,7 +9,8 @@ import tempfile
 # same flags, and so the same keys in the compilation cache below.
 # No multiheap split of XLA:CPU's temporaries (`runtime.CPU_FLAGS`, which every command sets):
 # jax cannot serialize an executable whose temporaries are split into several buffers ("Multiple
-# temp buffer allocations found"), so no train step would reach the cache. The split only changes
+# temp buffer allocations found"), so a step with over 32 MiB of temporaries per device would
+# never reach the cache (few of the tests' tiny models get there). The split only changes
 # where XLA places temporaries, never a value: losses and gradient norms of `jaxpar train` on
 # data=2,pipeline=2,tensor=2 are bit-identical with and without it. Its own effect (fewer page
 # faults) is `runtime`'s to show, in experiments/.

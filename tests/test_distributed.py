@@ -89,15 +89,11 @@ def test_launch_stops_when_a_process_dies(tmp_path, corpus):
     pid = next(
         int(m.group(1)) for line in lines if (m := re.search(r"process 1 of 2: pid (\d+)", line))
     )
-    killed = time.monotonic()
     os.kill(pid, signal.SIGKILL)
-    code = proc.wait(timeout=60)
-    noticed_s = time.monotonic() - killed
+    code = proc.wait(timeout=60)  # a bound on a hang, not a speed: the event is the line below
     reader.join(timeout=10)
     assert code != 0
-    assert noticed_s < 60
     assert "[launch] process 1 killed by SIGKILL; stopping the others" in "".join(lines)
-    print(f"launch exited {code} {noticed_s:.2f}s after process 1 was killed")
 
 
 @pytest.mark.parametrize(

@@ -76,11 +76,13 @@ def _plugins(platforms: tuple[str, ...]) -> bool:
     return any(n.startswith(tuple(f"xla_{p}" for p in platforms)) for n in names)
 
 
-def _gpu_plugin_installed() -> bool:
+def gpu_plugin_installed() -> bool:
+    """A CUDA or ROCm plugin is installed and `JAX_PLATFORMS` lets JAX use it."""
     return _plugins(("cuda", "rocm"))
 
 
-def _accelerator_plugin_installed() -> bool:
+def accelerator_plugin_installed() -> bool:
+    """A GPU or TPU plugin is installed and `JAX_PLATFORMS` lets JAX use it."""
     return _plugins(("cuda", "rocm", "tpu"))
 
 
@@ -88,9 +90,9 @@ def xla_flags(environ: dict[str, str] | os._Environ = os.environ) -> list[str]:
     """Appends `GPU_FLAGS` on a host with a GPU plugin, `CPU_FLAGS` on one with no accelerator
     plugin, to `XLA_FLAGS` (those it does not set already); call before JAX starts. Returns the
     flags added."""
-    if _gpu_plugin_installed():
+    if gpu_plugin_installed():
         flags = GPU_FLAGS
-    elif not _accelerator_plugin_installed():
+    elif not accelerator_plugin_installed():
         flags = CPU_FLAGS
     else:
         return []

@@ -1,7 +1,10 @@
 """Shared by the pipeline tests: small configs, cached trainers, the sequential reference.
 
 The reference is the plain sequential model (`Llama.__call__`: one scan over the layers in logical
-order) on one device. Gradients are compared per tensor as max|a - b| / max|b| in float32.
+order) on one device. Every layout computes with the reference's own parameters, moved into its
+stage layout (`Placement.from_logical`), so a case compiles its loss and not an initialisation of
+its own (that init is the same on every layout is test_parallel's to show). Gradients are compared
+per tensor as max|a - b| / max|b| in float32.
 """
 
 import functools
@@ -44,13 +47,27 @@ def tokens() -> np.ndarray:
 
 
 def logical_grads(tr: Trainer, g) -> dict:
-    out = {}
-    for path, v in nnx.to_flat_state(g):
-        value = v.get_value()
-        out[".".join(map(str, path))] = np.asarray(
-            tr.placement.layout.to_logical(value) if path[0] == "blocks" else value
-        )
-    return out
+    """name -> gradient, the blocks' [stage, slot, ...] back in layer order [L, ...]."""
+    with jax.set_mesh(tr.placement.mesh):
+        logical = jax.jit(tr.placement.to_logical)(g)
+    return {".".join(map(str, path)): np.asarray(v.get_value())
+            for path, v in nnx.to_flat_state(logical)}  # fmt: skip
+
+
+@functools.cache
+def logical_params(layers: int) -> nnx.State:
+    """The model's initial parameters in layer order, on the host (one initialisation per
+    depth)."""
+    tr = trainer("data=1", layers, ())
+    with jax.set_mesh(tr.placement.mesh):
+        return jax.tree.map(np.asarray, jax.jit(tr.placement.to_logical)(tr.init_state().params))
+
+
+def params_for(tr: Trainer) -> nnx.State:
+    """`logical_params` in `tr`'s stage layout and shardings."""
+    move = jax.jit(tr.placement.from_logical, out_shardings=tr.placement.param_shardings)
+    with jax.set_mesh(tr.placement.mesh):
+        return move(logical_params(tr.placement.config.model.layers))
 
 
 @functools.cache
@@ -62,16 +79,15 @@ def sequential_reference(layers: int) -> tuple[float, dict]:
         logits = nnx.merge(tr.placement.graphdef, params)(tokens_BT[:, :-1])
         return cross_entropy(logits, tokens_BT[:, 1:])
 
-    value, g = jax.jit(jax.value_and_grad(loss))(tr.init_state().params, tokens())
+    value, g = jax.jit(jax.value_and_grad(loss))(params_for(tr), tokens())
     return float(value), logical_grads(tr, g)
 
 
 def pipelined(mesh_spec: str, layers: int, extra: tuple[str, ...]) -> tuple[float, dict]:
     tr = trainer(mesh_spec, layers, extra)
-    params = tr.init_state().params
     with jax.set_mesh(tr.placement.mesh):
         value, g = jax.jit(jax.value_and_grad(tr.placement.loss))(
-            params, jax.device_put(tokens(), tr.placement.batch_sharding)
+            params_for(tr), jax.device_put(tokens(), tr.placement.batch_sharding)
         )
     return float(value), logical_grads(tr, g)
 

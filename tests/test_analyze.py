@@ -7,8 +7,11 @@ import math
 
 import jax
 import pytest
+from sizes import BATCH, LAYERS, SEQ, TRAFFIC
 
 from jaxpar.analysis.comm import megatron_expected_bytes
+from jaxpar.analysis.flops import model_flops
+from jaxpar.analysis.hlo import dot_flops
 from jaxpar.analysis.report import analyze, compiled_figures, placement_estimate
 from jaxpar.analysis.timeline import ascii_timeline
 from jaxpar.cli import main
@@ -19,17 +22,10 @@ from jaxpar.placement import Placement
 from jaxpar.train.bench import peak_flops
 from jaxpar.train.step import Trainer
 
-LAYERS, DIM, BATCH, SEQ = 2, 64, 16, 16
-SIZES = [
-    f"model.layers={LAYERS}", f"model.dim={DIM}", "model.heads=8", "model.kv_heads=4",
-    "model.mlp_dim=256", "model.vocab=256", f"train.batch_size={BATCH}", f"train.seq_len={SEQ}",
-    "train.dtype=float32",
-]  # fmt: skip
-
 
 @functools.cache
 def analysis(mesh_spec: str, *overrides: str, devices: int = 8):
-    config = load_config(None, [*SIZES, *overrides])
+    config = load_config(None, [*TRAFFIC, *overrides])
     mesh = make_mesh(parse_mesh(mesh_spec), devices=jax.devices()[:devices])
     trainer = Trainer(Placement(config, mesh))
     return trainer, analyze(trainer)
@@ -89,22 +85,11 @@ def test_one_device_flops_match_six_n_t_plus_attention():
     norms = (2 * m.layers + 1) * m.dim
     exact = textbook - 6 * norms * tokens - 2 * m.vocab * m.dim * tokens
     assert a.overhead.flops_per_device == exact
+    # the dots of the compiled step, with their loops' trip counts, are the model's FLOPs
+    assert dot_flops(trainer.compile()[0].as_text()) == model_flops(m, BATCH, SEQ) == exact
     assert a.overhead.flops_per_device == a.overhead.ideal_flops_per_device  # nothing lost
+    assert a.overhead.ratio == 1.0
     assert a.bubble_theory == 0 and abs(a.overhead.stack_bubble) < 1e-12
-
-
-@pytest.mark.parametrize(("stages", "micro"), [(4, 4), (2, 8)])
-def test_gpipe_bubble_is_p_minus_one_over_m_plus_p_minus_one(stages, micro):
-    _, a = analysis(
-        f"pipeline={stages}",
-        "model.layers=4",
-        f"pipeline.microbatches={micro}",
-        "pipeline.schedule=gpipe",
-        devices=stages,
-    )
-    bubble = (stages - 1) / (micro + stages - 1)
-    assert a.bubble_theory == pytest.approx(bubble, abs=1e-12)
-    assert a.overhead.stack_bubble == pytest.approx(bubble, abs=1e-12)
 
 
 # The smallest model with a layer per stage on 8 stages, grouped-query attention and an MLP wider
@@ -134,7 +119,7 @@ def test_analyze_json_keys_and_types(capsys, tmp_path):
     plots = importlib.util.find_spec("matplotlib") is not None  # the `plot` extra
     args = ["analyze", "--mesh", "data=2,pipeline=2,tensor=2", "--json"]
     args += ["--timeline", str(png)] if plots else []
-    assert main([*args, *SIZES, "pipeline.microbatches=2"]) == 0
+    assert main([*args, *TRAFFIC, "pipeline.microbatches=2"]) == 0
     doc = json.loads(capsys.readouterr().out)
     for key in ("flops_per_device", "ideal_flops_per_device", "bubble_theory", "bubble_measured",
                 "compile_s", "flops_ratio", "overhead_measured"):  # fmt: skip
@@ -189,7 +174,7 @@ def test_ascii_timeline_marks_bubbles():
 
 def test_bench_json(capsys):
     args = ["bench", "--mesh", "data=2,tensor=4", "--steps", "2", "--warmup", "1", "--json"]
-    assert main([*args, *SIZES]) == 0
+    assert main([*args, *TRAFFIC]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["steps"] == len(doc["step_times_s"]) == 2
     assert doc["median_step_s"] > 0 and doc["tokens_per_s"] > 0 and doc["compile_s"] > 0

@@ -154,8 +154,7 @@ def test_decode_steps_read_prepared_weights():
     fused = (m.dim, m.kv_heads, m.heads // m.kv_heads + 2, m.head_dim)  # one layer's, global
     assert gen.weights.w_qkv_DKCH.shape == (1, m.layers, *fused)
     assert gen.weights.w_qkv_DKCH.dtype == gen.top["head_DV"].get_value().dtype == p.dtype
-    with jax.set_mesh(p.mesh):
-        jaxpr = str(jax.make_jaxpr(gen._decode)(*gen.decode_inputs()))
+    jaxpr = str(gen.decode_jaxpr())
     weight_dims = [fused, (m.dim, m.vocab), (m.vocab, m.dim)]  # a layer's QKV, head, embedding
     shapes = "|".join(",".join(map(str, w)) for w in weight_dims)
     derived = re.compile(r"\[(\d+,)*(" + shapes + r")\].* = (convert_element_type|concatenate)")

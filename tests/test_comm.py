@@ -5,6 +5,7 @@ import math
 
 import jax
 import pytest
+from sizes import DIM, LAYERS, SEQ, TRAFFIC
 
 from jaxpar.analysis.comm import megatron_check, megatron_expected_bytes, traffic
 from jaxpar.analysis.hlo import axes_of_groups, collectives, parse_groups
@@ -14,15 +15,10 @@ from jaxpar.mesh import AXES, make_mesh, parse_mesh
 from jaxpar.placement import Placement
 from jaxpar.train.step import Trainer
 
-SIZES = [
-    "model.layers=3", "model.dim=64", "model.heads=8", "model.kv_heads=8", "model.mlp_dim=96",
-    "model.vocab=256", "train.batch_size=16", "train.seq_len=16", "train.dtype=float32",
-]  # fmt: skip
-
 
 @functools.cache
 def compiled_collectives(mesh_spec: str, fsdp: bool = False):
-    config = load_config(None, [*SIZES, f"parallel.fsdp={fsdp}"])
+    config = load_config(None, [*TRAFFIC, f"parallel.fsdp={fsdp}"])
     mesh = make_mesh(parse_mesh(mesh_spec))
     trainer = Trainer(Placement(config, mesh))
     compiled, _ = trainer.compile()
@@ -39,10 +35,11 @@ def test_tensor_parallel_traffic_is_megatrons_minimum(mesh_spec, fsdp):
     b_local = config.train.batch_size // trainer.placement.mesh.shape["data"]
     check = megatron_check(found, config.model, b_local, config.train.seq_len, act_bytes=4)
     # Per layer 2 forward + 2 backward, plus embedding forward and LM-head backward.
-    assert check.measured_activation == check.expected_activation == 4 * 3 + 2
+    assert check.measured_activation == check.expected_activation == 4 * LAYERS + 2
     assert check.measured_ce == 3
     assert check.measured_bytes == check.expected_bytes
-    assert check.expected_bytes == (14 * b_local * 16 * 64 + 3 * b_local * 16) * 4
+    activation = (4 * LAYERS + 2) * b_local * SEQ * DIM
+    assert check.expected_bytes == (activation + 3 * b_local * SEQ) * 4
     assert check.unexpected == ()
     assert check.exact
     # Nothing but all-reduces ever runs over the tensor groups: no weight is gathered.
@@ -72,9 +69,9 @@ def test_fsdp_gathers_weights_over_data_only():
 
 
 def test_megatron_expected_bytes_formula():
-    config = load_config(None, SIZES)
-    # L=3, b=2, s=16, d=64, float32: (4*3 + 2) * 2*16*64 * 4 + 3 * 2*16 * 4
-    assert megatron_expected_bytes(config.model, 2, 16, 4) == 14 * 2048 * 4 + 384
+    config = load_config(None, TRAFFIC)
+    # L=4, b=2, s=16, d=64, float32: (4*4 + 2) * 2*16*64 * 4 + 3 * 2*16 * 4
+    assert megatron_expected_bytes(config.model, 2, 16, 4) == 18 * 2048 * 4 + 384
 
 
 # The reader on hand-written HLO: every replica-group form and nested loop trip counts.

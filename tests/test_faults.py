@@ -245,8 +245,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 class Reference:
-    """One uninterrupted run to STEPS steps, started at once and waited for on first use, so it
-    runs while the first kill trials start."""
+    """One uninterrupted run to STEPS steps, started first and waited for on first use."""
 
     def __init__(self, base: Path, corpus: Path) -> None:
         self.started: list[Run] = []
@@ -267,6 +266,10 @@ class Reference:
 def reference(tmp_path_factory, corpus):
     ref = Reference(tmp_path_factory.mktemp("ref"), corpus)
     try:
+        # The other runs start once this one has saved a checkpoint: by then every program a run
+        # compiles (init, step, save) is in the compilation cache, and they load it instead of
+        # compiling it again side by side.
+        _poll(ref.run, lambda: _live_complete_checkpoints(ref.run.out), "a first checkpoint")
         yield ref
     finally:
         for run in ref.started:

@@ -82,13 +82,10 @@ def grads(trainer: Trainer) -> tuple[float, dict]:
 
 def logical(trainer: Trainer, tree) -> dict:
     """name -> array, with the blocks' [stage, slot, ...] turned back into [layer, ...]."""
-    out = {}
-    for path, v in nnx.to_flat_state(tree):
-        name, value = ".".join(map(str, path)), v.get_value()
-        out[name] = np.asarray(
-            trainer.placement.layout.to_logical(value) if path[0] == "blocks" else value
-        )
-    return out
+    with jax.set_mesh(trainer.placement.mesh):
+        tree = jax.jit(trainer.placement.to_logical)(tree)
+    return {".".join(map(str, path)): np.asarray(v.get_value())
+            for path, v in nnx.to_flat_state(tree)}  # fmt: skip
 
 
 @functools.cache

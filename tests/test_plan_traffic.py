@@ -2,6 +2,7 @@
 
 import jax
 import pytest
+from sizes import TRAFFIC
 
 from jaxpar.analysis.comm import megatron_expected_bytes
 from jaxpar.analysis.report import compiled_figures
@@ -10,11 +11,6 @@ from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.placement import Placement
 from jaxpar.plan.traffic import predict_traffic
 from jaxpar.train.step import Trainer
-
-SIZES = [
-    "model.layers=4", "model.dim=64", "model.heads=8", "model.kv_heads=8", "model.mlp_dim=96",
-    "model.vocab=128", "train.batch_size=16", "train.seq_len=16", "train.dtype=float32",
-]  # fmt: skip
 
 LAYOUTS = {
     "data+tensor": ["parallel.mesh=data=2,tensor=4"],
@@ -38,7 +34,7 @@ LAYOUTS = {
 
 
 def config_for(name: str, *more: str):
-    return load_config(None, [*SIZES, *LAYOUTS[name], *more])
+    return load_config(None, [*TRAFFIC, *LAYOUTS[name], *more])
 
 
 def compiled_traffic(config) -> dict[tuple[str, str], tuple[int, int]]:

@@ -166,13 +166,13 @@ def test_stop_ids_eos_stop_strings_and_max_tokens(engine):
                                                          stop_ids=(tokens[k],)))])  # fmt: skip
     first = tokens.index(tokens[k])
     assert by_id.finish == "stop" and by_id.tokens == tokens[: first + 1]
-    eos, engine._eos = engine._eos, (tokens[k],)  # the model's end-of-sequence id
+    eos, engine.eos_ids = engine.eos_ids, (tokens[k],)  # the model's end-of-sequence id
     try:
         (by_eos,) = submit_and_wait(engine, [(prompt, Params(20, sampling=GREEDY))])
         (ignoring,) = submit_and_wait(engine, [(prompt, Params(20, sampling=GREEDY,
                                                                ignore_eos=True))])  # fmt: skip
     finally:
-        engine._eos = eos
+        engine.eos_ids = eos
     assert by_eos.tokens == tokens[: first + 1] and ignoring.tokens == tokens
     stop = text[8:10]
     (by_text,) = submit_and_wait(engine, [(prompt, Params(20, sampling=GREEDY, stop=(stop,)))])
@@ -213,14 +213,14 @@ def test_chat_templates(engine):
 
 
 def test_chat_template_from_tokenizer_config():
-    from jaxpar.infer.load import _chat_template
+    from jaxpar.infer.load import read_chat_template
 
     config = {"chat_template": [{"name": "tool_use", "template": "T"},
                                 {"name": "default", "template": "D"}],
               "bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>",
               "model_max_length": 4096}  # fmt: skip
-    assert _chat_template(config) == ("D", {"bos_token": "<s>", "eos_token": "</s>"})
-    assert _chat_template({}) == (None, {})
+    assert read_chat_template(config) == ("D", {"bos_token": "<s>", "eos_token": "</s>"})
+    assert read_chat_template({}) == (None, {})
 
 
 # --- the HTTP API -----------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def slow_decoding(engine, monkeypatch, seconds: float = 0.02) -> None:
 def test_a_cancelled_stream_frees_its_slot(server, engine, monkeypatch):
     slow_decoding(engine, monkeypatch)  # a request of 255 tokens runs for over 5 s
     streams = _open_streams(server, engine.slots)  # every slot busy
-    running = [r for r in engine._running if r is not None]
+    running = engine.running()
     assert len(running) == engine.slots
     for cm, _ in streams:
         cm.__exit__(None, None, None)  # the client goes away mid-stream

@@ -108,10 +108,10 @@ def test_optimizer_state_bytes_halve_in_bfloat16():
 
 def test_xla_flags_for_the_platform_jax_will_run_on(monkeypatch):
     env = {"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=false --xla_dump_to=/x"}
-    monkeypatch.setattr(runtime, "_gpu_plugin_installed", lambda: False)
-    monkeypatch.setattr(runtime, "_accelerator_plugin_installed", lambda: True)  # a TPU
+    monkeypatch.setattr(runtime, "gpu_plugin_installed", lambda: False)
+    monkeypatch.setattr(runtime, "accelerator_plugin_installed", lambda: True)  # a TPU
     assert runtime.xla_flags(env) == [] and env["XLA_FLAGS"].endswith("/x")
-    monkeypatch.setattr(runtime, "_gpu_plugin_installed", lambda: True)
+    monkeypatch.setattr(runtime, "gpu_plugin_installed", lambda: True)
     added = runtime.xla_flags(env)
     # the user's own setting stays; the others are appended once
     assert "--xla_gpu_enable_latency_hiding_scheduler=false" in env["XLA_FLAGS"]
@@ -119,15 +119,15 @@ def test_xla_flags_for_the_platform_jax_will_run_on(monkeypatch):
     assert all(flag in env["XLA_FLAGS"] for flag in added)
     assert runtime.xla_flags(env) == []
     cpu: dict[str, str] = {}
-    monkeypatch.setattr(runtime, "_gpu_plugin_installed", lambda: False)
-    monkeypatch.setattr(runtime, "_accelerator_plugin_installed", lambda: False)
+    monkeypatch.setattr(runtime, "gpu_plugin_installed", lambda: False)
+    monkeypatch.setattr(runtime, "accelerator_plugin_installed", lambda: False)
     assert runtime.xla_flags(cpu) == ["--xla_multiheap_size_constraint_per_heap=33554432"]
 
 
 def test_plugin_detection_respects_jax_platforms(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    assert not runtime._gpu_plugin_installed()
-    assert not runtime._accelerator_plugin_installed()
+    assert not runtime.gpu_plugin_installed()
+    assert not runtime.accelerator_plugin_installed()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")

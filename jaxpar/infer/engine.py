@@ -430,6 +430,11 @@ class Generator:
         return (self.top, self.weights, cache, self._rows(zeros), self._rows(zeros),
                 self._rows(np.ones(self.rows, bool)), self._sampling(None, self.rows))  # fmt: skip
 
+    def decode_jaxpr(self) -> Any:
+        """The decode step as a jaxpr (for inspecting what it computes for every token)."""
+        with jax.set_mesh(self.mesh):
+            return jax.make_jaxpr(self._decode)(*self.decode_inputs())
+
     def decode_compiled(self, span: int | None = None) -> jax.stages.Compiled:
         """The compiled decode step (for FLOP, byte and collective accounting)."""
         return self._step("_decode", self.decode_inputs(), span=self._span(span))

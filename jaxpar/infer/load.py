@@ -89,7 +89,7 @@ def load_hf(path: Path, mesh: jax.sharding.Mesh, dtype: str = "auto") -> LoadedM
     eos = generation.get("eos_token_id")
     if eos is not None:
         stop_ids = tuple(eos) if isinstance(eos, list) else (eos,)
-    template, special = _chat_template(_read_json(path / "tokenizer_config.json"))
+    template, special = read_chat_template(_read_json(path / "tokenizer_config.json"))
     return LoadedModel(
         placement=placement,
         params=load_hf_params(path, placement),
@@ -102,7 +102,7 @@ def load_hf(path: Path, mesh: jax.sharding.Mesh, dtype: str = "auto") -> LoadedM
     )
 
 
-def _chat_template(config: dict) -> tuple[str | None, dict[str, str]]:
+def read_chat_template(config: dict) -> tuple[str | None, dict[str, str]]:
     """A `tokenizer_config.json`'s chat template (its default one, when it names several) and
     its special tokens' texts (`bos_token`, `eos_token`, ...)."""
     template = config.get("chat_template")

@@ -119,7 +119,7 @@ class Engine:
         # A decode step computes the fewest rows and reads the shortest span that hold every
         # ready request; the lowest free slots are taken first, so few requests use few rows.
         self.spans, self.row_counts = self.generator.spans(), self.generator.row_counts()
-        self._eos = tuple(model.stop_ids)
+        self.eos_ids = tuple(model.stop_ids)  # end a request unless it sets ignore_eos
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._running: list[Request | None] = [None] * self.slots
@@ -140,6 +140,11 @@ class Engine:
     @property
     def active_slots(self) -> int:
         return sum(r is not None for r in self._running)
+
+    def running(self) -> list[Request]:
+        """The requests in slots now, by slot."""
+        with self._lock:
+            return [r for r in self._running if r is not None]
 
     def check(self, prompt: Sequence[int], max_tokens: int) -> None:
         """Refuses a request that cannot fit the context (one line naming the lengths)."""
@@ -382,7 +387,7 @@ class Engine:
         request.times.append(now)
         self.generated_tokens += 1
         p = request.params
-        stop_token = token in p.stop_ids or (token in self._eos and not p.ignore_eos)
+        stop_token = token in p.stop_ids or (token in self.eos_ids and not p.ignore_eos)
         last = stop_token or len(request.tokens) >= p.max_tokens
         request.text += request.decoder([] if stop_token else [token], final=last)
         finish = "stop" if stop_token else "length" if last else None

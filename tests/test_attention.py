@@ -43,9 +43,15 @@ def tokens() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (8, 17)).astype(np.int32)
 
 
+@functools.cache
+def initial_params(spec: str, extra: tuple[str, ...] = ()) -> nnx.State:
+    """Parameters on `spec`, one initialisation for both implementations (it is the same)."""
+    return Trainer(placement(spec, "xla", *extra)).init_state(0).params
+
+
 def loss_and_grads(spec: str, impl: str, extra: tuple[str, ...]) -> tuple[float, dict]:
     p = placement(spec, impl, *extra)
-    params = Trainer(p).init_state().params
+    params = initial_params(spec, extra)
     with jax.set_mesh(p.mesh):
         loss, g = jax.jit(jax.value_and_grad(p.loss))(
             params, jax.device_put(tokens(), p.batch_sharding)
@@ -73,7 +79,7 @@ def test_dot_product_equals_xla_in_training(spec, extra):
 
 @pytest.mark.parametrize("spec", ["data=1", "data=2,pipeline=2,tensor=2"])
 def test_dot_product_equals_xla_in_cached_decoding(spec):
-    params = Trainer(placement(spec, "xla")).init_state(0).params
+    params = initial_params(spec)
     rows = np.arange(4)
     lengths = np.array([5, 8, 3, 12], np.int32)
     prompts = np.where(np.arange(16)[None] < lengths[:, None], tokens()[:4, :16], 0)
@@ -148,7 +154,7 @@ def test_decode_steps_read_prepared_weights():
     # generator is built. The decode step's program (its jaxpr: XLA's CPU backend adds casts of
     # its own, as it computes bfloat16 matmuls in float32) neither concatenates nor casts a weight.
     p = placement("data=2,tensor=4", "xla", "train.dtype=bfloat16", serving=True)
-    params = Trainer(placement("data=2,tensor=4", "xla")).init_state(0).params
+    params = initial_params("data=2,tensor=4")
     gen = Generator(p, params, batch=2, max_len=8)
     m = p.config.model
     fused = (m.dim, m.kv_heads, m.heads // m.kv_heads + 2, m.head_dim)  # one layer's, global

@@ -37,35 +37,36 @@ import jax  # noqa: E402
 assert jax.device_count() == 8, "tests need 8 simulated CPU devices"
 runtime.tune_host_allocator()  # as `jaxpar.mesh.prepare` does for every command
 
-# Test files by their measured time, slowest first (the top of `pytest --durations=30` summed per
-# file, on this 2-core host, 2026-12-04: test_pipeline over 1400 s, test_schedules 700, test_plan
-# 500 with the suite's slowest test, 436 s). `--dist loadfile --no-loadscope-reorder` hands the
-# files to the workers in this order, so the long ones start first and the short ones fill the
-# gaps at the end; xdist's own order (by number of tests) started test_plan, test_distributed and
-# test_faults late. A file not listed runs after these.
+# Test files by their measured time, slowest first (`pytest --durations=0` summed per file, on this
+# 2-core host, 2026-12-04: test_pipeline 153 s, test_parallel 139, test_analyze 113, ...).
+# `--dist loadfile --no-loadscope-reorder` hands the files to the workers in this order, so the
+# long ones start first and the short ones fill the gaps at the end. The order also lets the
+# compilation cache serve later files: test_comm and test_plan_traffic compile test_analyze's
+# steps again (`sizes.TRAFFIC`), test_schedules test_pipeline's sequential reference. A file not
+# listed runs after these.
 SLOWEST_FIRST = (
     "test_pipeline.py",
-    "test_schedules.py",
-    "test_plan.py",
-    "test_serve.py",
-    "test_analyze.py",
-    "test_distributed.py",
-    "test_checkpoint.py",
-    "test_faults.py",
-    "test_hf.py",
-    "test_infer.py",
-    "test_cli.py",
     "test_parallel.py",
+    "test_analyze.py",
+    "test_checkpoint.py",
     "test_schedule_memory.py",
-    "test_speed.py",
-    "test_comm.py",
-    "test_plan_traffic.py",
+    "test_schedules.py",
+    "test_distributed.py",
     "test_attention.py",
-    "test_sharding.py",
+    "test_faults.py",
+    "test_serve.py",
+    "test_plan_traffic.py",
+    "test_infer.py",
+    "test_speed.py",
+    "test_plan.py",
+    "test_comm.py",
+    "test_cli.py",
     "test_mesh.py",
+    "test_hf.py",
+    "test_imports.py",
+    "test_sharding.py",
     "test_data.py",
     "test_config.py",
-    "test_imports.py",
 )
 
 

@@ -29,11 +29,10 @@ def temp_bytes(mesh_spec: str, extra: list[str]) -> int:
 def test_1f1b_memory_is_flat_in_micro_batches_and_below_gpipe():
     rows = 2  # per micro-batch, the same at every M
     at = {m: temp_bytes("pipeline=4", [*one_f(m), f"train.batch_size={rows * m}"]) for m in (8, 32)}
-    gpipe16 = temp_bytes("pipeline=4", [*gpipe(16), f"train.batch_size={rows * 16}"])
     assert at[32] <= 1.2 * at[8], at
-    assert Schedule("1f1b", 4, 16).stash_slots == Schedule("1f1b", 4, 32).stash_slots == 7
-    one_f16 = temp_bytes("pipeline=4", [*one_f(16), f"train.batch_size={rows * 16}"])
-    assert one_f16 <= 0.5 * gpipe16, (one_f16, gpipe16)
+    assert Schedule("1f1b", 4, 8).stash_slots == Schedule("1f1b", 4, 32).stash_slots == 7
+    gpipe32 = temp_bytes("pipeline=4", [*gpipe(32), f"train.batch_size={rows * 32}"])
+    assert at[32] <= 0.5 * gpipe32, (at[32], gpipe32)
 
 
 def test_remat_per_layer_saves_memory_on_one_device():

@@ -46,12 +46,13 @@ def tokens() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, size=(B, T + 1), dtype=np.int32)
 
 
-def logical_grads(tr: Trainer, g) -> dict:
-    """name -> gradient, the blocks' [stage, slot, ...] back in layer order [L, ...]."""
+def logical(tr: Trainer, tree) -> dict:
+    """name -> array of `tree` (parameters, gradients), the blocks' [stage, slot, ...] back in
+    layer order [L, ...]."""
     with jax.set_mesh(tr.placement.mesh):
-        logical = jax.jit(tr.placement.to_logical)(g)
+        tree = jax.jit(tr.placement.to_logical)(tree)
     return {".".join(map(str, path)): np.asarray(v.get_value())
-            for path, v in nnx.to_flat_state(logical)}  # fmt: skip
+            for path, v in nnx.to_flat_state(tree)}  # fmt: skip
 
 
 @functools.cache
@@ -80,7 +81,7 @@ def sequential_reference(layers: int) -> tuple[float, dict]:
         return cross_entropy(logits, tokens_BT[:, 1:])
 
     value, g = jax.jit(jax.value_and_grad(loss))(params_for(tr), tokens())
-    return float(value), logical_grads(tr, g)
+    return float(value), logical(tr, g)
 
 
 def pipelined(mesh_spec: str, layers: int, extra: tuple[str, ...]) -> tuple[float, dict]:
@@ -89,7 +90,7 @@ def pipelined(mesh_spec: str, layers: int, extra: tuple[str, ...]) -> tuple[floa
         value, g = jax.jit(jax.value_and_grad(tr.placement.loss))(
             params_for(tr), jax.device_put(tokens(), tr.placement.batch_sharding)
         )
-    return float(value), logical_grads(tr, g)
+    return float(value), logical(tr, g)
 
 
 def assert_matches_sequential(mesh_spec: str, layers: int, extra: tuple[str, ...]) -> None:

@@ -13,7 +13,7 @@ import functools
 import jax
 import numpy as np
 import pytest
-from flax import nnx
+from pipeline_cases import logical
 
 from jaxpar.config import load_config
 from jaxpar.data import Corpus
@@ -78,14 +78,6 @@ def grads(trainer: Trainer) -> tuple[float, dict]:
     with jax.set_mesh(trainer.placement.mesh):
         loss, g = jax.jit(jax.value_and_grad(trainer.placement.loss))(state.params, tokens)
     return float(loss), logical(trainer, g)
-
-
-def logical(trainer: Trainer, tree) -> dict:
-    """name -> array, with the blocks' [stage, slot, ...] turned back into [layer, ...]."""
-    with jax.set_mesh(trainer.placement.mesh):
-        tree = jax.jit(trainer.placement.to_logical)(tree)
-    return {".".join(map(str, path)): np.asarray(v.get_value())
-            for path, v in nnx.to_flat_state(tree)}  # fmt: skip
 
 
 @functools.cache

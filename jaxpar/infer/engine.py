@@ -38,7 +38,7 @@ from jaxpar.errors import JaxparError
 from jaxpar.infer.sampling import GREEDY, RowSampling, Sampling, sample
 from jaxpar.mesh import DATA, PIPELINE
 from jaxpar.model.llama import BLOCK_WEIGHT_AXES, BlockWeights, KVCache, Llama
-from jaxpar.pipeline.program import StageProgram, manual_axes, microbatch_count
+from jaxpar.pipeline.program import StageProgram, batch_axis, manual_axes, microbatch_count
 from jaxpar.pipeline.schedule import Schedule
 from jaxpar.placement import Placement, logical_axes
 from jaxpar.sharding import ACT_KV_HEADS, BATCH, LAYERS, NORM, SEQ, STAGE
@@ -337,11 +337,11 @@ class Generator:
         """Copies between one slot's first positions and blocks of the pool, per key and value:
         load (pool -> slot, positions below n * block) or save (slot -> pool)."""
         manual = manual_axes(self.data, fsdp=False)
-        batch_axis = DATA if DATA in manual else None
+        rows_axis = batch_axis(manual)
         block, local = self.prefix_block, self.local_rows
 
         def copy(cache_1X: KVCache, pool_1X: KVCache, slot, ids_N, n):
-            shard = jax.lax.axis_index(DATA) if batch_axis else 0
+            shard = jax.lax.axis_index(DATA) if rows_axis else 0
             mine = slot // local == shard
             row = slot % local
             span = ids_N.shape[0] * block
@@ -351,7 +351,7 @@ class Generator:
                 if save:
                     blocks = old_1CSKH[:, :, :span].reshape(*pool_1CNLKH.shape[:2], -1, block,
                                                             *old_1CSKH.shape[3:])  # fmt: skip
-                    if batch_axis:  # from the slot's shard to every replica of the pool
+                    if rows_axis:  # from the slot's shard to every replica of the pool
                         blocks = jax.lax.psum(jnp.where(mine, blocks, 0), DATA)
                     return pool_1CNLKH.at[:, :, ids_N].set(blocks)
                 seq = pool_1CNLKH[:, :, ids_N].reshape(*old_1CSKH.shape[:2], span,
@@ -364,7 +364,7 @@ class Generator:
             out = (one(c, pl) for c, pl in zip(cache_1X, pool_1X, strict=True))
             return KVCache(*out)
 
-        cache_spec = KVCache(*[PartitionSpec(PIPELINE, None, batch_axis)] * 2)
+        cache_spec = KVCache(*[PartitionSpec(PIPELINE, None, rows_axis)] * 2)
         pool_spec = KVCache(*[PartitionSpec(PIPELINE)] * 2)
         return jax.shard_map(
             copy, mesh=self.mesh,

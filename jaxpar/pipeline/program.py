@@ -41,6 +41,12 @@ def manual_axes(data: int, fsdp: bool) -> frozenset[str]:
     return frozenset({PIPELINE} if fsdp or data == 1 else {PIPELINE, DATA})
 
 
+def batch_axis(manual: frozenset[str]) -> str | None:
+    """The mesh axis rows are split over inside a program manual over `manual` (None: every row
+    is on every device)."""
+    return DATA if DATA in manual else None
+
+
 def microbatch_count(rows: int, stages: int) -> int:
     """Micro-batches for a forward pass over `rows` (a serving batch, or a prompt's positions):
     one per stage when they divide evenly, so that every stage is busy once the pipeline is
@@ -136,7 +142,7 @@ class StageProgram:
     @property
     def batch_axis(self) -> str | None:
         """The mesh axis the rows are split over inside the program (None: all rows here)."""
-        return DATA if DATA in self.manual else None
+        return batch_axis(self.manual)
 
     def rows_spec(self, *, over_stages: bool) -> PartitionSpec:
         """Rows [R, P, ...] split over replicas and stages (`over_stages`), or [B, ...] over
@@ -159,14 +165,12 @@ class StageProgram:
         every replica held here."""
         m, r = self.schedule.microbatches, rows_RX.shape[0]
         rest = rows_RX.shape[2:]
-        x_MRbX = rows_RX.reshape(r, m, -1, *rest).transpose(1, 0, 2, *range(3, 3 + len(rest)))
-        return x_MRbX.reshape(m, -1, *rest)
+        return rows_RX.reshape(r, m, -1, *rest).swapaxes(0, 1).reshape(m, -1, *rest)
 
     def merge(self, y_MbX: jax.Array, replicas: int) -> jax.Array:
         """The inverse of `split`: [M, R * b, ...] -> [R, M * b, ...]."""
         m, rest = self.schedule.microbatches, y_MbX.shape[2:]
-        y_RMbX = y_MbX.reshape(m, replicas, -1, *rest).transpose(1, 0, 2, *range(3, 3 + len(rest)))
-        return y_RMbX.reshape(replicas, -1, *rest)
+        return y_MbX.reshape(m, replicas, -1, *rest).swapaxes(0, 1).reshape(replicas, -1, *rest)
 
     def ticks(self, slots: Slots, state: Any, act: Any, ct: Any = None) -> Any:
         """Runs the table's ticks inside the shard_map; returns the final state.

@@ -28,6 +28,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPT_DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attn")
 ATTENTION = ("auto", "xla", "dot_product")
+CONTEXT_ATTENTION = ("ring", "all_gather")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,14 @@ class ModelConfig:
     # dots_no_batch: keep only weight-like matmul outputs; dots_no_batch_attn: those and the
     # attention output). `jaxpar.model.remat` lists what each keeps.
     remat: str = "none"
+    # On a mesh with a `context` axis (`jaxpar.model.context`): how attention reaches the other
+    # pieces' keys (ring: passed round by ppermute; all_gather: gathered whole), and whether the
+    # sequence is laid out so that causal attention costs every piece the same.
+    context_attention: str = "ring"
+    context_load_balance: bool = True
+    # Attention over more queries than this (on the XLA path) runs this many at a time, reading
+    # only the keys they see: no (sequence x sequence) score matrix. 0: all at once.
+    attention_block: int = 1024
 
     @property
     def architecture(self) -> dict[str, Any]:
@@ -184,7 +193,9 @@ class Config:
         return _validated(tree)
 
 
-_COMPUTE_ONLY = ("attention", "remat")
+_COMPUTE_ONLY = (
+    "attention", "remat", "context_attention", "context_load_balance", "attention_block",
+)  # fmt: skip
 
 
 def architecture(model: Mapping[str, Any]) -> dict[str, Any]:
@@ -349,6 +360,12 @@ def _validate_model(m: ModelConfig) -> None:
             "(each kv head serves heads / kv_heads query heads)"
         )
     _one_of("model.remat", m.remat, REMAT)
+    _one_of("model.context_attention", m.context_attention, CONTEXT_ATTENTION)
+    if m.attention_block < 0:
+        raise JaxparError(
+            f"config key 'model.attention_block' must be >= 0 (0: no blocks), got "
+            f"{m.attention_block}"
+        )
 
 
 def _validate_train(t: TrainConfig) -> None:
@@ -429,6 +446,12 @@ def validate_for_mesh(config: Config, spec: MeshSpec) -> None:
                 f"{name} = {value}; use a batch that is a multiple of {value * data}"
             )
     check_schedule_stages(p.schedule, pipeline, p.microbatches)
+    if spec.context > 1 and t.seq_len % (2 * spec.context):
+        raise JaxparError(
+            f"train.seq_len={t.seq_len} is not divisible by 2 x context = {2 * spec.context}; "
+            f"each of the {spec.context} pieces of the sequence is two chunks of equal length "
+            f"(try a multiple of {2 * spec.context})"
+        )
 
 
 def _divisors(n: int) -> list[int]:

@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 # added later is added here (and as a field of `MeshSpec`) and nowhere else.
 DATA = "data"  # data parallelism (and FSDP's parameter shards)
 PIPELINE = "pipeline"  # pipeline stages
+CONTEXT = "context"  # the sequence, split for long context (ring or all-gather attention)
 TENSOR = "tensor"  # Megatron tensor parallelism
-AXES = (DATA, PIPELINE, TENSOR)
+# `context` sits next to `tensor`, the innermost axes, so that its ring runs over the fastest links.
+AXES = (DATA, PIPELINE, CONTEXT, TENSOR)
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -36,6 +38,7 @@ class MeshSpec:
 
     data: int = 1
     pipeline: int = 1
+    context: int = 1
     tensor: int = 1
 
     @classmethod
@@ -160,7 +163,7 @@ def simulate_devices(num_devices: int) -> None:
 
 
 def make_mesh(spec: MeshSpec, devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """Builds a mesh with axes (data, pipeline, tensor), all of type Auto (GSPMD propagation).
+    """Builds a mesh with axes `AXES` (data, pipeline, context, tensor), all of type Auto (GSPMD propagation).
 
     Args:
         spec: the axis sizes; a -1 is filled from the number of devices.
@@ -217,6 +220,9 @@ def describe(mesh: jax.sharding.Mesh) -> str:
     lines += [f"  {g}" for g in groups(mesh, TENSOR)]
     lines += ["", "pipeline stages (devices holding each stage's layers):"]
     lines += [f"  stage {s}: {holding(PIPELINE, s)}" for s in range(spec.pipeline)]
+    if spec.context > 1:
+        lines += ["", f"context groups (devices sharing one sequence), {spec.context} devices each:"]
+        lines += [f"  {g}" for g in groups(mesh, CONTEXT)]
     lines += ["", "data replicas (devices holding one whole copy of the model):"]
     lines += [f"  replica {r}: {holding(DATA, r)}" for r in range(spec.data)]
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -29,6 +30,7 @@ from jaxpar.config import Config, validate_for_mesh, validate_model_for_mesh
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import MeshSpec, mesh_spec_of
 from jaxpar.model import attention
+from jaxpar.model.context import sequence_order
 from jaxpar.model.layout import StageLayout
 from jaxpar.model.llama import (
     BlockWeights,
@@ -169,8 +171,22 @@ class Placement:
 
     # -- the forward pass --------------------------------------------------------------------
 
+    def sequence_order(self, seq: int) -> np.ndarray | None:
+        """The order a sequence of `seq` tokens is stored in when it is split over `context`
+        (`jaxpar.model.context.sequence_order`); None when it is not split."""
+        if self.spec.context == 1:
+            return None
+        return sequence_order(seq, self.spec.context, self.config.model.context_load_balance)
+
     def logits(self, params: nnx.State, tokens_BT: jax.Array) -> jax.Array:
-        """float32 logits (B, T, V) through the pipeline executor, as the train step runs them.
+        """float32 logits (B, T, V) through the pipeline executor, as the train step runs them."""
+        order = self.sequence_order(tokens_BT.shape[1])
+        if order is None:
+            return self._logits(params, tokens_BT)
+        return self._logits(params, tokens_BT[:, order])[:, np.argsort(order)]
+
+    def _logits(self, params: nnx.State, tokens_BT: jax.Array) -> jax.Array:
+        """The logits of tokens in their stored order (see `sequence_order`).
 
         The blocks' fused weights are derived once here, for every tick and layer; they stay in
         float32 and each matmul casts its weight to the compute dtype, so that the gradients the
@@ -202,8 +218,11 @@ class Placement:
         the hand-written per-tick backward and nothing else. Without differentiation (eval) it
         runs the forward ticks alone."""
         inputs_BT, targets_BT = tokens_BT[:, :-1], tokens_BT[:, 1:]
+        order = self.sequence_order(inputs_BT.shape[1])
+        if order is not None:  # the mean over tokens does not depend on their order
+            inputs_BT, targets_BT = inputs_BT[:, order], targets_BT[:, order]
         if not self.schedule.hand_backward:
-            return cross_entropy(self.logits(params, inputs_BT), targets_BT)
+            return cross_entropy(self._logits(params, inputs_BT), targets_BT)
         model = nnx.merge(self.graphdef, params)
         stack_loss = self._stack_loss(model)
         total = stack_loss(model.blocks.weights(jnp.float32), model.top(), inputs_BT, targets_BT)

@@ -7,7 +7,9 @@ lands. Parameters and activations use different names for the model dimension (`
 `batch` there. Likewise two batch names: `batch` inside the layer stack, where `pipeline` is a
 manual axis of the pipeline's shard_map, and `outer_batch` for the embedding, LM head and loss,
 which run outside the pipeline with the batch split over `data` and `pipeline` together (no stage
-repeats that work).
+repeats that work). On a mesh with a `context` axis the activations' `sequence` is split over it:
+everything but attention is per token, and attention itself (`jaxpar.model.context`) moves keys
+and values between the sequence's pieces.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from jaxpar.errors import JaxparError
-from jaxpar.mesh import AXES, DATA, PIPELINE, TENSOR, MeshSpec
+from jaxpar.mesh import AXES, CONTEXT, DATA, PIPELINE, TENSOR, MeshSpec
 
 if TYPE_CHECKING:
     import jax
@@ -35,7 +37,7 @@ NORM = "norm"
 # Activation axes.
 BATCH = "batch"
 OUTER_BATCH = "outer_batch"
-SEQ = "seq"
+SEQ = "sequence"  # the sequence dimension of activations: split over `context`
 ACT_EMBED = "act_embed"
 ACT_HEADS = "act_heads"
 ACT_KV_HEADS = "act_kv_heads"
@@ -153,7 +155,9 @@ def _rules(name: str, **mapping: MeshAxes) -> Rules:
     return Rules(name, tuple(mapping.items()))
 
 
-_DATA = {STAGE: PIPELINE, BATCH: DATA, OUTER_BATCH: (DATA, PIPELINE)}
+# Parameters are never split over `context`: only activations' `sequence` is, so a checkpoint
+# does not depend on it, and the weights' gradients are summed over it as over `data`.
+_DATA = {STAGE: PIPELINE, BATCH: DATA, OUTER_BATCH: (DATA, PIPELINE), SEQ: CONTEXT}
 _MEGATRON = {
     HEADS: TENSOR, KV_HEADS: TENSOR, MLP: TENSOR, VOCAB: TENSOR,
     ACT_HEADS: TENSOR, ACT_KV_HEADS: TENSOR, ACT_MLP: TENSOR, ACT_VOCAB: TENSOR,

@@ -259,9 +259,9 @@ def _cfg(*overrides: str) -> Config:
 
 
 def test_validate_for_mesh_accepts_the_defaults():
-    validate_for_mesh(Config(), MeshSpec(2, 1, 4))
-    validate_for_mesh(Config(), MeshSpec(8, 1, 1))
-    validate_for_mesh(Config(), MeshSpec(4, 1, 2))
+    validate_for_mesh(Config(), MeshSpec(data=2, pipeline=1, tensor=4))
+    validate_for_mesh(Config(), MeshSpec(data=8, pipeline=1, tensor=1))
+    validate_for_mesh(Config(), MeshSpec(data=4, pipeline=1, tensor=2))
 
 
 @pytest.mark.parametrize(
@@ -279,44 +279,44 @@ def test_validate_for_mesh_accepts_the_defaults():
 def test_validate_for_mesh_tensor_divisibility(overrides, fragment):
     config = _cfg(*overrides)
     with pytest.raises(JaxparError) as e:
-        validate_for_mesh(config, MeshSpec(2, 1, 4))
+        validate_for_mesh(config, MeshSpec(data=2, pipeline=1, tensor=4))
     assert fragment in str(e.value)
 
 
 def test_validate_for_mesh_suggests_divisors():
     with pytest.raises(JaxparError) as e:
-        validate_for_mesh(_cfg("model.mlp_dim=30"), MeshSpec(2, 1, 4))
+        validate_for_mesh(_cfg("model.mlp_dim=30"), MeshSpec(data=2, pipeline=1, tensor=4))
     assert "(1, 2, 3, 5, 6, 10, 15, 30)" in str(e.value)
 
 
 def test_validate_for_mesh_batch_not_divisible_by_data():
     with pytest.raises(JaxparError) as e:
-        validate_for_mesh(_cfg("train.batch_size=3"), MeshSpec(2, 1, 4))
+        validate_for_mesh(_cfg("train.batch_size=3"), MeshSpec(data=2, pipeline=1, tensor=4))
     assert "train.batch_size=3 is not divisible by data=2" in str(e.value)
 
 
 def test_validate_for_mesh_fsdp_needs_dim_divisible_by_data():
     config = _cfg("parallel.fsdp=true", "model.dim=48", "model.heads=4", "model.kv_heads=4")
-    validate_for_mesh(config, MeshSpec(4, 1, 2))  # 48 % 4 == 0: fine
+    validate_for_mesh(config, MeshSpec(data=4, pipeline=1, tensor=2))  # 48 % 4 == 0: fine
     # the default batch 16 is not divisible by 5; use one that is, so only FSDP is at fault
     config = config.replace(**{"train.batch_size": 10})
     with pytest.raises(JaxparError) as e:
-        validate_for_mesh(config, MeshSpec(5, 1, 1))
+        validate_for_mesh(config, MeshSpec(data=5, pipeline=1, tensor=1))
     assert "model.dim=48 is not divisible by data=5" in str(e.value)
     assert "FSDP" in str(e.value)
     # without fsdp the same sizes are fine
-    validate_for_mesh(config.replace(**{"parallel.fsdp": False}), MeshSpec(5, 1, 1))
+    validate_for_mesh(config.replace(**{"parallel.fsdp": False}), MeshSpec(data=5, pipeline=1, tensor=1))
 
 
 def test_validate_for_mesh_accepts_pipelines_and_checks_their_sizes():
-    validate_for_mesh(Config(), MeshSpec(2, 2, 2))
+    validate_for_mesh(Config(), MeshSpec(data=2, pipeline=2, tensor=2))
     deep = Config().replace(**{"model.layers": 8, "pipeline.schedule": "circular",
                                "pipeline.repeats": 2, "pipeline.microbatches": 4})  # fmt: skip
-    validate_for_mesh(deep, MeshSpec(2, 2, 2))
+    validate_for_mesh(deep, MeshSpec(data=2, pipeline=2, tensor=2))
     with pytest.raises(JaxparError, match=r"fewer than pipeline stages x repeats = 4 x 2 = 8"):
-        validate_for_mesh(deep.replace(**{"model.layers": 6}), MeshSpec(1, 4, 2))
+        validate_for_mesh(deep.replace(**{"model.layers": 6}), MeshSpec(data=1, pipeline=4, tensor=2))
     with pytest.raises(JaxparError, match=r"is not divisible by pipeline stages = 4"):
-        validate_for_mesh(Config().replace(**{"train.batch_size": 6}), MeshSpec(1, 4, 2))
+        validate_for_mesh(Config().replace(**{"train.batch_size": 6}), MeshSpec(data=1, pipeline=4, tensor=2))
 
 
 # --- replace and YAML round-trip -----------------------------------------------------------------

@@ -26,7 +26,7 @@ HARMLESS_FLAG = "--xla_cpu_use_thunk_runtime=true"
 
 def test_parse_full_spec():
     spec = parse_mesh("data=2,pipeline=2,tensor=2")
-    assert spec == MeshSpec(2, 2, 2)
+    assert spec == MeshSpec(data=2, pipeline=2, tensor=2)
     assert spec.sizes == (2, 2, 2)
     assert spec.is_resolved and spec.size == 8
 
@@ -55,7 +55,7 @@ def test_spaces_and_empty_parts_tolerated():
 
 def test_str_is_the_full_spec():
     assert str(parse_mesh("tensor=4,data=2")) == "data=2,pipeline=1,tensor=4"
-    assert parse_mesh(str(MeshSpec(2, 2, 2))) == MeshSpec(2, 2, 2)
+    assert parse_mesh(str(MeshSpec(data=2, pipeline=2, tensor=2))) == MeshSpec(data=2, pipeline=2, tensor=2)
 
 
 def test_minus_one_is_filled_by_resolve():
@@ -63,14 +63,14 @@ def test_minus_one_is_filled_by_resolve():
     assert spec.sizes == (-1, 1, 4)
     assert not spec.is_resolved
     resolved = spec.resolve(8)
-    assert resolved == MeshSpec(2, 1, 4)
+    assert resolved == MeshSpec(data=2, pipeline=1, tensor=4)
     assert resolved.is_resolved
-    assert parse_mesh("tensor=-1").resolve(8) == MeshSpec(1, 1, 8)
-    assert parse_mesh("data=2,pipeline=-1,tensor=2").resolve(8) == MeshSpec(2, 2, 2)
+    assert parse_mesh("tensor=-1").resolve(8) == MeshSpec(data=1, pipeline=1, tensor=8)
+    assert parse_mesh("data=2,pipeline=-1,tensor=2").resolve(8) == MeshSpec(data=2, pipeline=2, tensor=2)
 
 
 def test_resolve_of_resolved_spec_checks_the_count():
-    spec = MeshSpec(2, 1, 4)
+    spec = MeshSpec(data=2, pipeline=1, tensor=4)
     assert spec.resolve(8) is spec
 
 
@@ -257,12 +257,12 @@ def test_simulate_devices_looks_at_the_last_occurrence(jax_not_started):
 
 def test_prepare_rejects_non_positive_devices():
     with pytest.raises(JaxparError, match=r"--devices must be a positive integer, got 0"):
-        mesh_mod.prepare(MeshSpec(1, 1, 8), 0)
+        mesh_mod.prepare(MeshSpec(data=1, pipeline=1, tensor=8), 0)
 
 
 def test_prepare_in_running_process():
-    assert mesh_mod.prepare(parse_mesh("data=2,tensor=4")) == MeshSpec(2, 1, 4)
-    assert mesh_mod.prepare(parse_mesh("tensor=-1")) == MeshSpec(1, 1, 8)
+    assert mesh_mod.prepare(parse_mesh("data=2,tensor=4")) == MeshSpec(data=2, pipeline=1, tensor=4)
+    assert mesh_mod.prepare(parse_mesh("tensor=-1")) == MeshSpec(data=1, pipeline=1, tensor=8)
 
 
 def test_prepare_applies_the_runtime_settings_only_when_asked(monkeypatch):

@@ -40,7 +40,7 @@ def _brute_force(config, devices: int) -> set[Candidate]:
         for fsdp, name, mb, v, remat in itertools.product(
             (False, True), SCHEDULES, range(1, t.batch_size + 1), range(1, m.layers + 1), REMAT
         ):
-            c = Candidate(d, p, tp, fsdp, name, mb, v, remat)
+            c = Candidate(d, p, 1, tp, fsdp, name, mb, v, remat)
             try:
                 check(config, c)
             except (JaxparError, ScheduleError):

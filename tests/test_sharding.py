@@ -149,10 +149,10 @@ def test_rules_validate_their_mapping():
      (1, 8, False, "megatron"), (4, 2, True, "fsdp"), (8, 1, True, "fsdp")],
 )  # fmt: skip
 def test_preset_choice(data, tensor, fsdp, name):
-    assert S.rules_for(MeshSpec(data, 1, tensor), fsdp).name == name
+    assert S.rules_for(MeshSpec(data=data, pipeline=1, tensor=tensor), fsdp).name == name
     if name != "replicated":
-        assert S.rules_for(MeshSpec(data, 2, tensor), fsdp).name == name
-    assert S.rules_for(MeshSpec(1, 4, 1), False).name == "data-parallel"
+        assert S.rules_for(MeshSpec(data=data, pipeline=2, tensor=tensor), fsdp).name == name
+    assert S.rules_for(MeshSpec(data=1, pipeline=4, tensor=1), False).name == "data-parallel"
 
 
 def test_pipeline_stage_axis_lands_on_pipeline():

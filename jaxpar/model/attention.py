@@ -20,6 +20,12 @@ Masks come from positions: query t sees key s when `k_positions[s] <= q_position
 causal attention in training and prefill (keys are the queries' own positions) and, in decode, the
 cached positions written so far. Positions None mean 0, 1, 2, ... in every row, which lets cuDNN use
 its causal kernel instead of a mask.
+
+Blocked attention (`model.attention_block`): on the XLA path a sequence longer than the block is
+attended one block of queries at a time (`Partial`s, merged as a flash kernel merges them), each
+block of a causal call reading only the keys at or before its own, and each recomputed in the
+backward pass rather than kept: no (T, S) score matrix is ever whole. The same pieces merge the
+blocks of ring attention over the `context` axis (`jaxpar.model.context`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import math
 import sys
 from collections.abc import Callable
 from functools import cache
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +51,7 @@ def attend(
     q_positions_BT: jax.Array | None = None,
     k_positions_BS: jax.Array | None = None,
     impl: str = "xla",
+    block: int = 0,
 ) -> jax.Array:
     """Grouped-query attention of `q` over `k` and `v` (N a multiple of K), masked by position.
 
@@ -51,6 +59,8 @@ def attend(
         q_positions_BT, k_positions_BS: the positions of queries and keys; both None means
             0..T-1 and 0..S-1 in every row (T == S: plain causal attention).
         impl: one of `IMPLS` (see `resolve`).
+        block: on the XLA path, attend `block` queries at a time when T is a longer multiple of
+            it (see `blocked`); 0: all at once.
 
     Returns:
         (B, T, N, H) in the queries' dtype.
@@ -61,6 +71,12 @@ def attend(
         q_positions_BT = jnp.broadcast_to(jnp.arange(t), q_BTNH.shape[:2])
     if k_positions_BS is None:
         k_positions_BS = jnp.broadcast_to(jnp.arange(s), k_BSKH.shape[:2])
+    if impl == "xla" and 0 < block < t and t % block == 0:
+        grouped = blocked(
+            group(q_BTNH, k_BSKH.shape[2]), k_BSKH, v_BSKH, q_positions_BT, k_positions_BS,
+            causal=causal and t == s, block=block,
+        )  # fmt: skip
+        return finish(grouped, q_BTNH.dtype)
     mask_BTS = k_positions_BS[:, None, :] <= q_positions_BT[:, :, None]
     if impl == "xla":
         return _xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
@@ -74,6 +90,126 @@ def attend(
             q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], implementation="xla"
         )
     raise ValueError(f"attention implementation {impl!r} is not one of {', '.join(IMPLS)}")
+
+
+class Partial(NamedTuple):
+    """Attention of some queries over a part of their keys, to be merged with the other parts'
+    (`merge`) before `finish` normalises it: a flash kernel's running state, in float32.
+
+    Attributes:
+        out_BTKGH: the unnormalised output, sum over this part's keys of exp(score - top) v.
+        top_BKGT: the largest score over this part's keys (the float32 minimum where none is
+            visible).
+        total_BKGT: the sum over this part's keys of exp(score - top) (0 where none is visible).
+    """
+
+    out_BTKGH: jax.Array
+    top_BKGT: jax.Array
+    total_BKGT: jax.Array
+
+    @property
+    def logsumexp_BKGT(self) -> jax.Array:
+        return self.top_BKGT + jnp.log(self.total_BKGT)
+
+
+LOWEST = float(jnp.finfo(jnp.float32).min)
+
+
+def group(q_BTNH: jax.Array, kv_heads: int) -> jax.Array:
+    """(B, T, N, H) -> (B, T, K, G, H): each query head under its kv head (n // G)."""
+    b, t, n, h = q_BTNH.shape
+    return q_BTNH.reshape(b, t, kv_heads, n // kv_heads, h)
+
+
+def scores(q_BTKGH: jax.Array, k_BSKH: jax.Array, mask_TS: jax.Array) -> jax.Array:
+    """float32 scores (B, K, G, T, S) scaled by 1 / sqrt(H), the float32 minimum where masked."""
+    s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH).astype(jnp.float32)
+    s_BKGTS = s_BKGTS / math.sqrt(q_BTKGH.shape[-1])
+    return jnp.where(mask_TS, s_BKGTS, LOWEST)
+
+
+def visible(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+    """Which keys each query sees: (T,) and (S,) positions give (T, S); (B, T) and (B, S) give
+    (B, 1, 1, T, S), broadcastable against scores."""
+    mask = k_positions[..., None, :] <= q_positions[..., :, None]
+    return mask if mask.ndim == 2 else mask[:, None, None]
+
+
+def partial(
+    q_BTKGH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_TS: jax.Array
+) -> Partial:
+    """The `Partial` of grouped queries over one part of the keys (`mask_TS`: which they see)."""
+    s_BKGTS = scores(q_BTKGH, k_BSKH, mask_TS)
+    top_BKGT = s_BKGTS.max(-1)
+    p_BKGTS = jnp.where(mask_TS, jnp.exp(s_BKGTS - top_BKGT[..., None]), 0.0)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS.astype(v_BSKH.dtype), v_BSKH)
+    return Partial(out_BTKGH.astype(jnp.float32), top_BKGT, p_BKGTS.sum(-1))
+
+
+def merge(a: Partial, b: Partial) -> Partial:
+    """The `Partial` over both parts' keys."""
+    top_BKGT = jnp.maximum(a.top_BKGT, b.top_BKGT)
+    scale_a, scale_b = jnp.exp(a.top_BKGT - top_BKGT), jnp.exp(b.top_BKGT - top_BKGT)
+    row = lambda x: jnp.moveaxis(x, 3, 1)[..., None]  # noqa: E731  (B, K, G, T) -> (B, T, K, G, 1)
+    return Partial(
+        a.out_BTKGH * row(scale_a) + b.out_BTKGH * row(scale_b),
+        top_BKGT,
+        a.total_BKGT * scale_a + b.total_BKGT * scale_b,
+    )
+
+
+def empty(q_BTKGH: jax.Array) -> Partial:
+    """The `Partial` over no keys."""
+    b, t, k, g, _ = q_BTKGH.shape
+    stats = jnp.zeros((b, k, g, t), jnp.float32)
+    return Partial(jnp.zeros(q_BTKGH.shape, jnp.float32), stats + LOWEST, stats)
+
+
+def finish(p: Partial, dtype: jnp.dtype) -> jax.Array:
+    """The normalised output (B, T, N, H) in `dtype`."""
+    b, t, k, g, h = p.out_BTKGH.shape
+    out_BTKGH = p.out_BTKGH / jnp.moveaxis(p.total_BKGT, 3, 1)[..., None]
+    return out_BTKGH.astype(dtype).reshape(b, t, k * g, h)
+
+
+def blocked(
+    q_BTKGH: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    *,
+    causal: bool,
+    block: int,
+) -> Partial:
+    """The `Partial` of queries over keys, `block` queries at a time (all at once when `block`
+    is 0 or does not divide T into several blocks).
+
+    Each block's scores exist only while it is computed, and the backward pass recomputes them
+    (a checkpoint per block). With `causal`, keys and queries are the same contiguous run of
+    positions in order, so query block a reads keys [0, (a + 1) * block) alone: blocks entirely
+    above the diagonal cost nothing. Masks still come from the positions, (T,) and (S,) or
+    (B, T) and (B, S).
+    """
+    t = q_BTKGH.shape[1]
+    if not 0 < block < t or t % block:
+        return partial(q_BTKGH, k_BSKH, v_BSKH, visible(q_positions, k_positions))
+
+    @jax.checkpoint
+    def one(q_BtKGH, k_BsKH, v_BsKH, q_pos, k_pos) -> Partial:
+        return partial(q_BtKGH, k_BsKH, v_BsKH, visible(q_pos, k_pos))
+
+    parts = []
+    for a in range(t // block):
+        rows = slice(a * block, (a + 1) * block)
+        keys = slice(0, (a + 1) * block if causal else k_BSKH.shape[1])
+        parts.append(one(q_BTKGH[:, rows], k_BSKH[:, keys], v_BSKH[:, keys],
+                         q_positions[..., rows], k_positions[..., keys]))  # fmt: skip
+    return Partial(
+        jnp.concatenate([p.out_BTKGH for p in parts], axis=1),
+        *(jnp.concatenate([getattr(p, f) for p in parts], axis=3)
+          for f in ("top_BKGT", "total_BKGT")),
+    )  # fmt: skip
 
 
 def attend_cached(

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxpar.config import ModelConfig
+from jaxpar.model import context
 from jaxpar.model.attention import attend, attend_cached
 from jaxpar.model.layout import StageLayout
 from jaxpar.model.remat import ATTENTION
@@ -208,14 +209,22 @@ class Attention(nnx.Module):
         q_BTNH = qkv_BTKCH[:, :, :, :g].reshape(b, t, cfg.heads, h)
         k_BTKH, v_BTKH = qkv_BTKCH[:, :, :, g], qkv_BTKCH[:, :, :, g + 1]
         rope_positions_BT = positions_BT
-        if rope_positions_BT is None:
-            rope_positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
+        if rope_positions_BT is None:  # this piece's share of 0..T-1 (all of it but on `context`)
+            rope_positions_BT = jnp.broadcast_to(
+                context.positions(t, cfg.context_load_balance), (b, t)
+            )
         q_BTNH = rope(q_BTNH, rope_positions_BT, cfg.rope_theta)
         k_BTKH = rope(k_BTKH, rope_positions_BT, cfg.rope_theta)
         if cache is not None and positions_BT is not None:
             out_BTNH = attend_cached(q_BTNH, k_BTKH, v_BTKH, positions_BT, cache.k, cache.v)
+        elif positions_BT is None and context.pieces() > 1:  # the sequence split over `context`
+            out_BTNH = context.attend(
+                q_BTNH, k_BTKH, v_BTKH, strategy=cfg.context_attention,
+                balanced=cfg.context_load_balance, block=cfg.attention_block,
+            )  # fmt: skip
         else:  # nothing cached before this call: plain (causal) attention on its own keys
-            out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, positions_BT, self.impl)
+            out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, positions_BT, self.impl,
+                              cfg.attention_block)  # fmt: skip
         out_BTNH = checkpoint_name(out_BTNH, ATTENTION)  # what remat may keep
         out_BTD = project("wo_NHD", "BTNH,NHD->BTD", out_BTNH, w.wo_NHD.astype(dtype))
         new = None if cache is None else KVCache(k_BTKH.astype(cache.k.dtype),

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from jaxpar.mesh import DATA, PIPELINE
+from jaxpar.mesh import CONTEXT, DATA, PIPELINE
 from jaxpar.model.layout import StageLayout
 from jaxpar.model.remat import checkpointed
 from jaxpar.model.taps import einsum, tapped, weight_grad
@@ -41,6 +41,7 @@ from jaxpar.pipeline.program import (
     from_last_stage,
     gather_stages,
     read,
+    replica_axes,
     write,
 )
 from jaxpar.pipeline.schedule import Schedule
@@ -126,12 +127,13 @@ def weight_grads(
 def stage_weights(program: StageProgram, weights_1X: Any) -> Any:
     """This stage's v * c slots of the stack's weights [1, v * c, ...], inside the program.
 
-    With `data` manual the weights are the same on every replica: marking them as varying over
-    `data` here, once, puts the gradient's sum over replicas (the transpose of this cast) here
-    too, instead of at every use inside the tick loop."""
+    With `data` (or `context`) manual the weights are the same on every replica (and piece of
+    the sequence): marking them as varying over those axes here, once, puts the gradient's sum
+    (the transpose of this cast) here too, instead of at every use inside the tick loop."""
     weights_X = jax.tree.map(lambda a: a[0], weights_1X)
-    if DATA in program.manual:
-        weights_X = jax.tree.map(lambda a: jax.lax.pcast(a, (DATA,), to="varying"), weights_X)
+    replicas = replica_axes(program.manual)
+    if replicas:
+        weights_X = jax.tree.map(lambda a: jax.lax.pcast(a, replicas, to="varying"), weights_X)
     return weights_X
 
 
@@ -174,14 +176,14 @@ def run_pipeline(
         valid_PVC = jnp.asarray(layout.valid)
         weights_X = stage_weights(program, weights_1X)
         x_RPQTD = gather_stages(x_R1QTD) if p > 1 else x_R1QTD
-        r_here = x_RPQTD.shape[0]  # 1 when `data` is manual, else all replicas
-        x_MbTD = program.split(x_RPQTD.reshape(r_here, p * q, t, d))
+        r_here, t_here = x_RPQTD.shape[0], x_RPQTD.shape[3]  # replicas, positions held here
+        x_MbTD = program.split(x_RPQTD.reshape(r_here, p * q, t_here, d))
 
         def run(repeat, micro, active, h_bTD, state):
             return chunk(weights_X, repeat, valid_PVC[stage, repeat], h_bTD), state
 
         y_MbTD, _ = program.forward(run, x_MbTD)
-        y_RPQTD = program.merge(y_MbTD, r_here).reshape(r_here, p, q, t, d)
+        y_RPQTD = program.merge(y_MbTD, r_here).reshape(r_here, p, q, t_here, d)
         if p == 1:
             return y_RPQTD
         # Only the last stage holds the outputs (zeros elsewhere): each stage takes its rows.
@@ -236,7 +238,7 @@ def run_train_program(
     def stages(weights_1X: Any, top: Any, tokens_R1QT: jax.Array, targets_R1QT: jax.Array):
         def micro_batches(rows_R1QT: jax.Array) -> jax.Array:
             rows = gather_stages(rows_R1QT) if p > 1 else rows_R1QT
-            return program.split(rows.reshape(rows.shape[0], p * q, t))
+            return program.split(rows.reshape(rows.shape[0], p * q, rows.shape[3]))
 
         tokens_MbT, targets_MbT = micro_batches(tokens_R1QT), micro_batches(targets_R1QT)
         stage = _TrainStage(program, layer, chunk, layout, embed, head, weights_1X, top)
@@ -279,6 +281,15 @@ class _TrainStage:
         self.valid_PVC = jnp.asarray(layout.valid)
         self.c = layout.chunk_size
         self.pullbacks: dict[str, Any] = {}
+
+    def slot(self, active: jax.Array, run: Callable, idle: Callable, *args: Any) -> Any:
+        """`run(*args)` where `active`, else `idle(*args)`: a `lax.cond`, so that an idle slot
+        costs nothing, except where the layers hold collectives over `context` (ring or gathered
+        attention): those never run inside a per-device branch, so the slot runs on every stage
+        and its result is selected."""
+        if CONTEXT not in self.program.manual:
+            return jax.lax.cond(active, run, idle, *args)
+        return jax.tree.map(lambda a, b: jnp.where(active, a, b), run(*args), idle(*args))
 
     def vary(self, tree: Any) -> Any:
         return jax.tree.map(lambda a: a + self.zero.astype(a.dtype), tree)
@@ -329,7 +340,7 @@ class _TrainStage:
             return self.vary(self.forward(h_bTD, f_repeat))
 
         idle = lambda _: self.zeros((self.x_shape, self.kept_shapes))  # noqa: E731
-        y_bTD, kept = jax.lax.cond(at["f_chunk"] >= 0, run_f, idle, incoming_bTD)
+        y_bTD, kept = self.slot(at["f_chunk"] >= 0, run_f, idle, incoming_bTD)
         return y_bTD, (write(stash, at["f_stash"], kept), *rest)
 
     def head_slot(self, at: Row, y_bTD: jax.Array, state: tuple) -> tuple[jax.Array, tuple]:
@@ -364,7 +375,7 @@ class _TrainStage:
             return self.vary((dx_bTD, d_w, d_taps, d_top_e))
 
         idle = lambda: self.zeros((self.x_shape, self.weights_X, self.taps, self.top))  # noqa: E731
-        dx_bTD, d_w, d_taps, d_top_e = jax.lax.cond(at["b_chunk"] >= 0, run_b, idle)
+        dx_bTD, d_w, d_taps, d_top_e = self.slot(at["b_chunk"] >= 0, run_b, idle)
         if self.schedule.split:  # d_w is zero: the W slot computes it from the taps' cotangents
             wstash = write(wstash, at["b_wstash"], d_taps)
             held = read(wstash, at["w_stash"])
@@ -402,6 +413,7 @@ class _TrainStage:
         act, ct = self.ring("act", self.x_shape), self.ring("ct", self.x_shape)
         _, _, d_weights, d_top, loss = self.program.ticks(slots, state, act, ct)
         loss, d_top = jax.lax.psum((loss, d_top), tuple(sorted(self.program.manual)))
-        if DATA in self.program.manual:
-            d_weights = jax.lax.psum(d_weights, DATA)
+        replicas = replica_axes(self.program.manual)
+        if replicas:
+            d_weights = jax.lax.psum(d_weights, replicas)
         return loss, d_weights, d_top

@@ -26,25 +26,39 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxpar.mesh import DATA, PIPELINE
+from jaxpar.mesh import CONTEXT, DATA, PIPELINE
 from jaxpar.pipeline.schedule import Schedule
 
 Row = dict[str, jax.Array]  # one tick's routes on this stage: f_micro, f_src, b_chunk, ...
 
 
-def manual_axes(data: int, fsdp: bool) -> frozenset[str]:
-    """The mesh axes a stage program handles by hand: `pipeline`, and `data` unless the weights
+def manual_axes(data: int, fsdp: bool, context: int = 1) -> frozenset[str]:
+    """The mesh axes a stage program handles by hand: `pipeline`; `data` unless the weights
     are split over it (FSDP: XLA gathers them per tick, `data` must stay automatic) or it has one
-    replica (XLA rejects the replica sum of a size-1 manual axis; there is nothing to sum). With
-    `data` manual each replica runs its own rows, and the weights' gradients are summed over
-    replicas once, where the program ends, instead of once per tick."""
-    return frozenset({PIPELINE} if fsdp or data == 1 else {PIPELINE, DATA})
+    replica (XLA rejects the replica sum of a size-1 manual axis; there is nothing to sum); and
+    `context` when the sequence is split over it, so that attention passes keys between the
+    pieces by hand (`jaxpar.model.context`). With `data` manual each replica runs its own rows,
+    and the weights' gradients are summed over replicas (and pieces) once, where the program
+    ends, instead of once per tick."""
+    axes = {PIPELINE} if fsdp or data == 1 else {PIPELINE, DATA}
+    return frozenset(axes | ({CONTEXT} if context > 1 else set()))
+
+
+def replica_axes(manual: frozenset[str]) -> tuple[str, ...]:
+    """The manual axes the weights are the same along (`data`, `context`): what their gradients
+    are summed over."""
+    return tuple(a for a in (DATA, CONTEXT) if a in manual)
 
 
 def batch_axis(manual: frozenset[str]) -> str | None:
     """The mesh axis rows are split over inside a program manual over `manual` (None: every row
     is on every device)."""
     return DATA if DATA in manual else None
+
+
+def sequence_axis(manual: frozenset[str]) -> str | None:
+    """The mesh axis the sequence is split over inside the program (None: all of it here)."""
+    return CONTEXT if CONTEXT in manual else None
 
 
 def microbatch_count(rows: int, stages: int) -> int:
@@ -137,7 +151,7 @@ class StageProgram:
 
     @cached_property
     def manual(self) -> frozenset[str]:
-        return manual_axes(self.mesh.shape[DATA], self.fsdp)
+        return manual_axes(self.mesh.shape[DATA], self.fsdp, self.mesh.shape[CONTEXT])
 
     @property
     def batch_axis(self) -> str | None:
@@ -145,13 +159,13 @@ class StageProgram:
         return batch_axis(self.manual)
 
     def rows_spec(self, *, over_stages: bool) -> PartitionSpec:
-        """Rows [R, P, ...] split over replicas and stages (`over_stages`), or [B, ...] over
-        replicas alone (the same on every stage)."""
-        return (
-            PartitionSpec(self.batch_axis, PIPELINE)
-            if over_stages
-            else PartitionSpec(self.batch_axis)
-        )
+        """Rows [R, P, Q, T, ...] split over replicas and stages (`over_stages`), or [B, T, ...]
+        over replicas alone (the same on every stage); T over `context` where it is manual."""
+        split = (self.batch_axis, PIPELINE) if over_stages else (self.batch_axis,)
+        seq = sequence_axis(self.manual)
+        if seq is None:
+            return PartitionSpec(*split)
+        return PartitionSpec(*split, *[None] * (len(split) - 1), seq)
 
     def __call__(self, body: Callable, in_specs: Any, out_specs: Any) -> Callable:
         """`body` as the program's `jax.shard_map`."""

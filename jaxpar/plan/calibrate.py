@@ -150,7 +150,7 @@ def calibrate(name: str, progress: Callable[[str], None] = lambda line: None) ->
     progress(f"reference step: {one * 1e3:,.1f} ms with 1 micro-batch, {four * 1e3:,.1f} ms with "
              f"4: {layer_overhead_us:,.1f} us per layer pass")  # fmt: skip
     step_dtype = compute_dtype("auto").name
-    candidate = Candidate(n, 1, 1, False, "gpipe", 1, 1, "none")
+    candidate = Candidate(n, 1, 1, 1, False, "gpipe", 1, 1, "none")
     spec = candidate.spec
     flops = stack_flops(config, candidate)[0] + outer_flops(config, spec)
     traffic = predict_traffic(config, spec, 4 if step_dtype == "float32" else 2)

@@ -29,6 +29,7 @@ from jaxpar.schedule_rules import SCHEDULE_RULES
 class Candidate:
     data: int
     pipeline: int
+    context: int
     tensor: int
     fsdp: bool
     schedule: str
@@ -38,7 +39,7 @@ class Candidate:
 
     @property
     def spec(self) -> MeshSpec:
-        return MeshSpec(self.data, self.pipeline, self.tensor)
+        return MeshSpec(self.data, self.pipeline, self.context, self.tensor)
 
     @property
     def mesh(self) -> str:
@@ -89,7 +90,7 @@ def factorisations(devices: int) -> list[MeshSpec]:
     """Every (data, pipeline, tensor) whose product is `devices`, most data-parallel first."""
     divisors = [d for d in range(devices, 0, -1) if devices % d == 0]
     return [
-        MeshSpec(d, p, devices // (d * p))
+        MeshSpec(data=d, pipeline=p, tensor=devices // (d * p))
         for d in divisors
         for p in sorted(x for x in divisors if (devices // d) % x == 0)
     ]
@@ -168,9 +169,9 @@ def why_no_layout(config: Config, devices: int) -> str:
         return True
 
     sizes = _divisors(devices)
-    tensor = [d for d in sizes if fits(MeshSpec(1, 1, d))]
-    data = [d for d in sizes if fits(MeshSpec(d, 1, 1))]
-    pipeline = [d for d in sizes if fits(MeshSpec(1, d, 1))]
+    tensor = [d for d in sizes if fits(MeshSpec(data=1, pipeline=1, tensor=d))]
+    data = [d for d in sizes if fits(MeshSpec(data=d, pipeline=1, tensor=1))]
+    pipeline = [d for d in sizes if fits(MeshSpec(data=1, pipeline=d, tensor=1))]
     return (
         f"no layout of {devices} devices runs this model: tensor must divide model.heads="
         f"{m.heads}, kv_heads={m.kv_heads}, mlp_dim={m.mlp_dim} and vocab={m.vocab} (of the "

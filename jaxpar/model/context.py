@@ -1,0 +1,280 @@
+"""Attention over a sequence split across the `context` mesh axis (long context).
+
+Dimension key: B batch, T the sequence here (this device's piece), S keys, N query heads, K kv
+heads, G = N / K, H head dim, C pieces (the `context` axis's size), c = T / 2 positions per chunk.
+
+Inside a stage program that is manual over `context` (`jaxpar.pipeline.program.manual_axes`),
+every device holds T = (sequence) / C positions of each row; everything but attention is per token
+and runs on its piece alone. `attend` moves keys and values between the pieces:
+
+    ring        keys and values travel round the `context` ring by `ppermute`, C - 1 hops, each
+                block of them merged into the queries' running softmax (`attention.Partial`) in
+                float32. A `jax.custom_vjp` whose backward runs the ring again, carrying the keys'
+                and values' gradients with them, and hands each piece's gradients home with one
+                last hop: what a device keeps is O(T), never the whole sequence.
+    all_gather  each device gathers the keys and values of the whole sequence and attends its own
+                queries to them (MaxText's default, Megatron's `all_gather`); the gather is
+                recomputed in the backward pass, so one layer's full keys exist at a time. Its
+                transpose, a reduce-scatter, sums the keys' gradients back to their pieces.
+
+Causal load balancing (`model.context_load_balance`, on by default): the sequence is cut into 2C
+chunks and piece i holds chunks i and 2C - 1 - i (`sequence_order`), so every device has the same
+attention work; the tokens are put in that order before the embedding (`jaxpar.placement`), and
+positions (for RoPE and the masks) follow it. Each piece is two halves of c positions (with
+balancing, its two chunks). At hop h, device i holds the keys of piece j = i - h (mod C), and the
+ring computes only the (query half, key half) blocks that have visible keys (`_blocks`):
+
+    hop 0        (0, 0) causal, (1, 0) whole, (1, 1) causal; (0, 1) is above the diagonal.
+    balanced     (1, 0) whole, and (s, s) whole with s = 0 when j < i, else 1: two blocks a hop.
+    unbalanced   all four blocks, masked: device i's keys from j > i are all hidden, but in
+                 lockstep every device computes what the busiest one does (the imbalance
+                 `analysis` shows).
+
+So with balancing every device computes 3 + 2 (C - 1) blocks of c x c, the causal ones blocked
+again within the device (`model.attention_block`), where the whole sequence on one device computes
+C (2C + 1) of them: 1/C of it each.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from functools import cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpar.config import CONTEXT_ATTENTION as STRATEGIES
+from jaxpar.mesh import CONTEXT
+from jaxpar.model.attention import (
+    Partial,
+    blocked,
+    empty,
+    finish,
+    group,
+    merge,
+    scores,
+    visible,
+)
+
+
+def sequence_order(seq: int, pieces: int, balanced: bool) -> np.ndarray:
+    """The positions of a sequence of `seq` tokens in the order they are stored, so that piece i
+    of `pieces` (a contiguous run of seq / pieces) holds its share: with `balanced`, chunks i and
+    2 * pieces - 1 - i of 2 * pieces; else the i-th run itself."""
+    if not balanced or pieces == 1:
+        return np.arange(seq)
+    chunks = np.arange(seq).reshape(2 * pieces, -1)
+    return np.concatenate([np.concatenate([chunks[i], chunks[-1 - i]]) for i in range(pieces)])
+
+
+def pieces() -> int:
+    """The number of sequence pieces here: the `context` axis's size inside a program manual over
+    it, else 1 (the whole sequence is here, or XLA moves it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or CONTEXT not in mesh.manual_axes:
+        return 1
+    return mesh.shape[CONTEXT]
+
+
+def _piece_positions(t: int, balanced: bool, piece: jax.Array | int | None = None) -> jax.Array:
+    """(T,) positions of piece `piece` (default: this device's) of a sequence of C * t."""
+    c = pieces()
+    order = sequence_order(t * c, c, balanced).reshape(c, t)
+    if c == 1:
+        return jnp.asarray(order[0])
+    piece = jax.lax.axis_index(CONTEXT) if piece is None else piece
+    return jnp.asarray(order, jnp.int32)[piece]
+
+
+def positions(t: int, balanced: bool) -> jax.Array:
+    """(T,) the positions of the T tokens here: 0..T-1 unless the sequence is split over
+    `context`, then this piece's share of it (`sequence_order`)."""
+    return _piece_positions(t, balanced)
+
+
+def attend(
+    q_BTNH: jax.Array,
+    k_BTKH: jax.Array,
+    v_BTKH: jax.Array,
+    *,
+    strategy: str,
+    balanced: bool,
+    block: int,
+) -> jax.Array:
+    """Causal attention of this piece's queries over the whole sequence's keys (see the module
+    docstring); call it inside a program manual over `context`.
+
+    Returns:
+        (B, T, N, H) in the queries' dtype.
+    """
+    if strategy == "ring":
+        return _ring(balanced, block)(q_BTNH, k_BTKH, v_BTKH)
+    if strategy == "all_gather":
+        return _gathered(q_BTNH, k_BTKH, v_BTKH, balanced, block)
+    raise ValueError(f"context attention {strategy!r} is not one of {', '.join(STRATEGIES)}")
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3, 4))
+def _gathered(q_BTNH, k_BTKH, v_BTKH, balanced: bool, block: int) -> jax.Array:
+    t = q_BTNH.shape[1]
+    k_BSKH = jax.lax.all_gather(k_BTKH, CONTEXT, axis=1, tiled=True)
+    v_BSKH = jax.lax.all_gather(v_BTKH, CONTEXT, axis=1, tiled=True)
+    k_positions = jnp.asarray(sequence_order(t * pieces(), pieces(), balanced))
+    grouped = blocked(
+        group(q_BTNH, k_BTKH.shape[2]), k_BSKH, v_BSKH, positions(t, balanced), k_positions,
+        causal=False, block=block,
+    )  # fmt: skip
+    return finish(grouped, q_BTNH.dtype)
+
+
+# -- ring attention ---------------------------------------------------------------------------
+
+Half = int | jax.Array  # 0 or 1, static, or traced where it differs between devices
+
+
+def _blocks(hop: int, balanced: bool) -> list[tuple[Half, Half, bool]]:
+    """The (query half, key half, causal) blocks computed at `hop` (see the module docstring)."""
+    if hop == 0:
+        return [(0, 0, True), (1, 0, False), (1, 1, True)]
+    if not balanced:
+        return [(0, 0, False), (0, 1, False), (1, 0, False), (1, 1, False)]
+    i = jax.lax.axis_index(CONTEXT)
+    j = (i - hop) % jax.lax.axis_size(CONTEXT)
+    s = (j > i).astype(jnp.int32)
+    return [(1, 0, False), (s, s, False)]
+
+
+def _halves(x_BTX: jax.Array) -> jax.Array:
+    """(B, T, ...) -> (2, B, c, ...)."""
+    b, t = x_BTX.shape[:2]
+    return jnp.moveaxis(x_BTX.reshape(b, 2, t // 2, *x_BTX.shape[2:]), 1, 0)
+
+
+def _whole(x_2BcX: jax.Array) -> jax.Array:
+    """The inverse of `_halves`."""
+    _, b, c = x_2BcX.shape[:3]
+    return jnp.moveaxis(x_2BcX, 0, 1).reshape(b, 2 * c, *x_2BcX.shape[3:])
+
+
+def _stat_halves(x_BKGT: jax.Array) -> jax.Array:
+    """(B, K, G, T) -> (2, B, K, G, c)."""
+    return jnp.moveaxis(x_BKGT.reshape(*x_BKGT.shape[:3], 2, -1), 3, 0)
+
+
+def _at(tree, half: Half):
+    return jax.tree.map(lambda a: a[half], tree)
+
+
+def _put(tree, half: Half, value):
+    return jax.tree.map(lambda a, x: a.at[half].set(x), tree, value)
+
+
+def _next(tree):
+    """`tree` from the previous device of the `context` ring (i - 1 -> i)."""
+    c = jax.lax.axis_size(CONTEXT)
+    return jax.lax.ppermute(tree, CONTEXT, [(i, (i + 1) % c) for i in range(c)])
+
+
+@cache
+def _ring(balanced: bool, block: int):
+    """Ring attention `(q_BTNH, k_BTKH, v_BTKH) -> out_BTNH` with its own backward."""
+
+    def hops(k_BTKH: jax.Array):
+        """(hop, the key halves' positions (2, c), the blocks) for each hop."""
+        t, c = k_BTKH.shape[1], jax.lax.axis_size(CONTEXT)
+        here = jax.lax.axis_index(CONTEXT)
+        for hop in range(c):
+            k_pos_2c = _piece_positions(t, balanced, (here - hop) % c).reshape(2, t // 2)
+            yield hop, k_pos_2c, _blocks(hop, balanced)
+
+    def forward(q_BTNH, k_BTKH, v_BTKH):
+        t, kv_heads = q_BTNH.shape[1], k_BTKH.shape[2]
+        q_2BcKGH = _halves(group(q_BTNH, kv_heads))
+        q_pos_2c = positions(t, balanced).reshape(2, t // 2)
+        acc = jax.tree.map(lambda *a: jnp.stack(a), *[empty(q_2BcKGH[0])] * 2)
+        kv = (_halves(k_BTKH), _halves(v_BTKH))
+        last = jax.lax.axis_size(CONTEXT) - 1
+        for hop, k_pos_2c, blocks in hops(k_BTKH):
+            for qh, kh, causal in blocks:
+                part = blocked(q_2BcKGH[qh], kv[0][kh], kv[1][kh], q_pos_2c[qh], k_pos_2c[kh],
+                               causal=causal, block=block)  # fmt: skip
+                acc = _put(acc, qh, merge(_at(acc, qh), part))
+            if hop < last:
+                kv = _next(kv)
+        whole = Partial(_whole(acc.out_BTKGH), *(
+            jnp.concatenate([a[0], a[1]], axis=-1) for a in (acc.top_BKGT, acc.total_BKGT)
+        ))  # fmt: skip
+        out_BTNH = finish(whole, q_BTNH.dtype)
+        return out_BTNH, (q_BTNH, k_BTKH, v_BTKH, out_BTNH, whole.logsumexp_BKGT)
+
+    def backward(residuals, dout_BTNH):
+        q_BTNH, k_BTKH, v_BTKH, out_BTNH, lse_BKGT = residuals
+        t, kv_heads = q_BTNH.shape[1], k_BTKH.shape[2]
+        q_2BcKGH = _halves(group(q_BTNH, kv_heads))
+        do_2BcKGH = _halves(group(dout_BTNH, kv_heads))
+        delta_BKGT = jnp.einsum(
+            "BTKGH,BTKGH->BKGT", group(dout_BTNH, kv_heads).astype(jnp.float32),
+            group(out_BTNH, kv_heads).astype(jnp.float32),
+        )  # fmt: skip
+        lse_2BKGc, delta_2BKGc = _stat_halves(lse_BKGT), _stat_halves(delta_BKGT)
+        q_pos_2c = positions(t, balanced).reshape(2, t // 2)
+        dq_2BcKGH = jnp.zeros(q_2BcKGH.shape, jnp.float32)
+        f32 = lambda a: jnp.zeros(a.shape, jnp.float32)  # noqa: E731
+        travel = (_halves(k_BTKH), _halves(v_BTKH), f32(_halves(k_BTKH)), f32(_halves(v_BTKH)))
+        last = jax.lax.axis_size(CONTEXT) - 1
+        for hop, k_pos_2c, blocks in hops(k_BTKH):
+            k_2, v_2, dk_2, dv_2 = travel
+            for qh, kh, causal in blocks:
+                dq, dk, dv = _block_grads(
+                    q_2BcKGH[qh], k_2[kh], v_2[kh], do_2BcKGH[qh], lse_2BKGc[qh],
+                    delta_2BKGc[qh], q_pos_2c[qh], k_pos_2c[kh], causal, block,
+                )  # fmt: skip
+                dq_2BcKGH = dq_2BcKGH.at[qh].add(dq)
+                dk_2, dv_2 = dk_2.at[kh].add(dk), dv_2.at[kh].add(dv)
+            travel = (k_2, v_2, dk_2, dv_2)
+            if hop < last:
+                travel = _next(travel)
+        dk_2, dv_2 = _next(travel[2:]) if last else travel[2:]  # each piece's gradients, home
+        dq_BTNH = _whole(dq_2BcKGH).reshape(q_BTNH.shape)
+        return (dq_BTNH.astype(q_BTNH.dtype), _whole(dk_2).astype(k_BTKH.dtype),
+                _whole(dv_2).astype(v_BTKH.dtype))  # fmt: skip
+
+    @jax.custom_vjp
+    def ring(q_BTNH, k_BTKH, v_BTKH):
+        return forward(q_BTNH, k_BTKH, v_BTKH)[0]
+
+    ring.defvjp(forward, backward)
+    return ring
+
+
+def _block_grads(q_BcKGH, k_BsKH, v_BsKH, do_BcKGH, lse_BKGc, delta_BKGc, q_pos, k_pos,
+                 causal: bool, block: int):  # fmt: skip
+    """The gradients of one block of queries over one block of keys, given the rows' final
+    log-sum-exp and delta = sum(dout * out): flash attention's backward, `block` queries at a
+    time (and for a causal block only the keys at or before them, as `blocked` reads them).
+
+    Returns:
+        float32 (dq (B, c, K, G, H), dk (B, s, K, H), dv (B, s, K, H)).
+    """
+    c, s = q_BcKGH.shape[1], k_BsKH.shape[1]
+    step = block if 0 < block < c and c % block == 0 else c
+    dq_parts = []
+    dk = jnp.zeros(k_BsKH.shape, jnp.float32)
+    dv = jnp.zeros(v_BsKH.shape, jnp.float32)
+    scale = 1 / math.sqrt(q_BcKGH.shape[-1])
+    for a in range(c // step):
+        rows, n = slice(a * step, (a + 1) * step), (a + 1) * step if causal else s
+        q, do = q_BcKGH[:, rows], do_BcKGH[:, rows]
+        k, v = k_BsKH[:, :n], v_BsKH[:, :n]
+        mask = visible(q_pos[rows], k_pos[:n])
+        p_BKGTS = jnp.where(mask, jnp.exp(scores(q, k, mask) - lse_BKGc[..., rows, None]), 0.0)
+        dtype = v.dtype
+        dv_part = jnp.einsum("BKGTS,BTKGH->BSKH", p_BKGTS.astype(dtype), do.astype(dtype))
+        dp_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", do.astype(dtype), v).astype(jnp.float32)
+        ds_BKGTS = (p_BKGTS * (dp_BKGTS - delta_BKGc[..., rows, None]) * scale).astype(dtype)
+        dq_parts.append(jnp.einsum("BKGTS,BSKH->BTKGH", ds_BKGTS, k).astype(jnp.float32))
+        dk = dk.at[:, :n].add(jnp.einsum("BKGTS,BTKGH->BSKH", ds_BKGTS, q).astype(jnp.float32))
+        dv = dv.at[:, :n].add(dv_part.astype(jnp.float32))
+    return jnp.concatenate(dq_parts, axis=1), dk, dv

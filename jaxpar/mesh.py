@@ -83,7 +83,10 @@ class MeshSpec:
         return self
 
     def __str__(self) -> str:
-        return ",".join(f"{a}={s}" for a, s in zip(AXES, self.sizes, strict=True))
+        """`data=2,pipeline=1,tensor=4`: every axis, `context` only where it is split."""
+        return ",".join(
+            f"{a}={s}" for a, s in zip(AXES, self.sizes, strict=True) if a != CONTEXT or s != 1
+        )
 
 
 def parse_mesh(spec: str) -> MeshSpec:
@@ -163,7 +166,7 @@ def simulate_devices(num_devices: int) -> None:
 
 
 def make_mesh(spec: MeshSpec, devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """Builds a mesh with axes `AXES` (data, pipeline, context, tensor), all of type Auto (GSPMD propagation).
+    """Builds a mesh with axes `AXES`, all of type Auto (GSPMD propagation).
 
     Args:
         spec: the axis sizes; a -1 is filled from the number of devices.
@@ -221,7 +224,10 @@ def describe(mesh: jax.sharding.Mesh) -> str:
     lines += ["", "pipeline stages (devices holding each stage's layers):"]
     lines += [f"  stage {s}: {holding(PIPELINE, s)}" for s in range(spec.pipeline)]
     if spec.context > 1:
-        lines += ["", f"context groups (devices sharing one sequence), {spec.context} devices each:"]
+        lines += [
+            "",
+            f"context groups (devices holding one sequence's pieces), {spec.context} each:",
+        ]
         lines += [f"  {g}" for g in groups(mesh, CONTEXT)]
     lines += ["", "data replicas (devices holding one whole copy of the model):"]
     lines += [f"  replica {r}: {holding(DATA, r)}" for r in range(spec.data)]

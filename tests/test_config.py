@@ -305,7 +305,9 @@ def test_validate_for_mesh_fsdp_needs_dim_divisible_by_data():
     assert "model.dim=48 is not divisible by data=5" in str(e.value)
     assert "FSDP" in str(e.value)
     # without fsdp the same sizes are fine
-    validate_for_mesh(config.replace(**{"parallel.fsdp": False}), MeshSpec(data=5, pipeline=1, tensor=1))
+    validate_for_mesh(
+        config.replace(**{"parallel.fsdp": False}), MeshSpec(data=5, pipeline=1, tensor=1)
+    )
 
 
 def test_validate_for_mesh_accepts_pipelines_and_checks_their_sizes():
@@ -314,9 +316,13 @@ def test_validate_for_mesh_accepts_pipelines_and_checks_their_sizes():
                                "pipeline.repeats": 2, "pipeline.microbatches": 4})  # fmt: skip
     validate_for_mesh(deep, MeshSpec(data=2, pipeline=2, tensor=2))
     with pytest.raises(JaxparError, match=r"fewer than pipeline stages x repeats = 4 x 2 = 8"):
-        validate_for_mesh(deep.replace(**{"model.layers": 6}), MeshSpec(data=1, pipeline=4, tensor=2))
+        validate_for_mesh(
+            deep.replace(**{"model.layers": 6}), MeshSpec(data=1, pipeline=4, tensor=2)
+        )
     with pytest.raises(JaxparError, match=r"is not divisible by pipeline stages = 4"):
-        validate_for_mesh(Config().replace(**{"train.batch_size": 6}), MeshSpec(data=1, pipeline=4, tensor=2))
+        validate_for_mesh(
+            Config().replace(**{"train.batch_size": 6}), MeshSpec(data=1, pipeline=4, tensor=2)
+        )
 
 
 # --- replace and YAML round-trip -----------------------------------------------------------------

@@ -55,7 +55,9 @@ def test_spaces_and_empty_parts_tolerated():
 
 def test_str_is_the_full_spec():
     assert str(parse_mesh("tensor=4,data=2")) == "data=2,pipeline=1,tensor=4"
-    assert parse_mesh(str(MeshSpec(data=2, pipeline=2, tensor=2))) == MeshSpec(data=2, pipeline=2, tensor=2)
+    assert parse_mesh(str(MeshSpec(data=2, pipeline=2, tensor=2))) == MeshSpec(
+        data=2, pipeline=2, tensor=2
+    )
 
 
 def test_minus_one_is_filled_by_resolve():
@@ -66,7 +68,9 @@ def test_minus_one_is_filled_by_resolve():
     assert resolved == MeshSpec(data=2, pipeline=1, tensor=4)
     assert resolved.is_resolved
     assert parse_mesh("tensor=-1").resolve(8) == MeshSpec(data=1, pipeline=1, tensor=8)
-    assert parse_mesh("data=2,pipeline=-1,tensor=2").resolve(8) == MeshSpec(data=2, pipeline=2, tensor=2)
+    assert parse_mesh("data=2,pipeline=-1,tensor=2").resolve(8) == MeshSpec(
+        data=2, pipeline=2, tensor=2
+    )
 
 
 def test_resolve_of_resolved_spec_checks_the_count():

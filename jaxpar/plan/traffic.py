@@ -123,7 +123,7 @@ def _params(m: ModelConfig, layout: StageLayout) -> list[Param]:
     from jaxpar.model.llama import Llama
     from jaxpar.placement import logical_axes
 
-    rules = rules_for(MeshSpec(data=1, pipeline=1, tensor=1), fsdp=False)  # any rules: shapes do not depend on them
+    rules = rules_for(MeshSpec(), fsdp=False)  # any rules: shapes do not depend on them
     abstract = nnx.eval_shape(lambda: Llama(m, rules, rngs=nnx.Rngs(params=0), layout=layout))
     state = nnx.state(abstract, nnx.Param)
     return [

@@ -27,7 +27,7 @@ HARMLESS_FLAG = "--xla_cpu_use_thunk_runtime=true"
 def test_parse_full_spec():
     spec = parse_mesh("data=2,pipeline=2,tensor=2")
     assert spec == MeshSpec(data=2, pipeline=2, tensor=2)
-    assert spec.sizes == (2, 2, 2)
+    assert spec.sizes == (2, 2, 1, 2)  # data, pipeline, context, tensor
     assert spec.is_resolved and spec.size == 8
 
 
@@ -38,10 +38,11 @@ def test_parse_order_does_not_matter():
 @pytest.mark.parametrize(
     ("text", "sizes"),
     [
-        ("tensor=4", (1, 1, 4)),
-        ("data=8", (8, 1, 1)),
-        ("pipeline=2", (1, 2, 1)),
-        ("", (1, 1, 1)),
+        ("tensor=4", (1, 1, 1, 4)),
+        ("data=8", (8, 1, 1, 1)),
+        ("pipeline=2", (1, 2, 1, 1)),
+        ("context=2", (1, 1, 2, 1)),
+        ("", (1, 1, 1, 1)),
     ],
 )
 def test_omitted_axes_are_one(text, sizes):
@@ -49,8 +50,8 @@ def test_omitted_axes_are_one(text, sizes):
 
 
 def test_spaces_and_empty_parts_tolerated():
-    assert parse_mesh(" data = 2 , tensor= 4 ").sizes == (2, 1, 4)
-    assert parse_mesh("data=2,,tensor=4,").sizes == (2, 1, 4)
+    assert parse_mesh(" data = 2 , tensor= 4 ").sizes == (2, 1, 1, 4)
+    assert parse_mesh("data=2,,tensor=4,").sizes == (2, 1, 1, 4)
 
 
 def test_str_is_the_full_spec():
@@ -58,11 +59,13 @@ def test_str_is_the_full_spec():
     assert parse_mesh(str(MeshSpec(data=2, pipeline=2, tensor=2))) == MeshSpec(
         data=2, pipeline=2, tensor=2
     )
+    # `context` only where the sequence is split, so that meshes without it read as before
+    assert str(parse_mesh("context=2,tensor=4")) == "data=1,pipeline=1,context=2,tensor=4"
 
 
 def test_minus_one_is_filled_by_resolve():
     spec = parse_mesh("data=-1,tensor=4")
-    assert spec.sizes == (-1, 1, 4)
+    assert spec.sizes == (-1, 1, 1, 4)
     assert not spec.is_resolved
     resolved = spec.resolve(8)
     assert resolved == MeshSpec(data=2, pipeline=1, tensor=4)
@@ -81,7 +84,7 @@ def test_resolve_of_resolved_spec_checks_the_count():
 @pytest.mark.parametrize(
     ("text", "fragments"),
     [
-        ("foo=2", ["'foo=2'", "unknown axis 'foo'", "data, pipeline, tensor"]),
+        ("foo=2", ["'foo=2'", "unknown axis 'foo'", "data, pipeline, context, tensor"]),
         ("data=2,expert=4", ["unknown axis 'expert'"]),
         ("tensor=2,tensor=4", ["'tensor=2,tensor=4'", "axis 'tensor' is given twice"]),
         ("tensor=two", ["size 'two' of axis 'tensor' is not an integer"]),
@@ -124,24 +127,24 @@ def test_product_must_equal_device_count(text, needed):
 def test_make_mesh_uses_all_devices():
     mesh = make_mesh(parse_mesh("data=2,tensor=4"))
     assert isinstance(mesh, jax.sharding.Mesh)
-    assert mesh.axis_names == AXES == ("data", "pipeline", "tensor")
-    assert tuple(mesh.axis_types) == (jax.sharding.AxisType.Auto,) * 3
-    assert dict(mesh.shape) == {"data": 2, "pipeline": 1, "tensor": 4}
+    assert mesh.axis_names == AXES == ("data", "pipeline", "context", "tensor")
+    assert tuple(mesh.axis_types) == (jax.sharding.AxisType.Auto,) * 4
+    assert dict(mesh.shape) == {"data": 2, "pipeline": 1, "context": 1, "tensor": 4}
     assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()]
 
 
 def test_make_mesh_fills_minus_one():
     mesh = make_mesh(parse_mesh("tensor=-1"))
-    assert dict(mesh.shape) == {"data": 1, "pipeline": 1, "tensor": 8}
+    assert dict(mesh.shape) == {"data": 1, "pipeline": 1, "context": 1, "tensor": 8}
 
 
 def test_make_mesh_with_explicit_devices():
     devices = jax.devices()[:2]
     mesh = make_mesh(parse_mesh("tensor=2"), devices)
-    assert dict(mesh.shape) == {"data": 1, "pipeline": 1, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 1, "pipeline": 1, "context": 1, "tensor": 2}
     assert mesh.devices.size == 2
     assert [d.id for d in mesh.devices.flat] == [d.id for d in devices]
-    assert tuple(mesh.axis_types) == (jax.sharding.AxisType.Auto,) * 3
+    assert tuple(mesh.axis_types) == (jax.sharding.AxisType.Auto,) * 4
 
 
 def test_make_mesh_explicit_devices_in_given_order():
@@ -175,17 +178,26 @@ def test_groups_2x1x4():
     assert groups(mesh, "pipeline") == [[i] for i in range(8)]
 
 
+def test_context_sits_next_to_tensor():
+    """A context group is the devices just outside a tensor group: the ring's hops run over the
+    links next fastest after tensor parallelism's."""
+    mesh = make_mesh(parse_mesh("data=2,context=2,tensor=2"))
+    assert groups(mesh, "tensor") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert groups(mesh, "context") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert "context groups (devices holding one sequence's pieces), 2 each:" in describe(mesh)
+
+
 def test_describe_2x2x2(mesh222):
     text = describe(mesh222)
     lines = text.splitlines()
     assert lines[0] == "mesh data=2,pipeline=2,tensor=2  (8 cpu devices)"
     for i in range(8):
         assert f"device {i}" in text
-    # the coordinate table, in row-major (data, pipeline, tensor) order
-    assert "  (0, 0, 0)  ->  device 0" in lines
-    assert "  (0, 1, 0)  ->  device 2" in lines
-    assert "  (1, 0, 1)  ->  device 5" in lines
-    assert "  (1, 1, 1)  ->  device 7" in lines
+    # the coordinate table, in row-major (data, pipeline, context, tensor) order
+    assert "  (0, 0, 0, 0)  ->  device 0" in lines
+    assert "  (0, 1, 0, 0)  ->  device 2" in lines
+    assert "  (1, 0, 0, 1)  ->  device 5" in lines
+    assert "  (1, 1, 0, 1)  ->  device 7" in lines
     for g in ([0, 1], [2, 3], [4, 5], [6, 7]):
         assert f"  {g}" in lines
     assert "  stage 0: [0, 1, 4, 5]" in lines

@@ -120,8 +120,17 @@ def test_optimizer_state_follows_parameter_shardings():
 
 
 def test_activation_names_stay_off_data_under_fsdp():
-    assert S.FSDP.spec((S.BATCH, S.SEQ, S.ACT_EMBED)) == P("data", None, None)
-    assert S.FSDP.spec((S.BATCH, S.SEQ, S.ACT_VOCAB)) == P("data", None, "tensor")
+    assert S.FSDP.spec((S.BATCH, S.SEQ, S.ACT_EMBED)) == P("data", "context", None)
+    assert S.FSDP.spec((S.BATCH, S.SEQ, S.ACT_VOCAB)) == P("data", "context", "tensor")
+
+
+def test_only_activations_are_split_over_context():
+    """`sequence` lands on `context` in every preset; no parameter axis ever does, so neither a
+    checkpoint nor a Hugging Face folder depends on it."""
+    params = (S.STAGE, S.LAYERS, S.EMBED, S.HEADS, S.KV_HEADS, S.HEAD_DIM, S.MLP, S.VOCAB, S.NORM)
+    for rules in (S.DATA_PARALLEL, S.MEGATRON, S.FSDP):
+        assert rules.mesh_axes(S.SEQ) == "context"
+        assert all("context" not in S._as_tuple(rules.mesh_axes(a)) for a in params)
 
 
 def test_conflicting_axes_raise():
@@ -177,4 +186,6 @@ def test_pipeline_stage_axis_lands_on_pipeline():
     # one stage's slots, half the heads: (1, 3, 24, 2, 6) float32 per device
     assert rows["blocks.attn.wq_DNH"].bytes_per_device == 4 * 3 * 24 * 2 * 6
     assert rows["head_DV"].bytes_per_device == 4 * 24 * 28
-    assert S.MEGATRON.spec((S.OUTER_BATCH, S.SEQ, S.ACT_VOCAB)) == P(("data", "pipeline"), None, _T)
+    assert S.MEGATRON.spec((S.OUTER_BATCH, S.SEQ, S.ACT_VOCAB)) == P(
+        ("data", "pipeline"), "context", _T
+    )

@@ -53,6 +53,7 @@ SLOWEST_FIRST = (
     "test_schedules.py",
     "test_distributed.py",
     "test_attention.py",
+    "test_context.py",
     "test_faults.py",
     "test_serve.py",
     "test_plan_traffic.py",

@@ -34,7 +34,7 @@ import math
 import sys
 from collections.abc import Callable
 from functools import cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +172,15 @@ def finish(p: Partial, dtype: jnp.dtype) -> jax.Array:
     return out_BTKGH.astype(dtype).reshape(b, t, k * g, h)
 
 
+def after(x: jax.Array, done: Any) -> jax.Array:
+    """`x`, available only once `done` (any tree of arrays, or None) is computed: blocks of
+    attention have no data dependence on each other, and without one XLA schedules them all at
+    once, every block's scores alive together, as if there were no blocks."""
+    if done is None:
+        return x
+    return jax.lax.optimization_barrier((x, done))[0]
+
+
 def blocked(
     q_BTKGH: jax.Array,
     k_BSKH: jax.Array,
@@ -199,12 +208,13 @@ def blocked(
     def one(q_BtKGH, k_BsKH, v_BsKH, q_pos, k_pos) -> Partial:
         return partial(q_BtKGH, k_BsKH, v_BsKH, visible(q_pos, k_pos))
 
-    parts = []
+    parts: list[Partial] = []
     for a in range(t // block):
         rows = slice(a * block, (a + 1) * block)
         keys = slice(0, (a + 1) * block if causal else k_BSKH.shape[1])
-        parts.append(one(q_BTKGH[:, rows], k_BSKH[:, keys], v_BSKH[:, keys],
-                         q_positions[..., rows], k_positions[..., keys]))  # fmt: skip
+        q_BtKGH = after(q_BTKGH[:, rows], parts[-1] if parts else None)
+        parts.append(one(q_BtKGH, k_BSKH[:, keys], v_BSKH[:, keys], q_positions[..., rows],
+                         k_positions[..., keys]))  # fmt: skip
     return Partial(
         jnp.concatenate([p.out_BTKGH for p in parts], axis=1),
         *(jnp.concatenate([getattr(p, f) for p in parts], axis=3)

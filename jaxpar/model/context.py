@@ -49,6 +49,7 @@ from jaxpar.config import CONTEXT_ATTENTION as STRATEGIES
 from jaxpar.mesh import CONTEXT
 from jaxpar.model.attention import (
     Partial,
+    after,
     blocked,
     empty,
     finish,
@@ -198,7 +199,8 @@ def _ring(balanced: bool, block: int):
         last = jax.lax.axis_size(CONTEXT) - 1
         for hop, k_pos_2c, blocks in hops(k_BTKH):
             for qh, kh, causal in blocks:
-                part = blocked(q_2BcKGH[qh], kv[0][kh], kv[1][kh], q_pos_2c[qh], k_pos_2c[kh],
+                q_BcKGH = after(q_2BcKGH[qh], acc.top_BKGT)  # one block at a time
+                part = blocked(q_BcKGH, kv[0][kh], kv[1][kh], q_pos_2c[qh], k_pos_2c[kh],
                                causal=causal, block=block)  # fmt: skip
                 acc = _put(acc, qh, merge(_at(acc, qh), part))
             if hop < last:
@@ -228,7 +230,7 @@ def _ring(balanced: bool, block: int):
             k_2, v_2, dk_2, dv_2 = travel
             for qh, kh, causal in blocks:
                 dq, dk, dv = _block_grads(
-                    q_2BcKGH[qh], k_2[kh], v_2[kh], do_2BcKGH[qh], lse_2BKGc[qh],
+                    after(q_2BcKGH[qh], dq_2BcKGH), k_2[kh], v_2[kh], do_2BcKGH[qh], lse_2BKGc[qh],
                     delta_2BKGc[qh], q_pos_2c[qh], k_pos_2c[kh], causal, block,
                 )  # fmt: skip
                 dq_2BcKGH = dq_2BcKGH.at[qh].add(dq)
@@ -266,7 +268,7 @@ def _block_grads(q_BcKGH, k_BsKH, v_BsKH, do_BcKGH, lse_BKGc, delta_BKGc, q_pos,
     scale = 1 / math.sqrt(q_BcKGH.shape[-1])
     for a in range(c // step):
         rows, n = slice(a * step, (a + 1) * step), (a + 1) * step if causal else s
-        q, do = q_BcKGH[:, rows], do_BcKGH[:, rows]
+        q, do = after(q_BcKGH[:, rows], dq_parts[-1] if dq_parts else None), do_BcKGH[:, rows]
         k, v = k_BsKH[:, :n], v_BsKH[:, :n]
         mask = visible(q_pos[rows], k_pos[:n])
         p_BKGTS = jnp.where(mask, jnp.exp(scores(q, k, mask) - lse_BKGc[..., rows, None]), 0.0)
@@ -278,3 +280,87 @@ def _block_grads(q_BcKGH, k_BsKH, v_BsKH, do_BcKGH, lse_BKGc, delta_BKGc, q_pos,
         dk = dk.at[:, :n].add(jnp.einsum("BKGTS,BTKGH->BSKH", ds_BKGTS, q).astype(jnp.float32))
         dv = dv.at[:, :n].add(dv_part.astype(jnp.float32))
     return jnp.concatenate(dq_parts, axis=1), dk, dv
+
+
+# -- a KV cache split over `context` (serving) --------------------------------------------------
+#
+# The cache is striped: position p lives on piece p % C, at entry p // C of its S entries, so a
+# decode step writes on one piece, a sequence grows every piece's share evenly, and a prompt run
+# starting at a multiple of C, stored in `striped_order`, hands each piece the tokens whose
+# positions it keeps. Masks come from positions, so no layout is assumed beyond that.
+
+
+def striped_order(t: int, pieces: int) -> np.ndarray:
+    """The offsets of a run of `t` tokens (a multiple of `pieces`) in the order they are stored
+    when the run is split over `pieces`: piece i holds offsets i, i + pieces, i + 2 pieces, ...
+    (`sequence_order` is training's order; this one is the striped cache's)."""
+    return np.arange(t).reshape(-1, pieces).T.reshape(-1)
+
+
+def striped_index(offsets: jax.Array, t: int, pieces: int) -> jax.Array:
+    """Where offset `offsets` of a run of `t` tokens sits in `striped_order`."""
+    return offsets % pieces * (t // pieces) + offsets // pieces
+
+
+def cache_index(positions: jax.Array, entries: int) -> jax.Array:
+    """The entry of this piece's cache (of `entries`) that holds each position: p // C where
+    this piece keeps p, else `entries` (past the end: a write there is dropped)."""
+    c = pieces()
+    if c == 1:
+        return positions
+    return jnp.where(positions % c == jax.lax.axis_index(CONTEXT), positions // c, entries)
+
+
+def attend_cached(
+    q_BTNH: jax.Array,
+    k_BTKH: jax.Array,
+    v_BTKH: jax.Array,
+    positions_BT: jax.Array,
+    cache_k_BSKH: jax.Array,
+    cache_v_BSKH: jax.Array,
+    *,
+    block: int,
+) -> jax.Array:
+    """Attention of this call's queries over a striped cache split over `context` and over
+    this call's own keys (every position a query sees is in one or the other): the keys this
+    piece keeps join its share of the cache, and each query's `Partial` over every piece's share
+    is merged in float32. Call it inside a program manual over `context`.
+
+    Several queries a row (a prompt run: prefill or a prompt piece, each piece holding its own
+    share of it, or the same queries on every piece) travel the ring instead of the cache, which
+    is long and stays put: C - 1 hops, each merging the next piece's `Partial`, and one more hop
+    home, so a device holds T queries of a run of C * T. One query a row is a decode step, whose
+    token every piece holds: every piece attends it over its share, and the shares merge with
+    one reduction per layer, pmax of the maximum and psum of the rescaled sum and output.
+
+    Returns:
+        (B, T, N, H) in the queries' dtype.
+    """
+    b, s = cache_k_BSKH.shape[:2]
+    at_BT = cache_index(positions_BT, s)
+    rows_BT = jnp.broadcast_to(jnp.arange(b)[:, None], at_BT.shape)
+    k_BSKH = cache_k_BSKH.at[rows_BT, at_BT].set(k_BTKH.astype(cache_k_BSKH.dtype), mode="drop")
+    v_BSKH = cache_v_BSKH.at[rows_BT, at_BT].set(v_BTKH.astype(cache_v_BSKH.dtype), mode="drop")
+    c = pieces()
+    k_positions_BS = jnp.broadcast_to(jnp.arange(s) * c + jax.lax.axis_index(CONTEXT), (b, s))
+
+    def here(q_BTKGH: jax.Array, q_positions_BT: jax.Array) -> Partial:
+        return blocked(q_BTKGH, k_BSKH, v_BSKH, q_positions_BT, k_positions_BS, causal=False,
+                       block=block)  # fmt: skip
+
+    q_BTKGH = group(q_BTNH, k_BTKH.shape[2])
+    if q_BTNH.shape[1] > 1:  # a prompt run: the ring
+        acc = here(q_BTKGH, positions_BT)
+        queries = (q_BTKGH, positions_BT)
+        for _ in range(c - 1):
+            queries, acc = _next((queries, acc))
+            acc = merge(acc, here(*queries))
+        return finish(_next(acc), q_BTNH.dtype)
+    mine = here(q_BTKGH, positions_BT)
+    top_BKGT = jax.lax.pmax(mine.top_BKGT, CONTEXT)
+    scale_BKGT = jnp.exp(mine.top_BKGT - top_BKGT)
+    out_BTKGH, total_BKGT = jax.lax.psum(
+        (mine.out_BTKGH * jnp.moveaxis(scale_BKGT, 3, 1)[..., None], mine.total_BKGT * scale_BKGT),
+        CONTEXT,
+    )
+    return finish(Partial(out_BTKGH, top_BKGT, total_BKGT), q_BTNH.dtype)

@@ -200,6 +200,8 @@ class Attention(nnx.Module):
         causally, to this call's keys: a prefill (positions None), a prompt piece after a cached
         prefix, or a decode step (T = 1) are one path. The cache is only read; the second result
         is this call's keys and values, (B, T, K, H) each, for the caller to write into it.
+        With the cache split over `context` (inside a program manual over it), it is striped
+        and positions are always given (`context.attend_cached`).
         """
         cfg, dtype = self.cfg, x_BTD.dtype
         b, t = x_BTD.shape[:2]
@@ -215,7 +217,10 @@ class Attention(nnx.Module):
             )
         q_BTNH = rope(q_BTNH, rope_positions_BT, cfg.rope_theta)
         k_BTKH = rope(k_BTKH, rope_positions_BT, cfg.rope_theta)
-        if cache is not None and positions_BT is not None:
+        if cache is not None and positions_BT is not None and context.pieces() > 1:
+            out_BTNH = context.attend_cached(q_BTNH, k_BTKH, v_BTKH, positions_BT, cache.k,
+                                             cache.v, block=cfg.attention_block)  # fmt: skip
+        elif cache is not None and positions_BT is not None:
             out_BTNH = attend_cached(q_BTNH, k_BTKH, v_BTKH, positions_BT, cache.k, cache.v)
         elif positions_BT is None and context.pieces() > 1:  # the sequence split over `context`
             out_BTNH = context.attend(

@@ -23,6 +23,7 @@ SIZES = [
     "model.layers=3", "model.dim=32", "model.heads=4", "model.kv_heads=2", "model.mlp_dim=64",
 ]  # fmt: skip
 SPMD = "data=2,pipeline=2,tensor=2"
+CONTEXT = "pipeline=2,context=2,tensor=2"  # the cache's positions split over `context`
 ROWS, MAX_LEN = 4, 24
 
 
@@ -41,7 +42,7 @@ def setup(spec: str):
     return gen, tokens, np.asarray(full)
 
 
-@pytest.mark.parametrize("spec", ["data=1", SPMD])
+@pytest.mark.parametrize("spec", ["data=1", SPMD, CONTEXT])
 def test_cached_decoding_equals_recomputation_at_every_position(spec):
     gen, tokens, full = setup(spec)
     lengths = np.array([5, 8, 3, 16], np.int32)  # ragged prompts, right-padded to 16
@@ -59,8 +60,8 @@ def test_cached_decoding_equals_recomputation_at_every_position(spec):
 def test_greedy_output_is_the_same_on_one_device_and_on_a_3d_mesh():
     prompts = [[1, 2, 3], [70, 71, 72, 73, 74], [9], [200, 100]]
     one = setup("data=1")[0].generate(prompts, 8, GREEDY)
-    spmd = setup(SPMD)[0].generate(prompts, 8, GREEDY)
-    assert one.new_ids == spmd.new_ids
+    for spec in (SPMD, CONTEXT):
+        assert setup(spec)[0].generate(prompts, 8, GREEDY).new_ids == one.new_ids, spec
     assert [len(ids) for ids in one.new_ids] == [8] * 4
     assert one.prefill_s > 0 and len(one.decode_s) == 7 and one.tokens_per_s > 0
 

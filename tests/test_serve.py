@@ -264,6 +264,39 @@ def test_openai_client_gets_the_greedy_text_of_generate(client, generated):
     assert [m.id for m in client.models.list()] == ["tiny"]
 
 
+def test_a_cache_split_over_context_serves_what_one_device_serves(run, engine, generated):
+    # context=2: every slot's positions striped over two devices, prompts prefilled as pieces
+    # split over them (32-token pieces, and prompts up to 70 tokens: several each), the prefix
+    # pool striped likewise.
+    split = Engine(loaded(run, "context=2"), SERVE).start()
+    live = None
+    try:
+        g = split.generator
+        assert g.device_tokens == split.slots * CONTEXT // 2
+        assert f"each device holds {split.slots * CONTEXT // 2} tokens" in g.cache_summary()
+        work = jobs(6, seed=3)
+        assert ([r.tokens for r in submit_and_wait(split, work)]
+                == [r.tokens for r in submit_and_wait(engine, work)])  # fmt: skip
+        shared = np.random.default_rng(8).integers(0, 256, 200).tolist()
+        second = shared + [9, 8, 7, 6, 5, 4, 3]
+        submit_and_wait(split, [(shared + [1, 2, 3], Params(2, sampling=GREEDY))])
+        before = split.prefilled_tokens
+        (hit,) = submit_and_wait(split, [(second, Params(12, sampling=GREEDY))])
+        assert split.prefilled_tokens - before == 7 and hit.usage["cached_tokens"] == 200
+        (alone,) = submit_and_wait(engine, [(second, Params(12, sampling=GREEDY))])
+        assert hit.tokens == alone.tokens
+        live = LiveServer(split, "tiny")
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        for prompt, expected in zip(PROMPTS, generated, strict=False):
+            done = client.completions.create(model="tiny", prompt=prompt, max_tokens=24,
+                                             temperature=0)  # fmt: skip
+            assert done.choices[0].text == expected
+    finally:
+        if live is not None:
+            live.close()
+        split.close()
+
+
 def test_stop_strings_and_usage_over_http(server, generated):
     text = generated[0]
     stop = text[10:12]
@@ -450,6 +483,10 @@ def test_serve_command_serves_and_exits_0_on_sigterm(run):
     (["--port", "70000"], "--port 70000 must be in [0, 65535]"),
     (["model.dim=64"], "serve takes serve.* settings only"),
     (["serve.max_seqs=0"], "'serve.max_seqs' must be positive"),
+    (["--mesh", "data=4,context=2", "serve.prefill_chunk=33"],
+     "serve.prefill_chunk=33 is not a multiple of context=2"),
+    (["--mesh", "data=2,context=4", "serve.prefix_block=6"],
+     "serve.prefix_block=6 is not a multiple of context=4"),
 ])  # fmt: skip
 def test_serve_bad_input(capsys, run, args, fragment):
     assert main(["serve", "--run", str(run), *args]) == 2

@@ -127,28 +127,75 @@ class MemoryEstimate:
         }
 
 
-def _kept_per_token(config: Config, tensor: int, compute_bytes: int) -> list[tuple[int, float]]:
+def _kept_per_token(config: Config, spec: MeshSpec, compute_bytes: int) -> list[tuple[int, float]]:
     """What one layer keeps for its backward pass per token under `model.remat`: (how many
     arrays, bytes per token of each)."""
-    m = config.model
+    m, tensor = config.model, spec.tensor
     d, h, n, k, f, s = m.dim, m.head_dim, m.heads, m.kv_heads, m.mlp_dim, config.train.seq_len
     cb = compute_bytes
     qkv, gate_up = (n + 2 * k) * h / tensor * cb, 2 * f / tensor * cb
     # the weights' matmuls: the layer input, q k v, gate up, and the out and down projections
     projections = [(1, d * cb), (1, qkv), (1, gate_up), (2, d * cb)]
+    # what attention itself keeps beyond q, k, v and its output: the softmax over every key, or
+    # (split over context) the ring's log-sum-exp per query head, or nothing (all_gather and
+    # query blocks are checkpointed: their backward recomputes the scores)
+    scores = [(2, n * s / tensor * F32)]
+    if spec.context > 1:
+        scores = [(1, n / tensor * F32)] if m.context_attention == "ring" else []
+    elif _blocks(config, spec):
+        scores = _blocked_kept(config, spec, cb)
     return {
         "none": [
             (6, d * cb),
             (2, n * h / tensor * cb),
             (2, k * h / tensor * cb),
             (6, f / tensor * cb),
-            (2, n * s / tensor * F32),
+            *scores,
         ],
         "full": [(1, d * cb)],
-        "dots": [*projections, (1, n * h / tensor * cb), (1, n * s / tensor * F32)],
+        "dots": [*projections, (1, n * h / tensor * cb), *scores[:1]],
         "dots_no_batch": projections,
         "dots_no_batch_attn": [*projections, (1, n * h / tensor * cb)],
     }[config.model.remat]
+
+
+def _blocks(config: Config, spec: MeshSpec) -> bool:
+    """Whether attention on one device runs in query blocks (`jaxpar.model.attention.blocked`):
+    `model.attention_block` cuts this device's queries into several."""
+    t, block = config.train.seq_len // spec.context, config.model.attention_block
+    return 0 < block < t and t % block == 0
+
+
+def _blocked_kept(config: Config, spec: MeshSpec, cb: int) -> list[tuple[int, float]]:
+    """What query-blocked attention on one device keeps per token beyond q, k, v and its output:
+    each block's checkpoint inputs, its queries and the keys and values at or before them
+    ((nb + 1) / 2 copies of k and v for nb blocks), and its float32 `Partial` (output, maximum
+    and sum) that the merge reads."""
+    m, tensor = config.model, spec.tensor
+    nb = config.train.seq_len // config.model.attention_block
+    n, k, h = m.heads / tensor, m.kv_heads / tensor, m.head_dim
+    return [(1, n * h * cb), (2, (nb + 1) / 2 * k * h * cb), (1, n * h * F32), (2, n * F32)]
+
+
+def _attention_working(config: Config, spec: MeshSpec, rows: int) -> float:
+    """One layer's attention scores live at once in its backward pass, where they are not kept
+    as residuals (the sequence split over context): per score, float32 values and a mask byte.
+
+    The ring computes (3 + 2 (C - 1)) blocks of c x c per device when balanced (3 + 4 (C - 1)
+    unbalanced, `jaxpar.model.context`), c = T / 2C, and XLA holds about two float32 arrays of
+    each block at once (probabilities and their gradient); all_gather's backward about four of
+    its (T / C) x T scores (the recomputed scores and probabilities, and their gradients).
+    Both factors are fitted to XLA's buffer assignment (CPU, jax 0.10) within a few percent.
+    Query blocks on one device (no context) hold one block's scores: b N/X block T."""
+    m, c = config.model, spec.context
+    heads = rows * m.heads / spec.tensor
+    seq = config.train.seq_len
+    if c == 1:
+        return 4 * heads * m.attention_block * seq * (F32 + 1) if _blocks(config, spec) else 0
+    if m.context_attention == "ring":
+        blocks = 3 + (2 if m.context_load_balance else 4) * (c - 1)
+        return 2 * blocks * heads * (seq / (2 * c)) ** 2 * (F32 + 1)
+    return 4 * heads * seq / c * seq * (F32 + 1)
 
 
 def _moment_buffers(config: Config, spec: MeshSpec, slots: int) -> list[int]:
@@ -197,16 +244,17 @@ def estimate_memory(
     chunk = math.ceil(m.layers / (pipeline * v))  # layer slots per job, padding included
     slots = v * chunk  # layer slots per stage
     rows = t.batch_size // (data * micro)  # micro-batch rows per replica
-    job_tokens = rows * seq
-    replica_tokens = t.batch_size // data * seq
-    outer_tokens = t.batch_size // (data * pipeline) * seq
+    piece = seq // spec.context  # the positions of each row on one device
+    job_tokens = rows * piece
+    replica_tokens = t.batch_size // data * piece
+    outer_tokens = t.batch_size // (data * pipeline) * piece
     cb = compute_bytes
 
     stacked = schedule.stash_slots if schedule.hand_backward else schedule.ticks
     looped = schedule.hand_backward or schedule.ticks > 1
     stacks = [
         stacked * chunk * job_tokens * per_token
-        for count, per_token in _kept_per_token(config, tensor, cb)
+        for count, per_token in _kept_per_token(config, spec, cb)
         for _ in range(count)
     ]
     one_job = sum(stacks) / stacked
@@ -215,19 +263,21 @@ def estimate_memory(
     opt = 2 * params_bytes  # AdamW: first and second moments, laid out like the parameters
     reused = min(_reused(stacks, opt_buffers), opt)
     layer_weights = d * ((n + 2 * k) * h + n * h + 3 * f) / tensor * F32 / shard
-    layer = layer_weights + 4 * job_tokens * d * cb
+    layer = layer_weights + 4 * job_tokens * d * cb + _attention_working(config, spec, rows)
     derived = slots * d * ((n + 2 * k) * h + 2 * f) / tensor * F32 / shard
     pipeline_buffers = 3 * replica_tokens * d * cb if looped else 0
     held_w = schedule.routes.slots["wstash"] if schedule.split else 0
     # per token of a layer: each weight's contraction input and output cotangent (`tapped`)
     taps = 8 * d + (2 * n + 2 * k) * h / tensor + 3 * f / tensor
     weight_grad_inputs = (held_w + 1) * chunk * job_tokens * taps * cb if held_w else 0
-    mask = rows * n / tensor * seq * seq * (F32 + 1)
+    # one causal mask outside the layer loop; in query blocks or pieces, the blocks' own
+    whole = spec.context == 1 and not _blocks(config, spec)
+    mask = rows * n / tensor * seq * seq * (F32 + 1) if whole else 0
     logits = outer_tokens * m.vocab / tensor * (2 * F32 + cb)
     return MemoryEstimate(
         params_bytes=params_bytes,
         opt_state_bytes=opt,
-        batch_bytes=outer_tokens // seq * (seq + 1) * I32,
+        batch_bytes=outer_tokens // piece * (seq + 1) * I32,
         guard_copy_bytes=int(opt - reused),
         grads_bytes=params_bytes,
         derived_weights_bytes=int(derived),

@@ -109,6 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     longest = max(len(p) for p in prompts)
     model.check_fits(longest, args.max_new_tokens)
     gen = model.generator(len(prompts), longest + args.max_new_tokens)
+    print(f"jaxpar: {gen.cache_summary()}", file=sys.stderr)
     out = gen.generate(
         prompts, args.max_new_tokens, sampling, seed=args.seed, stop_ids=model.stop_ids
     )
@@ -141,6 +142,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from jaxpar.infer.chat import Chat, chat_in_terminal
 
     chat = Chat(model, args.max_new_tokens, sampling, seed=args.seed)
+    print(f"jaxpar: {chat.generator.cache_summary()}", file=sys.stderr)
     print(f"chatting with {model.source}; an empty line or Ctrl-D ends", file=sys.stderr)
     chat_in_terminal(chat)
     return 0
@@ -170,6 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = Engine(model, config)
     log(f"{model.source}: compiling the steps for {engine.slots} slots of {model.context} "
         f"tokens ({engine.generator.slot_bytes / 2**20:,.2f} MiB of cache per slot)")  # fmt: skip
+    log(engine.generator.cache_summary())
     engine.start()
     serve(engine, name, sock, config.shutdown_s, log)
     return 0

@@ -66,7 +66,7 @@ class Chat:
         self.keep = model.context - max_new_tokens  # the newest history that fits with a reply
         self.history: list[int] = []
         self.turns = 0
-        self._generator = model.generator(1, model.context)
+        self.generator = model.generator(1, model.context)
 
     def reply(self, message: str, on_text: Callable[[str], None] | None = None) -> str:
         """The model's answer to `message`; `on_text` receives the answer's text as it streams."""
@@ -83,7 +83,7 @@ class Chat:
                 if on_text is not None:
                     on_text(parts[-1])
 
-        out = self._generator.generate(
+        out = self.generator.generate(
             [self.history], self.max_new_tokens, self.sampling, seed=self.seed + self.turns,
             stop_ids=model.stop_ids, on_tokens=stream,
         )  # fmt: skip

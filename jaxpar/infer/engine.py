@@ -9,6 +9,14 @@ micro-batch t - s at tick t and hands its activation to stage s + 1 with `lax.pp
 several micro-batches every stage is busy once the pipeline is full. A decode step is then
 M + P - 1 ticks of one token each.
 
+On a mesh with `context` > 1 the cache's positions are split over it, striped (position p on
+piece p % C, so a decode step writes on one piece and every piece's share grows evenly), and the
+stage program is manual over `context` too: a prompt run is split over the pieces, each holding
+the tokens whose positions it keeps, and its attention is a ring of the queries over the pieces'
+shares of the cache; a decode step's token is on every piece, each attends it over its share, and
+one reduction per layer merges them (`jaxpar.model.context.attend_cached`). A context no single
+device's memory holds is served so; `cache_summary` says what each device holds.
+
 The embedding, the LM head and sampling run outside, with the batch over `data` and the vocabulary
 over `tensor`; the last stage's outputs are broadcast from it to the others, (B, T, D). The new
 tokens come back replicated, so every process of a multi-process job can read them.
@@ -21,6 +29,7 @@ as they are; it neither casts nor concatenates a weight.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,14 +46,21 @@ from jaxpar.distributed import global_array
 from jaxpar.errors import JaxparError
 from jaxpar.infer.sampling import GREEDY, RowSampling, Sampling, sample
 from jaxpar.mesh import DATA, PIPELINE
+from jaxpar.model import context
 from jaxpar.model.llama import BLOCK_WEIGHT_AXES, BlockWeights, KVCache, Llama
-from jaxpar.pipeline.program import StageProgram, batch_axis, manual_axes, microbatch_count
+from jaxpar.pipeline.program import (
+    StageProgram,
+    batch_axis,
+    manual_axes,
+    microbatch_count,
+    sequence_axis,
+)
 from jaxpar.pipeline.schedule import Schedule
 from jaxpar.placement import Placement, logical_axes
 from jaxpar.sharding import ACT_KV_HEADS, BATCH, LAYERS, NORM, SEQ, STAGE
 
 CACHE_AXES = (STAGE, LAYERS, BATCH, SEQ, ACT_KV_HEADS, None)
-POOL_AXES = (STAGE, LAYERS, None, None, ACT_KV_HEADS, None)  # the prefix cache's blocks
+POOL_AXES = (STAGE, LAYERS, None, SEQ, ACT_KV_HEADS, None)  # the prefix cache's blocks
 # Shapes are bucketed so that a few compilations serve every request: prompt widths are padded to
 # a power of two of at least MIN_PROMPT_WIDTH tokens, and decode steps are compiled for cache spans
 # of powers of two from MIN_DECODE_SPAN positions up to the whole cache.
@@ -118,7 +134,14 @@ class Generator:
         self.rows = -(-batch // spec.data) * spec.data  # padded to a multiple of `data`
         self.local_rows = self.rows // spec.data  # the rows of one `data` shard
         self.microbatches = microbatch_count(self.local_rows, self.stages)  # of a full batch
-        self.max_len = self.length = max_len  # the cache's positions
+        self.context = spec.context  # pieces of the cache's positions
+        self.max_len = max_len
+        self.length = -(-max_len // self.context) * self.context  # the cache's positions
+        if prefix_blocks and prefix_block % self.context:
+            raise JaxparError(
+                f"serve.prefix_block={prefix_block} is not a multiple of context="
+                f"{self.context}: each block's positions are split evenly over the context axis"
+            )
         self.prefix_blocks, self.prefix_block = prefix_blocks, prefix_block
         self.graphdef = placement.graphdef
         self._compiled: dict[tuple, jax.stages.Compiled] = {}
@@ -195,6 +218,22 @@ class Generator:
         return 2 * m.layers * self.length * m.kv_heads * m.head_dim * jnp.dtype(self.dtype).itemsize
 
     @property
+    def device_tokens(self) -> int:
+        """Tokens of cache one device holds (for its stage's layers): its `data` shard's rows
+        times its share of the positions (all of them but over `context`)."""
+        return self.local_rows * self.length // self.context
+
+    def cache_summary(self) -> str:
+        """The start-up line that says how the cache is spread over the devices."""
+        shard = self.cache_sharding.shard_shape(self._cache_shape)
+        per_device = 2 * math.prod(shard) * jnp.dtype(self.dtype).itemsize  # keys and values
+        return (
+            f"KV cache of {self.rows} rows x {self.length:,} positions: each device holds "
+            f"{self.device_tokens:,} tokens of it ({self.local_rows} rows x "
+            f"{self.length // self.context:,} positions, {per_device / 2**20:,.2f} MiB)"
+        )
+
+    @property
     def pool_bytes(self) -> int:
         """The prefix pool's bytes (its scratch block included; 0 without a pool)."""
         if not self.prefix_blocks:
@@ -215,14 +254,24 @@ class Generator:
         stages work on consecutive pieces at once, each piece attending to what the pieces
         before it wrote on the same stage. Attention reads the cache's first `span` positions
         (None: all); every position this call computes must lie below it.
+
+        With `context`, the cache's positions are striped over it (`context.attend_cached`); a
+        prompt run (T > 1, starting at a multiple of C) comes in `context.striped_order`, each
+        piece holding the tokens whose positions it keeps, and its outputs go back in that order;
+        a decode step's token is on every piece.
         """
         p, t = self.stages, x_BTD.shape[1]
+        split = self._split(t)
         program = StageProgram(self.mesh, Schedule("gpipe", p, self._microbatches(x_BTD, by_seq)))
         m = program.schedule.microbatches
         valid = jnp.asarray(self.placement.layout.valid)
-        causal = positions_BT is None  # then the positions are 0..T-1 in every row
-        if causal:
-            positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), x_BTD.shape[:2])
+        # Positions None: 0..T-1 in every row, attended causally (the cache split over `context`
+        # always takes them as positions, in the stored order).
+        causal = positions_BT is None and self.context == 1
+        if positions_BT is None:
+            order_T = context.striped_order(t, self.context) if split else np.arange(t)
+            positions_BT = jnp.broadcast_to(jnp.asarray(order_T, jnp.int32), x_BTD.shape[:2])
+        span_local = -(-self._span(span) // self.context)  # the cache entries attention reads
 
         def stages(weights_1X, cache_1X: KVCache, x_BTD, positions_BT, slot_B, write_B):
             stage = jax.lax.axis_index(PIPELINE)
@@ -253,14 +302,17 @@ class Generator:
 
             def run(repeat, micro, active, h_bTD, cache_X: KVCache):
                 row = slot_Mb[micro, 0]
-                rows = [jax.lax.dynamic_slice_in_dim(c, row, b, axis=1)[:, :, :span]
+                rows = [jax.lax.dynamic_slice_in_dim(c, row, b, axis=1)[:, :, :span_local]
                         for c in cache_X]  # fmt: skip
                 h_bTD, new_CbTKH = layers(h_bTD, None if causal else positions_MbT[micro],
                                           KVCache(*rows))  # fmt: skip
                 # This call's keys and values go to their rows and positions, in place; a row
                 # that must not write (and every row of an idle tick) aims past the end, dropped.
                 keep_b = active & write_Mb[micro]
-                at_bT = jnp.where(keep_b[:, None], positions_MbT[micro], self.length)
+                entries = cache_X.k.shape[2]
+                at_bT = jnp.where(
+                    keep_b[:, None], context.cache_index(positions_MbT[micro], entries), entries
+                )
                 rows_bT = jnp.broadcast_to((row + jnp.arange(b))[:, None], at_bT.shape)
                 cache_X = KVCache(*(c.at[:, rows_bT, at_bT].set(n, mode="drop")
                                     for c, n in zip(cache_X, new_CbTKH, strict=True)))  # fmt: skip
@@ -270,26 +322,42 @@ class Generator:
             out_1BTD = out_MbTD.reshape(1, b_all, t, d)  # (by_seq: the pieces in order)
             return out_1BTD, KVCache(*(c[None] for c in cache_X))
 
-        cache_spec = PartitionSpec(PIPELINE, None, program.batch_axis)
-        caches, x_spec = KVCache(cache_spec, cache_spec), program.rows_spec(over_stages=False)
+        rows_axis, seq_axis = program.batch_axis, sequence_axis(program.manual)
+        cache_spec = PartitionSpec(PIPELINE, None, rows_axis, seq_axis)
+        caches, row_spec = KVCache(cache_spec, cache_spec), PartitionSpec(rows_axis)
+        x_spec = PartitionSpec(rows_axis, seq_axis if split else None)
         run_stages = program(
             stages,
-            in_specs=(PartitionSpec(PIPELINE), caches, *[x_spec] * 4),
-            out_specs=(PartitionSpec(PIPELINE, program.batch_axis), caches),
+            in_specs=(PartitionSpec(PIPELINE), caches, x_spec, x_spec, row_spec, row_spec),
+            out_specs=(PartitionSpec(PIPELINE, *x_spec), caches),
         )
         y_PBTD, cache = run_stages(weights, cache, x_BTD, positions_BT, slot_B, write_B)
         return y_PBTD[p - 1], cache  # only the last stage's outputs are the model's
 
+    def _split(self, t: int) -> bool:
+        """Whether a call of `t` tokens a row splits them over `context`: a prompt run of at
+        least two tokens a piece does (`context.attend_cached` takes one query a row for a decode
+        step's, the same on every piece); a decode step and a shorter run are on every piece."""
+        return self.context > 1 and t >= 2 * self.context
+
     def _microbatches(self, x_BTD: jax.Array, by_seq: bool) -> int:
         """Micro-batches of a call: of one shard's rows, or (`by_seq`) of its one row's
-        positions."""
-        n = x_BTD.shape[1] if by_seq else x_BTD.shape[0] // self.data
+        positions (of one piece's share when split over `context`)."""
+        t = x_BTD.shape[1] // (self.context if self._split(x_BTD.shape[1]) else 1)
+        n = t if by_seq else x_BTD.shape[0] // self.data
         return microbatch_count(n, self.stages)
 
     def _forward(self, top, weights, cache, tokens_BT, positions_BT, slot_B, write_B, last_B,
                  by_seq=False, span=None):  # fmt: skip
         """Logits at each row's position `last_B` of this call (B, V), and the cache."""
         model = self._model(top)
+        t = tokens_BT.shape[1]
+        if self._split(t):  # stored striped over `context` (see `_stack`)
+            order_T = context.striped_order(t, self.context)
+            tokens_BT = tokens_BT[:, order_T]
+            if positions_BT is not None:
+                positions_BT = positions_BT[:, order_T]
+            last_B = context.striped_index(last_B, t, self.context)
         x_BTD = model.embed(tokens_BT, self.dtype)
         x_BTD, cache = self._stack(model, weights, x_BTD, positions_BT, cache, slot_B, write_B,
                                    by_seq, span)  # fmt: skip
@@ -335,10 +403,12 @@ class Generator:
 
     def _prefix_op(self, save: bool):
         """Copies between one slot's first positions and blocks of the pool, per key and value:
-        load (pool -> slot, positions below n * block) or save (slot -> pool)."""
-        manual = manual_axes(self.data, fsdp=False)
-        rows_axis = batch_axis(manual)
-        block, local = self.prefix_block, self.local_rows
+        load (pool -> slot, positions below n * block) or save (slot -> pool). Over `context`
+        the pool's blocks are striped as the cache is, so each piece copies its own entries: a
+        block's `block / C`."""
+        manual = manual_axes(self.data, fsdp=False, context=self.context)
+        rows_axis, seq_axis = batch_axis(manual), sequence_axis(manual)
+        block, local = self.prefix_block // self.context, self.local_rows
 
         def copy(cache_1X: KVCache, pool_1X: KVCache, slot, ids_N, n):
             shard = jax.lax.axis_index(DATA) if rows_axis else 0
@@ -364,8 +434,8 @@ class Generator:
             out = (one(c, pl) for c, pl in zip(cache_1X, pool_1X, strict=True))
             return KVCache(*out)
 
-        cache_spec = KVCache(*[PartitionSpec(PIPELINE, None, rows_axis)] * 2)
-        pool_spec = KVCache(*[PartitionSpec(PIPELINE)] * 2)
+        cache_spec = KVCache(*[PartitionSpec(PIPELINE, None, rows_axis, seq_axis)] * 2)
+        pool_spec = KVCache(*[PartitionSpec(PIPELINE, None, None, seq_axis)] * 2)
         return jax.shard_map(
             copy, mesh=self.mesh,
             in_specs=(cache_spec, pool_spec, PartitionSpec(), PartitionSpec(), PartitionSpec()),
@@ -533,7 +603,8 @@ class Generator:
             raise JaxparError(f"{n} prompts for a generator built for {self.rows} rows")
         longest = max(len(p) for p in prompts)
         check_context(longest, max_new_tokens, self.max_len)
-        width = min(self.max_len, _bucket(longest))
+        c = self.context  # a prompt run splits evenly over `context`
+        width = min(self.length, -(-_bucket(longest) // c) * c)
         tokens = np.zeros((self.rows, width), np.int32)
         lengths = np.ones((self.rows,), np.int32)
         for i, p in enumerate(prompts):

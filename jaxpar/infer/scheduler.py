@@ -109,12 +109,18 @@ class Engine:
         unit = spec.data * spec.pipeline  # every data shard gets micro-batches for every stage
         self.model, self.config = model, config
         self.slots = -(-config.max_seqs // unit) * unit
-        self.chunk = min(config.prefill_chunk, model.context)
+        if config.prefill_chunk % spec.context:
+            raise JaxparError(
+                f"serve.prefill_chunk={config.prefill_chunk} is not a multiple of context="
+                f"{spec.context}: each prompt piece's tokens are split evenly over the context axis"
+            )
         blocks = config.prefix_blocks if config.prefix_block <= model.context else 0
         self.generator = Generator(
             model.placement, model.params, batch=self.slots, max_len=model.context,
             prefix_blocks=blocks, prefix_block=config.prefix_block,
         )  # fmt: skip
+        # (the cache's length: the context, rounded up to a multiple of `context`)
+        self.chunk = min(config.prefill_chunk, self.generator.length)
         self.prefix = PrefixCache(blocks, config.prefix_block) if blocks else None
         # A decode step computes the fewest rows and reads the shortest span that hold every
         # ready request; the lowest free slots are taken first, so few requests use few rows.

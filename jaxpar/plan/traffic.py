@@ -6,8 +6,9 @@ applied), without compiling: the planner prices thousands of layouts with it. Ev
 read off compiled steps (jax 0.10 and 0.12 on CPU agree) and is exact in bytes on the layouts of
 tests/test_plan_traffic.py.
 
-Dimension key: R data, P pipeline, X tensor (mesh sizes); B global batch, T sequence, D model dim,
-L layers, M micro-batches, v repeats, c layer slots per chunk (`StageLayout.chunk_size`). Rows:
+Dimension key: R data, P pipeline, C context, X tensor (mesh sizes); B global batch, T sequence
+(t = T / C, one device's piece of it, in every activation below), D model dim, K kv heads, H head
+dim, L layers, M micro-batches, v repeats, c layer slots per chunk (`StageLayout.chunk_size`). Rows:
 b = B / (R M) per micro-batch and replica (what a tick carries), o = B / (R P) per (replica,
 stage) outside the pipeline (embedding, head and loss of gpipe and circular). `cb` is the compute
 dtype's bytes; parameters, their gradients and every reduced scalar are float32. Ticks are
@@ -19,9 +20,15 @@ branches HLO counts at every tick, so their per-tick terms are per tick, not per
 Terms (an axis of size 1 drops out of a group; a group left empty moves nothing):
 
 - data, gradients (no FSDP): the stage's block gradients, v c slots (padding included) split
-  over tensor, all-reduced over `data` once where the pipeline's shard_map ends; the embedding,
-  final norm and head gradients over (data, pipeline), where the outer batch is split.
+  over tensor, all-reduced over (`data`, `context`) once where the pipeline's shard_map ends; the
+  embedding, final norm and head gradients over (data, pipeline), where the outer batch is split.
 - loss: one scalar all-reduce over (data, pipeline).
+- context, gradients: the hand-backward schedules sum the loss and the end gradients over every
+  manual axis at once, (data, pipeline, context); gpipe and circular (the ends outside the
+  program, partitioned by XLA) all-reduce them over `context` separately, three arrays and the
+  loss (with FSDP the final norm's and the loss: the embedding's and head's shards are summed
+  over (pipeline, context) at once, below). With FSDP (`data` automatic) the block gradients'
+  sum is over `context` alone, of the data shards.
 - grad norm: each parameter's sum of squares is all-reduced once per mesh axis its shard is split
   over (the stage axis and a tensor or FSDP axis are separate reductions), twice: the step's
   `optax.tree.norm` for the metrics and `clip_by_global_norm` are not merged by XLA. Twelve
@@ -45,15 +52,24 @@ Terms (an axis of size 1 drops out of a group; a group left empty moves nothing)
   backward, and the layer's gradients (six arrays, norms included) are all-reduced over data,
   full size: this CPU XLA all-reduces and slices where a GPU would reduce-scatter. The
   embedding and head are all-gathered once (gpipe, circular) or per tick (hand-backward), their
-  gradients all-reduced over data full size, then their data shards over pipeline; the final
-  norm's over (data, pipeline) with the loss (hand-backward: over data per tick in the head's
-  branch, then over pipeline at the end). With stages, gpipe and circular also all-gather
+  gradients all-reduced over data full size, then their data shards over (pipeline, context);
+  the final norm's over (data, pipeline) with the loss (hand-backward: over data per tick in the
+  head's branch, then over (pipeline, context) at the end). With stages, gpipe and circular also all-gather
   the operand of each of their four all-to-alls over data ((R, P, o, T, D)); the hand-backward
   ones gather the tokens and targets ((R, o, T) int32).
 - remat: `full` recomputes each layer's forward in the backward pass, and with it the tensor
   all-reduce of the attention output (the MLP's output is not needed), one more per layer run;
   with FSDP the recomputation reuses the backward's weight gathers (XLA merges them). The saving
   policies keep the matmul outputs the all-reduces produce: nothing more.
+
+- context, ring (`jaxpar.model.context`), per layer run, with kv = b t K/X H: forward, C - 1 hops
+  of k and v (cb); backward, C - 1 hops of k, v (cb), dk and dv (float32), and one last hop of
+  dk and dv: 6 (C - 1) + 2 collective-permutes of kv elements. The same with `remat=full` and in
+  the hand-backward schedules: the recomputed forward's hops of k and v are the backward's own
+  (XLA merges the identical permutes), so nothing is added.
+- context, all_gather: per layer run k and v gathered forward and again backward (the gather is
+  checkpointed), four all-gathers of (b, T, K/X, H) in cb, and their transpose, two
+  reduce-scatters whose results are (b, t, K/X, H).
 
 Activations move in the compute dtype (`compute_bytes`), as on an accelerator. XLA:CPU promotes
 bfloat16 all-reduces to float32, and (jax 0.12, pipeline=2,tensor=4) the pipeline's permutes and
@@ -76,7 +92,7 @@ from collections.abc import Callable, Iterable
 
 from jaxpar.analysis.comm import AxisTraffic, megatron_expected_bytes
 from jaxpar.config import Config, ModelConfig
-from jaxpar.mesh import AXES, DATA, PIPELINE, TENSOR, MeshSpec
+from jaxpar.mesh import AXES, CONTEXT, DATA, PIPELINE, TENSOR, MeshSpec
 from jaxpar.model.layout import StageLayout
 from jaxpar.model.llama import BLOCK_WEIGHT_AXES
 from jaxpar.plan.space import schedule_of
@@ -179,11 +195,11 @@ def predict_traffic(config: Config, spec: MeshSpec, compute_bytes: int) -> list[
     """
     m, t, pipe = config.model, config.train, config.pipeline
     fsdp = config.parallel.fsdp
-    r, p = spec.data, spec.pipeline
+    r, p, cx = spec.data, spec.pipeline, spec.context
     layout = StageLayout(m.layers, p, pipe.repeats)
     schedule = schedule_of(pipe.schedule, p, pipe.microbatches, pipe.repeats)
     hand, ticks = schedule.hand_backward, schedule.ticks
-    c, seq, d = layout.chunk_size, t.seq_len, m.dim
+    c, seq, d = layout.chunk_size, t.seq_len // cx, m.dim  # seq: one device's piece
     b = t.batch_size // (r * pipe.microbatches)  # rows of one tick's job
     o = t.batch_size // (r * p)  # rows per (replica, stage) outside the pipeline
     runs = ticks * c  # layer runs per pass
@@ -210,14 +226,20 @@ def predict_traffic(config: Config, spec: MeshSpec, compute_bytes: int) -> list[
     for q in every:
         for axis in split_over(q):
             tally.add("all-reduce", [axis], 2, 2 * F32)
+    ends = [DATA, PIPELINE, CONTEXT] if hand else [DATA, PIPELINE]
     if not (fsdp and hand):
-        tally.add("all-reduce", [DATA, PIPELINE], 1, F32)
+        tally.add("all-reduce", ends, 1, F32)
 
     # Gradients (FSDP's per layer run and its gathers further down).
+    blocks = sum(local(q) for q in block)
     if not fsdp:
-        blocks = sum(local(q) for q in block)
-        tally.add("all-reduce", [DATA], BLOCK_ARRAYS, blocks * F32)
-        tally.add("all-reduce", [DATA, PIPELINE], len(top), sum(local(q) for q in top) * F32)
+        tally.add("all-reduce", [DATA, CONTEXT], BLOCK_ARRAYS, blocks * F32)
+        tally.add("all-reduce", ends, len(top), sum(local(q) for q in top) * F32)
+    else:
+        tally.add("all-reduce", [CONTEXT], BLOCK_ARRAYS, blocks * F32)
+    if not hand:  # the ends outside the program: their gradients and the loss, over context
+        alone = [q for q in top if not (fsdp and q.is_matmul)]  # FSDP's join the pipeline sum
+        tally.add("all-reduce", [CONTEXT], len(alone) + 1, (sum(local(q) for q in alone) + 1) * F32)
 
     # Tensor: Megatron's all-reduces.
     if hand:
@@ -245,7 +267,22 @@ def predict_traffic(config: Config, spec: MeshSpec, compute_bytes: int) -> list[
 
     if fsdp:
         _fsdp(tally, top, block, slot, local, runs, ticks, hand)
+    if cx > 1:
+        _context(tally, m.context_attention, runs, b * seq * m.kv_heads // size[TENSOR] * m.head_dim,
+                 cx, cb)  # fmt: skip
     return tally.result()
+
+
+def _context(tally: _Tally, strategy: str, runs: int, kv: int, pieces: int, cb: int) -> None:
+    """Attention's traffic over `context` (see the module docstring): `kv` elements of one
+    piece's keys (or values) per layer run."""
+    if strategy == "ring":
+        hops = pieces - 1
+        per_run = 2 * hops * kv * cb + hops * kv * (2 * cb + 2 * F32) + 2 * kv * F32
+        tally.add("collective-permute", [CONTEXT], runs * (6 * hops + 2), runs * per_run)
+    else:
+        tally.add("all-gather", [CONTEXT], 4 * runs, 4 * runs * pieces * kv * cb)
+        tally.add("reduce-scatter", [CONTEXT], 2 * runs, 2 * runs * kv * cb)
 
 
 def _fsdp(
@@ -270,10 +307,11 @@ def _fsdp(
     full = sum(local(q, True) for q in ends) * F32
     tally.add("all-gather", [DATA], times * len(ends), times * full)
     tally.add("all-reduce", [DATA], times * len(ends), times * full)
-    tally.add("all-reduce", [PIPELINE], len(ends), sum(local(q) for q in ends) * F32)
+    final = [PIPELINE, CONTEXT]
+    tally.add("all-reduce", final, len(ends), sum(local(q) for q in ends) * F32)
     norm = sum(local(q) for q in norms) * F32
     if hand:
         tally.add("all-reduce", [DATA], ticks * (len(norms) + 1), ticks * (norm + F32))
-        tally.add("all-reduce", [PIPELINE], len(norms) + 1, norm + F32)
+        tally.add("all-reduce", final, len(norms) + 1, norm + F32)
     else:
         tally.add("all-reduce", [DATA, PIPELINE], len(norms), norm)

@@ -182,6 +182,13 @@ def _describe(trainer: Trainer, corpus: Corpus, console: Console) -> None:
         f"mesh: {p.spec} on {p.mesh.devices.size} {jax.default_backend()} devices, "
         f"rules '{p.rules.name}'; data: {corpus.files} files, {len(corpus.tokens):,} bytes"
     )
+    if p.spec.context > 1:
+        t = p.config.train.seq_len
+        order = "load-balanced" if m.context_load_balance else "in order, not balanced"
+        console.print(
+            f"context: each sequence of {t:,} tokens in {p.spec.context} pieces of "
+            f"{t // p.spec.context:,} ({order}), {m.context_attention} attention"
+        )
 
 
 def _compile(trainer: Trainer, console: Console) -> float:

@@ -191,3 +191,23 @@ def serving_rules(rules: Rules) -> Rules:
     and need not divide over `data` x `pipeline`."""
     mapping = tuple((k, DATA if k == OUTER_BATCH else v) for k, v in rules.mapping)
     return Rules(rules.name, mapping)
+
+
+def gather_copies(x: jax.Array, axis_name: str, dim: int) -> jax.Array:
+    """`all_gather(x, axis_name, axis=dim, tiled=True)` inside a shard_map manual over
+    `axis_name`, moved as an all-to-all of one copy per peer: the same bytes, and its transpose
+    sums the cotangents each device gets back locally, where the all-gather's would be a
+    reduce-scatter. On XLA:CPU a bfloat16 reduction (psum, psum_scatter, pmax) in a shard_map
+    that leaves some mesh axes automatic aborts the process: jax lowers the reducer with a
+    sharding annotation, a `copy` at its root, and the CPU pass that promotes bfloat16
+    all-reduces to float32 CHECK-fails on it ("Invalid binary instruction opcode copy"; jax 0.10
+    and 0.12)."""
+    import jax
+
+    n = jax.lax.axis_size(axis_name)
+    copies = jax.numpy.broadcast_to(
+        jax.numpy.expand_dims(x, dim), (*x.shape[:dim], n, *x.shape[dim:])
+    )
+    gathered = jax.lax.all_to_all(copies, axis_name, dim, dim, tiled=True)
+    return gathered.reshape(*x.shape[:dim], n * x.shape[dim], *x.shape[dim + 1 :])
+

@@ -9,7 +9,7 @@ the sequence of 16 tokens is 4 chunks of 4 on context=2 and 8 chunks of 2 on con
 
 import numpy as np
 import pytest
-from pipeline_cases import assert_matches_sequential, gpipe, one_f
+from pipeline_cases import assert_matches_sequential, gpipe, one_f, trainer
 
 from jaxpar.cli import main
 from jaxpar.model.context import sequence_order
@@ -65,3 +65,10 @@ def test_bad_context_input_exits_2_with_one_line(capsys, tmp_path, args, fragmen
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("jaxpar: error: ") and fragment in err, err
     assert not out.exists()
+
+
+def test_bfloat16_all_gather_step_compiles():
+    """The gather moves as an all-to-all of copies: the all-gather's transpose, a bfloat16
+    reduce-scatter in a program that leaves `tensor` automatic, aborts XLA:CPU's compiler."""
+    extra = (ALL_GATHER, "train.dtype=bfloat16")
+    trainer("data=2,context=2,tensor=2", LAYERS, extra).compile()

@@ -14,8 +14,10 @@ and runs on its piece alone. `attend` moves keys and values between the pieces:
                 last hop: what a device keeps is O(T), never the whole sequence.
     all_gather  each device gathers the keys and values of the whole sequence and attends its own
                 queries to them (MaxText's default, Megatron's `all_gather`); the gather is
-                recomputed in the backward pass, so one layer's full keys exist at a time. Its
-                transpose, a reduce-scatter, sums the keys' gradients back to their pieces.
+                recomputed in the backward pass, so one layer's full keys exist at a time. It
+                moves as an all-to-all of copies (`sharding.gather_copies`, bfloat16-safe on
+                XLA:CPU), whose transpose hands each piece every device's gradient of its keys
+                and sums them there.
 
 Causal load balancing (`model.context_load_balance`, on by default): the sequence is cut into 2C
 chunks and piece i holds chunks i and 2C - 1 - i (`sequence_order`), so every device has the same
@@ -47,6 +49,7 @@ import numpy as np
 
 from jaxpar.config import CONTEXT_ATTENTION as STRATEGIES
 from jaxpar.mesh import CONTEXT
+from jaxpar.sharding import gather_copies
 from jaxpar.model.attention import (
     Partial,
     after,
@@ -120,8 +123,7 @@ def attend(
 @functools.partial(jax.checkpoint, static_argnums=(3, 4))
 def _gathered(q_BTNH, k_BTKH, v_BTKH, balanced: bool, block: int) -> jax.Array:
     t = q_BTNH.shape[1]
-    k_BSKH = jax.lax.all_gather(k_BTKH, CONTEXT, axis=1, tiled=True)
-    v_BSKH = jax.lax.all_gather(v_BTKH, CONTEXT, axis=1, tiled=True)
+    k_BSKH, v_BSKH = (gather_copies(x, CONTEXT, 1) for x in (k_BTKH, v_BTKH))
     k_positions = jnp.asarray(sequence_order(t * pieces(), pieces(), balanced))
     grouped = blocked(
         group(q_BTNH, k_BTKH.shape[2]), k_BSKH, v_BSKH, positions(t, balanced), k_positions,

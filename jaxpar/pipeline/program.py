@@ -28,6 +28,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxpar.mesh import CONTEXT, DATA, PIPELINE
 from jaxpar.pipeline.schedule import Schedule
+from jaxpar.sharding import gather_copies
 
 Row = dict[str, jax.Array]  # one tick's routes on this stage: f_micro, f_src, b_chunk, ...
 
@@ -70,21 +71,12 @@ def microbatch_count(rows: int, stages: int) -> int:
 
 def gather_stages(x_R1X: jax.Array) -> jax.Array:
     """`all_gather(x, PIPELINE, axis=1, tiled=True)`: every stage's rows [R, 1, ...] on every
-    stage, [R, P, ...].
-
-    Activations move as an all-to-all of P copies, not an all-gather: the same bytes, and its
-    transpose sums the P cotangents each stage gets back locally, where the all-gather's would
-    be a reduce-scatter. On XLA:CPU a bfloat16 reduction (psum, psum_scatter, pmax) in a
-    shard_map that leaves some mesh axes automatic aborts the process: jax lowers the reducer
-    with a sharding annotation, a `copy` at its root, and the CPU pass that promotes bfloat16
-    all-reduces to float32 CHECK-fails on it ("Invalid binary instruction opcode copy"; jax 0.10
-    and 0.12). Integer rows (token ids) have no cotangent and move as the all-gather.
-    """
+    stage, [R, P, ...]. Activations move as an all-to-all of P copies (`gather_copies`: its
+    transpose copies, where the all-gather's would reduce-scatter); integer rows (token ids)
+    have no cotangent and move as the all-gather."""
     if jnp.issubdtype(x_R1X.dtype, jnp.integer):
         return jax.lax.all_gather(x_R1X, PIPELINE, axis=1, tiled=True)
-    p = jax.lax.axis_size(PIPELINE)
-    x_RPX = jnp.broadcast_to(x_R1X, (x_R1X.shape[0], p, *x_R1X.shape[2:]))
-    return jax.lax.all_to_all(x_RPX, PIPELINE, 1, 1, tiled=True)
+    return gather_copies(x_R1X, PIPELINE, 1)
 
 
 def from_last_stage(y_RPX: jax.Array) -> jax.Array:

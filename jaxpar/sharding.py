@@ -210,4 +210,3 @@ def gather_copies(x: jax.Array, axis_name: str, dim: int) -> jax.Array:
     )
     gathered = jax.lax.all_to_all(copies, axis_name, dim, dim, tiled=True)
     return gathered.reshape(*x.shape[:dim], n * x.shape[dim], *x.shape[dim + 1 :])
-

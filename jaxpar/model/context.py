@@ -49,7 +49,6 @@ import numpy as np
 
 from jaxpar.config import CONTEXT_ATTENTION as STRATEGIES
 from jaxpar.mesh import CONTEXT
-from jaxpar.sharding import gather_copies
 from jaxpar.model.attention import (
     Partial,
     after,
@@ -61,6 +60,7 @@ from jaxpar.model.attention import (
     scores,
     visible,
 )
+from jaxpar.sharding import gather_copies
 
 
 def sequence_order(seq: int, pieces: int, balanced: bool) -> np.ndarray:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import functools
 import math
-from functools import cache
 
 import jax
 import jax.numpy as jnp
@@ -82,20 +81,15 @@ def pieces() -> int:
     return mesh.shape[CONTEXT]
 
 
-def _piece_positions(t: int, balanced: bool, piece: jax.Array | int | None = None) -> jax.Array:
-    """(T,) positions of piece `piece` (default: this device's) of a sequence of C * t."""
+def positions(t: int, balanced: bool, piece: jax.Array | int | None = None) -> jax.Array:
+    """(T,) the positions of the T tokens here: 0..T-1 unless the sequence is split over
+    `context`, then piece `piece`'s share of it (default: this device's; `sequence_order`)."""
     c = pieces()
     order = sequence_order(t * c, c, balanced).reshape(c, t)
     if c == 1:
         return jnp.asarray(order[0])
     piece = jax.lax.axis_index(CONTEXT) if piece is None else piece
     return jnp.asarray(order, jnp.int32)[piece]
-
-
-def positions(t: int, balanced: bool) -> jax.Array:
-    """(T,) the positions of the T tokens here: 0..T-1 unless the sequence is split over
-    `context`, then this piece's share of it (`sequence_order`)."""
-    return _piece_positions(t, balanced)
 
 
 def attend(
@@ -180,7 +174,7 @@ def _next(tree):
     return jax.lax.ppermute(tree, CONTEXT, [(i, (i + 1) % c) for i in range(c)])
 
 
-@cache
+@functools.cache
 def _ring(balanced: bool, block: int):
     """Ring attention `(q_BTNH, k_BTKH, v_BTKH) -> out_BTNH` with its own backward."""
 
@@ -189,7 +183,7 @@ def _ring(balanced: bool, block: int):
         t, c = k_BTKH.shape[1], jax.lax.axis_size(CONTEXT)
         here = jax.lax.axis_index(CONTEXT)
         for hop in range(c):
-            k_pos_2c = _piece_positions(t, balanced, (here - hop) % c).reshape(2, t // 2)
+            k_pos_2c = positions(t, balanced, (here - hop) % c).reshape(2, t // 2)
             yield hop, k_pos_2c, _blocks(hop, balanced)
 
     def forward(q_BTNH, k_BTKH, v_BTKH):

@@ -22,19 +22,20 @@ cached positions written so far. Positions None mean 0, 1, 2, ... in every row, 
 its causal kernel instead of a mask.
 
 Blocked attention (`model.attention_block`): on the XLA path a sequence longer than the block is
-attended one block of queries at a time (`Partial`s, merged as a flash kernel merges them), each
-block of a causal call reading only the keys at or before its own, and each recomputed in the
-backward pass rather than kept: no (T, S) score matrix is ever whole. The same pieces merge the
+attended one block of queries at a time, in a loop (`blocked`), with flash attention's backward
+(`flash`: each block's scores recomputed from the rows' log-sum-exp, never kept): no (T, S)
+score matrix is ever whole. The same pieces merge the
 blocks of ring attention over the `context` axis (`jaxpar.model.context`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable
 from functools import cache
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,11 +73,7 @@ def attend(
     if k_positions_BS is None:
         k_positions_BS = jnp.broadcast_to(jnp.arange(s), k_BSKH.shape[:2])
     if impl == "xla" and 0 < block < t and t % block == 0:
-        grouped = blocked(
-            group(q_BTNH, k_BSKH.shape[2]), k_BSKH, v_BSKH, q_positions_BT, k_positions_BS,
-            causal=causal and t == s, block=block,
-        )  # fmt: skip
-        return finish(grouped, q_BTNH.dtype)
+        return flash(q_BTNH, k_BSKH, v_BSKH, q_positions_BT, k_positions_BS, block)
     mask_BTS = k_positions_BS[:, None, :] <= q_positions_BT[:, :, None]
     if impl == "xla":
         return _xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
@@ -172,13 +169,29 @@ def finish(p: Partial, dtype: jnp.dtype) -> jax.Array:
     return out_BTKGH.astype(dtype).reshape(b, t, k * g, h)
 
 
-def after(x: jax.Array, done: Any) -> jax.Array:
-    """`x`, available only once `done` (any tree of arrays, or None) is computed: blocks of
-    attention have no data dependence on each other, and without one XLA schedules them all at
-    once, every block's scores alive together, as if there were no blocks."""
-    if done is None:
-        return x
-    return jax.lax.optimization_barrier((x, done))[0]
+def _row_blocks(x: jax.Array, n: int, axis: int) -> jax.Array:
+    """`x` with its query axis `axis` cut into n blocks, stacked first (what `lax.map` and
+    `lax.scan` loop over)."""
+    x = x.reshape(*x.shape[:axis], n, x.shape[axis] // n, *x.shape[axis + 1 :])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _rows_whole(x: jax.Array, axis: int) -> jax.Array:
+    """The inverse of `_row_blocks`."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
+
+
+def _blocks_of(t: int, block: int) -> int:
+    """How many query blocks `blocked` cuts T queries into (1: all at once)."""
+    return t // block if 0 < block < t and t % block == 0 else 1
+
+
+def varying(x: jax.Array) -> jax.Array:
+    """`x` typed as varying over every manual axis of the shard_map it is in (if any): what a
+    loop's carry must be when the values added to it vary over axes the loop cannot know."""
+    manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+    return jax.lax.pcast(x, manual, to="varying") if manual else x
 
 
 def blocked(
@@ -187,39 +200,101 @@ def blocked(
     v_BSKH: jax.Array,
     q_positions: jax.Array,
     k_positions: jax.Array,
-    *,
-    causal: bool,
     block: int,
 ) -> Partial:
-    """The `Partial` of queries over keys, `block` queries at a time (all at once when `block`
-    is 0 or does not divide T into several blocks).
-
-    Each block's scores exist only while it is computed, and the backward pass recomputes them
-    (a checkpoint per block). With `causal`, keys and queries are the same contiguous run of
-    positions in order, so query block a reads keys [0, (a + 1) * block) alone: blocks entirely
-    above the diagonal cost nothing. Masks still come from the positions, (T,) and (S,) or
-    (B, T) and (B, S).
+    """The `Partial` of queries over keys, `block` queries at a time in a loop (`lax.map`): one
+    block's (block, S) scores exist at a time, however long the sequence (all at once when
+    `block` is 0 or does not cut T into several blocks). Masks come from the positions, (T,) and
+    (S,) or (B, T) and (B, S); a block of a causal call computes its masked keys too, so that
+    every block has the same shape. Differentiate it through `flash` (or the ring), whose
+    backward recomputes each block's scores (`block_grads`): autodiff would keep them all.
     """
-    t = q_BTKGH.shape[1]
-    if not 0 < block < t or t % block:
+    n = _blocks_of(q_BTKGH.shape[1], block)
+    if n == 1:
         return partial(q_BTKGH, k_BSKH, v_BSKH, visible(q_positions, k_positions))
-
-    @jax.checkpoint
-    def one(q_BtKGH, k_BsKH, v_BsKH, q_pos, k_pos) -> Partial:
-        return partial(q_BtKGH, k_BsKH, v_BsKH, visible(q_pos, k_pos))
-
-    parts: list[Partial] = []
-    for a in range(t // block):
-        rows = slice(a * block, (a + 1) * block)
-        keys = slice(0, (a + 1) * block if causal else k_BSKH.shape[1])
-        q_BtKGH = after(q_BTKGH[:, rows], parts[-1] if parts else None)
-        parts.append(one(q_BtKGH, k_BSKH[:, keys], v_BSKH[:, keys], q_positions[..., rows],
-                         k_positions[..., keys]))  # fmt: skip
+    parts = jax.lax.map(
+        lambda a: partial(a[0], k_BSKH, v_BSKH, visible(a[1], k_positions)),
+        (_row_blocks(q_BTKGH, n, 1), _row_blocks(q_positions, n, q_positions.ndim - 1)),
+    )
     return Partial(
-        jnp.concatenate([p.out_BTKGH for p in parts], axis=1),
-        *(jnp.concatenate([getattr(p, f) for p in parts], axis=3)
-          for f in ("top_BKGT", "total_BKGT")),
+        _rows_whole(parts.out_BTKGH, 1),
+        _rows_whole(parts.top_BKGT, 3),
+        _rows_whole(parts.total_BKGT, 3),
+    )
+
+
+def block_grads(q_BTKGH, k_BSKH, v_BSKH, do_BTKGH, lse_BKGT, delta_BKGT, q_positions,
+                k_positions, block: int):  # fmt: skip
+    """Flash attention's backward: the gradients of queries (B, T, K, G, H) over keys
+    (B, S, K, H), given the rows' final log-sum-exp and delta = sum(dout * out), (B, K, G, T),
+    `block` queries at a time in a loop (`lax.scan`, the keys' gradients in its carry), as
+    `blocked` computed them.
+
+    Returns:
+        float32 (dq (B, T, K, G, H), dk (B, S, K, H), dv (B, S, K, H)).
+    """
+    scale = 1 / math.sqrt(q_BTKGH.shape[-1])
+    dtype = v_BSKH.dtype
+
+    def one(carry: tuple, rows: tuple) -> tuple[tuple, jax.Array]:
+        dk_BSKH, dv_BSKH = carry
+        q_BtKGH, do_BtKGH, lse_BKGt, delta_BKGt, q_pos = rows
+        mask = visible(q_pos, k_positions)
+        s_BKGtS = scores(q_BtKGH, k_BSKH, mask)
+        p_BKGtS = jnp.where(mask, jnp.exp(s_BKGtS - lse_BKGt[..., None]), 0.0)
+        do_BtKGH = do_BtKGH.astype(dtype)
+        dv_BSKH += jnp.einsum("BKGTS,BTKGH->BSKH", p_BKGtS.astype(dtype), do_BtKGH)
+        dp_BKGtS = jnp.einsum("BTKGH,BSKH->BKGTS", do_BtKGH, v_BSKH).astype(jnp.float32)
+        ds_BKGtS = (p_BKGtS * (dp_BKGtS - delta_BKGt[..., None]) * scale).astype(dtype)
+        dk_BSKH += jnp.einsum("BKGTS,BTKGH->BSKH", ds_BKGtS, q_BtKGH)
+        dq_BtKGH = jnp.einsum("BKGTS,BSKH->BTKGH", ds_BKGtS, k_BSKH).astype(jnp.float32)
+        return (dk_BSKH, dv_BSKH), dq_BtKGH
+
+    n = _blocks_of(q_BTKGH.shape[1], block)
+    rows = (
+        _row_blocks(q_BTKGH, n, 1), _row_blocks(do_BTKGH, n, 1), _row_blocks(lse_BKGT, n, 3),
+        _row_blocks(delta_BKGT, n, 3), _row_blocks(q_positions, n, q_positions.ndim - 1),
     )  # fmt: skip
+    zeros = varying(jnp.zeros(k_BSKH.shape, jnp.float32))
+    (dk_BSKH, dv_BSKH), dq_nBtKGH = jax.lax.scan(one, (zeros, zeros), rows)
+    return _rows_whole(dq_nBtKGH, 1), dk_BSKH, dv_BSKH
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def flash(q_BTNH, k_BSKH, v_BSKH, q_positions, k_positions, block: int) -> jax.Array:
+    """`blocked` attention, normalised, (B, T, N, H) in the queries' dtype, whose backward pass
+    recomputes each block's scores from the rows' log-sum-exp (`block_grads`) instead of keeping
+    them: memory O(T) besides one block's (block, S) scores."""
+    return _flash_forward(q_BTNH, k_BSKH, v_BSKH, q_positions, k_positions, block)[0]
+
+
+def _flash_forward(q_BTNH, k_BSKH, v_BSKH, q_positions, k_positions, block):
+    grouped = blocked(group(q_BTNH, k_BSKH.shape[2]), k_BSKH, v_BSKH, q_positions, k_positions,
+                      block)  # fmt: skip
+    out_BTNH = finish(grouped, q_BTNH.dtype)
+    kept = (q_BTNH, k_BSKH, v_BSKH, q_positions, k_positions, out_BTNH, grouped.logsumexp_BKGT)
+    return out_BTNH, kept
+
+
+def _flash_backward(block, kept, dout_BTNH):
+    q_BTNH, k_BSKH, v_BSKH, q_positions, k_positions, out_BTNH, lse_BKGT = kept
+    kv_heads = k_BSKH.shape[2]
+    do_BTKGH = group(dout_BTNH, kv_heads)
+    dq, dk, dv = block_grads(
+        group(q_BTNH, kv_heads), k_BSKH, v_BSKH, do_BTKGH, lse_BKGT,
+        delta(do_BTKGH, group(out_BTNH, kv_heads)), q_positions, k_positions, block,
+    )  # fmt: skip
+    return (dq.reshape(q_BTNH.shape).astype(q_BTNH.dtype), dk.astype(k_BSKH.dtype),
+            dv.astype(v_BSKH.dtype), None, None)  # fmt: skip
+
+
+flash.defvjp(_flash_forward, _flash_backward)
+
+
+def delta(do_BTKGH: jax.Array, out_BTKGH: jax.Array) -> jax.Array:
+    """(B, K, G, T) sum(dout * out) over H, in float32: the softmax's backward per row."""
+    f32 = jnp.float32
+    return jnp.einsum("BTKGH,BTKGH->BKGT", do_BTKGH.astype(f32), out_BTKGH.astype(f32))
 
 
 def attend_cached(

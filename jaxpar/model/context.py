@@ -32,15 +32,16 @@ ring computes only the (query half, key half) blocks that have visible keys (`_b
                  lockstep every device computes what the busiest one does (the imbalance
                  `analysis` shows).
 
-So with balancing every device computes 3 + 2 (C - 1) blocks of c x c, the causal ones blocked
-again within the device (`model.attention_block`), where the whole sequence on one device computes
-C (2C + 1) of them: 1/C of it each.
+So with balancing every device computes 3 + 2 (C - 1) blocks of c x c (the two causal ones
+masked), where the whole sequence on one device computes (2C)^2 of them (XLA's attention masks
+the causal half too): (2C + 1) / 4C of 1/C of it each. Within a device each block runs
+`model.attention_block` queries at a time in a loop (`attention.blocked`, `block_grads`), so one
+such (block, c) score matrix exists at a time.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -50,13 +51,16 @@ from jaxpar.config import CONTEXT_ATTENTION as STRATEGIES
 from jaxpar.mesh import CONTEXT
 from jaxpar.model.attention import (
     Partial,
-    after,
+    block_grads,
     blocked,
+    delta,
     empty,
     finish,
+    flash,
     group,
     merge,
-    scores,
+    partial,
+    varying,
     visible,
 )
 from jaxpar.sharding import gather_copies
@@ -119,11 +123,7 @@ def _gathered(q_BTNH, k_BTKH, v_BTKH, balanced: bool, block: int) -> jax.Array:
     t = q_BTNH.shape[1]
     k_BSKH, v_BSKH = (gather_copies(x, CONTEXT, 1) for x in (k_BTKH, v_BTKH))
     k_positions = jnp.asarray(sequence_order(t * pieces(), pieces(), balanced))
-    grouped = blocked(
-        group(q_BTNH, k_BTKH.shape[2]), k_BSKH, v_BSKH, positions(t, balanced), k_positions,
-        causal=False, block=block,
-    )  # fmt: skip
-    return finish(grouped, q_BTNH.dtype)
+    return flash(q_BTNH, k_BSKH, v_BSKH, positions(t, balanced), k_positions, block)
 
 
 # -- ring attention ---------------------------------------------------------------------------
@@ -131,16 +131,17 @@ def _gathered(q_BTNH, k_BTKH, v_BTKH, balanced: bool, block: int) -> jax.Array:
 Half = int | jax.Array  # 0 or 1, static, or traced where it differs between devices
 
 
-def _blocks(hop: int, balanced: bool) -> list[tuple[Half, Half, bool]]:
-    """The (query half, key half, causal) blocks computed at `hop` (see the module docstring)."""
-    if hop == 0:
-        return [(0, 0, True), (1, 0, False), (1, 1, True)]
+FIRST = [(0, 0), (1, 0), (1, 1)]  # hop 0's (query half, key half) blocks: (0, 1) is hidden
+
+
+def _blocks(hop: jax.Array, balanced: bool) -> list[tuple[Half, Half]]:
+    """The (query half, key half) blocks computed at `hop` > 0 (see the module docstring)."""
     if not balanced:
-        return [(0, 0, False), (0, 1, False), (1, 0, False), (1, 1, False)]
+        return [(0, 0), (0, 1), (1, 0), (1, 1)]
     i = jax.lax.axis_index(CONTEXT)
     j = (i - hop) % jax.lax.axis_size(CONTEXT)
     s = (j > i).astype(jnp.int32)
-    return [(1, 0, False), (s, s, False)]
+    return [(1, 0), (s, s)]
 
 
 def _halves(x_BTX: jax.Array) -> jax.Array:
@@ -176,31 +177,40 @@ def _next(tree):
 
 @functools.cache
 def _ring(balanced: bool, block: int):
-    """Ring attention `(q_BTNH, k_BTKH, v_BTKH) -> out_BTNH` with its own backward."""
+    """Ring attention `(q_BTNH, k_BTKH, v_BTKH) -> out_BTNH` with its own backward.
 
-    def hops(k_BTKH: jax.Array):
-        """(hop, the key halves' positions (2, c), the blocks) for each hop."""
-        t, c = k_BTKH.shape[1], jax.lax.axis_size(CONTEXT)
-        here = jax.lax.axis_index(CONTEXT)
-        for hop in range(c):
-            k_pos_2c = positions(t, balanced, (here - hop) % c).reshape(2, t // 2)
-            yield hop, k_pos_2c, _blocks(hop, balanced)
+    Hop 0 runs on this piece's own keys; hops 1 .. C - 1 are one `lax.scan`, each step first
+    taking the previous device's keys (`_next`), so that one hop's blocks are computed at a time
+    and the program does not grow with C.
+    """
+
+    def ring_hops(step, carry, t: int):
+        """`step(carry, blocks, k_pos_2c)` on this piece's keys, then for each later hop after
+        `carry`'s travelling part (its first element) moved one device on."""
+        c, here = jax.lax.axis_size(CONTEXT), jax.lax.axis_index(CONTEXT)
+        carry = step(carry, FIRST, positions(t, balanced).reshape(2, t // 2))
+
+        def hop(carry, h):
+            carry = (_next(carry[0]), *carry[1:])
+            k_pos_2c = positions(t, balanced, (here - h) % c).reshape(2, t // 2)
+            return step(carry, _blocks(h, balanced), k_pos_2c), None
+
+        return jax.lax.scan(hop, carry, jnp.arange(1, c))[0]
 
     def forward(q_BTNH, k_BTKH, v_BTKH):
         t, kv_heads = q_BTNH.shape[1], k_BTKH.shape[2]
         q_2BcKGH = _halves(group(q_BTNH, kv_heads))
         q_pos_2c = positions(t, balanced).reshape(2, t // 2)
-        acc = jax.tree.map(lambda *a: jnp.stack(a), *[empty(q_2BcKGH[0])] * 2)
-        kv = (_halves(k_BTKH), _halves(v_BTKH))
-        last = jax.lax.axis_size(CONTEXT) - 1
-        for hop, k_pos_2c, blocks in hops(k_BTKH):
-            for qh, kh, causal in blocks:
-                q_BcKGH = after(q_2BcKGH[qh], acc.top_BKGT)  # one block at a time
-                part = blocked(q_BcKGH, kv[0][kh], kv[1][kh], q_pos_2c[qh], k_pos_2c[kh],
-                               causal=causal, block=block)  # fmt: skip
+
+        def step(carry, blocks, k_pos_2c):
+            (k_2, v_2), acc = carry
+            for qh, kh in blocks:
+                part = blocked(q_2BcKGH[qh], k_2[kh], v_2[kh], q_pos_2c[qh], k_pos_2c[kh], block)
                 acc = _put(acc, qh, merge(_at(acc, qh), part))
-            if hop < last:
-                kv = _next(kv)
+            return (k_2, v_2), acc
+
+        acc = jax.tree.map(lambda *a: varying(jnp.stack(a)), *[empty(q_2BcKGH[0])] * 2)
+        _, acc = ring_hops(step, ((_halves(k_BTKH), _halves(v_BTKH)), acc), t)
         whole = Partial(_whole(acc.out_BTKGH), *(
             jnp.concatenate([a[0], a[1]], axis=-1) for a in (acc.top_BKGT, acc.total_BKGT)
         ))  # fmt: skip
@@ -212,29 +222,26 @@ def _ring(balanced: bool, block: int):
         t, kv_heads = q_BTNH.shape[1], k_BTKH.shape[2]
         q_2BcKGH = _halves(group(q_BTNH, kv_heads))
         do_2BcKGH = _halves(group(dout_BTNH, kv_heads))
-        delta_BKGT = jnp.einsum(
-            "BTKGH,BTKGH->BKGT", group(dout_BTNH, kv_heads).astype(jnp.float32),
-            group(out_BTNH, kv_heads).astype(jnp.float32),
-        )  # fmt: skip
+        delta_BKGT = delta(group(dout_BTNH, kv_heads), group(out_BTNH, kv_heads))
         lse_2BKGc, delta_2BKGc = _stat_halves(lse_BKGT), _stat_halves(delta_BKGT)
         q_pos_2c = positions(t, balanced).reshape(2, t // 2)
-        dq_2BcKGH = jnp.zeros(q_2BcKGH.shape, jnp.float32)
-        f32 = lambda a: jnp.zeros(a.shape, jnp.float32)  # noqa: E731
-        travel = (_halves(k_BTKH), _halves(v_BTKH), f32(_halves(k_BTKH)), f32(_halves(v_BTKH)))
-        last = jax.lax.axis_size(CONTEXT) - 1
-        for hop, k_pos_2c, blocks in hops(k_BTKH):
-            k_2, v_2, dk_2, dv_2 = travel
-            for qh, kh, causal in blocks:
-                dq, dk, dv = _block_grads(
-                    after(q_2BcKGH[qh], dq_2BcKGH), k_2[kh], v_2[kh], do_2BcKGH[qh], lse_2BKGc[qh],
-                    delta_2BKGc[qh], q_pos_2c[qh], k_pos_2c[kh], causal, block,
+
+        def step(carry, blocks, k_pos_2c):
+            (k_2, v_2, dk_2, dv_2), dq_2BcKGH = carry
+            for qh, kh in blocks:
+                dq, dk, dv = block_grads(
+                    q_2BcKGH[qh], k_2[kh], v_2[kh], do_2BcKGH[qh], lse_2BKGc[qh],
+                    delta_2BKGc[qh], q_pos_2c[qh], k_pos_2c[kh], block,
                 )  # fmt: skip
                 dq_2BcKGH = dq_2BcKGH.at[qh].add(dq)
                 dk_2, dv_2 = dk_2.at[kh].add(dk), dv_2.at[kh].add(dv)
-            travel = (k_2, v_2, dk_2, dv_2)
-            if hop < last:
-                travel = _next(travel)
-        dk_2, dv_2 = _next(travel[2:]) if last else travel[2:]  # each piece's gradients, home
+            return (k_2, v_2, dk_2, dv_2), dq_2BcKGH
+
+        zeros = lambda a: varying(jnp.zeros(a.shape, jnp.float32))  # noqa: E731
+        k_2, v_2 = _halves(k_BTKH), _halves(v_BTKH)
+        carry = ((k_2, v_2, zeros(k_2), zeros(v_2)), zeros(q_2BcKGH))
+        (_, _, dk_2, dv_2), dq_2BcKGH = ring_hops(step, carry, t)
+        dk_2, dv_2 = _next((dk_2, dv_2))  # each piece's gradients, home
         dq_BTNH = _whole(dq_2BcKGH).reshape(q_BTNH.shape)
         return (dq_BTNH.astype(q_BTNH.dtype), _whole(dk_2).astype(k_BTKH.dtype),
                 _whole(dv_2).astype(v_BTKH.dtype))  # fmt: skip
@@ -245,37 +252,6 @@ def _ring(balanced: bool, block: int):
 
     ring.defvjp(forward, backward)
     return ring
-
-
-def _block_grads(q_BcKGH, k_BsKH, v_BsKH, do_BcKGH, lse_BKGc, delta_BKGc, q_pos, k_pos,
-                 causal: bool, block: int):  # fmt: skip
-    """The gradients of one block of queries over one block of keys, given the rows' final
-    log-sum-exp and delta = sum(dout * out): flash attention's backward, `block` queries at a
-    time (and for a causal block only the keys at or before them, as `blocked` reads them).
-
-    Returns:
-        float32 (dq (B, c, K, G, H), dk (B, s, K, H), dv (B, s, K, H)).
-    """
-    c, s = q_BcKGH.shape[1], k_BsKH.shape[1]
-    step = block if 0 < block < c and c % block == 0 else c
-    dq_parts = []
-    dk = jnp.zeros(k_BsKH.shape, jnp.float32)
-    dv = jnp.zeros(v_BsKH.shape, jnp.float32)
-    scale = 1 / math.sqrt(q_BcKGH.shape[-1])
-    for a in range(c // step):
-        rows, n = slice(a * step, (a + 1) * step), (a + 1) * step if causal else s
-        q, do = after(q_BcKGH[:, rows], dq_parts[-1] if dq_parts else None), do_BcKGH[:, rows]
-        k, v = k_BsKH[:, :n], v_BsKH[:, :n]
-        mask = visible(q_pos[rows], k_pos[:n])
-        p_BKGTS = jnp.where(mask, jnp.exp(scores(q, k, mask) - lse_BKGc[..., rows, None]), 0.0)
-        dtype = v.dtype
-        dv_part = jnp.einsum("BKGTS,BTKGH->BSKH", p_BKGTS.astype(dtype), do.astype(dtype))
-        dp_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", do.astype(dtype), v).astype(jnp.float32)
-        ds_BKGTS = (p_BKGTS * (dp_BKGTS - delta_BKGc[..., rows, None]) * scale).astype(dtype)
-        dq_parts.append(jnp.einsum("BKGTS,BSKH->BTKGH", ds_BKGTS, k).astype(jnp.float32))
-        dk = dk.at[:, :n].add(jnp.einsum("BKGTS,BTKGH->BSKH", ds_BKGTS, q).astype(jnp.float32))
-        dv = dv.at[:, :n].add(dv_part.astype(jnp.float32))
-    return jnp.concatenate(dq_parts, axis=1), dk, dv
 
 
 # -- a KV cache split over `context` (serving) --------------------------------------------------
@@ -324,8 +300,8 @@ def attend_cached(
 
     Several queries a row (a prompt run: prefill or a prompt piece, each piece holding its own
     share of it, or the same queries on every piece) travel the ring instead of the cache, which
-    is long and stays put: C - 1 hops, each merging the next piece's `Partial`, and one more hop
-    home, so a device holds T queries of a run of C * T. One query a row is a decode step, whose
+    is long and stays put: C hops, each merging the next piece's `Partial`, the last one home, so
+    a device holds T queries of a run of C * T. One query a row is a decode step, whose
     token every piece holds: every piece attends it over its share, and the shares merge with
     one reduction per layer, pmax of the maximum and psum of the rescaled sum and output.
 
@@ -341,17 +317,37 @@ def attend_cached(
     k_positions_BS = jnp.broadcast_to(jnp.arange(s) * c + jax.lax.axis_index(CONTEXT), (b, s))
 
     def here(q_BTKGH: jax.Array, q_positions_BT: jax.Array) -> Partial:
-        return blocked(q_BTKGH, k_BSKH, v_BSKH, q_positions_BT, k_positions_BS, causal=False,
-                       block=block)  # fmt: skip
+        """The queries' `Partial` over this piece's keys, `block` queries at a time in a loop
+        (`lax.map`), so that one block's scores exist at a time however long the prompt."""
+        t = q_BTKGH.shape[1]
+        n = t // block if 0 < block < t and t % block == 0 else 1
+        q_nBtKGH = jnp.moveaxis(q_BTKGH.reshape(b, n, t // n, *q_BTKGH.shape[2:]), 1, 0)
+        q_positions_nBt = jnp.moveaxis(q_positions_BT.reshape(b, n, t // n), 1, 0)
+        parts = jax.lax.map(
+            lambda a: partial(a[0], k_BSKH, v_BSKH, visible(a[1], k_positions_BS)),
+            (q_nBtKGH, q_positions_nBt),
+        )
+        return Partial(
+            jnp.moveaxis(parts.out_BTKGH, 0, 1).reshape(q_BTKGH.shape),
+            *(jnp.moveaxis(x, 0, 3).reshape(*x.shape[1:4], t)
+              for x in (parts.top_BKGT, parts.total_BKGT)),
+        )  # fmt: skip
 
     q_BTKGH = group(q_BTNH, k_BTKH.shape[2])
     if q_BTNH.shape[1] > 1:  # a prompt run: the ring
-        acc = here(q_BTKGH, positions_BT)
-        queries = (q_BTKGH, positions_BT)
-        for _ in range(c - 1):
-            queries, acc = _next((queries, acc))
-            acc = merge(acc, here(*queries))
-        return finish(_next(acc), q_BTNH.dtype)
+
+        def hop(travel: tuple, _) -> tuple[tuple, None]:
+            queries, acc = travel
+            return _next((queries, merge(acc, here(*queries)))), None
+
+        # C hops in a loop, the last one home: one piece's blocks exist at a time (unrolled, on
+        # XLA:CPU with `jaxpar.runtime`'s split heaps, each hop's would keep its own buffers).
+        # (the running state varies over the program's manual axes, as the cache it reads does)
+        manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+        acc = jax.tree.map(lambda a: jax.lax.pcast(a, manual, to="varying"), empty(q_BTKGH))
+        start = ((q_BTKGH, positions_BT), acc)
+        (_, acc), _ = jax.lax.scan(hop, start, length=c)
+        return finish(acc, q_BTNH.dtype)
     mine = here(q_BTKGH, positions_BT)
     top_BKGT = jax.lax.pmax(mine.top_BKGT, CONTEXT)
     scale_BKGT = jnp.exp(mine.top_BKGT - top_BKGT)

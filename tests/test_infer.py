@@ -30,7 +30,9 @@ ROWS, MAX_LEN = 4, 24
 @functools.cache
 def setup(spec: str):
     """A model initialised identically on `spec`, its generator and a full-recompute forward."""
-    config = serving_config(load_config(None, SIZES))
+    # Over `context`, a piece's queries are attended 4 at a time (several blocks a piece).
+    blocks = ["model.attention_block=4"] if "context" in spec else []
+    config = serving_config(load_config(None, [*SIZES, *blocks]))
     s = parse_mesh(spec)
     mesh = make_mesh(s, jax.devices()[: s.size])
     trainer = Trainer(Placement(config, mesh))

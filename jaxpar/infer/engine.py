@@ -256,9 +256,9 @@ class Generator:
         (None: all); every position this call computes must lie below it.
 
         With `context`, the cache's positions are striped over it (`context.attend_cached`); a
-        prompt run (T > 1, starting at a multiple of C) comes in `context.striped_order`, each
-        piece holding the tokens whose positions it keeps, and its outputs go back in that order;
-        a decode step's token is on every piece.
+        prompt run that `_split`s (starting at a multiple of C) comes in `context.striped_order`,
+        each piece holding the tokens whose positions it keeps, and its outputs go back in that
+        order; a decode step's token (and a run too short to split) is on every piece.
         """
         p, t = self.stages, x_BTD.shape[1]
         split = self._split(t)

@@ -59,9 +59,7 @@ from jaxpar.model.attention import (
     flash,
     group,
     merge,
-    partial,
     varying,
-    visible,
 )
 from jaxpar.sharding import gather_copies
 
@@ -317,21 +315,8 @@ def attend_cached(
     k_positions_BS = jnp.broadcast_to(jnp.arange(s) * c + jax.lax.axis_index(CONTEXT), (b, s))
 
     def here(q_BTKGH: jax.Array, q_positions_BT: jax.Array) -> Partial:
-        """The queries' `Partial` over this piece's keys, `block` queries at a time in a loop
-        (`lax.map`), so that one block's scores exist at a time however long the prompt."""
-        t = q_BTKGH.shape[1]
-        n = t // block if 0 < block < t and t % block == 0 else 1
-        q_nBtKGH = jnp.moveaxis(q_BTKGH.reshape(b, n, t // n, *q_BTKGH.shape[2:]), 1, 0)
-        q_positions_nBt = jnp.moveaxis(q_positions_BT.reshape(b, n, t // n), 1, 0)
-        parts = jax.lax.map(
-            lambda a: partial(a[0], k_BSKH, v_BSKH, visible(a[1], k_positions_BS)),
-            (q_nBtKGH, q_positions_nBt),
-        )
-        return Partial(
-            jnp.moveaxis(parts.out_BTKGH, 0, 1).reshape(q_BTKGH.shape),
-            *(jnp.moveaxis(x, 0, 3).reshape(*x.shape[1:4], t)
-              for x in (parts.top_BKGT, parts.total_BKGT)),
-        )  # fmt: skip
+        """The queries' `Partial` over this piece's keys, `block` queries at a time."""
+        return blocked(q_BTKGH, k_BSKH, v_BSKH, q_positions_BT, k_positions_BS, block)
 
     q_BTKGH = group(q_BTNH, k_BTKH.shape[2])
     if q_BTNH.shape[1] > 1:  # a prompt run: the ring
@@ -343,8 +328,7 @@ def attend_cached(
         # C hops in a loop, the last one home: one piece's blocks exist at a time (unrolled, on
         # XLA:CPU with `jaxpar.runtime`'s split heaps, each hop's would keep its own buffers).
         # (the running state varies over the program's manual axes, as the cache it reads does)
-        manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
-        acc = jax.tree.map(lambda a: jax.lax.pcast(a, manual, to="varying"), empty(q_BTKGH))
+        acc = jax.tree.map(varying, empty(q_BTKGH))
         start = ((q_BTKGH, positions_BT), acc)
         (_, acc), _ = jax.lax.scan(hop, start, length=c)
         return finish(acc, q_BTNH.dtype)

@@ -30,6 +30,12 @@ LAYOUTS = {
     "pipeline+fsdp": [
         "parallel.mesh=data=4,pipeline=2", "parallel.fsdp=true", "pipeline.microbatches=2",
     ],
+    # the sequence split over context: the ring's permutes, all_gather's all-to-alls, and the
+    # gradients and loss summed over context as well (sizes.TRAFFIC's 16 positions: C up to 8)
+    "context-ring": ["parallel.mesh=context=4"],
+    "context-all_gather": ["parallel.mesh=context=2", "model.context_attention=all_gather"],
+    "data+context+tensor": ["parallel.mesh=data=2,context=2,tensor=2"],
+    "pipeline+context-gpipe": ["parallel.mesh=pipeline=2,context=2", "pipeline.microbatches=2"],
 }  # fmt: skip
 
 

@@ -5,7 +5,7 @@ import math
 
 import jax
 import pytest
-from sizes import DIM, LAYERS, SEQ, TRAFFIC
+from sizes import BATCH, DIM, LAYERS, SEQ, TRAFFIC
 
 from jaxpar.analysis.comm import megatron_check, megatron_expected_bytes, traffic
 from jaxpar.analysis.hlo import axes_of_groups, collectives, parse_groups
@@ -68,6 +68,41 @@ def test_fsdp_gathers_weights_over_data_only():
     assert not [c for c in found if c.kind == "all-gather" and c.axes != ("data",)]
 
 
+@pytest.mark.parametrize(
+    ("mesh_spec", "remat"), [("context=4", "none"), ("data=2,context=2,tensor=2", "none"),
+                             ("context=2", "full")],
+)  # fmt: skip
+def test_ring_permutes_over_context_are_the_rings_formula(mesh_spec, remat):
+    config = load_config(None, [*TRAFFIC, f"parallel.mesh={mesh_spec}", f"model.remat={remat}"])
+    spec = parse_mesh(mesh_spec)
+    mesh = make_mesh(spec, jax.devices()[: spec.size])
+    compiled, _ = Trainer(Placement(config, mesh)).compile()
+    found = collectives(compiled.as_text(), spec.sizes, AXES)
+    permutes = [c for c in found if c.kind == "collective-permute"]
+    assert permutes and all(c.axes == ("context",) for c in permutes)
+    # one piece's keys (or values) of one layer: (B / data, T / C, K / tensor, H)
+    c, m = spec.context, config.model
+    kv = BATCH // spec.data * SEQ // c * m.kv_heads // spec.tensor * m.head_dim
+    assert all(math.prod(shape) == kv for p in permutes for _, shape in p.shapes)
+    forward = [p for p in permutes if "transpose" not in p.op_name]
+    backward = [p for p in permutes if "transpose" in p.op_name]
+    # forward: C - 1 hops of k and v (float32 here, the compute dtype); backward: C - 1 hops of
+    # k, v, dk and dv (float32) and one last hop of dk and dv; per layer
+    cb = 4
+    fwd = LAYERS * 2 * (c - 1) * kv * cb
+    bwd = LAYERS * ((c - 1) * (2 * kv * cb + 2 * kv * 4) + 2 * kv * 4)
+    moved = lambda ps: sum(p.total_bytes for p in ps)  # noqa: E731
+    recomputed = [p for p in backward if "rematted_computation" in p.op_name]
+    if remat == "full":
+        # the forward ring runs again in the backward pass; XLA merges the backward's own hops of
+        # k and v with it (the same permutes of the same arrays), so the bytes are the same
+        assert moved(recomputed) == fwd
+    else:
+        assert not recomputed
+    assert moved(forward) == fwd
+    assert moved(permutes) == fwd + bwd
+
+
 def test_megatron_expected_bytes_formula():
     config = load_config(None, TRAFFIC)
     # L=4, b=2, s=16, d=64, float32: (4*4 + 2) * 2*16*64 * 4 + 3 * 2*16 * 4
@@ -110,8 +145,9 @@ ENTRY %main () -> f32[] {
 
 
 def test_hlo_reader_applies_nested_trip_counts_and_reads_every_group_form():
-    found = {c.kind: c for c in collectives(HLO, (2, 2, 2), AXES)}
-    ar_inner = [c for c in collectives(HLO, (2, 2, 2), AXES) if c.kind == "all-reduce"][0]
+    mesh_shape = (2, 2, 1, 2)  # data, pipeline, context, tensor
+    found = {c.kind: c for c in collectives(HLO, mesh_shape, AXES)}
+    ar_inner = [c for c in collectives(HLO, mesh_shape, AXES) if c.kind == "all-reduce"][0]
     assert (
         ar_inner.trips == 15 and ar_inner.bytes == 128 and ar_inner.axes == ("pipeline", "tensor")
     )
@@ -142,8 +178,12 @@ def test_replica_group_forms():
     assert parse_groups(named, 4) == [[3, 1], [2, 0]]
     with pytest.raises(ValueError, match="cannot read the replica groups"):
         parse_groups("replica_groups=something_new", 8)
-    assert axes_of_groups([[0, 4], [1, 5]], (2, 1, 4), AXES) == ("data",)
-    assert axes_of_groups([[0], [1]], (2, 1, 4), AXES) == ()
+    assert axes_of_groups([[0, 4], [1, 5]], (2, 1, 1, 4), AXES) == ("data",)
+    assert axes_of_groups([[0], [1]], (2, 1, 1, 4), AXES) == ()
+    # context pairs of data=2,context=2,tensor=2 (tensor fastest), as an iota XLA prints
+    context = parse_groups("replica_groups=[4,2]<=[2,2,2]T(0,2,1)", 8)
+    assert context == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert axes_of_groups(context, (2, 1, 2, 2), AXES) == ("context",)
 
 
 def test_the_devices_of_a_collective_are_mesh_positions():

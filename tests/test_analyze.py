@@ -10,7 +10,7 @@ import pytest
 from sizes import BATCH, LAYERS, SEQ, TRAFFIC
 
 from jaxpar.analysis.comm import megatron_expected_bytes
-from jaxpar.analysis.flops import model_flops
+from jaxpar.analysis.flops import attention_flops, model_flops
 from jaxpar.analysis.hlo import dot_flops
 from jaxpar.analysis.report import analyze, compiled_figures, placement_estimate
 from jaxpar.analysis.timeline import ascii_timeline
@@ -114,6 +114,74 @@ def test_memory_estimate_is_within_15_percent_of_the_compiled_peak(data, pipelin
     assert 0.85 <= estimate.total_bytes / peak <= 1.15, (estimate.to_json(), peak)
 
 
+@functools.cache
+def compiled(*overrides: str):
+    """The step of sizes.TRAFFIC laid out by `overrides` (the mesh among them), compiled once:
+    test_plan_traffic compiles the same programs (the persistent cache serves the second)."""
+    config = load_config(None, [*TRAFFIC, *overrides])
+    spec = parse_mesh(config.parallel.mesh)
+    placement = Placement(config, make_mesh(spec, jax.devices()[: spec.size]))
+    return placement, compiled_figures(Trainer(placement))
+
+
+CONTEXT_LAYOUTS = [
+    ("parallel.mesh=context=4",),
+    ("parallel.mesh=context=2", "model.context_attention=all_gather"),
+    ("parallel.mesh=data=2,context=2,tensor=2",),
+    ("parallel.mesh=pipeline=2,context=2", "pipeline.microbatches=2"),
+]
+
+
+@pytest.mark.parametrize("overrides", CONTEXT_LAYOUTS, ids=lambda o: " ".join(o))
+def test_memory_estimate_with_context_is_within_15_percent_of_the_compiled_peak(overrides):
+    # With the sequence split, activations are T / C a row and attention keeps O(T / C): the
+    # ring's log-sum-exp, no scores; here they are about half of the one-device peak.
+    placement, figures = compiled(*overrides)
+    estimate = placement_estimate(placement)
+    assert 0.85 <= estimate.total_bytes / figures.memory.peak_bytes <= 1.15, (
+        estimate.to_json(), figures.memory.peak_bytes
+    )  # fmt: skip
+
+
+# Attention blocks of T / 2C = 2 positions on one device: the blocks the ring computes on C = 4.
+BLOCKS = "model.attention_block=2"
+
+
+def attention(*overrides: str):
+    placement, figures = compiled(*overrides)
+    return attention_flops(placement, figures.module)
+
+
+def test_balanced_ring_attention_flops_per_device_are_one_device_s_over_c():
+    alone = attention("parallel.mesh=data=1", BLOCKS)
+    split = attention("parallel.mesh=context=4", BLOCKS)
+    # One device computes all (2C)^2 = 64 blocks of its query blocks' keys, masked ones too
+    # (`attention.flash` runs its blocks in one loop); its causal blocks, the 36 on and below
+    # the diagonal, are what the ring splits: 9 = 2C + 1 a device, C (2C + 1) = 36 in all.
+    causal = alone.computed_per_device * 36 / 64
+    assert split.computed_per_device == pytest.approx(causal / 4, rel=0.05)
+    assert split.computed_per_device * 64 * 4 == alone.computed_per_device * 36  # exactly
+    # every device needs the same causal pairs: 34 of each row's 136
+    assert split.useful == (alone.useful[0] / 4,) * 4
+    # the dots batched over (rows, heads) are attention's alone: the rest of the step is the
+    # model's matmuls (attention's 12 B T^2 N H L taken out), exactly, split over the 4 pieces
+    placement, figures = compiled("parallel.mesh=context=4", BLOCKS)
+    m = placement.config.model
+    rest = model_flops(m, BATCH, SEQ) - 12 * BATCH * SEQ**2 * m.heads * m.head_dim * LAYERS
+    assert dot_flops(figures.module) - split.computed_per_device == rest // 4
+
+
+def test_without_load_balancing_every_device_computes_what_the_busiest_needs():
+    balanced = attention("parallel.mesh=context=4", BLOCKS)
+    skewed = attention("parallel.mesh=context=4", BLOCKS, "model.context_load_balance=false")
+    # pieces in order: the last needs 58 pairs of a row, the first 10, on average 34
+    assert skewed.useful_max / skewed.useful_mean == pytest.approx(58 / 34)
+    assert balanced.useful_max == balanced.useful_mean == skewed.useful_mean
+    # in lockstep every device computes 3 + 4 (C - 1) blocks of c x c, not 3 + 2 (C - 1)
+    assert skewed.computed_per_device * 9 == balanced.computed_per_device * 15
+    assert skewed.computed_per_device > skewed.useful_max
+
+
 def test_analyze_json_keys_and_types(capsys, tmp_path):
     png = tmp_path / "timeline.png"
     plots = importlib.util.find_spec("matplotlib") is not None  # the `plot` extra
@@ -124,6 +192,9 @@ def test_analyze_json_keys_and_types(capsys, tmp_path):
     for key in ("flops_per_device", "ideal_flops_per_device", "bubble_theory", "bubble_measured",
                 "compile_s", "flops_ratio", "overhead_measured"):  # fmt: skip
         assert isinstance(doc[key], int | float) and not isinstance(doc[key], bool), key
+    attention = doc["attention_flops"]
+    assert isinstance(attention["computed_per_device"], int)
+    assert attention["useful_per_device_max"] == attention["useful_per_device_mean"] > 0
     assert isinstance(doc["flops_per_device"], int)
     assert doc["bubble_theory"] == pytest.approx(1 / 3)
     assert doc["bubble_measured"] == pytest.approx(1 / 3, abs=1e-12)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from jaxpar.analysis.hlo import HloModule, dot_flops
-from jaxpar.config import ModelConfig
+from jaxpar.config import Config, ModelConfig
+from jaxpar.mesh import MeshSpec
 
 if TYPE_CHECKING:
     from jaxpar.pipeline.schedule import Schedule
@@ -70,6 +71,79 @@ def recompute_flops(
     forward = _layer_forward(cfg, seq, causal)
     per_layer = sum(forward[name] for name in _RECOMPUTED[remat])
     return int(batch * seq * cfg.layers * per_layer)
+
+
+# Attention's einsums batch over rows and kv heads (`jaxpar.model.attention`); the weights'
+# matmuls over at most one dimension (the zero-bubble W's layer slots).
+ATTENTION_BATCH_DIMS = 2
+
+
+def attention_work(config: Config, spec: MeshSpec) -> tuple[float, tuple[str, ...]]:
+    """(the keys each query on one device computes scores for, on average; the forward matmuls
+    of attention its backward pass computes again).
+
+    One device holds T / C positions of each row. The XLA path computes every key (T) and keeps
+    its softmax; query blocks (`model.attention_block`, `attention.flash`) compute every key too
+    (a block of a causal call computes its masked keys, the blocks running in one loop) and
+    recompute their scores. The ring computes 3 + 2 (C - 1) blocks of c x c, c = T / 2C, per
+    device (3 + 4 (C - 1) unbalanced), and recomputes the scores; all_gather computes every key
+    and recomputes both matmuls (the gather is checkpointed).
+    """
+    m, seq, c = config.model, config.train.seq_len, spec.context
+    block = m.attention_block
+    if c == 1:
+        blocked = 0 < block < seq and seq % block == 0
+        return float(seq), ("scores",) if blocked else ()
+    if m.context_attention == "all_gather":
+        return float(seq), ("scores", "values")
+    half = seq // (2 * c)
+    blocks = 3 + (2 if m.context_load_balance else 4) * (c - 1)
+    return blocks * half / 2, ("scores",)
+
+
+def useful_attention_pairs(config: Config, spec: MeshSpec) -> list[int]:
+    """Per piece of the sequence over `context`: the (query, key) pairs of one row that causal
+    attention needs (key position at or before the query's), whatever is computed."""
+    from jaxpar.model.context import sequence_order
+
+    c, seq = spec.context, config.train.seq_len
+    order = sequence_order(seq, c, config.model.context_load_balance).reshape(c, -1)
+    return [int((piece + 1).sum()) for piece in order]
+
+
+@dataclass(frozen=True)
+class AttentionFlops:
+    """Attention's matmul FLOPs per device in one train step.
+
+    Attributes:
+        computed_per_device: what the compiled step runs (every device the same program: in
+            lockstep each computes what the busiest needs), masked blocks and the backward's
+            recomputation included.
+        useful: per device along `context`: the FLOPs of the (query, key) pairs causal attention
+            needs, forward and backward (twice the forward), the layers split evenly over the
+            stages. Their max over the mean is the imbalance; load balancing makes it 1.
+    """
+
+    computed_per_device: int
+    useful: tuple[float, ...]
+
+    @property
+    def useful_max(self) -> float:
+        return max(self.useful)
+
+    @property
+    def useful_mean(self) -> float:
+        return sum(self.useful) / len(self.useful)
+
+
+def attention_flops(placement: Placement, hlo: str | HloModule) -> AttentionFlops:
+    """A compiled train step's attention FLOPs per device (its dots batched over rows and
+    heads), and the useful share of each device along `context`."""
+    m, t, spec = placement.config.model, placement.config.train, placement.spec
+    per_pair = 3 * 2 * 2 * m.head_dim * m.heads * m.layers * t.batch_size
+    share = spec.data * spec.pipeline * spec.tensor
+    useful = [per_pair * pairs / share for pairs in useful_attention_pairs(placement.config, spec)]
+    return AttentionFlops(dot_flops(hlo, ATTENTION_BATCH_DIMS), tuple(useful))
 
 
 @dataclass(frozen=True)

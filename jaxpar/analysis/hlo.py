@@ -241,7 +241,6 @@ def collectives(
         groups = parse_groups(ins.rest, num_devices)
         axes = axes_of_groups(groups, mesh_shape, axis_names) if groups else tuple(axis_names)
         arrays = _moved_arrays(ins.op, ins.type_text)
-        name = re.search(r'op_name="([^"]*)"', ins.rest)
         found.append(
             Collective(
                 kind=kind,
@@ -249,15 +248,27 @@ def collectives(
                 shapes=tuple(arrays),
                 bytes=_nbytes(arrays),
                 trips=trips,
-                op_name=name.group(1) if name else "",
+                op_name=_op_name(ins.rest),
             )
         )
     return found
 
 
-def dot_flops(hlo: str | HloModule) -> int:
+def _op_name(attrs: str) -> str:
+    """The JAX operation an instruction came from (its metadata), or ''."""
+    name = re.search(r'op_name="([^"]*)"', attrs)
+    return name.group(1) if name else ""
+
+
+def dot_flops(hlo: str | HloModule, batch_dims: int = 0) -> int:
     """Matmul FLOPs of one program run on one device: 2 x output size x contracted size per dot,
-    times the executions of its computation (cost_analysis counts a loop body once)."""
+    times the executions of its computation (cost_analysis counts a loop body once).
+
+    Args:
+        batch_dims: count only the dots with at least this many batch dimensions (attention's
+            batch over rows and heads; a weight's matmul has none). Not the op_name: XLA drops
+            some dots' metadata.
+    """
     module = parse(hlo) if isinstance(hlo, str) else hlo
     total = 0
     for computation, instructions in module.computations.items():
@@ -266,7 +277,8 @@ def dot_flops(hlo: str | HloModule) -> int:
             continue
         shapes = {ins.name: _arrays(ins.type_text) for ins in instructions}
         for ins in instructions:
-            if ins.op != "dot":
+            batch = re.search(r"lhs_batch_dims=\{([\d,]*)\}", ins.rest)
+            if ins.op != "dot" or batch_dims > (len(batch.group(1).split(",")) if batch else 0):
                 continue
             lhs = re.match(r"\s*(?:[^%]*?)%([\w.\-]+)", ins.rest)
             contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.rest)

@@ -5,8 +5,15 @@ times). Each term is a set of buffers the compiled step holds at its peak, the e
 pass, where every residual the backward pass reads is live (checked against XLA's buffer
 assignment and live ranges, `--xla_dump_to`, at jax 0.10 and 0.12). Sizes per device, with D model
 dim, N heads, K kv heads, H head dim, F MLP dim, V vocab, S = T sequence, t tensor, d data, p
-pipeline, c layer slots per chunk, v repeats, b micro-batch rows per replica, cb bytes of the
-compute dtype; weights, their gradients, attention scores and logits are float32.
+pipeline, C context, c layer slots per chunk, v repeats, b micro-batch rows per replica, cb bytes
+of the compute dtype; weights, their gradients, attention scores and logits are float32.
+
+Split over `context`, every token count below is T / C per row (each device holds its piece of
+the sequence), and attention keeps no scores: the ring keeps each query head's log-sum-exp
+(N / t float32 per token) in their place, all_gather (checkpointed) nothing; its scores are
+recomputed in the backward pass and counted in `layer_working`. Query blocks on one device
+(`model.attention_block`, `attention.flash`) likewise keep the log-sum-exp alone and hold
+one block's scores in `layer_working`.
 
 Arguments (the state is donated: its outputs are written in place):
     params, opt_state   exact from the shardings; AdamW's two moments are laid out like the
@@ -54,9 +61,11 @@ Temporaries:
     layer_working       one layer's working set: its weights sliced out of the stack for the
                         scan body, d ((2N + 2K) H + 3F) / t float32, and four (b, T, D)
                         activations (its input, the attention and MLP outputs before and after
-                        the tensor all-reduce).
+                        the tensor all-reduce); with query blocks or context, attention's scores
+                        in its backward pass (`_attention_working`).
     mask                the causal mask as a float32 fill and a predicate, b N / t T S x 5
-                        bytes, built once outside the layer loop.
+                        bytes, built once outside the layer loop (none with query blocks or
+                        context: each block masks its own).
     logits              the one-hot embedding input (cb) and the logits and their gradient
                         (float32), B / dp T V / t each.
 
@@ -140,10 +149,10 @@ def _kept_per_token(config: Config, spec: MeshSpec, compute_bytes: int) -> list[
     # (split over context) the ring's log-sum-exp per query head, or nothing (all_gather and
     # query blocks are checkpointed: their backward recomputes the scores)
     scores = [(2, n * s / tensor * F32)]
-    if spec.context > 1:
-        scores = [(1, n / tensor * F32)] if m.context_attention == "ring" else []
-    elif _blocks(config, spec):
-        scores = _blocked_kept(config, spec, cb)
+    if spec.context > 1 and m.context_attention == "all_gather":
+        scores = []
+    elif spec.context > 1 or _blocks(config, spec):
+        scores = [(1, n / tensor * F32)]
     return {
         "none": [
             (6, d * cb),
@@ -166,35 +175,27 @@ def _blocks(config: Config, spec: MeshSpec) -> bool:
     return 0 < block < t and t % block == 0
 
 
-def _blocked_kept(config: Config, spec: MeshSpec, cb: int) -> list[tuple[int, float]]:
-    """What query-blocked attention on one device keeps per token beyond q, k, v and its output:
-    each block's checkpoint inputs, its queries and the keys and values at or before them
-    ((nb + 1) / 2 copies of k and v for nb blocks), and its float32 `Partial` (output, maximum
-    and sum) that the merge reads."""
-    m, tensor = config.model, spec.tensor
-    nb = config.train.seq_len // config.model.attention_block
-    n, k, h = m.heads / tensor, m.kv_heads / tensor, m.head_dim
-    return [(1, n * h * cb), (2, (nb + 1) / 2 * k * h * cb), (1, n * h * F32), (2, n * F32)]
-
-
 def _attention_working(config: Config, spec: MeshSpec, rows: int) -> float:
     """One layer's attention scores live at once in its backward pass, where they are not kept
-    as residuals (the sequence split over context): per score, float32 values and a mask byte.
+    as residuals (query blocks, or the sequence split over context).
 
     The ring computes (3 + 2 (C - 1)) blocks of c x c per device when balanced (3 + 4 (C - 1)
-    unbalanced, `jaxpar.model.context`), c = T / 2C, and XLA holds about two float32 arrays of
-    each block at once (probabilities and their gradient); all_gather's backward about four of
-    its (T / C) x T scores (the recomputed scores and probabilities, and their gradients).
-    Both factors are fitted to XLA's buffer assignment (CPU, jax 0.10) within a few percent.
-    Query blocks on one device (no context) hold one block's scores: b N/X block T."""
+    unbalanced, `jaxpar.model.context`), c = T / 2C, and XLA holds about three float32 arrays
+    and a mask byte of every block at once (scores, probabilities, their gradient), its
+    optimization barriers notwithstanding; all_gather's backward about four of its (T / C) x T
+    scores. Query blocks on one device (no context, `attention.flash`) hold about four float32
+    arrays of one block's (block, T) scores, and two bytes per (T, T) pair (the blocks' masks).
+    The factors are fitted to XLA's buffer assignment (CPU, jax 0.10) at sequences of 16 to 128
+    (the ring's also at 4096). The ring's term is quadratic in T / C: it dominates long
+    sequences; a ring that freed each block's scores before the next would make it one block's."""
     m, c = config.model, spec.context
     heads = rows * m.heads / spec.tensor
     seq = config.train.seq_len
     if c == 1:
-        return 4 * heads * m.attention_block * seq * (F32 + 1) if _blocks(config, spec) else 0
+        return heads * seq * (4 * F32 * m.attention_block + 2 * seq) if _blocks(config, spec) else 0
     if m.context_attention == "ring":
         blocks = 3 + (2 if m.context_load_balance else 4) * (c - 1)
-        return 2 * blocks * heads * (seq / (2 * c)) ** 2 * (F32 + 1)
+        return blocks * heads * (seq / (2 * c)) ** 2 * (3 * F32 + 1)
     return 4 * heads * seq / c * seq * (F32 + 1)
 
 

@@ -15,7 +15,14 @@ from rich.console import Console
 from rich.table import Table
 
 from jaxpar.analysis.comm import AxisTraffic, traffic
-from jaxpar.analysis.flops import ActionCosts, ComputeOverhead, action_costs, compute_overhead
+from jaxpar.analysis.flops import (
+    ActionCosts,
+    AttentionFlops,
+    ComputeOverhead,
+    action_costs,
+    attention_flops,
+    compute_overhead,
+)
 from jaxpar.analysis.hlo import HloModule, collectives, parse
 from jaxpar.analysis.memory import MemoryEstimate, estimate_memory
 from jaxpar.analysis.params import ParamRow, param_rows, tree_bytes_per_device
@@ -55,6 +62,7 @@ class Analysis:
     memory: CompiledMemory
     estimate: MemoryEstimate
     overhead: ComputeOverhead
+    attention: AttentionFlops
     bubble_theory: float
     bubble_lockstep: float
     actions: ActionCosts
@@ -85,6 +93,11 @@ class Analysis:
                 "b": self.actions.b,
                 "w": self.actions.w,
                 "full_backward": self.actions.full_backward,
+            },
+            "attention_flops": {
+                "computed_per_device": self.attention.computed_per_device,
+                "useful_per_device_max": self.attention.useful_max,
+                "useful_per_device_mean": self.attention.useful_mean,
             },
             "bubble_measured": o.stack_bubble,
             "overhead_measured": o.bubble,
@@ -196,6 +209,7 @@ def analyze(step: CompiledStep) -> Analysis:
         memory=memory,
         estimate=estimate,
         overhead=compute_overhead(placement, module),
+        attention=attention_flops(placement, module),
         bubble_theory=placement.schedule.bubble,
         bubble_lockstep=actions.lockstep_bubble(placement.schedule),
         actions=actions,
@@ -254,6 +268,13 @@ def render(a: Analysis, console: Console) -> None:
         f"(every tick as long as its slowest stage; one job's F {a.actions.f / 1e6:,.1f}, "
         f"B {a.actions.b / 1e6:,.1f}, W {a.actions.w / 1e6:,.1f} MFLOP), measured "
         f"{o.stack_bubble:.2%} of the layer stack ({o.bubble:.2%} of the whole step)"
+    )
+    at = a.attention
+    console.print(
+        f"  attention: {at.computed_per_device / 1e9:,.3f} GFLOP computed per device (every "
+        f"device the same), of which useful (causal) {at.useful_max / 1e9:,.3f} on the busiest "
+        f"device, {at.useful_mean / 1e9:,.3f} on average: imbalance "
+        f"{at.useful_max / at.useful_mean:.2f} x"
     )
     table = Table(title="collectives per device per step")
     for column in ("kind", "axis", "count", "bytes"):

@@ -2,6 +2,7 @@
 re-planning. The traffic model's test is in test_plan_traffic.py, the memory estimate's in
 test_analyze.py."""
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ from jaxpar.errors import JaxparError
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.pipeline.schedule import ScheduleError
 from jaxpar.placement import Placement
+from jaxpar.plan.cost import estimate
 from jaxpar.plan.hardware import load_hardware, parse_hardware, profile_names
 from jaxpar.plan.planner import auto_layout, plan
 from jaxpar.plan.space import Candidate, candidates, check, schedule_of
@@ -34,13 +36,13 @@ def _brute_force(config, devices: int) -> set[Candidate]:
     """Every combination the config keys allow, kept when jaxpar accepts it."""
     m, t = config.model, config.train
     found = set()
-    for d, p, tp in itertools.product(range(1, devices + 1), repeat=3):
-        if d * p * tp != devices:
+    for d, p, cx, tp in itertools.product(range(1, devices + 1), repeat=4):
+        if d * p * cx * tp != devices:
             continue
         for fsdp, name, mb, v, remat in itertools.product(
             (False, True), SCHEDULES, range(1, t.batch_size + 1), range(1, m.layers + 1), REMAT
         ):
-            c = Candidate(d, p, 1, tp, fsdp, name, mb, v, remat)
+            c = Candidate(d, p, cx, tp, fsdp, name, mb, v, remat)
             try:
                 check(config, c)
             except (JaxparError, ScheduleError):
@@ -158,6 +160,24 @@ def test_ranking_prefers_what_the_terms_say():
     for e in result.ranked[:20]:
         assert e.step_s == pytest.approx(e.compute_s + e.overhead_s + e.comm_s - e.hidden_s)
         assert e.mfu > 0 and e.tokens_per_s == pytest.approx(16 * 16 / e.step_s)
+
+
+def test_auto_splits_a_sequence_no_layout_holds_whole():
+    """A sequence whose activations no context=1 layout of 8 devices holds: `--mesh auto` cuts it
+    over `context`, and every layout it ranks does."""
+    long = ["model.dim=512", "model.mlp_dim=2048", "train.seq_len=4096", "train.batch_size=8"]
+    config = load_config(None, [*SMALL, *long])
+    hw = load_hardware("h100-sxm")
+    memory = {c: estimate(config, c, hw).memory_bytes for c in candidates(config, 8)}
+    whole = min(b for c, b in memory.items() if c.context == 1)
+    split = min(b for c, b in memory.items() if c.context > 1)
+    # the activations split over the pieces; the ring's scores, every block of a layer alive
+    # at once (`jaxpar.analysis.memory`), take back most of it
+    assert split < whole
+    small = dataclasses.replace(hw, memory_gib=whole / 2**30 * 0.99)
+    layout, result = auto_layout(config, 8, small)
+    assert parse_mesh(layout.parallel.mesh).context > 1
+    assert result.best.fits and all(e.candidate.context > 1 for e in result.ranked)
 
 
 def test_plan_json_schema_and_written_config(capsys, tmp_path):

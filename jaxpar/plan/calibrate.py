@@ -152,7 +152,7 @@ def calibrate(name: str, progress: Callable[[str], None] = lambda line: None) ->
     step_dtype = compute_dtype("auto").name
     candidate = Candidate(n, 1, 1, 1, False, "gpipe", 1, 1, "none")
     spec = candidate.spec
-    flops = stack_flops(config, candidate)[0] + outer_flops(config, spec)
+    flops = stack_flops(config, candidate).total + outer_flops(config, spec)
     traffic = predict_traffic(config, spec, 4 if step_dtype == "float32" else 2)
     fake = Hardware(name, "", 1.0, peak, sustained, n, link, link, 0.0, 0.0)
     comm = sum(t.seconds for t in comm_terms(traffic, spec, fake))

@@ -30,7 +30,8 @@ def compile_check(config: Config, estimate: Estimate, hw: Hardware) -> Estimate:
     figures = compiled_figures(Trainer(placement))
     memory = figures.memory
     comm = comm_terms(figures.collectives, c.spec, hw)
-    hidden_s, step_s = step_time(estimate.compute_s, estimate.overhead_s, comm, hw)
+    hidden_s, step_s = step_time(estimate.compute_s, estimate.overhead_s, comm, hw,
+                                 estimate.attention_s, c.context)  # fmt: skip
     fits = memory.peak_bytes <= hw.memory_bytes
     notes = list(estimate.notes)
     if not fits:

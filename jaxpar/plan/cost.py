@@ -7,9 +7,12 @@ Nothing here compiles or touches a device; a candidate costs well under a millis
                the parameters per device counted from the sharding rules.
     compute  = the slowest stage's matmul FLOPs summed over the schedule's ticks (every tick lasts
                as long as its slowest stage: `Schedule.lockstep_cost`, so bubbles and padded layer
-               slots are paid), plus the recomputed forward matmuls of `model.remat`, plus the
-               embedding, LM head and loss on this device's share of the batch, all over the
-               profile's sustained FLOP/s for the compute dtype.
+               slots are paid), plus the recomputed forward matmuls of `model.remat` and of
+               attention's own backward, plus the embedding, LM head and loss on this device's
+               share of the batch, all over the profile's sustained FLOP/s for the compute dtype.
+               With `context` a device holds T / C positions of each row, and its attention
+               computes the blocks `jaxpar.analysis.flops.attention_work` counts: balanced,
+               (2C + 1) blocks of (T / 2C)^2, 1/C of one device's blocked causal attention.
     overhead = the profile's `layer_overhead_us` per layer pass (one layer's F, B or W on one
                micro-batch) on the slowest stage, tick by tick as the compute is counted.
     comm     = for every (kind, axes) of `jaxpar.plan.traffic.predict_traffic` (the collectives
@@ -19,7 +22,9 @@ Nothing here compiles or touches a device; a candidate costs well under a millis
                (g - 1) / g for an all-gather or reduce-scatter, the array for a send.
     hidden   = the profile's `overlap` share of the data-axis traffic (gradient reduction and
                FSDP gathers run asynchronously beside the backward pass), at most the backward
-               compute; tensor and pipeline traffic waits on the critical path.
+               compute; and the ring attention's sends over `context`, at most the attention
+               compute of the hops they run beside (`step_time`). Tensor and pipeline traffic and
+               all_gather's gathers over `context` wait on the critical path.
     step     = compute + overhead + comm - hidden.
 
 The MFU is the model's FLOPs (causal attention counted half, as `jaxpar bench` counts them) over
@@ -33,10 +38,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jaxpar.analysis.comm import AxisTraffic
-from jaxpar.analysis.flops import _RECOMPUTED, _layer_forward, model_flops
+from jaxpar.analysis.flops import _RECOMPUTED, _layer_forward, attention_work, model_flops
 from jaxpar.analysis.memory import MemoryEstimate, estimate_memory
 from jaxpar.config import Config
-from jaxpar.mesh import AXES, DATA, MeshSpec
+from jaxpar.mesh import AXES, CONTEXT, DATA, MeshSpec
 from jaxpar.plan.hardware import Hardware, Link
 from jaxpar.plan.space import Candidate
 from jaxpar.plan.traffic import param_bytes, predict_traffic
@@ -65,6 +70,7 @@ class Estimate:
     compute_s: float
     overhead_s: float
     recompute_s: float
+    attention_s: float
     bubble: float
     comm: list[CommTerm]
     hidden_s: float
@@ -99,6 +105,7 @@ class Estimate:
                 "compute_s": self.compute_s,
                 "overhead_s": self.overhead_s,
                 "recompute_s": self.recompute_s,
+                "attention_s": self.attention_s,
                 "bubble": self.bubble,
                 "comm_s": self.comm_s,
                 "hidden_s": self.hidden_s,
@@ -142,19 +149,41 @@ def comm_terms(traffic: list[AxisTraffic], spec: MeshSpec, hw: Hardware) -> list
     return terms
 
 
-def stack_flops(config: Config, candidate: Candidate) -> tuple[float, float, float, float]:
-    """(the slowest stage's layer-stack FLOPs over the schedule's ticks, of which recomputed, the
-    lockstep bubble, the slowest stage's layer passes over the ticks):
-    one job's F, B and W from the model's shapes (B and W each as F; remat adds its recomputed
-    matmuls to B), charged tick by tick as `Schedule.lockstep_cost` does."""
+@dataclass(frozen=True)
+class StackFlops:
+    """The layer stack's FLOPs on the slowest stage, summed over the schedule's ticks.
+
+    Attributes:
+        total: every matmul, bubbles and recomputation included.
+        recomputed: of which run again in the backward pass (remat, attention's own).
+        attention: of which attention's (scores and values, forward and backward).
+        bubble: the lockstep bubble.
+        passes: the slowest stage's layer passes over the ticks.
+    """
+
+    total: float
+    recomputed: float
+    attention: float
+    bubble: float
+    passes: float
+
+
+def stack_flops(config: Config, candidate: Candidate) -> StackFlops:
+    """One job's F, B and W from the model's shapes on one device (B and W each as F; remat and
+    attention's backward add their recomputed matmuls to B), charged tick by tick as
+    `Schedule.lockstep_cost` does. With `context` a job is T / C positions of its rows, and
+    attention computes `attention_work`'s keys per query."""
     m, t = config.model, config.train
     schedule = candidate.schedule_of
     chunk = math.ceil(m.layers / (candidate.pipeline * candidate.repeats))
     rows = t.batch_size / (candidate.data * candidate.microbatches)
-    forward = _layer_forward(m, t.seq_len)
-    per_job = rows * t.seq_len * chunk / candidate.tensor
+    keys, redone = attention_work(candidate.apply(config), candidate.spec)
+    forward = {**_layer_forward(m, t.seq_len), "scores": 2 * keys * m.heads * m.head_dim,
+               "values": 2 * keys * m.heads * m.head_dim}  # fmt: skip
+    per_job = rows * t.seq_len / candidate.context * chunk / candidate.tensor
     f = per_job * sum(forward.values())
-    redo = per_job * sum(forward[name] for name in _RECOMPUTED[candidate.remat])
+    again = [*_RECOMPUTED[candidate.remat], *redone]
+    redo = per_job * sum(forward[name] for name in again)
     if schedule.split:
         b, w = f + redo, f
     else:
@@ -162,7 +191,17 @@ def stack_flops(config: Config, candidate: Candidate) -> tuple[float, float, flo
     jobs = schedule.repeats * schedule.microbatches
     passes = chunk * (schedule.lockstep_cost(1, 1, 1) if schedule.split else
                       schedule.lockstep_cost(1, 1, 0))  # fmt: skip
-    return schedule.lockstep_cost(f, b, w), jobs * redo, schedule.lockstep_bubble(f, b, w), passes
+    # attention's share of each action, by the same ticks
+    a_f = per_job * (forward["scores"] + forward["values"])
+    a_redo = per_job * sum(forward[name] for name in again if name in ("scores", "values"))
+    a_b, a_w = (a_f + a_redo, 0.0) if schedule.split else (2 * a_f + a_redo, 0.0)
+    return StackFlops(
+        total=schedule.lockstep_cost(f, b, w),
+        recomputed=jobs * redo,
+        attention=schedule.lockstep_cost(a_f, a_b, a_w),
+        bubble=schedule.lockstep_bubble(f, b, w),
+        passes=passes,
+    )
 
 
 def outer_flops(config: Config, spec: MeshSpec) -> float:
@@ -175,12 +214,25 @@ def outer_flops(config: Config, spec: MeshSpec) -> float:
 
 
 def step_time(
-    compute_s: float, overhead_s: float, comm: list[CommTerm], hw: Hardware
+    compute_s: float,
+    overhead_s: float,
+    comm: list[CommTerm],
+    hw: Hardware,
+    attention_s: float,
+    pieces: int,
 ) -> tuple[float, float]:
     """(hidden, step) seconds: the profile's `overlap` share of the data-axis traffic, at most the
-    backward pass's two thirds of the compute, is hidden; the rest of every term adds up."""
+    backward pass's two thirds of the compute, is hidden; so is the ring's traffic over
+    `context` (its collective-permutes), at most the attention compute it runs beside: each hop
+    sends the next keys while it attends to these, so all hops but the last (C - 1 of C) hide
+    their sends, and the backward's final hop of dk and dv (2 of its 6 (C - 1) + 2 permutes)
+    hides nothing. all_gather's gathers wait on the critical path. The rest adds up."""
     data_s = sum(c.seconds for c in comm if c.axis == DATA)
     hidden_s = min(hw.overlap * data_s, compute_s * 2 / 3)
+    ring_s = sum(c.seconds for c in comm if c.axis == CONTEXT and c.kind == "collective-permute")
+    if ring_s:
+        hops = pieces - 1
+        hidden_s += min(ring_s * 6 * hops / (6 * hops + 2), attention_s * hops / pieces)
     return hidden_s, compute_s + overhead_s + sum(c.seconds for c in comm) - hidden_s
 
 
@@ -202,13 +254,14 @@ def estimate(config: Config, candidate: Candidate, hw: Hardware) -> Estimate:
     memory: MemoryEstimate = estimate_memory(
         layout, spec, schedule, param_bytes(layout, spec), compute_bytes
     )
-    stack, recomputed, bubble, passes = stack_flops(config, candidate)
+    stack = stack_flops(config, candidate)
     outer = outer_flops(config, spec)
     rate = hw.sustained_flops(dtype)
-    compute_s = (stack + outer) / rate
+    compute_s = (stack.total + outer) / rate
     comm = comm_terms(predict_traffic(layout, spec, compute_bytes), spec, hw)
-    overhead_s = passes * hw.layer_overhead_us * 1e-6
-    hidden_s, step_s = step_time(compute_s, overhead_s, comm, hw)
+    overhead_s = stack.passes * hw.layer_overhead_us * 1e-6
+    attention_s = stack.attention / rate
+    hidden_s, step_s = step_time(compute_s, overhead_s, comm, hw, attention_s, spec.context)
     tokens = t.batch_size * t.seq_len
     useful = model_flops(m, t.batch_size, t.seq_len, causal=True)
     devices = spec.size
@@ -218,8 +271,9 @@ def estimate(config: Config, candidate: Candidate, hw: Hardware) -> Estimate:
         memory_bytes=memory.total_bytes,
         compute_s=compute_s,
         overhead_s=overhead_s,
-        recompute_s=recomputed / rate,
-        bubble=bubble,
+        recompute_s=stack.recomputed / rate,
+        attention_s=attention_s,
+        bubble=stack.bubble,
         comm=comm,
         hidden_s=hidden_s,
         step_s=step_s,

@@ -1,14 +1,17 @@
 """The search space: every layout of a model on a number of devices that jaxpar can run.
 
-A `Candidate` is one choice of the mesh (`data x pipeline x tensor`), FSDP, the pipeline schedule,
+A `Candidate` is one choice of the mesh (`data x pipeline x context x tensor`), FSDP, the pipeline
+schedule,
 its micro-batches and repeats, and the remat policy. `candidates` enumerates them for a config and
 a device count and keeps exactly those the config's own checks accept (`validate`,
 `validate_for_mesh` and the `Schedule` itself), so a plan never proposes a layout `train` refuses.
 
 Left out, as copies of another candidate or as waste: FSDP over one replica (it shards nothing),
 schedules other than gpipe on one stage (all are gradient accumulation over the micro-batches),
-circular with one repeat (gpipe), and layers that do not split evenly into the stages and repeats
-(the padded layer slots would run and compute nothing).
+circular with one repeat (gpipe), layers that do not split evenly into the stages and repeats
+(the padded layer slots would run and compute nothing), and a `context` axis whose 2C chunks do
+not divide the sequence. The context strategy and its load balancing are the config's
+(`model.context_attention`, `model.context_load_balance`), not searched.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ class Candidate:
 
     def describe(self) -> str:
         parts = [f"{self.data}x{self.pipeline}x{self.tensor}"]
+        if self.context > 1:
+            parts.append(f"context={self.context}")
         if self.fsdp:
             parts.append("fsdp")
         if self.pipeline > 1:
@@ -86,13 +91,16 @@ def schedule_of(name: str, stages: int, microbatches: int, repeats: int) -> Sche
     return Schedule(name, stages, microbatches, repeats)
 
 
-def factorisations(devices: int) -> list[MeshSpec]:
-    """Every (data, pipeline, tensor) whose product is `devices`, most data-parallel first."""
+def factorisations(devices: int, seq_len: int) -> list[MeshSpec]:
+    """Every (data, pipeline, context, tensor) whose product is `devices`, most data-parallel
+    first, with context only where its 2C chunks divide `seq_len`."""
     divisors = [d for d in range(devices, 0, -1) if devices % d == 0]
     return [
-        MeshSpec(data=d, pipeline=p, tensor=devices // (d * p))
+        MeshSpec(data=d, pipeline=p, context=c, tensor=devices // (d * p * c))
         for d in divisors
         for p in sorted(x for x in divisors if (devices // d) % x == 0)
+        for c in sorted(x for x in divisors if (devices // (d * p)) % x == 0)
+        if c == 1 or seq_len % (2 * c) == 0
     ]
 
 
@@ -135,7 +143,7 @@ def candidates(config: Config, devices: int) -> list[Candidate]:
         JaxparError: no layout at all; the message says why each axis fails.
     """
     found = []
-    for spec in factorisations(devices):
+    for spec in factorisations(devices, config.train.seq_len):
         for c in _raw(config, spec):
             try:
                 check(config, c)
@@ -172,11 +180,13 @@ def why_no_layout(config: Config, devices: int) -> str:
     tensor = [d for d in sizes if fits(MeshSpec(data=1, pipeline=1, tensor=d))]
     data = [d for d in sizes if fits(MeshSpec(data=d, pipeline=1, tensor=1))]
     pipeline = [d for d in sizes if fits(MeshSpec(data=1, pipeline=d, tensor=1))]
+    context = [d for d in sizes if fits(MeshSpec(data=1, pipeline=1, context=d, tensor=1))]
     return (
         f"no layout of {devices} devices runs this model: tensor must divide model.heads="
         f"{m.heads}, kv_heads={m.kv_heads}, mlp_dim={m.mlp_dim} and vocab={m.vocab} (of the "
         f"divisors of {devices}: {tensor}); data must divide train.batch_size={t.batch_size} "
         f"({data}); pipeline must be at most model.layers={m.layers} and divide the per-replica "
-        f"batch ({pipeline}); no data x pipeline x tensor from these multiplies to {devices} "
-        "and passes every check"
+        f"batch ({pipeline}); 2 x context must divide train.seq_len={t.seq_len} ({context}); "
+        f"no data x pipeline x context x tensor from these multiplies to {devices} and passes "
+        "every check"
     )

@@ -21,7 +21,6 @@ CASES = [
     ("context=2", ()),
     ("context=4", (ALL_GATHER,)),
     ("context=4", (UNBALANCED, "model.attention_block=2")),  # the ring's blocks, blocked again
-    ("context=2", (ALL_GATHER, "model.attention_block=2")),
     ("data=2,context=2,tensor=2", ("model.remat=full",)),
     ("data=2,context=2,tensor=2", (ALL_GATHER, "parallel.fsdp=true")),
     ("pipeline=2,context=2,tensor=2", one_f(2)),

@@ -19,7 +19,11 @@ import yaml
 
 from jaxpar.errors import JaxparError, type_error, typed
 from jaxpar.schedule_rules import SCHEDULES as SCHEDULES  # re-exported: the config's valid names
-from jaxpar.schedule_rules import check_schedule_counts, check_schedule_stages
+from jaxpar.schedule_rules import (
+    check_schedule_counts,
+    check_schedule_stages,
+    check_schedule_tick,
+)
 
 if TYPE_CHECKING:
     from jaxpar.mesh import MeshSpec
@@ -145,6 +149,9 @@ class PipelineConfig:
     microbatches: int = 1
     # Chunks of layers per stage (circular schedule): micro-batches circle the ring this often.
     repeats: int = 1
+    # Schedules with their own backward: one action per stage per tick (single), one F and one
+    # B (fused), or auto: whichever costs less in lockstep with the model's F, B and W FLOPs.
+    tick: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -333,6 +340,7 @@ def validate(config: Config) -> None:
     _validate_checkpoint(config.checkpoint)
     p = config.pipeline
     check_schedule_counts(p.schedule, p.microbatches, p.repeats)
+    check_schedule_tick(p.schedule, p.tick)
     _validate_serve(config.serve)
 
 

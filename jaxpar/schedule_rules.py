@@ -18,21 +18,27 @@ class ScheduleRule:
     `validate` (repeats), `validate_for_mesh` (stages and micro-batches), `Schedule` (both) and
     the planner (which repeats to try)."""
 
-    chunks: str  # chunks of layers per stage (repeats): "one", "any" (>= 1), "several" (>= 2)
+    chunks: str  # chunks of layers per stage (repeats): "one", "any" (>= 1), "several" (>= 2),
+    # "two" (exactly 2)
     microbatches: str  # "any", "per_stage" (at least one per stage), "groups" (of one per stage)
     needs_pipeline: bool  # nothing to schedule on one stage
     hand_backward: bool  # the step runs the table's B and W ticks (else jax.grad of the F ticks)
-    split: bool  # B computes input gradients only; W ticks the weight gradients
+    zero_bubble: bool  # W's (weight gradients) deferred into the pipeline's idle ticks
+    ticks: str  # "forward" (jax.grad's), "fused" (F + B per tick), "single" (one action per
+    # tick), "either" (single or fused, whichever the per-action costs make cheaper)
+    shape: str = "circular"  # chunk j on stage j % P; "v": chunks s and 2P - 1 - s on stage s
 
 
 SCHEDULE_RULES = {
-    "gpipe": ScheduleRule("one", "any", False, False, False),
-    "circular": ScheduleRule("any", "per_stage", False, False, False),
-    "1f1b": ScheduleRule("one", "any", False, True, False),
-    "interleaved_1f1b": ScheduleRule("several", "groups", False, True, False),
-    "zb_h1": ScheduleRule("one", "any", True, True, True),
+    "gpipe": ScheduleRule("one", "any", False, False, False, "forward"),
+    "circular": ScheduleRule("any", "per_stage", False, False, False, "forward"),
+    "1f1b": ScheduleRule("one", "any", False, True, False, "either"),
+    "interleaved_1f1b": ScheduleRule("several", "groups", False, True, False, "fused"),
+    "zb_h1": ScheduleRule("one", "any", True, True, True, "either"),
+    "zb_v": ScheduleRule("two", "any", True, True, True, "single", "v"),
 }
 SCHEDULES = tuple(SCHEDULE_RULES)
+TICKS = ("auto", "single", "fused")  # `pipeline.tick`
 
 
 def schedule_rule(name: str) -> ScheduleRule:
@@ -61,10 +67,27 @@ def check_schedule_counts(name: str, microbatches: int, repeats: int) -> None:
             f"pipeline.repeats={repeats} needs pipeline.schedule=circular or interleaved_1f1b "
             f"({name} has one chunk of layers per stage)"
         )
+    if chunks == "two" and repeats != 2:
+        raise JaxparError(
+            f"pipeline.repeats={repeats}: {name} runs exactly 2 chunks per stage (set "
+            "pipeline.repeats=2)"
+        )
     if chunks == "several" and repeats < 2:
         raise JaxparError(
             f"pipeline.repeats={repeats}: {name} needs at least 2 chunks per stage "
             "(with 1 it is 1f1b)"
+        )
+
+
+def check_schedule_tick(name: str, tick: str) -> None:
+    """Raises JaxparError unless `name` can run ticks of granularity `tick` (`pipeline.tick`)."""
+    if tick not in TICKS:
+        valid = ", ".join(TICKS)
+        raise JaxparError(f"pipeline.tick={tick!r} is not a tick granularity; valid: {valid}")
+    rule = schedule_rule(name)
+    if tick != "auto" and rule.ticks in ("single", "fused") and tick != rule.ticks:
+        raise JaxparError(
+            f"pipeline.tick={tick}: {name} runs {rule.ticks} ticks only (use pipeline.tick=auto)"
         )
 
 

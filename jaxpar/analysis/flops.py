@@ -15,27 +15,16 @@ from typing import TYPE_CHECKING, Any
 from jaxpar.analysis.hlo import HloModule, dot_flops
 from jaxpar.config import Config, ModelConfig
 from jaxpar.mesh import MeshSpec
+from jaxpar.model.flops import RECOMPUTED, layer_forward
 
 if TYPE_CHECKING:
     from jaxpar.pipeline.schedule import Schedule
     from jaxpar.placement import Placement
 
 
-def _layer_forward(cfg: ModelConfig, seq: int, causal: bool = False) -> dict[str, float]:
-    """One layer's forward matmul FLOPs per token, by matmul. Attention's two matmuls count every
-    key position, as the XLA path computes them, or with `causal` the half a causal kernel
-    computes (the convention of MaxText's and flash-attention's MFU)."""
-    d, f, h, n, k = cfg.dim, cfg.mlp_dim, cfg.head_dim, cfg.heads, cfg.kv_heads
-    keys = seq / 2 if causal else seq
-    return {
-        "qkv": 2 * d * (n + 2 * k) * h, "out": 2 * n * h * d, "gate_up": 2 * 2 * d * f,
-        "down": 2 * f * d, "scores": 2 * keys * n * h, "values": 2 * keys * n * h,
-    }  # fmt: skip
-
-
 def layer_stack_flops(cfg: ModelConfig, batch: int, seq: int, causal: bool = False) -> int:
     """Matmul FLOPs of the decoder blocks in one train step: forward, and twice that backward."""
-    per_layer = sum(_layer_forward(cfg, seq, causal).values())
+    per_layer = sum(layer_forward(cfg, seq, causal).values())
     return int(3 * batch * seq * cfg.layers * per_layer)
 
 
@@ -44,23 +33,12 @@ def model_flops(cfg: ModelConfig, batch: int, seq: int, causal: bool = False) ->
 
     Beyond the blocks: the LM head (2 V D per token forward, twice that backward) and the one-hot
     embedding (forward and weight gradient only: token ids have no gradient). `causal`: count
-    attention's causal half only (see `_layer_forward`); without it the count is exactly what a
-    one-device step of the XLA path runs.
+    attention's causal half only (see `jaxpar.model.flops.layer_forward`); without it the count
+    is exactly what a one-device step of the XLA path runs.
     """
     v, d = cfg.vocab, cfg.dim
     outer = batch * seq * (3 * 2 * d * v + 2 * 2 * v * d)
     return layer_stack_flops(cfg, batch, seq, causal) + outer
-
-
-# The forward matmuls each `model.remat` runs again in the backward pass (`jaxpar.model.remat`):
-# `full` all but the MLP's down projection, whose output the backward pass never reads.
-_RECOMPUTED = {
-    "none": (),
-    "full": ("qkv", "out", "gate_up", "scores", "values"),
-    "dots": (),
-    "dots_no_batch": ("scores", "values"),
-    "dots_no_batch_attn": ("scores",),
-}
 
 
 def recompute_flops(
@@ -68,8 +46,8 @@ def recompute_flops(
 ) -> int:
     """Matmul FLOPs a train step runs again in its backward pass under `remat`: what hardware
     FLOPs (HFU) add to the model's."""
-    forward = _layer_forward(cfg, seq, causal)
-    per_layer = sum(forward[name] for name in _RECOMPUTED[remat])
+    forward = layer_forward(cfg, seq, causal)
+    per_layer = sum(forward[name] for name in RECOMPUTED[remat])
     return int(batch * seq * cfg.layers * per_layer)
 
 

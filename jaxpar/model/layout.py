@@ -2,7 +2,8 @@
 
 The layer stack is cut into P * v chunks of consecutive layers whose sizes differ by at most one;
 chunk j runs on stage j % P as that stage's repeat j // P (the circular assignment; v = 1 is GPipe's
-one contiguous block per stage). Every chunk is padded to the largest chunk size c with identity
+one contiguous block per stage), or, in the V shape of zero-bubble V schedules (v = 2), on stage j
+for j < P and on stage 2P - 1 - j after the turn (`chunk_places`). Every chunk is padded to the largest chunk size c with identity
 layers, because SPMD stages run the same program: parameters are stored as [P, v * c, ...] with the
 stage axis on `pipeline`, slot r * c + i of stage s holding layer i of chunk r * P + s (or padding).
 Padded slots hold zeros, are masked to the identity, and get zero gradients; the compute they
@@ -19,13 +20,27 @@ import numpy as np
 from jaxpar.errors import JaxparError
 
 
+SHAPES = ("circular", "v")
+
+
+def chunk_places(stages: int, repeats: int, shape: str = "circular") -> list[tuple[int, int]]:
+    """(stage, repeat) of each chunk of the stack, in logical order: where chunk j runs."""
+    p = stages
+    if shape == "v":  # down the stages and back up: stage s holds chunks s and 2P - 1 - s
+        return [(j, 0) if j < p else (2 * p - 1 - j, 1) for j in range(2 * p)]
+    return [(j % p, j // p) for j in range(p * repeats)]
+
+
 @dataclass(frozen=True)
 class StageLayout:
     layers: int
     stages: int = 1
     repeats: int = 1
+    shape: str = "circular"  # or "v" (two repeats)
 
     def __post_init__(self) -> None:
+        if self.shape == "v" and self.repeats != 2:
+            raise JaxparError(f"a V-shaped layout has 2 chunks per stage, not {self.repeats}")
         if self.layers < self.chunks:
             raise JaxparError(f"{self.layers} layers cannot fill {self.chunks} chunks")
 
@@ -53,8 +68,8 @@ class StageLayout:
         """[P, v * c] int: the logical layer in each slot, -1 for padding."""
         table = np.full((self.stages, self.slots_per_stage), -1, dtype=np.int64)
         first = 0
-        for j, size in enumerate(self.chunk_sizes):
-            stage, repeat = j % self.stages, j // self.stages
+        places = chunk_places(self.stages, self.repeats, self.shape)
+        for (stage, repeat), size in zip(places, self.chunk_sizes, strict=True):
             start = repeat * self.chunk_size
             table[stage, start : start + size] = np.arange(first, first + size)
             first += size

@@ -7,15 +7,15 @@ replicas, P stages, Q rows per (replica, stage) outside the pipeline.
 
 - `run_pipeline`: the forward ticks of a forward-only table (gpipe, circular), for training's
   forward (under `jax.grad`) and evaluation.
-- `run_train_program`: the schedules with their own backward (1f1b, interleaved_1f1b, zb_h1),
-  whose F, B and W slots return the loss and the gradients together.
+- `run_train_program`: the schedules with their own backward (1f1b, interleaved_1f1b, zb_h1,
+  zb_v), whose F, B and W slots return the loss and the gradients together.
 
 `tensor` stays automatic inside the program, so the stage body is the ordinary tensor-parallel
 block and XLA partitions it exactly as without pipelining. For `run_pipeline` the embedding, LM
 head and loss run outside, with the batch split over `data` and `pipeline` (`outer_batch`):
 nothing is computed twice. The micro-batches' inputs are gathered over `pipeline` at the start and
-the last stage's outputs spread back over the stages at the end, each one all-to-all
-(`gather_stages`, `from_last_stage`); the backward pass runs the transposed collectives. Per tick
+the last chunk's outputs spread back over the stages at the end, each one all-to-all
+(`gather_stages`, `from_stage`); the backward pass runs the transposed collectives. Per tick
 each stage sends one (b, T, D) activation to the next, forward, and receives one cotangent,
 backward.
 """
@@ -38,7 +38,7 @@ from jaxpar.pipeline.program import (
     Row,
     Slots,
     StageProgram,
-    from_last_stage,
+    from_stage,
     gather_stages,
     read,
     replica_axes,
@@ -186,8 +186,9 @@ def run_pipeline(
         y_RPQTD = program.merge(y_MbTD, r_here).reshape(r_here, p, q, t_here, d)
         if p == 1:
             return y_RPQTD
-        # Only the last stage holds the outputs (zeros elsewhere): each stage takes its rows.
-        return from_last_stage(y_RPQTD)
+        # Only the stage of the last chunk holds the outputs (zeros elsewhere): each stage takes
+        # its rows.
+        return from_stage(y_RPQTD, program.schedule.places[-1][0])
 
     spec = program.rows_spec(over_stages=True)
     run_stages = program(stages, in_specs=(PartitionSpec(PIPELINE), spec), out_specs=spec)
@@ -378,15 +379,33 @@ class _TrainStage:
         dx_bTD, d_w, d_taps, d_top_e = self.slot(at["b_chunk"] >= 0, run_b, idle)
         if self.schedule.split:  # d_w is zero: the W slot computes it from the taps' cotangents
             wstash = write(wstash, at["b_wstash"], d_taps)
-            held = read(wstash, at["w_stash"])
-            d_w = jax.lax.cond(
-                at["w_chunk"] >= 0,
-                lambda: self.vary(weight_grads(self.weights_X, self.eqs, held)),
-                lambda: self.zeros(self.weights_X),
-            )
-        d_weights = jax.tree.map(jnp.add, d_weights, d_w)
+            d_weights = self.w_slot(at, read(wstash, at["w_stash"]), d_weights)
+        else:
+            d_weights = jax.tree.map(jnp.add, d_weights, d_w)
         d_top = jax.tree.map(jnp.add, d_top, d_top_e)
         return dx_bTD, (stash, wstash, d_weights, d_top, loss)
+
+    def w_slot(self, at: Row, held: dict[str, tuple], d_weights: Any) -> Any:
+        """The W slot: the weight gradients of one job's chunk (its c slots) from what its B
+        kept, added into the chunk's slots of `d_weights`."""
+        c, v = self.c, self.schedule.repeats
+        start = jnp.maximum(at["w_chunk"], 0) * c
+        chunk_X = self.weights_X
+        if v > 1:
+            chunk_X = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, c), chunk_X)
+        d_chunk = jax.lax.cond(
+            at["w_chunk"] >= 0,
+            lambda: self.vary(weight_grads(chunk_X, self.eqs, held)),
+            lambda: self.zeros(chunk_X),
+        )
+        if v == 1:
+            return jax.tree.map(jnp.add, d_weights, d_chunk)
+
+        def add(total: jax.Array, d: jax.Array) -> jax.Array:
+            d = jax.lax.dynamic_slice_in_dim(total, start, c) + d
+            return jax.lax.dynamic_update_slice_in_dim(total, d, start, 0)
+
+        return jax.tree.map(add, d_weights, d_chunk)
 
     # -- the program -------------------------------------------------------------------------
 
@@ -410,8 +429,8 @@ class _TrainStage:
             self.zeros(jax.ShapeDtypeStruct((), jnp.float32)),
         )
         slots = Slots(self.f_slot, self.head_slot, self.b_slot)
-        act, ct = self.ring("act", self.x_shape), self.ring("ct", self.x_shape)
-        _, _, d_weights, d_top, loss = self.program.ticks(slots, state, act, ct)
+        inbox = self.ring("inbox", self.x_shape)
+        _, _, d_weights, d_top, loss = self.program.ticks(slots, state, inbox)
         loss, d_top = jax.lax.psum((loss, d_top), tuple(sorted(self.program.manual)))
         replicas = replica_axes(self.program.manual)
         if replicas:

@@ -6,9 +6,10 @@ T sequence, D model dim; X any trailing dimensions.
 `StageProgram` is one `jax.shard_map`, manual over `pipeline` (and over `data` where each
 replica's rows run alone, `manual_axes`), around `lax.scan` over the ticks of a schedule. Each
 tick runs, on every stage, the F slot of its table row, and in programs with their own backward
-the loss (last stage, last chunk), the B slot and the W slot; then one `ppermute` hands every
-stage's output to the next stage, and one its input cotangent to the previous one. What arrives
-waits in rings of slots, as `Schedule.routes` allocated them. The slots are the callers' (`Slots`):
+the loss (after the model's last chunk), the B slot and the W slot; then one `ppermute` hands
+what goes to the next stage (an F's output; in a V also a B's input gradient), one what goes to
+the previous stage, and what stays on the stage (the turn of a V) is kept. What arrives waits in
+one ring of slots, the inbox, as `Schedule.routes` allocated it. The slots are the callers' (`Slots`):
 training's forward under `jax.grad` and evaluation (`executor.run_pipeline`), training with a
 hand-written backward (`executor.run_train_program`), and the KV-cached prefill, prompt pieces
 and decode of `infer.engine.Generator`. Every device issues the same collectives every tick,
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxpar.mesh import CONTEXT, DATA, PIPELINE
-from jaxpar.pipeline.schedule import Schedule
+from jaxpar.pipeline.schedule import B, F, Schedule
 from jaxpar.sharding import gather_copies
 
 Row = dict[str, jax.Array]  # one tick's routes on this stage: f_micro, f_src, b_chunk, ...
@@ -79,13 +80,12 @@ def gather_stages(x_R1X: jax.Array) -> jax.Array:
     return gather_copies(x_R1X, PIPELINE, 1)
 
 
-def from_last_stage(y_RPX: jax.Array) -> jax.Array:
-    """Hands stage s block s of the last stage's [R, P, ...], as [R, 1, ...]: what
+def from_stage(y_RPX: jax.Array, source: int) -> jax.Array:
+    """Hands stage s block s of stage `source`'s [R, P, ...], as [R, 1, ...]: what
     `psum_scatter(y, PIPELINE, scatter_dimension=1, tiled=True)` gives when the other stages hold
     zeros, copied rather than summed (see `gather_stages`)."""
-    p = jax.lax.axis_size(PIPELINE)
     y_RPX = jax.lax.all_to_all(y_RPX, PIPELINE, 1, 1, tiled=True)  # block s of every stage
-    return y_RPX[:, p - 1 :]
+    return y_RPX[:, source : source + 1]
 
 
 def read(ring: Any, slot: jax.Array) -> Any:
@@ -110,13 +110,13 @@ class Slots:
     (b, T, D) value and the state.
 
     - `forward(row, incoming_bTD, state) -> (y_bTD, state)`: the F slot; `incoming_bTD` is what
-      waits in act slot `row["f_src"]` (the first chunk on stage 0 reads its own input instead,
-      where `f_src` is -1). `y_bTD` goes to the next stage.
-    - `head(row, y_bTD, state) -> (dy_bTD, state)`: the loss of the last chunk on the last stage
-      and its cotangent, kept in ct slot `row["head_ct"]`.
+      waits in inbox slot `row["f_src"]` (the model's first chunk, on stage 0, reads its own
+      input instead, where `f_src` is -1). `y_bTD` goes to the stage of the next chunk.
+    - `head(row, y_bTD, state) -> (dy_bTD, state)`: the loss after the model's last chunk and
+      its cotangent, kept in inbox slot `row["head_ct"]`.
     - `backward(row, cotangent_bTD, state) -> (dx_bTD, state)`: the B and W slots;
-      `cotangent_bTD` is what waits in ct slot `row["b_src"]`. `dx_bTD` goes to the previous
-      stage.
+      `cotangent_bTD` is what waits in inbox slot `row["b_src"]`. `dx_bTD` goes to the stage of
+      the previous chunk.
 
     Without `head` and `backward` the program is the table's forward ticks alone (gpipe,
     circular: training's backward is then `jax.grad` of it, the transposed scan).
@@ -178,41 +178,53 @@ class StageProgram:
         m, rest = self.schedule.microbatches, y_MbX.shape[2:]
         return y_MbX.reshape(m, replicas, -1, *rest).swapaxes(0, 1).reshape(replicas, -1, *rest)
 
-    def ticks(self, slots: Slots, state: Any, act: Any, ct: Any = None) -> Any:
+    def ticks(self, slots: Slots, state: Any, inbox: Any) -> Any:
         """Runs the table's ticks inside the shard_map; returns the final state.
 
         Args:
             slots: what the F (and head, B, W) slots compute.
             state: the callers' carry (outputs, caches, gradient sums, stashes).
-            act, ct: the rings of (b, T, D) values waiting for an F and a B, zeros shaped
-                [routes.slots["act"] (at least 1), b, T, D] (`ct`: only with a backward).
+            inbox: the ring of (b, T, D) values waiting for an F or a B, zeros shaped
+                [routes.slots["inbox"] (at least 1), b, T, D].
         """
         schedule = self.schedule
         p, routes = schedule.stages, schedule.routes
-        names = routes.arrays() if slots.backward else ("f_micro", "f_chunk", "f_src", "f_keep")
-        tables = {k: jnp.asarray(getattr(routes, k)) for k in names}
+        arrays = routes.arrays()
+        if not slots.backward:
+            keep = ("f_micro", "f_chunk", "f_src") + tuple(
+                f"{k}_{c}" for c in routes.channels for k in ("send", "keep")
+            )
+            arrays = {k: arrays[k] for k in keep}
+        tables = {k: jnp.asarray(a) for k, a in arrays.items()}
         stage = jax.lax.axis_index(PIPELINE)
+        rings = {
+            "up": [(i, (i + 1) % p) for i in range(p)],
+            "down": [(i, (i - 1) % p) for i in range(p)],
+        }
 
         def tick(carry: tuple, row: Row) -> tuple[tuple, None]:
-            act, ct, state = carry
+            inbox, state = carry
             at = {k: a[stage] for k, a in row.items()}
-            y_bTD, state = slots.forward(at, read(act, at["f_src"]), state)
+            y_bTD, state = slots.forward(at, read(inbox, at["f_src"]), state)
             dx_bTD = None
             if slots.backward:
                 dy_bTD, state = slots.head(at, y_bTD, state)
-                ct = write(ct, at["head_ct"], dy_bTD)
-                dx_bTD, state = slots.backward(at, read(ct, at["b_src"]), state)
-            if p > 1:
-                y_bTD = jax.lax.ppermute(y_bTD, PIPELINE, [(i, (i + 1) % p) for i in range(p)])
-                if dx_bTD is not None:
-                    ring = [(i, (i - 1) % p) for i in range(p)]
-                    dx_bTD = jax.lax.ppermute(dx_bTD, PIPELINE, ring)
-            act = write(act, at["f_keep"], y_bTD)
-            if dx_bTD is not None:
-                ct = write(ct, at["b_keep"], dx_bTD)
-            return (act, ct, state), None
+                inbox = write(inbox, at["head_ct"], dy_bTD)
+                dx_bTD, state = slots.backward(at, read(inbox, at["b_src"]), state)
+            # what each channel carries: F's output, B's input gradient, or either (a V)
+            for channel, kinds in routes.channels.items():
+                if kinds == {F}:
+                    value = y_bTD
+                elif kinds == {B}:
+                    value = dx_bTD
+                else:
+                    value = jnp.where(at[f"send_{channel}"] == 1 + B, dx_bTD, y_bTD)
+                if p > 1 and channel in rings:
+                    value = jax.lax.ppermute(value, PIPELINE, rings[channel])
+                inbox = write(inbox, at[f"keep_{channel}"], value)
+            return (inbox, state), None
 
-        (_, _, state), _ = jax.lax.scan(tick, (act, ct, state), tables)
+        (_, state), _ = jax.lax.scan(tick, (inbox, state), tables)
         return state
 
     def forward(self, run: Callable, x_MbTD: jax.Array, state: Any = None) -> tuple[jax.Array, Any]:
@@ -230,7 +242,7 @@ class StageProgram:
             (M, b, T, D): the last chunk's outputs, on the last stage (zeros on the others); and
             the state.
         """
-        p, v = self.schedule.stages, self.schedule.repeats
+        last_stage, last_repeat = self.schedule.places[-1]
         stage = jax.lax.axis_index(PIPELINE)
 
         def forward(at: Row, incoming_bTD: jax.Array, carry: tuple) -> tuple[jax.Array, tuple]:
@@ -239,15 +251,15 @@ class StageProgram:
             active = at["f_chunk"] >= 0
             h_bTD = jnp.where(at["f_src"] < 0, x_MbTD[micro], incoming_bTD)
             y_bTD, state = run(repeat, micro, active, h_bTD, state)
-            last = active & (stage == p - 1) & (repeat == v - 1)
+            last = active & (stage == last_stage) & (repeat == last_repeat)
             y_out = jnp.where(last, y_bTD, out_MbTD[micro])
             out_MbTD = jax.lax.dynamic_update_index_in_dim(out_MbTD, y_out, micro, 0)
             return y_bTD, (out_MbTD, state)
 
         zero_bTD = jnp.zeros_like(x_MbTD[0])  # varying like the input
-        act = jnp.broadcast_to(zero_bTD, (self.ring_size("act"), *zero_bTD.shape))
-        return self.ticks(Slots(forward), (jnp.zeros_like(x_MbTD), state), act)
+        inbox = jnp.broadcast_to(zero_bTD, (self.ring_size("inbox"), *zero_bTD.shape))
+        return self.ticks(Slots(forward), (jnp.zeros_like(x_MbTD), state), inbox)
 
     def ring_size(self, name: str) -> int:
-        """Slots of ring `name` (act, ct, stash, wstash) the table needs (at least one)."""
+        """Slots of ring `name` (inbox, stash, wstash) the table needs (at least one)."""
         return max(self.schedule.routes.slots[name], 1)

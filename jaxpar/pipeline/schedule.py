@@ -1,41 +1,56 @@
 """Pipeline schedules as data: which action each stage runs at each tick, checked when built.
 
-A job is one micro-batch m through one chunk r of a stage's layers (chunk r of stage s is the
-model's chunk r * P + s, `StageLayout`); job id r * M + m. Each tick has three action slots, run in
-this order by every stage: F (forward of a job), B (its backward: with `split`, the input gradient
-only) and W (the weight gradient of a job whose B has run; only `split` schedules have W's). A
-table is [3, P, ticks]: the job id in each slot, -1 when the slot is idle.
+A job is one micro-batch m through one chunk r of a stage's layers (which of the model's chunks
+that is: `jaxpar.model.layout.chunk_places`, circular or V-shaped); job id r * M + m. Each tick
+has three action slots, run in this order by every stage: F (forward of a job), B (its backward:
+with `split`, the input gradient only) and W (the weight gradient of a job whose B has run). A
+table is [3, P, ticks]: the job in each slot, -1 when the slot is idle.
 
 - `gpipe` and `circular` are one rule: at tick t stage s runs F of job k = t - s (v = 1 is GPipe;
   job k is micro-batch k % M in repeat k // M). Their backward is `jax.grad` of the forward scan,
   which runs the same ticks in reverse: the table shows it so, after the forward ticks.
-- `1f1b` and `interleaved_1f1b` (v = `repeats` chunks per stage) fuse one F and one B into every
-  steady-state tick, Megatron's order: F's go through the chunks in groups of P micro-batches,
-  B's through the chunks in reverse. The last stage runs the last chunk's F, the loss and that
-  job's B in one tick, so in lockstep a job's activation reaches stage s + 1 and its cotangent
-  stage s - 1 one tick later, and stage s holds at most 2 (P - s) - 1 jobs' activations, however
-  many micro-batches there are (textbook 1F1B holds P - s; each hop here lasts a whole tick).
-- `zb_h1` is `1f1b` with the backward split (Qi et al., ICLR 2024): B computes the input gradient,
-  which the previous stage waits for, and W the weight gradient, which nobody waits for. W's are
-  deferred while they would make their tick the slowest (the ramp where stage 0 still only runs
-  F's) and run where the stage has time (the ramp-down), with at most P pending per stage.
+- The schedules with their own backward run ticks of one of two granularities (`tick`):
+  - `single`: one action per stage per tick, F, B or W, with the backward always split (B the
+    input gradient, W the weight gradient). With F, B and W of about equal cost every tick is
+    as long on every stage, so lockstep ticks cost what asynchronous stages cost, and a value
+    reaches the next stage one action later. Built by `_single`, a lockstep list scheduler: at
+    each tick each stage runs a W that may wait no longer, else a B whose cotangent is there,
+    else an F whose input is there (while fewer than its limit of jobs wait for their B), else a
+    pending W, else nothing. `1f1b` runs each W right after its B and lets stage s hold P - s
+    jobs; `zb_h1` (Qi et al., ICLR 2024) defers W's into the ticks a stage would idle, at most P
+    pending; `zb_v` (the same paper's V schedule) holds the chunks s and 2P - 1 - s on stage s,
+    so the loss is on stage 0, and lets a stage hold 2P half-size jobs, 1F1B's activations.
+  - `fused`: one F and one B in every steady-state tick, Megatron's order (`interleaved_1f1b`,
+    and `1f1b` or `zb_h1` where B costs much more than F or W): F's go through the chunks in
+    groups of P micro-batches, B's through the chunks in reverse; a hop lasts a whole fused tick,
+    so stage s holds up to 2 (P - s) - 1 jobs. zb_h1's W's run where they do not lengthen the
+    tick (`_defer_weight_grads`).
+  `tick="auto"` takes whichever of the two a schedule allows costs less in lockstep with one
+  job's F, B and W costs (`costs`: from the model's shapes, `jaxpar.model.flops.job_costs`).
 
-Every tick lasts as long as its slowest stage (`lockstep_cost`), so tables are built for even
-ticks, and `check_table` rejects any table whose actions run before their inputs exist.
+Every tick lasts as long as its slowest stage (`lockstep_cost`), and `check_table` rejects any
+table whose actions run before their inputs exist.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 
 from jaxpar.errors import JaxparError
-from jaxpar.schedule_rules import check_schedule_counts, check_schedule_stages, schedule_rule
+from jaxpar.model.layout import chunk_places
+from jaxpar.schedule_rules import (
+    check_schedule_counts,
+    check_schedule_stages,
+    check_schedule_tick,
+    schedule_rule,
+)
 
 F, B, W = 0, 1, 2
 KINDS = "FBW"
+CHANNELS = ("up", "down", "self")  # to stage s + 1, to stage s - 1, kept on stage s
 
 
 class ScheduleError(JaxparError):
@@ -44,38 +59,82 @@ class ScheduleError(JaxparError):
 
 @dataclass(frozen=True)
 class Schedule:
+    """A schedule's table for P stages, M micro-batches and v chunks per stage.
+
+    Args:
+        tick: `single`, `fused` or `auto` (see the module docstring); `forward`: the forward
+            ticks alone, what `forward()` returns for evaluation.
+        costs: one job's F, B (input gradient) and W costs, relative; they choose the tick
+            granularity where `tick` is `auto`.
+    """
+
     name: str
     stages: int
     microbatches: int
     repeats: int = 1
+    tick: str = "auto"
+    costs: tuple[float, float, float] = field(default=(1.0, 1.0, 1.0))
 
     def __post_init__(self) -> None:
         p, m, v = self.stages, self.microbatches, self.repeats
         try:  # the rules of `jaxpar.schedule_rules`, stated there once
             check_schedule_counts(self.name, m, v)
             check_schedule_stages(self.name, p, m)
+            if self.tick != "forward":
+                check_schedule_tick(self.name, self.tick)
         except JaxparError as e:
             raise ScheduleError(str(e)) from None
-        check_table(self.jobs, p, m, v, split=self.split, hand=self.hand_backward)
+        check_table(self.jobs, p, m, v, split=self.split, hand=self.hand_backward,
+                    places=self.places)  # fmt: skip
+        _ = self.routes  # sends that collide are refused here too
 
     # -- what kind of program ------------------------------------------------------------------
 
     @property
     def hand_backward(self) -> bool:
         """The step runs this table's B and W ticks itself (else: `jax.grad` of the F ticks)."""
-        return schedule_rule(self.name).hand_backward
+        return schedule_rule(self.name).hand_backward and self.tick != "forward"
+
+    @cached_property
+    def granularity(self) -> str:
+        """`forward` (the F ticks of gpipe, circular and evaluation), `single` or `fused`."""
+        rule = schedule_rule(self.name)
+        if not self.hand_backward:
+            return "forward"
+        if rule.ticks != "either":
+            return rule.ticks
+        if self.tick != "auto":
+            return self.tick
+        f, b, w = self.costs
+        single = _cost(self._table("single"), (f, b, w))
+        fused = _cost(self._table("fused"), (f, b, w) if rule.zero_bubble else (f, b + w, 0))
+        return "single" if single <= fused else "fused"
 
     @property
     def split(self) -> bool:
         """B computes input gradients only; W ticks compute the weight gradients."""
-        return schedule_rule(self.name).split
+        return self.hand_backward and (
+            schedule_rule(self.name).zero_bubble or self.granularity == "single"
+        )
+
+    @cached_property
+    def places(self) -> list[tuple[int, int]]:
+        """(stage, repeat) of each of the model's chunks, in order."""
+        shape = schedule_rule(self.name).shape
+        return chunk_places(self.stages, self.repeats, shape)
+
+    @property
+    def shape(self) -> str:
+        return schedule_rule(self.name).shape
 
     def forward(self) -> Schedule:
         """The forward-only table for this layout: itself for gpipe and circular; for the
-        schedules with their own backward, gpipe (v = 1) or circular over the same chunks, what
-        evaluation runs (a forward needs no B ticks)."""
+        schedules with their own backward, gpipe (v = 1) or circular over the same chunks, or the
+        V's forward ticks, what evaluation runs (a forward needs no B ticks)."""
         if not self.hand_backward:
             return self
+        if self.shape == "v":
+            return Schedule(self.name, self.stages, self.microbatches, self.repeats, "forward")
         name = "gpipe" if self.repeats == 1 else "circular"
         return Schedule(name, self.stages, self.microbatches, self.repeats)
 
@@ -88,18 +147,29 @@ class Schedule:
     @cached_property
     def jobs(self) -> np.ndarray:
         """[3, P, ticks] int: the job in each stage's F, B and W slot at each tick, -1 if idle."""
+        if self.hand_backward:
+            return self._table(self.granularity)
         p, m, v = self.stages, self.microbatches, self.repeats
-        if not self.hand_backward:
+        if self.shape == "v":
+            forward = _single(self.places, m, limit=[p] * p, defer=False, cap=0, backward=False)[F]
+        else:
             forward = _circular(p, m, v)
-            return np.stack([
-                np.concatenate([forward, np.full_like(forward, -1)], axis=1),
-                np.concatenate([np.full_like(forward, -1), forward[:, ::-1]], axis=1),
-                np.full((p, 2 * forward.shape[1]), -1),
-            ])  # fmt: skip
-        table = _interleaved(p, m, v)
-        if self.split:
-            table = _defer_weight_grads(table, cap=p)
-        return table
+        return np.stack([
+            np.concatenate([forward, np.full_like(forward, -1)], axis=1),
+            np.concatenate([np.full_like(forward, -1), forward[:, ::-1]], axis=1),
+            np.full((p, 2 * forward.shape[1]), -1),
+        ])  # fmt: skip
+
+    def _table(self, granularity: str) -> np.ndarray:
+        p, m, v = self.stages, self.microbatches, self.repeats
+        rule = schedule_rule(self.name)
+        if granularity == "fused":
+            table = _interleaved(p, m, v)
+            return _defer_weight_grads(table, cap=p) if rule.zero_bubble else table
+        if self.shape == "v":  # 2P half-size jobs: the activations of 1F1B's P
+            return _single(self.places, m, limit=[2 * p] * p, defer=True, cap=p)
+        limit = [p - s for s in range(p)]
+        return _single(self.places, m, limit=limit, defer=rule.zero_bubble, cap=p)
 
     @property
     def ticks(self) -> int:
@@ -107,7 +177,7 @@ class Schedule:
         is the transposed scan), every tick otherwise."""
         if self.hand_backward:
             return self.jobs.shape[-1]
-        return self.repeats * self.microbatches + self.stages - 1
+        return self.jobs.shape[-1] // 2
 
     def table(self) -> np.ndarray:
         """[P, ticks] int: the forward job each stage runs at each forward tick, -1 when idle
@@ -116,20 +186,19 @@ class Schedule:
 
     @property
     def bubble(self) -> float:
-        """The textbook bubble with equal F, B and W costs: (P - 1) / (v * M + P - 1), and for
-        ZB-H1 (P - 1) / (3 M + P - 1) (its ramps lose F + B - W instead of F + B + W)."""
+        """The textbook bubble with equal F, B and W costs: (P - 1) / (v M + P - 1), and for
+        the zero-bubble schedules (P - 1) / (3 v M + P - 1) (their ramps lose F + B - W instead
+        of F + B + W; ZB-V's only loss is stage P - 1 waiting P - 1 ticks for its first input)."""
         p, m, v = self.stages, self.microbatches, self.repeats
-        if self.split:
-            return (p - 1) / (3 * m + p - 1)
+        if schedule_rule(self.name).zero_bubble:
+            return (p - 1) / (3 * v * m + p - 1)
         return (p - 1) / (v * m + p - 1)
 
     def lockstep_cost(self, f: float, b: float, w: float) -> float:
         """A step's time when every tick lasts as long as its slowest stage: the sum over ticks
         of the largest per-stage work. f, b, w: one job's (one chunk's) F, B and W costs; for
         schedules without W ticks, B is charged b + w."""
-        costs = np.array([f, b if self.split else b + w, w])[:, None, None]
-        work = ((self.jobs >= 0) * costs).sum(axis=0)  # [P, ticks]
-        return float(work.max(axis=0).sum())
+        return _cost(self.jobs, (f, b, w) if self.split else (f, b + w, 0))
 
     def lockstep_bubble(self, f: float, b: float, w: float) -> float:
         """1 - ideal / lockstep cost, ideal = every stage busy all the time."""
@@ -152,14 +221,81 @@ class Schedule:
             + f", {self.ticks} ticks, bubble {self.bubble:.1%}"
         )
         if self.hand_backward:
-            text += f", stash {self.stash_slots} jobs"
+            text += f", {self.granularity} ticks, stash {self.stash_slots} jobs"
         return text
+
+
+def _cost(jobs: np.ndarray, costs: tuple[float, float, float]) -> float:
+    work = ((jobs >= 0) * np.asarray(costs, float)[:, None, None]).sum(axis=0)  # [P, ticks]
+    return float(work.max(axis=0).sum())
 
 
 def _circular(p: int, m: int, v: int) -> np.ndarray:
     """[P, v M + P - 1]: stage s runs job t - s at tick t."""
     k = np.arange(v * m + p - 1)[None, :] - np.arange(p)[:, None]
     return np.where((k >= 0) & (k < v * m), k, -1)
+
+
+def _single(places: list[tuple[int, int]], m: int, *, limit: list[int], defer: bool, cap: int,
+            backward: bool = True) -> np.ndarray:  # fmt: skip
+    """One action per stage per tick, in lockstep: a list scheduler.
+
+    At each tick each stage runs the first of: a W that may wait no longer (`defer` False: any
+    pending W, right after its B; else when `cap` are pending); a B whose cotangent has arrived;
+    an F whose input has arrived, while fewer than `limit[s]` jobs wait for their B; a pending
+    W; nothing. Among B's and F's it takes the deepest chunk first (the one nearest the loss),
+    then the lowest micro-batch. A value made at tick t is usable from tick t + 1. `backward`
+    False: F's alone (the forward ticks of evaluation)."""
+    p, n = max(s for s, _ in places) + 1, len(places)
+    chunk_of = {place: j for j, place in enumerate(places)}
+    never = np.iinfo(np.int64).max
+    done = np.full((3, n, m), never)  # tick each action ran: [kind, model chunk, micro-batch]
+    left_f = [{(r, i) for (st, r) in places if st == s for i in range(m)} for s in range(p)]
+    left_b = [set(jobs) if backward else set() for jobs in left_f]
+    waiting, pending = [0] * p, [[] for _ in range(p)]
+    rows = []
+    t = 0
+    while any(left_f) or any(left_b) or any(pending):
+        row = np.full((3, p), -1)
+        for s in range(p):
+
+            def ready_f(job: tuple[int, int], s: int = s) -> bool:
+                j = chunk_of[s, job[0]]
+                return j == 0 or done[F, j - 1, job[1]] < t
+
+            def ready_b(job: tuple[int, int], s: int = s) -> bool:
+                j = chunk_of[s, job[0]]
+                return done[F, j, job[1]] < t and (j == n - 1 or done[B, j + 1, job[1]] < t)
+
+            def first(jobs: set, s: int = s) -> tuple[int, int]:
+                return min(jobs, key=lambda job: (-chunk_of[s, job[0]], job[1]))
+
+            action = None
+            if pending[s] and (not defer or len(pending[s]) >= cap):
+                action = W, pending[s].pop(0)
+            elif ready := {job for job in left_b[s] if ready_b(job)}:
+                action = B, first(ready)
+            elif waiting[s] < limit[s] and (ready := {job for job in left_f[s] if ready_f(job)}):
+                action = F, first(ready)
+            elif pending[s]:
+                action = W, pending[s].pop(0)
+            if action is None:
+                continue
+            kind, (r, i) = action
+            row[kind, s] = r * m + i
+            done[kind, chunk_of[s, r], i] = t
+            if kind == F:
+                left_f[s].remove((r, i))
+                waiting[s] += backward
+            elif kind == B:
+                left_b[s].remove((r, i))
+                waiting[s] -= 1
+                pending[s].append((r, i))
+        if (row < 0).all():
+            raise ScheduleError(f"tick {t}: no stage can run an action (the table is stuck)")
+        rows.append(row)
+        t += 1
+    return np.stack(rows, axis=-1)
 
 
 def _interleaved(p: int, m: int, v: int) -> np.ndarray:
@@ -170,7 +306,7 @@ def _interleaved(p: int, m: int, v: int) -> np.ndarray:
     reversed, at tick (v P - 1) + i + (P - 1 - s). The offset v P - 1 puts the last chunk's B on
     the last stage in the tick of its F."""
     i = np.arange(v * m)
-    group, micro = i // (p * v), (i // (p * v)) * p + i % p
+    micro = (i // (p * v)) * p + i % p
     f_jobs = ((i // p) % v) * m + micro
     b_jobs = (v - 1 - (i // p) % v) * m + micro
     ticks = v * p - 1 + v * m + p - 1
@@ -178,7 +314,6 @@ def _interleaved(p: int, m: int, v: int) -> np.ndarray:
     for s in range(p):
         table[F, s, i + s] = f_jobs
         table[B, s, v * p - 1 + i + (p - 1 - s)] = b_jobs
-    del group
     return table
 
 
@@ -204,17 +339,20 @@ def _defer_weight_grads(table: np.ndarray, cap: int) -> np.ndarray:
 
 
 def check_table(
-    jobs: np.ndarray, stages: int, microbatches: int, repeats: int, *, split: bool, hand: bool
+    jobs: np.ndarray, stages: int, microbatches: int, repeats: int, *, split: bool, hand: bool,
+    places: list[tuple[int, int]] | None = None,
 ) -> None:
     """Raises ScheduleError unless every action runs after what it needs, once.
 
-    F of job (m, r) on stage s needs the same job's F on the stage before (chunk r - 1 on the last
-    stage when s = 0; nothing for r = 0 on stage 0) at an earlier tick. B needs its own F (the
-    same tick is fine: F runs first) and the cotangent: the next stage's B of the job at an
-    earlier tick, or, for the last chunk on the last stage, its own F (the loss runs between).
+    F of job (m, r) on stage s needs the same micro-batch's F of the model's previous chunk
+    (`places`: where each chunk runs; circular by default) at an earlier tick (nothing for the
+    first chunk). B needs its own F (the same tick is fine: F runs first) and the cotangent: the
+    next chunk's B at an earlier tick, or, for the last chunk, its own F (the loss runs between).
     W needs its B (the same tick is fine). Each action runs exactly once.
     """
     p, m, v = stages, microbatches, repeats
+    places = places or chunk_places(p, v)
+    chunk_of = {place: j for j, place in enumerate(places)}
     n = v * m
     kinds = (F, B, W) if split else (F, B) if hand else (F,)
     when = np.full((3, p, n), -1)
@@ -243,6 +381,7 @@ def check_table(
     for stage in range(p):
         for job in range(n):
             micro, chunk = job % m, job // m
+            j = chunk_of[stage, chunk]
 
             def where(kind: int, stage: int = stage, job: int = job) -> str:
                 return (
@@ -250,42 +389,28 @@ def check_table(
                     f"{job % m} chunk {job // m}"
                 )
 
-            source = _upstream(stage, chunk, p)
-            if source is not None:
-                up = when[F, source[0], source[1] * m + micro]
+            if j > 0:
+                up_stage, up_chunk = places[j - 1]
+                up = when[F, up_stage, up_chunk * m + micro]
                 if up >= when[F, stage, job]:
                     raise ScheduleError(
-                        f"{where(F)} runs before its input arrives (stage {source[0]} computes "
+                        f"{where(F)} runs before its input arrives (stage {up_stage} computes "
                         f"it at tick {up})"
                     )
             if not hand:
                 continue
             if when[B, stage, job] < when[F, stage, job]:
                 raise ScheduleError(f"{where(B)} runs before its F (tick {when[F, stage, job]})")
-            sink = _downstream(stage, chunk, p, v)
-            if sink is not None:
-                down = when[B, sink[0], sink[1] * m + micro]
+            if j < len(places) - 1:
+                down_stage, down_chunk = places[j + 1]
+                down = when[B, down_stage, down_chunk * m + micro]
                 if down >= when[B, stage, job]:
                     raise ScheduleError(
-                        f"{where(B)} runs before its cotangent arrives (stage {sink[0]} "
+                        f"{where(B)} runs before its cotangent arrives (stage {down_stage} "
                         f"computes it at tick {down})"
                     )
             if split and when[W, stage, job] < when[B, stage, job]:
                 raise ScheduleError(f"{where(W)} runs before its B (tick {when[B, stage, job]})")
-
-
-def _upstream(stage: int, chunk: int, p: int) -> tuple[int, int] | None:
-    """Where the input of (stage, chunk) comes from: (stage, chunk), None for the embedding."""
-    if stage > 0:
-        return stage - 1, chunk
-    return (p - 1, chunk - 1) if chunk > 0 else None
-
-
-def _downstream(stage: int, chunk: int, p: int, v: int) -> tuple[int, int] | None:
-    """Where the cotangent of (stage, chunk)'s output comes from, None for the loss."""
-    if stage < p - 1:
-        return stage + 1, chunk
-    return (0, chunk + 1) if chunk < v - 1 else None
 
 
 @dataclass(frozen=True)
@@ -294,31 +419,41 @@ class Routes:
 
     Slots index rings in the scan carry, allocated here by replaying the table, so their sizes
     (`slots`) are the peak each ring holds:
-    - `act`: activations received and not yet consumed by an F;
-    - `ct`: cotangents received (or made by the loss) and not yet consumed by a B;
+    - `inbox`: values waiting for an action: activations received and not yet consumed by an F,
+      cotangents received (or made by the loss) and not yet consumed by a B;
     - `stash`: what an F keeps for its B;
     - `wstash`: what a B keeps for its W.
+
+    At the end of a tick each stage sends its F's output or its B's input gradient (`send_*`:
+    0 nothing, 1 + F or 1 + B) over up to three channels (`CHANNELS`): to stage s + 1, to s - 1,
+    or to itself (the turn of a V); what arrives over a channel goes into inbox slot `keep_*`.
+    `channels`: per channel used, the kinds of value it ever carries.
     """
 
     f_micro: np.ndarray
     f_chunk: np.ndarray
-    f_src: np.ndarray  # act slot of the input, -1: the embedding
+    f_src: np.ndarray  # inbox slot of the input, -1: the embedding
     f_stash: np.ndarray
-    f_keep: np.ndarray  # act slot for what arrives at the end of the tick
-    head_ct: np.ndarray  # ct slot for the loss's cotangent (last stage, last chunk)
+    head_ct: np.ndarray  # inbox slot for the loss's cotangent (the last chunk)
     b_micro: np.ndarray
     b_chunk: np.ndarray
     b_src: np.ndarray
     b_stash: np.ndarray
     b_wstash: np.ndarray
-    b_keep: np.ndarray  # ct slot for what arrives at the end of the tick
     w_micro: np.ndarray
     w_chunk: np.ndarray
     w_stash: np.ndarray
+    send_up: np.ndarray
+    send_down: np.ndarray
+    send_self: np.ndarray
+    keep_up: np.ndarray  # inbox slot for what arrives from stage s - 1
+    keep_down: np.ndarray  # from stage s + 1
+    keep_self: np.ndarray
     slots: dict[str, int]
+    channels: dict[str, frozenset[int]]
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {k: v for k, v in self.__dict__.items() if k != "slots"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("slots", "channels")}
 
 
 class _Ring:
@@ -339,51 +474,74 @@ class _Ring:
 def _route(schedule: Schedule) -> Routes:
     """Replays the table tick by tick (F, loss, B, W, then arrivals) on every stage, giving each
     value a ring slot while it is live. For gpipe and circular only the forward ticks count."""
-    p, m, v = schedule.stages, schedule.microbatches, schedule.repeats
+    p, m = schedule.stages, schedule.microbatches
+    places, circular = schedule.places, schedule.shape == "circular"
+    chunk_of = {place: j for j, place in enumerate(places)}
     jobs = schedule.jobs[:, :, : schedule.ticks]
     ticks = jobs.shape[-1]
-    names = [f for f in Routes.__dataclass_fields__ if f != "slots"]
+    names = [f for f in Routes.__dataclass_fields__ if f not in ("slots", "channels")]
     out = {name: np.full((ticks, p), -1, np.int32) for name in names}
-    rings = {name: [_Ring() for _ in range(p)] for name in ("act", "ct", "stash", "wstash")}
-    act_at: dict[tuple[int, int], int] = {}  # (stage, job) -> act slot
-    ct_at: dict[tuple[int, int], int] = {}
+    rings = {name: [_Ring() for _ in range(p)] for name in ("inbox", "stash", "wstash")}
+    inbox_at: dict[tuple[int, int, int], int] = {}  # (stage, kind waiting, job) -> inbox slot
     stash_at: dict[tuple[int, int], int] = {}
     wstash_at: dict[tuple[int, int], int] = {}
+    carried: dict[str, set[int]] = {c: set() for c in CHANNELS}
     hand = schedule.hand_backward
+
+    def send(t: int, s: int, kind: int, j: int, micro: int) -> tuple:
+        """Where the output of `kind` on model chunk j goes: (channel, stage, kind waiting, job)."""
+        to = j + 1 if kind == F else j - 1
+        stage, repeat = places[to]
+        if stage == s:
+            channel = "self"
+        elif circular:
+            channel = "up" if kind == F else "down"
+        else:  # a V: towards the higher stages on the way down, F of repeat 0 and B of 1
+            channel = "up" if (kind == F) == (places[j][1] == 0) else "down"
+        if out[f"send_{channel}"][t, s] >= 0:
+            raise ScheduleError(
+                f"stage {s} tick {t}: two values to send {channel} (one channel carries one)"
+            )
+        out[f"send_{channel}"][t, s] = 1 + kind
+        carried[channel].add(kind)
+        return channel, stage, kind, repeat * m + micro
+
     for t in range(ticks):
-        sent_f, sent_b = {}, {}
+        arriving = []
         for s in range(p):
             if (job := jobs[F, s, t]) >= 0:
                 micro, chunk = job % m, job // m
+                j = chunk_of[s, chunk]
                 out["f_micro"][t, s], out["f_chunk"][t, s] = micro, chunk
-                if (s, job) in act_at:
-                    out["f_src"][t, s] = slot = act_at.pop((s, job))
-                    rings["act"][s].give(slot)
+                if (s, F, job) in inbox_at:
+                    out["f_src"][t, s] = slot = inbox_at.pop((s, F, job))
+                    rings["inbox"][s].give(slot)
                 if hand:
                     out["f_stash"][t, s] = stash_at[s, job] = rings["stash"][s].take()
-                if s == p - 1 and chunk == v - 1:
+                if j == len(places) - 1:
                     if hand:
-                        out["head_ct"][t, s] = ct_at[s, job] = rings["ct"][s].take()
+                        out["head_ct"][t, s] = inbox_at[s, B, job] = rings["inbox"][s].take()
                 else:
-                    sent_f[(s + 1) % p] = job + (m if s == p - 1 else 0)
+                    arriving.append(send(t, s, F, j, micro))
             if (job := jobs[B, s, t]) >= 0:
                 micro, chunk = job % m, job // m
+                j = chunk_of[s, chunk]
                 out["b_micro"][t, s], out["b_chunk"][t, s] = micro, chunk
-                out["b_src"][t, s] = slot = ct_at.pop((s, job))
-                rings["ct"][s].give(slot)
+                out["b_src"][t, s] = slot = inbox_at.pop((s, B, job))
+                rings["inbox"][s].give(slot)
                 out["b_stash"][t, s] = slot = stash_at.pop((s, job))
                 rings["stash"][s].give(slot)
                 if schedule.split:
                     out["b_wstash"][t, s] = wstash_at[s, job] = rings["wstash"][s].take()
-                if s > 0 or chunk > 0:
-                    sent_b[(s - 1) % p] = job - (m if s == 0 else 0)
+                if j > 0:
+                    arriving.append(send(t, s, B, j, micro))
             if (job := jobs[W, s, t]) >= 0:
                 out["w_micro"][t, s], out["w_chunk"][t, s] = job % m, job // m
                 out["w_stash"][t, s] = slot = wstash_at.pop((s, job))
                 rings["wstash"][s].give(slot)
-        for s, job in sent_f.items():
-            out["f_keep"][t, s] = act_at[s, job] = rings["act"][s].take()
-        for s, job in sent_b.items():
-            out["b_keep"][t, s] = ct_at[s, job] = rings["ct"][s].take()
+        for channel, stage, kind, job in arriving:
+            slot = rings["inbox"][stage].take()
+            out[f"keep_{channel}"][t, stage] = inbox_at[stage, kind, job] = slot
     slots = {name: max(r.size for r in ring) for name, ring in rings.items()}
-    return Routes(**out, slots=slots)
+    channels = {c: frozenset(k) for c, k in carried.items() if k}
+    return Routes(**out, slots=slots, channels=channels)

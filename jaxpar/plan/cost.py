@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jaxpar.analysis.comm import AxisTraffic
-from jaxpar.analysis.flops import _RECOMPUTED, _layer_forward, attention_work, model_flops
+from jaxpar.analysis.flops import attention_work, model_flops
 from jaxpar.analysis.memory import MemoryEstimate, estimate_memory
 from jaxpar.config import Config
 from jaxpar.mesh import AXES, CONTEXT, DATA, MeshSpec
+from jaxpar.model.flops import RECOMPUTED, layer_forward
 from jaxpar.plan.hardware import Hardware, Link
 from jaxpar.plan.space import Candidate
 from jaxpar.plan.traffic import param_bytes, predict_traffic
@@ -178,11 +179,11 @@ def stack_flops(config: Config, candidate: Candidate) -> StackFlops:
     chunk = math.ceil(m.layers / (candidate.pipeline * candidate.repeats))
     rows = t.batch_size / (candidate.data * candidate.microbatches)
     keys, redone = attention_work(candidate.apply(config), candidate.spec)
-    forward = {**_layer_forward(m, t.seq_len), "scores": 2 * keys * m.heads * m.head_dim,
+    forward = {**layer_forward(m, t.seq_len), "scores": 2 * keys * m.heads * m.head_dim,
                "values": 2 * keys * m.heads * m.head_dim}  # fmt: skip
     per_job = rows * t.seq_len / candidate.context * chunk / candidate.tensor
     f = per_job * sum(forward.values())
-    again = [*_RECOMPUTED[candidate.remat], *redone]
+    again = [*RECOMPUTED[candidate.remat], *redone]
     redo = per_job * sum(forward[name] for name in again)
     if schedule.split:
         b, w = f + redo, f

@@ -43,7 +43,7 @@ Terms (an axis of size 1 drops out of a group; a group left empty moves nothing)
   (gpipe's transposed scan, or the hand-backward tick's cotangent ring): 2 ticks of them.
 - pipeline, micro-batch inputs: gpipe and circular hand the embeddings to every stage and the
   last stage's outputs back, each one all-to-all of (r, P, o, T, D) (`gather_stages`,
-  `from_last_stage`), once forward and once (transposed) backward: four, each moved as P arrays
+  `from_stage`), once forward and once (transposed) backward: four, each moved as P arrays
   (XLA:CPU splits an all-to-all into one array per peer); r = R with FSDP (the batch is then
   gathered over data too, see below), else 1. The hand-backward schedules all-gather tokens and
   targets, int32 (r, P, o, T), once each.

@@ -1,0 +1,42 @@
+"""The matmul FLOPs of one decoder layer, from the model's shapes alone: one definition, read by
+the stage placement (which tick granularity a schedule runs), `jaxpar.analysis` and the planner.
+"""
+
+from __future__ import annotations
+
+from jaxpar.config import ModelConfig
+
+# The forward matmuls each `model.remat` runs again in the backward pass (`jaxpar.model.remat`):
+# `full` all but the MLP's down projection, whose output the backward pass never reads.
+RECOMPUTED = {
+    "none": (),
+    "full": ("qkv", "out", "gate_up", "scores", "values"),
+    "dots": (),
+    "dots_no_batch": ("scores", "values"),
+    "dots_no_batch_attn": ("scores",),
+}
+WEIGHTED = ("qkv", "out", "gate_up", "down")  # the matmuls with a weight (attention's have none)
+
+
+def layer_forward(cfg: ModelConfig, seq: int, causal: bool = False) -> dict[str, float]:
+    """One layer's forward matmul FLOPs per token, by matmul. Attention's two matmuls count every
+    key position, as the XLA path computes them, or with `causal` the half a causal kernel
+    computes (the convention of MaxText's and flash-attention's MFU)."""
+    d, f, h, n, k = cfg.dim, cfg.mlp_dim, cfg.head_dim, cfg.heads, cfg.kv_heads
+    keys = seq / 2 if causal else seq
+    return {
+        "qkv": 2 * d * (n + 2 * k) * h, "out": 2 * n * h * d, "gate_up": 2 * 2 * d * f,
+        "down": 2 * f * d, "scores": 2 * keys * n * h, "values": 2 * keys * n * h,
+    }  # fmt: skip
+
+
+def job_costs(cfg: ModelConfig, seq: int) -> tuple[float, float, float]:
+    """One layer's F, B and W matmul FLOPs per token, as a split backward runs them: F the
+    forward; B the input gradient (one matmul per weighted matmul, two per attention matmul) and
+    the forward matmuls `model.remat` recomputes; W the weight gradients (one per weighted
+    matmul)."""
+    forward = layer_forward(cfg, seq)
+    weighted = sum(forward[name] for name in WEIGHTED)
+    attention = forward["scores"] + forward["values"]
+    redone = sum(forward[name] for name in RECOMPUTED[cfg.remat])
+    return weighted + attention, weighted + 2 * attention + redone, weighted

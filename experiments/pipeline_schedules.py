@@ -2,11 +2,13 @@
 
 Usage: python experiments/pipeline_schedules.py
 (4 simulated CPU devices, mesh pipeline=4. For M = 4, 8, 16, 32 micro-batches of the same size
-and every schedule, compiles the train step (running nothing) and reads from `jaxpar analyze`:
-the textbook bubble, the lockstep bubble (every tick as long as its slowest stage, with one job's
-F, B and W matmul FLOPs taken from their compiled programs), the compiled temporaries per device,
-the stash ring's slots and the compile time. Writes results/pipeline_schedules.json, .md and .png,
-and results/pipeline_schedules_grid.png: the stage x tick tables at M=8.)
+and every schedule, at each tick granularity it can run (`pipeline.tick`: single or fused),
+compiles the train step (running nothing) and reads from `jaxpar analyze`: the textbook bubble,
+the lockstep bubble (every tick as long as its slowest stage, with one job's F, B and W matmul
+FLOPs taken from their compiled programs), the compiled temporaries per device, the jobs a stage
+keeps for their B (stash) and for their W, and the compile time. Writes
+results/pipeline_schedules.json, .md and .png, and results/pipeline_schedules_grid.png: the
+stage x tick tables at M=8.)
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from common import write_results
 from jaxpar.mesh import parse_mesh, prepare
 
 MESH = "pipeline=4"
-SCHEDULES = [("gpipe", 1), ("circular", 2), ("1f1b", 1), ("interleaved_1f1b", 2), ("zb_h1", 1)]
+SCHEDULES = [
+    ("gpipe", 1, "auto"), ("circular", 2, "auto"), ("1f1b", 1, "fused"), ("1f1b", 1, "single"),
+    ("interleaved_1f1b", 2, "auto"), ("zb_h1", 1, "fused"), ("zb_h1", 1, "single"),
+    ("zb_v", 2, "auto"),
+]  # fmt: skip
 MICROBATCHES = [4, 8, 16, 32]
 ROWS = 2  # per micro-batch
 COMMON = [
@@ -35,8 +41,9 @@ def plot(rows: list[dict], path: Path) -> None:
     from matplotlib.ticker import PercentFormatter
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, (name, _) in enumerate(SCHEDULES):
-        rs = [r for r in rows if r["schedule"] == name]
+    for i, (name, _, tick) in enumerate(SCHEDULES):
+        rs = [r for r in rows if r["schedule"] == name and r["requested_tick"] == tick]
+        name = name if tick == "auto" else f"{name} ({tick})"
         ms = [r["M"] for r in rs]
         colour = f"C{i}"
         left.plot(ms, [r["bubble_theory"] for r in rs], "--", color=colour, alpha=0.5)
@@ -64,15 +71,15 @@ def write(rows: list[dict]) -> Path:
 
     stages = parse_mesh(MESH).pipeline
     for r in rows:
-        schedule = Schedule(r["schedule"], stages, r["M"], r["v"])
+        schedule = Schedule(r["schedule"], stages, r["M"], r["v"], r["requested_tick"])
         r["lockstep_flops"] = ActionCosts(**r["action_flops"]).lockstep_cost(schedule)
-    header = ["schedule", "M", "v", "ticks", "bubble textbook", "bubble lockstep",
-              "lockstep MFLOP", "temp MiB/device", "stash jobs", "compile s"]  # fmt: skip
+    header = ["schedule", "tick", "M", "v", "ticks", "bubble textbook", "bubble lockstep",
+              "lockstep MFLOP", "temp MiB/device", "stash jobs", "W jobs", "compile s"]  # fmt: skip
     return write_results("pipeline_schedules", rows, header, lambda r: [
-        r["schedule"], r["M"], r["v"], r["ticks"], f"{r['bubble_theory']:.1%}",
+        r["schedule"], r["tick"], r["M"], r["v"], r["ticks"], f"{r['bubble_theory']:.1%}",
         f"{r['bubble_lockstep']:.1%}", f"{r['lockstep_flops'] / 1e6:,.1f}",
         f"{r['temp_bytes'] / 2**20:,.2f}", "" if r["stash_jobs"] is None else r["stash_jobs"],
-        r["compile_s"],
+        r["w_jobs"] or "", r["compile_s"],
     ])  # fmt: skip
 
 
@@ -90,18 +97,20 @@ def main() -> int:
 
     mesh = make_mesh(spec)
     rows, at_m8 = [], []
-    for name, v in SCHEDULES:
+    for name, v, tick in SCHEDULES:
         for m in MICROBATCHES:
-            pipe = [f"schedule={name}", f"microbatches={m}", f"repeats={v}"]
+            pipe = [f"schedule={name}", f"microbatches={m}", f"repeats={v}", f"tick={tick}"]
             extra = [f"train.batch_size={ROWS * m}", *(f"pipeline.{p}" for p in pipe)]
             trainer = Trainer(Placement(load_config(None, [*COMMON, *extra]), mesh))
             a = analyze(trainer).to_json()
             schedule = trainer.placement.schedule
             rows.append({
-                "schedule": name, "M": m, "v": v, "ticks": a["ticks"],
+                "schedule": name, "requested_tick": tick, "tick": schedule.granularity, "M": m,
+                "v": v, "ticks": a["ticks"],
                 "bubble_theory": a["bubble_theory"], "bubble_lockstep": a["bubble_lockstep"],
                 "action_flops": a["action_flops"], "temp_bytes": a["memory"]["temp_bytes"],
                 "stash_jobs": schedule.stash_slots if schedule.hand_backward else None,
+                "w_jobs": schedule.routes.slots["wstash"] if schedule.split else None,
                 "compile_s": round(a["compile_s"], 2),
             })  # fmt: skip
             if m == 8:

@@ -31,7 +31,6 @@ from jaxpar.errors import JaxparError
 from jaxpar.mesh import MeshSpec, mesh_spec_of
 from jaxpar.model import attention
 from jaxpar.model.context import sequence_order
-from jaxpar.model.flops import job_costs
 from jaxpar.model.layout import StageLayout
 from jaxpar.model.llama import (
     BlockWeights,
@@ -45,8 +44,7 @@ from jaxpar.model.llama import (
 )
 from jaxpar.model.taps import einsum
 from jaxpar.pipeline.executor import run_pipeline, run_train_program
-from jaxpar.pipeline.schedule import Schedule
-from jaxpar.schedule_rules import schedule_rule
+from jaxpar.pipeline.schedule import Schedule, layout_for, schedule_for
 from jaxpar.sharding import OUTER_BATCH, Rules, rules_for, serving_rules
 
 
@@ -126,12 +124,9 @@ class Placement:
         else:
             validate_for_mesh(self.config, spec)
             derive("rules", rules_for(spec, self.config.parallel.fsdp))
-        m, pipe = self.config.model, self.config.pipeline
-        shape = schedule_rule(pipe.schedule).shape
-        derive("layout", StageLayout(m.layers, spec.pipeline, pipe.repeats, shape))
-        costs = job_costs(m, self.config.train.seq_len)
-        derive("schedule", Schedule(pipe.schedule, spec.pipeline, pipe.microbatches, pipe.repeats,
-                                    pipe.tick, costs))  # fmt: skip
+        m = self.config.model
+        derive("layout", layout_for(self.config, spec.pipeline))
+        derive("schedule", schedule_for(self.config, spec.pipeline))
         derive("dtype", compute_dtype(self.config.train.dtype))
         derive("attention", attention.resolve(m.attention, m.heads, m.kv_heads, m.head_dim,
                                               self.dtype))  # fmt: skip

@@ -116,3 +116,7 @@ def interleaved(m: int, v: int = 2) -> tuple[str, ...]:
 
 def zb(m: int) -> tuple[str, ...]:
     return ("pipeline.schedule=zb_h1", f"pipeline.microbatches={m}")
+
+
+def zb_v(m: int) -> tuple[str, ...]:
+    return ("pipeline.schedule=zb_v", "pipeline.repeats=2", f"pipeline.microbatches={m}")

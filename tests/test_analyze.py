@@ -240,7 +240,7 @@ def test_ascii_timeline_marks_bubbles():
     ]
     assert "1b" in ascii_timeline(Schedule("circular", 2, 2, repeats=2))
     zb = ascii_timeline(Schedule("zb_h1", 2, 3)).splitlines()
-    assert zb[3] == "stage 0 W  .  .  0  1  .  2"  # the last W waits for a free tick
+    assert zb[3] == "stage 0 W  .  .  .  .  .  .  0  1  .  2"  # W's fill the ramp-down
 
 
 def test_bench_json(capsys):

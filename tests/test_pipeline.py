@@ -166,9 +166,20 @@ def test_circular_layout_interleaves_chunks():
     assert layout.slot_layer.tolist() == [[0, 1, 4, 5], [2, 3, 6, -1]]
 
 
-@pytest.mark.parametrize("layers,stages,repeats", [(6, 4, 1), (8, 4, 2), (7, 2, 2), (5, 1, 1)])
-def test_layout_round_trip(layers, stages, repeats):
-    layout = StageLayout(layers, stages, repeats)
+def test_v_layout_goes_down_the_stages_and_back():
+    # zb_v: stage s holds chunks s and 2P - 1 - s, so stage 0 holds the first and the last
+    layout = StageLayout(layers=8, stages=4, repeats=2, shape="v")
+    assert layout.slot_layer.tolist() == [[0, 7], [1, 6], [2, 5], [3, 4]]
+    layout = StageLayout(layers=7, stages=2, repeats=2, shape="v")
+    assert layout.slot_layer.tolist() == [[0, 1, 6, -1], [2, 3, 4, 5]]
+
+
+@pytest.mark.parametrize("layers,stages,repeats,shape", [
+    (6, 4, 1, "circular"), (8, 4, 2, "circular"), (7, 2, 2, "circular"), (5, 1, 1, "circular"),
+    (7, 2, 2, "v"),
+])  # fmt: skip
+def test_layout_round_trip(layers, stages, repeats, shape):
+    layout = StageLayout(layers, stages, repeats, shape)
     x = np.arange(layers * 3, dtype=np.float32).reshape(layers, 3) + 1
     stacked = np.asarray(layout.to_stages(x))
     assert stacked.shape == (stages, repeats * layout.chunk_size, 3)

@@ -87,7 +87,7 @@ def test_the_enumerator_yields_exactly_the_valid_layouts(devices, extra):
     for c in found:  # each one is what `train` accepts
         layout = c.apply(config)
         validate_for_mesh(layout, c.spec)
-        schedule_of(c.schedule, c.pipeline, c.microbatches, c.repeats)
+        schedule_of(layout, c.pipeline)
     expected = {c for c in _brute_force(config, devices) if not _left_out(c, config.model.layers)}
     assert set(found) == expected
 

@@ -3,9 +3,10 @@
 The layer stack is cut into P * v chunks of consecutive layers whose sizes differ by at most one;
 chunk j runs on stage j % P as that stage's repeat j // P (the circular assignment; v = 1 is GPipe's
 one contiguous block per stage), or, in the V shape of zero-bubble V schedules (v = 2), on stage j
-for j < P and on stage 2P - 1 - j after the turn (`chunk_places`). Every chunk is padded to the largest chunk size c with identity
-layers, because SPMD stages run the same program: parameters are stored as [P, v * c, ...] with the
-stage axis on `pipeline`, slot r * c + i of stage s holding layer i of chunk r * P + s (or padding).
+for j < P and on stage 2P - 1 - j after the turn (`chunk_places`). Every chunk is padded to the
+largest chunk size c with identity layers, because SPMD stages run the same program: parameters
+are stored as [P, v * c, ...] with the stage axis on `pipeline`, slot r * c + i of stage s holding
+layer i of the chunk that runs there as repeat r (or padding).
 Padded slots hold zeros, are masked to the identity, and get zero gradients; the compute they
 waste is reported by `imbalance`.
 """
@@ -18,7 +19,6 @@ from functools import cached_property
 import numpy as np
 
 from jaxpar.errors import JaxparError
-
 
 SHAPES = ("circular", "v")
 

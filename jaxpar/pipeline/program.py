@@ -9,7 +9,8 @@ tick runs, on every stage, the F slot of its table row, and in programs with the
 the loss (after the model's last chunk), the B slot and the W slot; then one `ppermute` hands
 what goes to the next stage (an F's output; in a V also a B's input gradient), one what goes to
 the previous stage, and what stays on the stage (the turn of a V) is kept. What arrives waits in
-one ring of slots, the inbox, as `Schedule.routes` allocated it. The slots are the callers' (`Slots`):
+one ring of slots, the inbox, as `Schedule.routes` allocated it. The slots are the callers'
+(`Slots`):
 training's forward under `jax.grad` and evaluation (`executor.run_pipeline`), training with a
 hand-written backward (`executor.run_train_program`), and the KV-cached prefill, prompt pieces
 and decode of `infer.engine.Generator`. Every device issues the same collectives every tick,

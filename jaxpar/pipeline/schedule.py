@@ -39,8 +39,10 @@ from functools import cached_property
 
 import numpy as np
 
+from jaxpar.config import Config
 from jaxpar.errors import JaxparError
-from jaxpar.model.layout import chunk_places
+from jaxpar.model.flops import job_costs
+from jaxpar.model.layout import StageLayout, chunk_places
 from jaxpar.schedule_rules import (
     check_schedule_counts,
     check_schedule_stages,
@@ -225,6 +227,21 @@ class Schedule:
         return text
 
 
+def schedule_for(config: Config, stages: int) -> Schedule:
+    """The schedule a run of `config` on `stages` pipeline stages runs: the config's pipeline
+    settings, with the model's per-job F, B and W FLOPs choosing the tick granularity."""
+    pipe = config.pipeline
+    costs = job_costs(config.model, config.train.seq_len)
+    return Schedule(pipe.schedule, stages, pipe.microbatches, pipe.repeats, pipe.tick, costs)
+
+
+def layout_for(config: Config, stages: int) -> StageLayout:
+    """Which layers each of `stages` stages holds in a run of `config` (V-shaped for zb_v)."""
+    pipe = config.pipeline
+    shape = schedule_rule(pipe.schedule).shape
+    return StageLayout(config.model.layers, stages, pipe.repeats, shape)
+
+
 def _cost(jobs: np.ndarray, costs: tuple[float, float, float]) -> float:
     work = ((jobs >= 0) * np.asarray(costs, float)[:, None, None]).sum(axis=0)  # [P, ticks]
     return float(work.max(axis=0).sum())
@@ -253,30 +270,31 @@ def _single(places: list[tuple[int, int]], m: int, *, limit: list[int], defer: b
     left_f = [{(r, i) for (st, r) in places if st == s for i in range(m)} for s in range(p)]
     left_b = [set(jobs) if backward else set() for jobs in left_f]
     waiting, pending = [0] * p, [[] for _ in range(p)]
+
+    def ready(kind: int, s: int, job: tuple[int, int], t: int) -> bool:
+        j, i = chunk_of[s, job[0]], job[1]
+        if kind == F:
+            return j == 0 or done[F, j - 1, i] < t
+        return done[F, j, i] < t and (j == n - 1 or done[B, j + 1, i] < t)
+
+    def first(s: int, jobs: list[tuple[int, int]]) -> tuple[int, int]:
+        """The deepest chunk's job, then the lowest micro-batch's."""
+        return min(jobs, key=lambda job: (-chunk_of[s, job[0]], job[1]))
+
     rows = []
     t = 0
     while any(left_f) or any(left_b) or any(pending):
         row = np.full((3, p), -1)
         for s in range(p):
-
-            def ready_f(job: tuple[int, int], s: int = s) -> bool:
-                j = chunk_of[s, job[0]]
-                return j == 0 or done[F, j - 1, job[1]] < t
-
-            def ready_b(job: tuple[int, int], s: int = s) -> bool:
-                j = chunk_of[s, job[0]]
-                return done[F, j, job[1]] < t and (j == n - 1 or done[B, j + 1, job[1]] < t)
-
-            def first(jobs: set, s: int = s) -> tuple[int, int]:
-                return min(jobs, key=lambda job: (-chunk_of[s, job[0]], job[1]))
-
             action = None
+            b_ready = [job for job in left_b[s] if ready(B, s, job, t)]
+            f_ready = [job for job in left_f[s] if ready(F, s, job, t)]
             if pending[s] and (not defer or len(pending[s]) >= cap):
                 action = W, pending[s].pop(0)
-            elif ready := {job for job in left_b[s] if ready_b(job)}:
-                action = B, first(ready)
-            elif waiting[s] < limit[s] and (ready := {job for job in left_f[s] if ready_f(job)}):
-                action = F, first(ready)
+            elif b_ready:
+                action = B, first(s, b_ready)
+            elif waiting[s] < limit[s] and f_ready:
+                action = F, first(s, f_ready)
             elif pending[s]:
                 action = W, pending[s].pop(0)
             if action is None:
@@ -339,7 +357,13 @@ def _defer_weight_grads(table: np.ndarray, cap: int) -> np.ndarray:
 
 
 def check_table(
-    jobs: np.ndarray, stages: int, microbatches: int, repeats: int, *, split: bool, hand: bool,
+    jobs: np.ndarray,
+    stages: int,
+    microbatches: int,
+    repeats: int,
+    *,
+    split: bool,
+    hand: bool,
     places: list[tuple[int, int]] | None = None,
 ) -> None:
     """Raises ScheduleError unless every action runs after what it needs, once.

@@ -175,7 +175,7 @@ def stack_flops(config: Config, candidate: Candidate) -> StackFlops:
     `Schedule.lockstep_cost` does. With `context` a job is T / C positions of its rows, and
     attention computes `attention_work`'s keys per query."""
     m, t = config.model, config.train
-    schedule = candidate.schedule_of
+    schedule = candidate.schedule_in(config)
     chunk = math.ceil(m.layers / (candidate.pipeline * candidate.repeats))
     rows = t.batch_size / (candidate.data * candidate.microbatches)
     keys, redone = attention_work(candidate.apply(config), candidate.spec)
@@ -249,7 +249,7 @@ def estimate(config: Config, candidate: Candidate, hw: Hardware) -> Estimate:
     """The cost model for one candidate (see the module docstring)."""
     m, t = config.model, config.train
     layout = candidate.apply(config)
-    spec, schedule = candidate.spec, candidate.schedule_of
+    spec, schedule = candidate.spec, candidate.schedule_in(config)
     dtype = compute_dtype_for(t.dtype, hw)
     compute_bytes = 4 if dtype == "float32" else 2
     memory: MemoryEstimate = estimate_memory(

@@ -24,7 +24,7 @@ from functools import cache
 from jaxpar.config import REMAT, Config, load_config, validate_for_mesh
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import MeshSpec
-from jaxpar.pipeline.schedule import Schedule
+from jaxpar.pipeline.schedule import Schedule, schedule_for
 from jaxpar.schedule_rules import SCHEDULE_RULES
 
 
@@ -64,9 +64,9 @@ class Candidate:
         """`config` laid out as this candidate (validated)."""
         return _applied(config, self)
 
-    @property
-    def schedule_of(self) -> Schedule:
-        return schedule_of(self.schedule, self.pipeline, self.microbatches, self.repeats)
+    def schedule_in(self, config: Config) -> Schedule:
+        """The schedule this layout of `config` runs."""
+        return schedule_of(_applied(config, self), self.pipeline)
 
     def describe(self) -> str:
         parts = [f"{self.data}x{self.pipeline}x{self.tensor}"]
@@ -86,9 +86,9 @@ def _applied(config: Config, candidate: Candidate) -> Config:
 
 
 @cache
-def schedule_of(name: str, stages: int, microbatches: int, repeats: int) -> Schedule:
-    """Schedules are built once per shape: building one checks its whole table."""
-    return Schedule(name, stages, microbatches, repeats)
+def schedule_of(config: Config, stages: int) -> Schedule:
+    """`schedule_for`, built once per config: building one checks its whole table."""
+    return schedule_for(config, stages)
 
 
 def factorisations(devices: int, seq_len: int) -> list[MeshSpec]:
@@ -121,9 +121,8 @@ def _raw(config: Config, spec: MeshSpec) -> Iterator[Candidate]:
                 continue
             for name, rule in SCHEDULE_RULES.items():
                 chunks = range(2, layers // spec.pipeline + 1)  # circular v=1 is gpipe
-                repeats = [1] if rule.chunks == "one" else [
-                    v for v in chunks if layers % (spec.pipeline * v) == 0
-                ]  # fmt: skip
+                repeats = [1] if rule.chunks == "one" else [2] if rule.chunks == "two" else chunks
+                repeats = [v for v in repeats if layers % (spec.pipeline * v) == 0]
                 for v in repeats:
                     for m in _divisors(per_replica):
                         yield Candidate(*spec.sizes, fsdp, name, m, v, remat)
@@ -133,7 +132,7 @@ def check(config: Config, candidate: Candidate) -> None:
     """Raises JaxparError if jaxpar would refuse to run `candidate`."""
     layout = candidate.apply(config)  # validated
     validate_for_mesh(layout, candidate.spec)
-    candidate.schedule_of  # noqa: B018 (builds and checks the table)
+    candidate.schedule_in(config)  # builds and checks the table
 
 
 def candidates(config: Config, devices: int) -> list[Candidate]:

@@ -99,6 +99,7 @@ from jaxpar.config import Config, ModelConfig
 from jaxpar.mesh import AXES, CONTEXT, DATA, PIPELINE, TENSOR, MeshSpec
 from jaxpar.model.layout import StageLayout
 from jaxpar.model.llama import BLOCK_WEIGHT_AXES
+from jaxpar.pipeline.schedule import layout_for
 from jaxpar.plan.space import schedule_of
 from jaxpar.sharding import NORM, STAGE, rules_for
 
@@ -157,7 +158,7 @@ def param_bytes(config: Config, spec: MeshSpec) -> int:
     dimension divided by the mesh axes the sharding rules put it on."""
     rules = rules_for(spec, config.parallel.fsdp)
     size = dict(zip(AXES, spec.sizes, strict=True))
-    layout = StageLayout(config.model.layers, spec.pipeline, config.pipeline.repeats)
+    layout = layout_for(config, spec.pipeline)
     total = 0
     for q in params(config.model, layout):
         axes = [a for logical in q.axes if (a := rules.mesh_axes(logical)) is not None]
@@ -200,8 +201,8 @@ def predict_traffic(config: Config, spec: MeshSpec, compute_bytes: int) -> list[
     m, t, pipe = config.model, config.train, config.pipeline
     fsdp = config.parallel.fsdp
     r, p, cx = spec.data, spec.pipeline, spec.context
-    layout = StageLayout(m.layers, p, pipe.repeats)
-    schedule = schedule_of(pipe.schedule, p, pipe.microbatches, pipe.repeats)
+    layout = layout_for(config, p)
+    schedule = schedule_of(config, p)
     hand, ticks = schedule.hand_backward, schedule.ticks
     c, seq, d = layout.chunk_size, t.seq_len // cx, m.dim  # seq: one device's piece
     b = t.batch_size // (r * pipe.microbatches)  # rows of one tick's job

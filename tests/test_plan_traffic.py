@@ -20,8 +20,9 @@ LAYOUTS = {
         "parallel.mesh=data=2,pipeline=2,tensor=2", "pipeline.schedule=1f1b",
         "pipeline.microbatches=4",
     ],
-    "pipeline-zb_h1": [
-        "parallel.mesh=pipeline=4", "pipeline.schedule=zb_h1", "pipeline.microbatches=4",
+    "pipeline-zb_v": [
+        "parallel.mesh=pipeline=4", "pipeline.schedule=zb_v", "pipeline.repeats=2",
+        "pipeline.microbatches=4", "model.layers=8",
     ],
     "pipeline-interleaved": [
         "parallel.mesh=pipeline=4", "pipeline.schedule=interleaved_1f1b", "pipeline.repeats=2",

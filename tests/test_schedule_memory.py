@@ -3,7 +3,7 @@ traffic between stages read from the compiled step."""
 
 import jax
 import pytest
-from pipeline_cases import gpipe, interleaved, one_f, trainer, zb
+from pipeline_cases import gpipe, interleaved, one_f, trainer, zb, zb_v
 
 from jaxpar.analysis.flops import action_costs
 from jaxpar.analysis.hlo import collectives, parse
@@ -28,11 +28,14 @@ def temp_bytes(mesh_spec: str, extra: list[str]) -> int:
 
 def test_1f1b_memory_is_flat_in_micro_batches_and_below_gpipe():
     rows = 2  # per micro-batch, the same at every M
-    at = {m: temp_bytes("pipeline=4", [*one_f(m), f"train.batch_size={rows * m}"]) for m in (8, 32)}
-    assert at[32] <= 1.2 * at[8], at
-    assert Schedule("1f1b", 4, 8).stash_slots == Schedule("1f1b", 4, 32).stash_slots == 7
+    at = {m: temp_bytes("pipeline=4", [*one_f(m), f"train.batch_size={rows * m}"]) for m in (4, 32)}
+    assert at[32] <= 1.15 * at[4], at
+    assert Schedule("1f1b", 4, 4).stash_slots == Schedule("1f1b", 4, 32).stash_slots == 4
     gpipe32 = temp_bytes("pipeline=4", [*gpipe(32), f"train.batch_size={rows * 32}"])
     assert at[32] <= 0.5 * gpipe32, (at[32], gpipe32)
+    # ZB-V: 2P jobs of half the layers in flight, 1F1B's activations, and P pending W's
+    v32 = temp_bytes("pipeline=4", [*zb_v(32), f"train.batch_size={rows * 32}"])
+    assert v32 <= 1.05 * at[32], (v32, at[32])
 
 
 def test_remat_per_layer_saves_memory_on_one_device():
@@ -42,14 +45,16 @@ def test_remat_per_layer_saves_memory_on_one_device():
     assert full <= 0.4 * none, (full, none)
 
 
-@pytest.mark.parametrize("extra", [one_f(4), zb(4), interleaved(4)])
+@pytest.mark.parametrize("extra", [one_f(4), zb_v(2), interleaved(4)])
 def test_two_permutes_per_tick_and_no_weight_gathers_over_pipeline(extra):
     tr = trainer("pipeline=2,tensor=2", 8, extra)
     module = parse(tr.compile()[0].as_text())
     found = collectives(module, tr.placement.spec.sizes, AXES)
     ticks = tr.placement.schedule.ticks
     permutes = [c for c in found if c.kind == "collective-permute"]
-    assert sum(c.trips for c in permutes) == 2 * ticks  # activations forward, cotangents back
+    # to the next stage and to the previous one (activations forward, cotangents back; in a V
+    # both ways): the V's turn stays on its stage
+    assert sum(c.trips for c in permutes) == 2 * ticks
     assert {c.axes for c in permutes} == {("pipeline",)}
     gathers = [c for c in found if c.kind == "all-gather" and "pipeline" in c.axes]
     # only the token ids gather over pipeline (inputs and targets), once, outside the ticks
@@ -73,7 +78,7 @@ def instructions(mesh_spec: str, layers: int, extra: tuple[str, ...]) -> int:
     return sum(len(body) for body in module.computations.values())
 
 
-@pytest.mark.parametrize("schedule", [one_f, zb])
+@pytest.mark.parametrize("schedule", [one_f])  # zb_h1 single: the same program, W's moved
 def test_compiled_program_does_not_grow_with_micro_batches_or_layers(schedule):
     small = instructions("pipeline=2,tensor=2", 4, schedule(2))
     # twice the layers and twice M: the program the permutes test above compiles

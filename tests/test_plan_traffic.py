@@ -5,7 +5,7 @@ import pytest
 from sizes import TRAFFIC
 
 from jaxpar.analysis.comm import megatron_expected_bytes
-from jaxpar.analysis.report import compiled_figures
+from jaxpar.analysis.report import compiled_figures, placement_estimate
 from jaxpar.config import load_config
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.placement import Placement
@@ -44,11 +44,14 @@ def config_for(name: str, *more: str):
     return load_config(None, [*TRAFFIC, *LAYOUTS[name], *more])
 
 
-def compiled_traffic(config) -> dict[tuple[str, str], tuple[int, int]]:
+def compiled_traffic(config, with_memory: bool = False):
     spec = parse_mesh(config.parallel.mesh)
-    mesh = make_mesh(spec, jax.devices()[: spec.size])
-    found = compiled_figures(Trainer(Placement(config, mesh))).collectives
-    return {(t.kind, t.axis): (t.count, t.bytes) for t in found}
+    placement = Placement(config, make_mesh(spec, jax.devices()[: spec.size]))
+    figures = compiled_figures(Trainer(placement))
+    traffic = {(t.kind, t.axis): (t.count, t.bytes) for t in figures.collectives}
+    if not with_memory:
+        return traffic
+    return traffic, placement_estimate(placement).total_bytes / figures.memory.peak_bytes
 
 
 def predicted(config) -> dict[tuple[str, str], tuple[int, int]]:
@@ -60,7 +63,10 @@ def predicted(config) -> dict[tuple[str, str], tuple[int, int]]:
 def test_prediction_equals_the_compiled_step(name):
     config = config_for(name)
     # Bytes and counts per (kind, axes), every collective of the step: nothing missing or extra.
-    assert predicted(config) == compiled_traffic(config)
+    traffic, memory = compiled_traffic(config, with_memory=True)
+    assert predicted(config) == traffic
+    # and the planner's memory estimate of the same program (test_analyze checks more layouts)
+    assert 0.85 <= memory <= 1.15, memory
 
 
 def test_remat_full_recomputes_one_tensor_all_reduce_per_layer():

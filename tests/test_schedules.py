@@ -177,8 +177,7 @@ CASES = [
     ("pipeline=2", 8, one_f(1)),
     ("pipeline=4", 8, one_f(8)),
     ("pipeline=2", 8, (*zb(2), "pipeline.tick=fused")),
-    ("pipeline=2", 8, zb_v(2)),
-    ("pipeline=4", 8, zb_v(8)),
+    ("pipeline=4", 8, (*zb_v(8), "model.remat=dots")),
     ("pipeline=2", 8, interleaved(4)),
     ("pipeline=4", 8, interleaved(4)),
     # with tensor and data parallelism; uneven layer counts (7 over 2 x 2 chunks, 6 over 4)
@@ -188,7 +187,6 @@ CASES = [
     ("data=2,pipeline=2,tensor=2", 7, zb_v(4)),
     # recomputation per layer, and ZeRO-3 stages
     ("pipeline=2,tensor=2", 8, (*one_f(2), "model.remat=full")),
-    ("pipeline=4", 8, (*zb(4), "model.remat=dots")),  # (zb_h1 alone at P = 4)
     ("pipeline=2,data=2", 8, (*interleaved(2), "model.remat=full")),
     ("data=2,pipeline=4", 8, (*zb(4), "parallel.fsdp=true")),
     ("data=2,pipeline=2", 8, (*zb_v(2), "parallel.fsdp=true", "model.remat=full")),

@@ -171,10 +171,12 @@ class HloModule:
     Attributes:
         computations: computation name -> its instructions, in order.
         trips: computation name -> executions per program run (0 when unreachable from ENTRY).
+        entry: the ENTRY computation's name.
     """
 
     computations: dict[str, list[Instruction]]
     trips: dict[str, int]
+    entry: str = ""
 
     def instructions(self):
         """(instruction, executions per run) for every reachable instruction."""
@@ -224,7 +226,43 @@ def parse(hlo_text: str) -> HloModule:
                     visit(callee, weight * factor)
 
     visit(entry, 1)
-    return HloModule(dict(bodies), dict(trips))
+    return HloModule(dict(bodies), dict(trips), entry)
+
+
+# Instructions that execute nothing of their own: no thunk on XLA:CPU.
+_FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all"}
+
+
+def executed_ops(hlo: str | HloModule) -> dict[str, dict[str, int]]:
+    """The operations one run of the program executes, by computation and op: what XLA:CPU runs
+    as one thunk each. Every instruction of the entry computation, of while loops (times their
+    trip counts) and of conditional branches (each branch as if it ran: an upper bound), except
+    those that execute nothing (parameters, tuples, bitcasts, constants); a fusion counts once,
+    whatever it fuses. Returns computation -> op -> executions per run."""
+    module = parse(hlo) if isinstance(hlo, str) else hlo
+    bodies = module.computations
+    found: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    def visit(computation: str, weight: int) -> None:
+        for ins in bodies.get(computation, ()):
+            if ins.op not in _FREE:
+                found[computation][ins.op] += weight
+            callees = []
+            if ins.op == "while":
+                m = _TRIP.search(ins.rest)
+                trips = int(m.group(1)) if m else 1
+                bodies_ = [c for k, c in _CALLEES.findall(ins.rest) if k == "body"]
+                callees = [(c, weight * trips) for c in bodies_]
+            elif ins.op in ("conditional", "call"):
+                names = [c for k, c in _CALLEES.findall(ins.rest) if k != "to_apply"]
+                for branches in _BRANCHES.findall(ins.rest):
+                    names += [b.strip().lstrip("%") for b in branches.split(",")]
+                callees = [(c, weight) for c in names]
+            for callee, w in callees:
+                visit(callee, w)
+
+    visit(module.entry, 1)
+    return {c: dict(ops) for c, ops in found.items()}
 
 
 def collectives(

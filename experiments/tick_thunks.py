@@ -5,7 +5,7 @@ Usage: python experiments/tick_thunks.py
 (8 simulated CPU devices. Compiles, running nothing, speed.py's model on its mesh b,
 `data=2,pipeline=2,tensor=2` with 4 micro-batches, for each schedule and remat policy, and counts
 the operations of one step (`jaxpar.analysis.hlo.executed_ops`: while bodies times their trip
-counts, conditional branches as if each ran) and of one tick of the tick loop, by kind. Writes
+counts, conditional branches as if each ran) and those of its loops per tick, by kind. Writes
 results/tick_thunks.json and .md.)
 """
 
@@ -31,24 +31,19 @@ KINDS = ("fusion", "dynamic-update-slice", "copy", "dynamic-slice", "conditional
 
 
 def count(trainer) -> dict:
+    """Operations of one step, and of one tick: everything the step runs inside loops (the tick
+    loops and the layer loops in them; forward and backward for gpipe) over the ticks."""
     from jaxpar.analysis.hlo import executed_ops, parse
 
     module = parse(trainer.compile()[0].as_text())
     ops = executed_ops(module)
-    step = Counter()
-    for per_op in ops.values():
+    step, looped = Counter(), Counter()
+    for computation, per_op in ops.items():
         step.update(per_op)
+        if computation != module.entry:
+            looped.update(per_op)
     ticks = trainer.placement.schedule.ticks
-    # the tick loop: the while body run `ticks` times whose operations are the most
-    loops = [c for c in ops if module.trips.get(c) == ticks]
-    tick = Counter()
-    if loops:
-        body = max(loops, key=lambda c: sum(ops[c].values()))
-        tick.update({k: n // ticks for k, n in ops[body].items()})
-        for c in loops:  # what the body calls (branches) runs per tick too
-            if c != body:
-                tick.update({k: n // ticks for k, n in ops[c].items()})
-    return {"ticks": ticks, "step": dict(step), "tick": dict(tick)}
+    return {"ticks": ticks, "step": dict(step), "tick": {k: n / ticks for k, n in looped.items()}}
 
 
 def main() -> int:
@@ -75,7 +70,7 @@ def main() -> int:
               *(f"{k} per tick" for k in KINDS)]  # fmt: skip
     write_results("tick_thunks", rows, header, lambda r: [
         r["schedule"], r["remat"], r["tick"], r["ticks"], f"{r['step_ops']:,}",
-        f"{r['tick_ops']:,}", *(r["per_tick"].get(k, 0) for k in KINDS),
+        f"{r['tick_ops']:,.0f}", *(f"{r['per_tick'].get(k, 0):.0f}" for k in KINDS),
     ])  # fmt: skip
     return 0
 

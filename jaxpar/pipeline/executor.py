@@ -283,14 +283,30 @@ class _TrainStage:
         self.c = layout.chunk_size
         self.pullbacks: dict[str, Any] = {}
 
-    def slot(self, active: jax.Array, run: Callable, idle: Callable, *args: Any) -> Any:
-        """`run(*args)` where `active`, else `idle(*args)`: a `lax.cond`, so that an idle slot
-        costs nothing, except where the layers hold collectives over `context` (ring or gathered
-        attention): those never run inside a per-device branch, so the slot runs on every stage
-        and its result is selected."""
+    def slot(self, active: jax.Array, run: Callable, carry: Any, out: Any = None) -> Any:
+        """`run(carry, live) -> (value, carry)` where `active`; else zeros shaped like `out` and
+        `carry` unchanged.
+
+        A `lax.cond` whose idle branch hands the carry (the rings and sums the slot updates)
+        through untouched, so an idle slot costs nothing and nothing is zero-filled; `run` gets
+        `live=None` there. Where the layers hold collectives over `context` (ring or gathered
+        attention), which never run inside a per-device branch, the slot runs on every stage
+        with `live=active`: its ring writes go to the routes' slot -1 (nothing) when idle, and
+        it masks what it adds to its sums with `self.live`."""
+        idle = lambda carry: (None if out is None else self.zeros(out), carry)  # noqa: E731
         if CONTEXT not in self.program.manual:
-            return jax.lax.cond(active, run, idle, *args)
-        return jax.tree.map(lambda a, b: jnp.where(active, a, b), run(*args), idle(*args))
+            return jax.lax.cond(active, lambda carry: run(carry, None), idle, carry)
+        value, carry = run(carry, active)
+        if out is not None:
+            value = jnp.where(active, value, 0).astype(value.dtype)
+        return value, carry
+
+    @staticmethod
+    def live(live: jax.Array | None, tree: Any) -> Any:
+        """`tree`, or zeros where the slot is idle (`slot`'s select path)."""
+        if live is None:
+            return tree
+        return jax.tree.map(lambda a: jnp.where(live, a, jnp.zeros_like(a)), tree)
 
     def vary(self, tree: Any) -> Any:
         return jax.tree.map(lambda a: a + self.zero.astype(a.dtype), tree)
@@ -332,80 +348,85 @@ class _TrainStage:
         stash, *rest = state
         f_micro, f_repeat = jnp.maximum(at["f_micro"], 0), jnp.maximum(at["f_chunk"], 0)
 
-        def run_f(incoming_bTD: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        def run_f(stash: Any, live: jax.Array | None) -> tuple[jax.Array, Any]:
             h_bTD = jax.lax.cond(
                 at["f_src"] < 0,
                 lambda: self.vary(self.embed(self.top, self.tokens_MbT[f_micro])),
                 lambda: incoming_bTD,
             )
-            return self.vary(self.forward(h_bTD, f_repeat))
+            y_bTD, kept = self.forward(h_bTD, f_repeat)
+            return self.vary(y_bTD), write(stash, at["f_stash"], kept)
 
-        idle = lambda _: self.zeros((self.x_shape, self.kept_shapes))  # noqa: E731
-        y_bTD, kept = self.slot(at["f_chunk"] >= 0, run_f, idle, incoming_bTD)
-        return y_bTD, (write(stash, at["f_stash"], kept), *rest)
+        y_bTD, stash = self.slot(at["f_chunk"] >= 0, run_f, stash, self.x_shape)
+        return y_bTD, (stash, *rest)
 
     def head_slot(self, at: Row, y_bTD: jax.Array, state: tuple) -> tuple[jax.Array, tuple]:
         stash, wstash, d_weights, d_top, loss = state
         f_micro = jnp.maximum(at["f_micro"], 0)
 
-        def run_head() -> tuple[jax.Array, jax.Array, Any]:
+        def run_head(sums: tuple, live: jax.Array | None) -> tuple[jax.Array, tuple]:
             targets_bT = self.targets_MbT[f_micro]
             loss_m, pull = jax.vjp(lambda y, w: self.head(w, y, targets_bT), y_bTD, self.top)
             dy_bTD, d_top_m = pull(jnp.ones_like(loss_m))
-            return self.vary((loss_m, dy_bTD, d_top_m))
+            d_top_m, loss_m = self.live(live, (d_top_m, loss_m))
+            d_top, loss = sums
+            return self.vary(dy_bTD), (jax.tree.map(jnp.add, d_top, d_top_m), loss + loss_m)
 
-        idle = lambda: self.zeros((loss, self.x_shape, self.top))  # noqa: E731
-        loss_m, dy_bTD, d_top_m = jax.lax.cond(at["head_ct"] >= 0, run_head, idle)
-        d_top = jax.tree.map(jnp.add, d_top, d_top_m)
-        return dy_bTD, (stash, wstash, d_weights, d_top, loss + loss_m)
+        active = at["head_ct"] >= 0
+        dy_bTD, (d_top, loss) = self.slot(active, run_head, (d_top, loss), self.x_shape)
+        return dy_bTD, (stash, wstash, d_weights, d_top, loss)
 
     def b_slot(self, at: Row, cotangent: jax.Array, state: tuple) -> tuple[jax.Array, tuple]:
         """The B slot, and the W slot of split schedules."""
         stash, wstash, d_weights, d_top, loss = state
         b_micro, b_repeat = jnp.maximum(at["b_micro"], 0), jnp.maximum(at["b_chunk"], 0)
-        residuals = read(stash, at["b_stash"])
+        split = self.schedule.split
 
         def embed_grad(dx_bTD: jax.Array) -> Any:
             tokens_bT = self.tokens_MbT[b_micro]
             return self.vary(jax.vjp(lambda w: self.embed(w, tokens_bT), self.top)[1](dx_bTD)[0])
 
-        def run_b() -> tuple[jax.Array, Any, Any, Any]:
-            dx_bTD, d_w, d_taps = self.pullback(residuals)(cotangent)
+        def run_b(carry: tuple, live: jax.Array | None) -> tuple[jax.Array, tuple]:
+            wstash, d_weights, d_top = carry
+            dx_bTD, d_w, d_taps = self.pullback(read(stash, at["b_stash"]))(cotangent)
             first = (self.stage == 0) & (b_repeat == 0)
             d_top_e = jax.lax.cond(first, embed_grad, lambda _: self.zeros(self.top), dx_bTD)
-            return self.vary((dx_bTD, d_w, d_taps, d_top_e))
+            d_top = jax.tree.map(jnp.add, d_top, self.live(live, d_top_e))
+            if split:  # d_w is zero: the W slot computes it from the taps' cotangents
+                wstash = write(wstash, at["b_wstash"], d_taps)
+            else:
+                d_weights = jax.tree.map(jnp.add, d_weights, self.live(live, d_w))
+            return self.vary(dx_bTD), (wstash, d_weights, d_top)
 
-        idle = lambda: self.zeros((self.x_shape, self.weights_X, self.taps, self.top))  # noqa: E731
-        dx_bTD, d_w, d_taps, d_top_e = self.slot(at["b_chunk"] >= 0, run_b, idle)
-        if self.schedule.split:  # d_w is zero: the W slot computes it from the taps' cotangents
-            wstash = write(wstash, at["b_wstash"], d_taps)
-            d_weights = self.w_slot(at, read(wstash, at["w_stash"]), d_weights)
-        else:
-            d_weights = jax.tree.map(jnp.add, d_weights, d_w)
-        d_top = jax.tree.map(jnp.add, d_top, d_top_e)
+        carry = (wstash, d_weights, d_top)
+        dx_bTD, carry = self.slot(at["b_chunk"] >= 0, run_b, carry, self.x_shape)
+        wstash, d_weights, d_top = carry
+        if split:
+            d_weights = self.w_slot(at, wstash, d_weights)
         return dx_bTD, (stash, wstash, d_weights, d_top, loss)
 
-    def w_slot(self, at: Row, held: dict[str, tuple], d_weights: Any) -> Any:
+    def w_slot(self, at: Row, wstash: Any, d_weights: Any) -> Any:
         """The W slot: the weight gradients of one job's chunk (its c slots) from what its B
         kept, added into the chunk's slots of `d_weights`."""
         c, v = self.c, self.schedule.repeats
         start = jnp.maximum(at["w_chunk"], 0) * c
-        chunk_X = self.weights_X
-        if v > 1:
-            chunk_X = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, c), chunk_X)
-        d_chunk = jax.lax.cond(
-            at["w_chunk"] >= 0,
-            lambda: self.vary(weight_grads(chunk_X, self.eqs, held)),
-            lambda: self.zeros(chunk_X),
-        )
-        if v == 1:
-            return jax.tree.map(jnp.add, d_weights, d_chunk)
 
-        def add(total: jax.Array, d: jax.Array) -> jax.Array:
-            d = jax.lax.dynamic_slice_in_dim(total, start, c) + d
-            return jax.lax.dynamic_update_slice_in_dim(total, d, start, 0)
+        def run_w(d_weights: Any, live: jax.Array | None) -> tuple[None, Any]:
+            chunk_X = self.weights_X
+            if v > 1:
+                chunk_X = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, c), chunk_X)
+            held = read(wstash, at["w_stash"])
+            d_chunk = self.live(live, self.vary(weight_grads(chunk_X, self.eqs, held)))
+            if v == 1:
+                return None, jax.tree.map(jnp.add, d_weights, d_chunk)
 
-        return jax.tree.map(add, d_weights, d_chunk)
+            def add(total: jax.Array, d: jax.Array) -> jax.Array:
+                d = jax.lax.dynamic_slice_in_dim(total, start, c) + d
+                return jax.lax.dynamic_update_slice_in_dim(total, d, start, 0)
+
+            return None, jax.tree.map(add, d_weights, d_chunk)
+
+        return self.slot(at["w_chunk"] >= 0, run_w, d_weights)[1]
 
     # -- the program -------------------------------------------------------------------------
 

@@ -1,11 +1,13 @@
-"""Wall-clock of GPipe, 1F1B and ZB-H1 on real parallel hardware: two processes of one job, one
+"""Wall-clock of the pipeline schedules on real parallel hardware: two processes of one job, one
 device each, each pinned to its own CPU core (`jaxpar launch -n 2 --pin-cores`), mesh pipeline=2.
 
 Usage: python experiments/pipeline_wallclock.py [--rounds R] [--steps N]
-(Needs 2 free cores. For M in 4, 8 and each schedule, runs `jaxpar bench` under launch; rounds
-alternate the schedules (gpipe, 1f1b, zb_h1, gpipe, ...) so that drift in the host's speed hits
-them alike. Reports per (schedule, M) the median over rounds of each run's median step time, and
-the spread (min..max over rounds). Writes results/pipeline_wallclock.json, .md and .png.)
+(Needs 2 free cores. For M in 4, 8 and each schedule (1F1B and ZB-H1 at both tick
+granularities), runs `jaxpar bench` under launch; rounds turn the order of the schedules around so
+that drift in the host's speed hits them alike. Reports per (schedule, M) the median over rounds
+of each run's median step time, the spread (min..max over rounds), the lockstep bubble with the
+model's F, B and W FLOPs, and the planner's predicted step (`jaxpar.plan.cost.estimate`, shipped
+`cpu` profile). Writes results/pipeline_wallclock.json, .md and .png.)
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from pathlib import Path
 
 from common import write_results
 
-SCHEDULES = ["gpipe", "1f1b", "zb_h1"]
+SCHEDULES = {
+    "gpipe": ["pipeline.schedule=gpipe"],
+    "1f1b fused": ["pipeline.schedule=1f1b", "pipeline.tick=fused"],
+    "1f1b single": ["pipeline.schedule=1f1b", "pipeline.tick=single"],
+    "zb_h1 fused": ["pipeline.schedule=zb_h1", "pipeline.tick=fused"],
+    "zb_h1 single": ["pipeline.schedule=zb_h1", "pipeline.tick=single"],
+    "zb_v": ["pipeline.schedule=zb_v", "pipeline.repeats=2"],
+}
 MICROBATCHES = [4, 8]
 ROWS = 4  # per micro-batch
 COMMON = [
@@ -30,12 +39,31 @@ COMMON = [
 ]  # fmt: skip
 
 
+def overrides(schedule: str, m: int) -> list[str]:
+    return [*COMMON, *SCHEDULES[schedule], f"pipeline.microbatches={m}",
+            f"train.batch_size={ROWS * m}"]  # fmt: skip
+
+
+def predicted(schedule: str, m: int) -> tuple[float, float]:
+    """(the planner's step time in ms for this layout on the `cpu` profile, the lockstep bubble
+    with the model's per-job F, B and W FLOPs)."""
+    from jaxpar.config import load_config
+    from jaxpar.plan.cost import estimate
+    from jaxpar.plan.hardware import load_hardware
+    from jaxpar.plan.space import Candidate
+
+    config = load_config(None, overrides(schedule, m))
+    pipe = config.pipeline
+    candidate = Candidate(1, 2, 1, 1, False, pipe.schedule, m, pipe.repeats, "none")
+    e = estimate(config, candidate, load_hardware("cpu"))
+    return e.step_s * 1e3, e.bubble
+
+
 def run(schedule: str, m: int, steps: int) -> dict:
     command = [
         sys.executable, "-m", "jaxpar", "launch", "-n", "2", "--devices-per-process", "1",
         "--pin-cores", "--", "bench", "--mesh", "pipeline=2", "--steps", str(steps),
-        "--warmup", "2", "--json", *COMMON, f"pipeline.schedule={schedule}",
-        f"pipeline.microbatches={m}", f"train.batch_size={ROWS * m}",
+        "--warmup", "2", "--json", *overrides(schedule, m),
     ]  # fmt: skip
     out = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
@@ -52,11 +80,11 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.25
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(SCHEDULES)
     for i, name in enumerate(SCHEDULES):
         rs = [r for r in rows if r["schedule"] == name]
-        xs = [MICROBATCHES.index(r["M"]) + (i - 1) * width for r in rs]
+        xs = [MICROBATCHES.index(r["M"]) + (i - (len(SCHEDULES) - 1) / 2) * width for r in rs]
         med = [r["median_ms"] for r in rs]
         err = [
             [r["median_ms"] - r["min_ms"] for r in rs],
@@ -86,7 +114,8 @@ def main() -> int:
     done = 0
     for r in range(args.rounds):
         for m in MICROBATCHES:
-            order = SCHEDULES[r % len(SCHEDULES) :] + SCHEDULES[: r % len(SCHEDULES)]
+            names = list(SCHEDULES)
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 result = run(name, m, args.steps)
                 times.setdefault((name, m), []).append(result["median_step_s"] * 1e3)
@@ -97,14 +126,18 @@ def main() -> int:
     for m in MICROBATCHES:
         for name in SCHEDULES:
             ts = times[name, m]
+            plan_ms, bubble = predicted(name, m)
             rows.append({"schedule": name, "M": m, "runs_ms": ts,
                          "median_ms": statistics.median(ts), "min_ms": min(ts),
-                         "max_ms": max(ts)})  # fmt: skip
-    header = ["schedule", "M", "median step ms", "min..max over rounds", "vs gpipe"]
+                         "max_ms": max(ts), "planned_ms": plan_ms,
+                         "bubble_lockstep": bubble})  # fmt: skip
+    header = ["schedule", "M", "median step ms", "min..max over rounds", "vs gpipe",
+              "lockstep bubble", "planner ms", "measured / planner"]  # fmt: skip
     base = {r["M"]: r["median_ms"] for r in rows if r["schedule"] == "gpipe"}
     out = write_results("pipeline_wallclock", rows, header, lambda r: [
         r["schedule"], r["M"], f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}..{r['max_ms']:.1f}",
-        f"{r['median_ms'] / base[r['M']]:.3f}",
+        f"{r['median_ms'] / base[r['M']]:.3f}", f"{r['bubble_lockstep']:.1%}",
+        f"{r['planned_ms']:.1f}", f"{r['median_ms'] / r['planned_ms']:.2f}",
     ])  # fmt: skip
     plot(rows, out / "pipeline_wallclock.png")
     return 0

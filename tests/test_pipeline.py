@@ -29,11 +29,10 @@ from jaxpar.pipeline.schedule import Schedule
 
 CASES = [
     # Every (P in {2, 4}, M = P or 2P, gpipe or circular) runs, most of them on a mesh with data
-    # or tensor parallelism too; pipeline alone (manual over `pipeline` only) in five cases.
+    # or tensor parallelism too (all three below: FSDP gpipe, and circular over uneven layers);
+    # pipeline alone (manual over `pipeline` only) in five cases.
     ("pipeline=2", 8, circular(4)),
     ("pipeline=4", 8, gpipe(8)),
-    ("data=2,pipeline=2,tensor=2", 8, gpipe(2)),
-    ("data=2,pipeline=2,tensor=2", 8, circular(4)),
     ("pipeline=4,tensor=2", 8, gpipe(4)),
     ("pipeline=4,tensor=2", 8, circular(8)),
     ("data=2,pipeline=4", 8, gpipe(8)),

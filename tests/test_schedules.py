@@ -180,7 +180,6 @@ CASES = [
     ("pipeline=2", 8, interleaved(4)),
     # with tensor and data parallelism; uneven layer counts (7 over 2 x 2 chunks, 6 over 4)
     ("data=2,pipeline=2,tensor=2", 8, one_f(4)),
-    ("data=2,pipeline=2,tensor=2", 7, interleaved(2)),
     ("pipeline=4,tensor=2", 6, zb(4)),
     ("data=2,pipeline=2,tensor=2", 7, zb_v(4)),
     # recomputation per layer, and ZeRO-3 stages

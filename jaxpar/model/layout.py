@@ -20,8 +20,6 @@ import numpy as np
 
 from jaxpar.errors import JaxparError
 
-SHAPES = ("circular", "v")
-
 
 def chunk_places(stages: int, repeats: int, shape: str = "circular") -> list[tuple[int, int]]:
     """(stage, repeat) of each chunk of the stack, in logical order: where chunk j runs."""

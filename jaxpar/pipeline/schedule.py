@@ -97,20 +97,27 @@ class Schedule:
         """The step runs this table's B and W ticks itself (else: `jax.grad` of the F ticks)."""
         return schedule_rule(self.name).hand_backward and self.tick != "forward"
 
-    @cached_property
+    @property
     def granularity(self) -> str:
         """`forward` (the F ticks of gpipe, circular and evaluation), `single` or `fused`."""
+        return self._chosen[0]
+
+    @cached_property
+    def _chosen(self) -> tuple[str, np.ndarray | None]:
+        """The tick granularity and, for the schedules with their own backward, its table."""
         rule = schedule_rule(self.name)
         if not self.hand_backward:
-            return "forward"
+            return "forward", None
         if rule.ticks != "either":
-            return rule.ticks
+            return rule.ticks, self._table(rule.ticks)
         if self.tick != "auto":
-            return self.tick
+            return self.tick, self._table(self.tick)
         f, b, w = self.costs
-        single = _cost(self._table("single"), (f, b, w))
-        fused = _cost(self._table("fused"), (f, b, w) if rule.zero_bubble else (f, b + w, 0))
-        return "single" if single <= fused else "fused"
+        single, fused = self._table("single"), self._table("fused")
+        fused_costs = (f, b, w) if rule.zero_bubble else (f, b + w, 0)
+        if _cost(single, (f, b, w)) <= _cost(fused, fused_costs):
+            return "single", single
+        return "fused", fused
 
     @property
     def split(self) -> bool:
@@ -150,7 +157,7 @@ class Schedule:
     def jobs(self) -> np.ndarray:
         """[3, P, ticks] int: the job in each stage's F, B and W slot at each tick, -1 if idle."""
         if self.hand_backward:
-            return self._table(self.granularity)
+            return self._chosen[1]
         p, m, v = self.stages, self.microbatches, self.repeats
         if self.shape == "v":
             forward = _single(self.places, m, limit=[p] * p, defer=False, cap=0, backward=False)[F]

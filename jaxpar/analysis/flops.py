@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from jaxpar.analysis.hlo import HloModule, dot_flops
 from jaxpar.config import Config, ModelConfig
 from jaxpar.mesh import MeshSpec
-from jaxpar.model.flops import RECOMPUTED, layer_forward
+from jaxpar.model.flops import RECOMPUTED, layer_forward, recomputed
 
 if TYPE_CHECKING:
     from jaxpar.pipeline.schedule import Schedule
@@ -44,10 +44,11 @@ def model_flops(cfg: ModelConfig, batch: int, seq: int, causal: bool = False) ->
 def recompute_flops(
     cfg: ModelConfig, batch: int, seq: int, remat: str, causal: bool = False
 ) -> int:
-    """Matmul FLOPs a train step runs again in its backward pass under `remat`: what hardware
-    FLOPs (HFU) add to the model's."""
+    """Matmul FLOPs a train step runs again in its backward pass under `remat` (flash
+    attention's included, `jaxpar.model.flops.recomputed`): what hardware FLOPs (HFU) add to the
+    model's."""
     forward = layer_forward(cfg, seq, causal)
-    per_layer = sum(forward[name] for name in RECOMPUTED[remat])
+    per_layer = sum(forward[name] for name in recomputed(cfg, seq, remat))
     return int(batch * seq * cfg.layers * per_layer)
 
 
@@ -58,25 +59,23 @@ ATTENTION_BATCH_DIMS = 2
 
 def attention_work(config: Config, spec: MeshSpec) -> tuple[float, tuple[str, ...]]:
     """(the keys each query on one device computes scores for, on average; the forward matmuls
-    of attention its backward pass computes again).
+    its backward pass computes again, `model.remat`'s and attention's own).
 
-    One device holds T / C positions of each row. The XLA path computes every key (T) and keeps
-    its softmax; query blocks (`model.attention_block`, `attention.flash`) compute every key too
-    (a block of a causal call computes its masked keys, the blocks running in one loop) and
-    recompute their scores. The ring computes 3 + 2 (C - 1) blocks of c x c, c = T / 2C, per
-    device (3 + 4 (C - 1) unbalanced), and recomputes the scores; all_gather computes every key
-    and recomputes both matmuls (the gather is checkpointed).
+    One device holds T / C positions of each row. The XLA path computes every key (T), in query
+    blocks for flash attention (a block of a causal call computes its masked keys, the blocks
+    running in one loop; `jaxpar.model.flops.recomputed`). The ring computes 3 + 2 (C - 1)
+    blocks of c x c, c = T / 2C, per device (3 + 4 (C - 1) unbalanced), and recomputes the
+    scores; all_gather computes every key and recomputes both matmuls (the gather is
+    checkpointed).
     """
     m, seq, c = config.model, config.train.seq_len, spec.context
-    block = m.attention_block
     if c == 1:
-        blocked = 0 < block < seq and seq % block == 0
-        return float(seq), ("scores",) if blocked else ()
+        return float(seq), tuple(recomputed(m, seq))
     if m.context_attention == "all_gather":
-        return float(seq), ("scores", "values")
+        return float(seq), (*RECOMPUTED[m.remat], "scores", "values")
     half = seq // (2 * c)
     blocks = 3 + (2 if m.context_load_balance else 4) * (c - 1)
-    return blocks * half / 2, ("scores",)
+    return blocks * half / 2, (*RECOMPUTED[m.remat], "scores")
 
 
 def useful_attention_pairs(config: Config, spec: MeshSpec) -> list[int]:
@@ -138,6 +137,7 @@ class ComputeOverhead:
     flops_per_device: int
     ideal_flops_per_device: float
     ideal_stack_flops_per_device: float
+    recomputed_flops_per_device: float = 0.0
 
     @property
     def ratio(self) -> float:
@@ -150,10 +150,12 @@ class ComputeOverhead:
 
     @property
     def stack_bubble(self) -> float:
-        """The same share within the layer stack; equals the schedule's bubble when nothing else
-        (padding, recomputation) adds work."""
+        """The share of the layer stack's computed FLOPs that no job needed: the stack's ideal
+        share and its recomputation (`model.remat`, flash attention's backward) against what
+        it computed. It equals the schedule's bubble unless padded layer slots add work."""
         outer = self.ideal_flops_per_device - self.ideal_stack_flops_per_device
-        return 1 - self.ideal_stack_flops_per_device / (self.flops_per_device - outer)
+        needed = self.ideal_stack_flops_per_device + self.recomputed_flops_per_device
+        return 1 - needed / (self.flops_per_device - outer)
 
 
 def compute_overhead(placement: Placement, hlo: str | HloModule) -> ComputeOverhead:
@@ -165,6 +167,7 @@ def compute_overhead(placement: Placement, hlo: str | HloModule) -> ComputeOverh
         flops_per_device=dot_flops(hlo),
         ideal_flops_per_device=model_flops(m, t.batch_size, t.seq_len) / n,
         ideal_stack_flops_per_device=layer_stack_flops(m, t.batch_size, t.seq_len) / n,
+        recomputed_flops_per_device=recompute_flops(m, t.batch_size, t.seq_len, m.remat) / n,
     )
 
 

@@ -52,10 +52,11 @@ Temporaries:
                         tick's own layer-scan stack, written into the stacks at the end of a
                         forward tick and sliced out of them at the start of a backward one
                         (double-buffered).
-    weight_grad_inputs  zb_h1 only: what a B hands its W (`tapped`), per layer and token each
-                        weight's contraction input and output cotangent, 8 D + 2 (N + K) H / t
-                        + 3 F / t in cb (q k v, out, gate up, down and the two norm scales), for
-                        the W ring's slots plus the job being written or read.
+    weight_grad_inputs  split backwards only: what a B hands its W (`tapped`), per layer and
+                        token each weight's contraction input and output cotangent, 8 D
+                        + 2 (N + K) H / t + 3 F / t in cb (q k v, out, gate up, down and the two
+                        norm scales), for the W ring's slots, plus the job being written or read
+                        where a fused tick runs a B and a W.
     pipeline_buffers    with a tick loop: the replica's micro-batch inputs (gathered over
                         `pipeline`), the last stage's outputs and their cotangent, 3 B / d T D.
     layer_working       one layer's working set: its weights sliced out of the stack for the
@@ -80,6 +81,7 @@ from dataclasses import asdict, dataclass
 
 from jaxpar.config import Config
 from jaxpar.mesh import MeshSpec
+from jaxpar.model.attention import query_block
 from jaxpar.pipeline.schedule import Schedule
 
 F32 = 4  # bytes: float32 (master weights, their gradients, attention scores, logits)
@@ -151,7 +153,7 @@ def _kept_per_token(config: Config, spec: MeshSpec, compute_bytes: int) -> list[
     scores = [(2, n * s / tensor * F32)]
     if spec.context > 1 and m.context_attention == "all_gather":
         scores = []
-    elif spec.context > 1 or _blocks(config, spec):
+    elif spec.context > 1 or _block(config, spec):
         scores = [(1, n / tensor * F32)]
     return {
         "none": [
@@ -168,11 +170,10 @@ def _kept_per_token(config: Config, spec: MeshSpec, compute_bytes: int) -> list[
     }[config.model.remat]
 
 
-def _blocks(config: Config, spec: MeshSpec) -> bool:
-    """Whether attention on one device runs in query blocks (`jaxpar.model.attention.blocked`):
-    `model.attention_block` cuts this device's queries into several."""
-    t, block = config.train.seq_len // spec.context, config.model.attention_block
-    return 0 < block < t and t % block == 0
+def _block(config: Config, spec: MeshSpec) -> int:
+    """The query block of attention on one device (`jaxpar.model.attention.query_block`; 0: the
+    plain einsums)."""
+    return query_block(config.train.seq_len // spec.context, config.model.attention_block)
 
 
 def _attention_working(config: Config, spec: MeshSpec, rows: int) -> float:
@@ -192,7 +193,8 @@ def _attention_working(config: Config, spec: MeshSpec, rows: int) -> float:
     heads = rows * m.heads / spec.tensor
     seq = config.train.seq_len
     if c == 1:
-        return heads * seq * (4 * F32 * m.attention_block + 2 * seq) if _blocks(config, spec) else 0
+        block = _block(config, spec)
+        return heads * seq * (4 * F32 * block + 2 * seq) if block else 0
     if m.context_attention == "ring":
         blocks = 3 + (2 if m.context_load_balance else 4) * (c - 1)
         return blocks * heads * (seq / (2 * c)) ** 2 * (3 * F32 + 1)
@@ -270,9 +272,11 @@ def estimate_memory(
     held_w = schedule.routes.slots["wstash"] if schedule.split else 0
     # per token of a layer: each weight's contraction input and output cotangent (`tapped`)
     taps = 8 * d + (2 * n + 2 * k) * h / tensor + 3 * f / tensor
-    weight_grad_inputs = (held_w + 1) * chunk * job_tokens * taps * cb if held_w else 0
+    # fused ticks also hold the job their B writes while their W reads another
+    held_w += 1 if held_w and schedule.granularity == "fused" else 0
+    weight_grad_inputs = held_w * chunk * job_tokens * taps * cb
     # one causal mask outside the layer loop; in query blocks or pieces, the blocks' own
-    whole = spec.context == 1 and not _blocks(config, spec)
+    whole = spec.context == 1 and not _block(config, spec)
     mask = rows * n / tensor * seq * seq * (F32 + 1) if whole else 0
     logits = outer_tokens * m.vocab / tensor * (2 * F32 + cb)
     return MemoryEstimate(

@@ -21,11 +21,14 @@ causal attention in training and prefill (keys are the queries' own positions) a
 cached positions written so far. Positions None mean 0, 1, 2, ... in every row, which lets cuDNN use
 its causal kernel instead of a mask.
 
-Blocked attention (`model.attention_block`): on the XLA path a sequence longer than the block is
+Flash attention (`model.attention_block`): on the XLA path a sequence longer than the block is
 attended one block of queries at a time, in a loop (`blocked`), with flash attention's backward
 (`flash`: each block's scores recomputed from the rows' log-sum-exp, never kept): no (T, S)
-score matrix is ever whole. The same pieces merge the
-blocks of ring attention over the `context` axis (`jaxpar.model.context`).
+score matrix is ever whole. A sequence that fits in one block runs the same way as one block
+(`query_block`), so that a layer's backward keeps the log-sum-exp instead of its (T, S) scores
+and probabilities: one more matmul, and far less memory traffic where kept values are stacked
+over ticks or layers. The same pieces merge the blocks of ring attention over the `context`
+axis (`jaxpar.model.context`).
 """
 
 from __future__ import annotations
@@ -72,8 +75,8 @@ def attend(
         q_positions_BT = jnp.broadcast_to(jnp.arange(t), q_BTNH.shape[:2])
     if k_positions_BS is None:
         k_positions_BS = jnp.broadcast_to(jnp.arange(s), k_BSKH.shape[:2])
-    if impl == "xla" and 0 < block < t and t % block == 0:
-        return flash(q_BTNH, k_BSKH, v_BSKH, q_positions_BT, k_positions_BS, block)
+    if impl == "xla" and query_block(t, block):
+        return flash(q_BTNH, k_BSKH, v_BSKH, q_positions_BT, k_positions_BS, query_block(t, block))
     mask_BTS = k_positions_BS[:, None, :] <= q_positions_BT[:, :, None]
     if impl == "xla":
         return _xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
@@ -182,6 +185,16 @@ def _rows_whole(x: jax.Array, axis: int) -> jax.Array:
     return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
 
 
+def query_block(t: int, block: int) -> int:
+    """The queries per block of `flash` on the XLA path for T queries and `model.attention_block`:
+    the block where it cuts T into several, T itself where T fits in one (one block: flash's
+    backward still recomputes the scores rather than keep a (T, S) matrix per layer), 0 where
+    `attend` runs its plain einsums (block 0, or a T longer than the block but not a multiple)."""
+    if block <= 0 or (t > block and t % block):
+        return 0
+    return min(t, block)
+
+
 def _blocks_of(t: int, block: int) -> int:
     """How many query blocks `blocked` cuts T queries into (1: all at once)."""
     return t // block if 0 < block < t and t % block == 0 else 1
@@ -251,11 +264,15 @@ def block_grads(q_BTKGH, k_BSKH, v_BSKH, do_BTKGH, lse_BKGT, delta_BKGT, q_posit
         return (dk_BSKH, dv_BSKH), dq_BtKGH
 
     n = _blocks_of(q_BTKGH.shape[1], block)
+    zeros = varying(jnp.zeros(k_BSKH.shape, jnp.float32))
+    if n == 1:  # one block: no loop
+        rows = (q_BTKGH, do_BTKGH, lse_BKGT, delta_BKGT, q_positions)
+        (dk_BSKH, dv_BSKH), dq_BTKGH = one((zeros, zeros), rows)
+        return dq_BTKGH, dk_BSKH, dv_BSKH
     rows = (
         _row_blocks(q_BTKGH, n, 1), _row_blocks(do_BTKGH, n, 1), _row_blocks(lse_BKGT, n, 3),
         _row_blocks(delta_BKGT, n, 3), _row_blocks(q_positions, n, q_positions.ndim - 1),
     )  # fmt: skip
-    zeros = varying(jnp.zeros(k_BSKH.shape, jnp.float32))
     (dk_BSKH, dv_BSKH), dq_nBtKGH = jax.lax.scan(one, (zeros, zeros), rows)
     return _rows_whole(dq_nBtKGH, 1), dk_BSKH, dv_BSKH
 

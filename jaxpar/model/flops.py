@@ -5,6 +5,7 @@ the stage placement (which tick granularity a schedule runs), `jaxpar.analysis` 
 from __future__ import annotations
 
 from jaxpar.config import ModelConfig
+from jaxpar.model.attention import query_block
 
 # The forward matmuls each `model.remat` runs again in the backward pass (`jaxpar.model.remat`):
 # `full` all but the MLP's down projection, whose output the backward pass never reads.
@@ -30,13 +31,32 @@ def layer_forward(cfg: ModelConfig, seq: int, causal: bool = False) -> dict[str,
     }  # fmt: skip
 
 
+def recomputed(cfg: ModelConfig, seq: int, remat: str | None = None) -> list[str]:
+    """The forward matmuls a layer's backward pass runs again on one device (compiled, counted):
+    those `remat` (the config's by default) recomputes, and where the XLA path runs flash
+    attention (`jaxpar.model.attention.query_block`) the scores its backward recomputes. A policy
+    that keeps no attention output but its matmuls' then recomputes attention's whole forward,
+    the log-sum-exp being no matmul; in one block XLA computes the forward's scores and the
+    backward's once."""
+    remat = remat or cfg.remat
+    block = query_block(seq, cfg.attention_block)
+    if not block:
+        return list(RECOMPUTED[remat])
+    again = list(RECOMPUTED[remat])
+    if "scores" in again and "values" not in again:
+        again.append("values")
+    if not ("values" in again and block == seq):
+        again.append("scores")
+    return again
+
+
 def job_costs(cfg: ModelConfig, seq: int) -> tuple[float, float, float]:
     """One layer's F, B and W matmul FLOPs per token, as a split backward runs them: F the
     forward; B the input gradient (one matmul per weighted matmul, two per attention matmul) and
-    the forward matmuls `model.remat` recomputes; W the weight gradients (one per weighted
-    matmul)."""
+    the forward matmuls `model.remat` and flash attention recompute; W the weight gradients
+    (one per weighted matmul)."""
     forward = layer_forward(cfg, seq)
     weighted = sum(forward[name] for name in WEIGHTED)
     attention = forward["scores"] + forward["values"]
-    redone = sum(forward[name] for name in RECOMPUTED[cfg.remat])
+    redone = sum(forward[name] for name in recomputed(cfg, seq))
     return weighted + attention, weighted + 2 * attention + redone, weighted

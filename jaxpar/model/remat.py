@@ -7,8 +7,9 @@ layer in the layer scan, and the names the model gives to values a policy may ke
 - `dots_no_batch`: keeps the weights' matmuls (no batch dimension: Q/K/V, attention output and
   MLP projections); recomputes attention's two matmuls and the elementwise work.
 - `dots_no_batch_attn`: as `dots_no_batch`, plus each layer's attention output (and the outputs of
-  cuDNN's fused kernel, softmax statistics included, so the kernel never runs twice); on the XLA
-  path the backward recomputes only the scores' matmul and softmax.
+  cuDNN's fused kernel, softmax statistics included, so the kernel never runs twice); with the
+  XLA path's plain einsums (`model.attention_block=0`) the backward recomputes only the scores'
+  matmul and softmax, with its flash attention attention's forward (`jaxpar.model.flops`).
 """
 
 from __future__ import annotations

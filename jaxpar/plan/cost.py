@@ -42,7 +42,7 @@ from jaxpar.analysis.flops import attention_work, model_flops
 from jaxpar.analysis.memory import MemoryEstimate, estimate_memory
 from jaxpar.config import Config
 from jaxpar.mesh import AXES, CONTEXT, DATA, MeshSpec
-from jaxpar.model.flops import RECOMPUTED, layer_forward
+from jaxpar.model.flops import layer_forward
 from jaxpar.plan.hardware import Hardware, Link
 from jaxpar.plan.space import Candidate
 from jaxpar.plan.traffic import param_bytes, predict_traffic
@@ -183,8 +183,7 @@ def stack_flops(config: Config, candidate: Candidate) -> StackFlops:
                "values": 2 * keys * m.heads * m.head_dim}  # fmt: skip
     per_job = rows * t.seq_len / candidate.context * chunk / candidate.tensor
     f = per_job * sum(forward.values())
-    again = [*RECOMPUTED[candidate.remat], *redone]
-    redo = per_job * sum(forward[name] for name in again)
+    redo = per_job * sum(forward[name] for name in redone)
     if schedule.split:
         b, w = f + redo, f
     else:
@@ -194,7 +193,7 @@ def stack_flops(config: Config, candidate: Candidate) -> StackFlops:
                       schedule.lockstep_cost(1, 1, 0))  # fmt: skip
     # attention's share of each action, by the same ticks
     a_f = per_job * (forward["scores"] + forward["values"])
-    a_redo = per_job * sum(forward[name] for name in again if name in ("scores", "values"))
+    a_redo = per_job * sum(forward[name] for name in redone if name in ("scores", "values"))
     a_b, a_w = (a_f + a_redo, 0.0) if schedule.split else (2 * a_f + a_redo, 0.0)
     return StackFlops(
         total=schedule.lockstep_cost(f, b, w),

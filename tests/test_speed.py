@@ -19,6 +19,7 @@ from jaxpar import runtime
 from jaxpar.analysis.flops import model_flops, recompute_flops
 from jaxpar.analysis.hlo import dot_flops
 from jaxpar.config import REMAT, load_config
+from jaxpar.model.llama import swiglu
 from jaxpar.train.bench import step_flops
 from jaxpar.train.step import make_optimizer, state_stored_in
 
@@ -33,6 +34,19 @@ def test_hardware_flops_are_the_model_flops_plus_what_remat_recomputes(remat):
     model, hardware = step_flops(tr)  # B x T is the config's batch
     assert model == model_flops(m, B, T, causal=True) < model_flops(m, B, T)
     assert hardware == ran  # the XLA path computes every key position
+
+
+def test_swiglu_backward_keeps_its_inputs_and_equals_autodiff():
+    gate, up, g = jax.random.normal(jax.random.key(0), (3, 4, 8, 16), jnp.float32)
+    mine = jax.vjp(swiglu, gate, up)[1](g)
+    plain = jax.vjp(lambda a, b: jax.nn.silu(a) * b, gate, up)[1](g)
+    for a, b in zip(mine, plain, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(swiglu, gate, up)
+    kept = out.getvalue().splitlines()  # gate and up, nothing derived from them
+    assert kept == ["f32[4,8,16] from the argument gate", "f32[4,8,16] from the argument up"]
 
 
 def test_causal_half_is_half_of_attention():

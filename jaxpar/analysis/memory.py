@@ -41,9 +41,10 @@ Temporaries:
                           none   6 D (the layer input, the residual sum after attention, and for
                                  each norm its input times rsqrt and that times the scale)
                                  + 2 N H / t (rotated q, attention output) + 2 K H / t (rotated
-                                 k, v) + 6 F / t (gate, up, sigmoid(gate), its derivative, silu,
-                                 silu x up) in cb, + 2 N S / t float32 (softmax's exponentials
-                                 and probabilities);
+                                 k, v) + 3 F / t (gate, up and silu(gate) x up: `swiglu`
+                                 keeps its inputs) in cb, + N / t float32 (flash attention's
+                                 log-sum-exp; 2 N S / t, softmax's exponentials and
+                                 probabilities, with the plain einsums);
                           full   the layer input, D;
                           dots_no_batch  the layer input and the weights' matmul outputs:
                                  D + (N + 2K) H / t + 2 F / t + 2 D; dots adds the attention
@@ -160,7 +161,7 @@ def _kept_per_token(config: Config, spec: MeshSpec, compute_bytes: int) -> list[
             (6, d * cb),
             (2, n * h / tensor * cb),
             (2, k * h / tensor * cb),
-            (6, f / tensor * cb),
+            (3, f / tensor * cb),
             *scores,
         ],
         "full": [(1, d * cb)],

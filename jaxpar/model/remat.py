@@ -1,7 +1,9 @@
 """What a layer's backward pass keeps (`model.remat`): the policy of the checkpoint around each
 layer in the layer scan, and the names the model gives to values a policy may keep.
 
-- `none`: keeps everything; recomputes nothing.
+- `none`: keeps everything autodiff would, but for two ops whose own backward keeps their
+  inputs, as fused kernels do: flash attention (the scores' matmul runs again,
+  `jaxpar.model.attention.flash`) and SwiGLU's activation (`jaxpar.model.llama.swiglu`).
 - `full`: keeps the layer's input; recomputes the whole layer.
 - `dots`: keeps every matmul's output; recomputes norms, RoPE, softmax and activations.
 - `dots_no_batch`: keeps the weights' matmuls (no batch dimension: Q/K/V, attention output and

@@ -132,12 +132,14 @@ class ComputeOverhead:
         ideal_flops_per_device: the model's FLOPs over the number of devices.
         ideal_stack_flops_per_device: the same for the layer stack alone, the part a pipeline
             schedule runs (embedding and LM head run outside it, with no bubble).
+        recomputed_flops_per_device: what the stack's backward runs again over the number of
+            devices (`recompute_flops`: `model.remat` and flash attention).
     """
 
     flops_per_device: int
     ideal_flops_per_device: float
     ideal_stack_flops_per_device: float
-    recomputed_flops_per_device: float = 0.0
+    recomputed_flops_per_device: float
 
     @property
     def ratio(self) -> float:

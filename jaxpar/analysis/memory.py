@@ -274,8 +274,8 @@ def estimate_memory(
     # per token of a layer: each weight's contraction input and output cotangent (`tapped`)
     taps = 8 * d + (2 * n + 2 * k) * h / tensor + 3 * f / tensor
     # fused ticks also hold the job their B writes while their W reads another
-    held_w += 1 if held_w and schedule.granularity == "fused" else 0
-    weight_grad_inputs = held_w * chunk * job_tokens * taps * cb
+    w_jobs = held_w + (1 if held_w and schedule.granularity == "fused" else 0)
+    weight_grad_inputs = w_jobs * chunk * job_tokens * taps * cb
     # one causal mask outside the layer loop; in query blocks or pieces, the blocks' own
     whole = spec.context == 1 and not _block(config, spec)
     mask = rows * n / tensor * seq * seq * (F32 + 1) if whole else 0

@@ -75,8 +75,9 @@ def attend(
         q_positions_BT = jnp.broadcast_to(jnp.arange(t), q_BTNH.shape[:2])
     if k_positions_BS is None:
         k_positions_BS = jnp.broadcast_to(jnp.arange(s), k_BSKH.shape[:2])
-    if impl == "xla" and query_block(t, block):
-        return flash(q_BTNH, k_BSKH, v_BSKH, q_positions_BT, k_positions_BS, query_block(t, block))
+    rows_per_block = query_block(t, block)
+    if impl == "xla" and rows_per_block:
+        return flash(q_BTNH, k_BSKH, v_BSKH, q_positions_BT, k_positions_BS, rows_per_block)
     mask_BTS = k_positions_BS[:, None, :] <= q_positions_BT[:, :, None]
     if impl == "xla":
         return _xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
@@ -197,7 +198,8 @@ def query_block(t: int, block: int) -> int:
 
 def _blocks_of(t: int, block: int) -> int:
     """How many query blocks `blocked` cuts T queries into (1: all at once)."""
-    return t // block if 0 < block < t and t % block == 0 else 1
+    rows = query_block(t, block)
+    return t // rows if rows else 1
 
 
 def varying(x: jax.Array) -> jax.Array:

@@ -38,15 +38,13 @@ def recomputed(cfg: ModelConfig, seq: int, remat: str | None = None) -> list[str
     that keeps no attention output but its matmuls' then recomputes attention's whole forward,
     the log-sum-exp being no matmul; in one block XLA computes the forward's scores and the
     backward's once."""
-    remat = remat or cfg.remat
+    again = list(RECOMPUTED[remat or cfg.remat])
     block = query_block(seq, cfg.attention_block)
-    if not block:
-        return list(RECOMPUTED[remat])
-    again = list(RECOMPUTED[remat])
-    if "scores" in again and "values" not in again:
-        again.append("values")
-    if not ("values" in again and block == seq):
-        again.append("scores")
+    if block:
+        if "scores" in again and "values" not in again:
+            again.append("values")
+        if not ("values" in again and block == seq):
+            again.append("scores")
     return again
 
 

@@ -11,7 +11,7 @@ layer in the layer scan, and the names the model gives to values a policy may ke
 - `dots_no_batch_attn`: as `dots_no_batch`, plus each layer's attention output (and the outputs of
   cuDNN's fused kernel, softmax statistics included, so the kernel never runs twice); with the
   XLA path's plain einsums (`model.attention_block=0`) the backward recomputes only the scores'
-  matmul and softmax, with its flash attention attention's forward (`jaxpar.model.flops`).
+  matmul and softmax; with flash attention, attention's whole forward (`jaxpar.model.flops`).
 """
 
 from __future__ import annotations

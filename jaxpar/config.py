@@ -33,6 +33,41 @@ OPT_DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attn")
 ATTENTION = ("auto", "xla", "dot_product")
 CONTEXT_ATTENTION = ("ring", "all_gather")
+STAGE_SPLITS = ("balanced", "auto")
+# Keys whose values are lists, kept as canonical text ("[3, 3, 1, 1]") so that a config stays
+# hashable and reads back from YAML as it was written; each with its element type.
+# The words each also takes.
+_LIST_KEYS = {"pipeline.stage_layers": (int, STAGE_SPLITS), "parallel.stage_speeds": (float, ())}
+
+
+def parse_list(key: str, text: str, kind: type) -> tuple:
+    """A list value's text ("[3, 3, 1, 1]", "3,3,1,1" or "") as a tuple of `kind`, each positive.
+
+    Raises:
+        JaxparError: an entry that is not a positive `kind`; the message names the key.
+    """
+    items = [item.strip() for item in text.strip().strip("[]").split(",") if item.strip()]
+    try:
+        values = tuple(kind(item) for item in items)
+    except ValueError:
+        values = ()
+    if len(values) != len(items) or not all(math.isfinite(x) and x > 0 for x in values):
+        what = "integers" if kind is int else "numbers"
+        raise JaxparError(f"config key {key!r} must be a list of positive {what}, got {text!r}")
+    return values
+
+
+def _list_text(key: str, value: Any) -> str:
+    """The canonical text of a list key's value (a list, a tuple, its text or one of its words)."""
+    kind, words = _LIST_KEYS[key]
+    if isinstance(value, str) and value.strip() in (*words, ""):
+        if not value.strip() and words:
+            raise JaxparError(f"config key {key!r} must be {', '.join(words)} or a list")
+        return value.strip()
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(typed(x, kind, f"an entry of config key {key!r}")) for x in value)
+    values = parse_list(key, typed(value, str, f"config key {key!r}"), kind)
+    return "[" + ", ".join(str(x) for x in values) + "]"
 
 
 @dataclass(frozen=True)
@@ -128,6 +163,15 @@ class ParallelConfig:
     mesh: str = "data=2,tensor=4"
     fsdp: bool = False
     hardware: str = "auto"
+    # Relative speed of each pipeline stage's devices, e.g. [1, 1, 0.5, 1] for a stage on slower
+    # or shared devices ("": all equal): `pipeline.stage_layers=auto` gives a slow stage fewer
+    # layers.
+    stage_speeds: str = ""
+
+    @property
+    def speeds(self) -> tuple[float, ...] | None:
+        """`stage_speeds` as numbers, None when not given."""
+        return parse_list("parallel.stage_speeds", self.stage_speeds, float) or None
 
 
 @dataclass(frozen=True)
@@ -152,6 +196,18 @@ class PipelineConfig:
     # Schedules with their own backward: one action per stage per tick (single), one F and one
     # B (fused), or auto: whichever costs less in lockstep with the model's F, B and W FLOPs.
     tick: str = "auto"
+    # Layers per stage: balanced (sizes differ by at most one), auto (the split whose slowest
+    # stage is fastest, by the cost model and `parallel.stage_speeds`), or a list such as
+    # [3, 3, 1, 1] summing to model.layers, each at least `repeats` (a stage's layers are cut
+    # into its chunks evenly).
+    stage_layers: str = "balanced"
+
+    @property
+    def split(self) -> str | tuple[int, ...]:
+        """`stage_layers` as "balanced", "auto" or a tuple of layer counts per stage."""
+        if self.stage_layers in STAGE_SPLITS:
+            return self.stage_layers
+        return parse_list("pipeline.stage_layers", self.stage_layers, int)
 
 
 @dataclass(frozen=True)
@@ -263,7 +319,10 @@ def _set(tree: dict[str, dict[str, Any]], key: str, value: Any, from_text: bool)
         raise JaxparError(
             f"unknown config key {key!r} (valid keys in {section!r}: {', '.join(types_)})"
         )
-    tree[section][name] = _coerce(key, value, types_[name], from_text)
+    if key in _LIST_KEYS:
+        tree[section][name] = _list_text(key, value)
+    else:
+        tree[section][name] = _coerce(key, value, types_[name], from_text)
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
@@ -337,6 +396,7 @@ def validate(config: Config) -> None:
     """
     _validate_model(config.model)
     _validate_train(config.train)
+    config.pipeline.split, config.parallel.speeds  # noqa: B018 (each raises if malformed)
     _validate_checkpoint(config.checkpoint)
     p = config.pipeline
     check_schedule_counts(p.schedule, p.microbatches, p.repeats)
@@ -432,11 +492,37 @@ def validate_model_for_mesh(m: ModelConfig, spec: MeshSpec, repeats: int = 1) ->
         )
 
 
+def check_stage_split(split: str | tuple[int, ...], layers: int, stages: int,
+                      repeats: int) -> None:  # fmt: skip
+    """Checks a `pipeline.stage_layers` list against the model and the mesh: one count per
+    stage, summing to the layers, each filling the stage's `repeats` chunks."""
+    if isinstance(split, str):
+        return
+    text = f"pipeline.stage_layers=[{', '.join(map(str, split))}]"
+    if len(split) != stages:
+        raise JaxparError(f"{text} has {len(split)} entries but pipeline={stages}; give one per "
+                          f"stage, or balanced or auto")  # fmt: skip
+    if sum(split) != layers:
+        raise JaxparError(f"{text} sums to {sum(split)} but model.layers={layers}")
+    if min(split) < repeats:
+        raise JaxparError(
+            f"{text} gives a stage {min(split)} layer(s) but each stage runs {repeats} chunk(s) "
+            f"(pipeline.repeats) and every chunk needs a layer"
+        )
+
+
 def validate_for_mesh(config: Config, spec: MeshSpec) -> None:
     """Checks the sizes that must divide over the mesh axes (global sizes, per-axis sizes)."""
     m, t, p = config.model, config.train, config.pipeline
     data, pipeline = spec.data, spec.pipeline
     validate_model_for_mesh(m, spec, p.repeats)
+    check_stage_split(p.split, m.layers, pipeline, p.repeats)
+    speeds = config.parallel.speeds
+    if speeds is not None and len(speeds) != pipeline:
+        raise JaxparError(
+            f"parallel.stage_speeds={config.parallel.stage_speeds} has {len(speeds)} entries but "
+            f"pipeline={pipeline}; give one per stage"
+        )
     if t.batch_size % data:
         raise JaxparError(
             f"train.batch_size={t.batch_size} is not divisible by data={data}; the global batch "

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxpar.config import Config, validate_for_mesh, validate_model_for_mesh
+from jaxpar.config import Config, check_stage_split, validate_for_mesh, validate_model_for_mesh
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import MeshSpec, mesh_spec_of
 from jaxpar.model import attention
@@ -120,6 +120,8 @@ class Placement:
         if self.serving:
             derive("config", serving_config(self.config))
             validate_model_for_mesh(self.config.model, spec)
+            check_stage_split(self.config.pipeline.split, self.config.model.layers,
+                              spec.pipeline, 1)  # fmt: skip
             derive("rules", serving_rules(rules_for(spec, fsdp=False)))
         else:
             validate_for_mesh(self.config, spec)

@@ -30,9 +30,9 @@ from jaxpar.pipeline.schedule import Schedule
 CASES = [
     # Every (P in {2, 4}, M = P or 2P, gpipe or circular) runs, most of them on a mesh with data
     # or tensor parallelism too (all three below: FSDP gpipe, and circular over uneven layers);
-    # pipeline alone (manual over `pipeline` only) in five cases.
-    ("pipeline=2", 8, circular(4)),
-    ("pipeline=4", 8, gpipe(8)),
+    # pipeline alone (manual over `pipeline` only) in five cases; uneven stages in two.
+    ("pipeline=2", 8, (*circular(4), "pipeline.stage_layers=[6,2]")),  # stages of 3+3 and 1+1
+    ("pipeline=4", 8, (*gpipe(8), "pipeline.stage_layers=[1,4,2,1]")),
     ("pipeline=4,tensor=2", 8, gpipe(4)),
     ("pipeline=4,tensor=2", 8, circular(8)),
     ("data=2,pipeline=4", 8, gpipe(8)),
@@ -55,14 +55,14 @@ def test_pipeline_equals_sequential_model(mesh_spec, layers, extra):
 
 
 def test_padded_slots_get_no_gradient():
-    tr = trainer("pipeline=4", 6, gpipe(4))
+    tr = trainer("pipeline=4", 8, (*gpipe(8), "pipeline.stage_layers=[1,4,2,1]"))
     with jax.set_mesh(tr.placement.mesh):
         g = jax.jit(jax.grad(tr.placement.loss))(
             params_for(tr), jax.device_put(tokens(), tr.placement.batch_sharding)
         )
     w = np.asarray(g["blocks"]["mlp"]["w_down_FD"].get_value())  # [P, slots, F, D]
     padded = tr.placement.layout.slot_layer < 0
-    assert padded.sum() == 2
+    assert padded.sum() == 16 - 8
     assert np.all(w[padded] == 0) and np.all(np.abs(w[~padded]).max(axis=(1, 2)) > 0)
 
 
@@ -231,6 +231,21 @@ def test_schedule_tables():
         (["--mesh", "pipeline=4,tensor=2", "model.layers=8", *circular(2)],
          "pipeline.microbatches=2 < pipeline=4: the circular schedule"),
         (["model.remat=some"], "model.remat='some' is not one of none, full"),
+        # uneven stages: a wrong sum, a stage with no layer, more chunks than layers, a count
+        # per stage that is not one per stage
+        (["--mesh", "pipeline=2,data=4", "pipeline.stage_layers=[3,3]"],
+         "pipeline.stage_layers=[3, 3] sums to 6 but model.layers=4"),
+        (["--mesh", "pipeline=2,data=4", "pipeline.stage_layers=[4,0]"],
+         "config key 'pipeline.stage_layers' must be a list of positive integers, got '[4,0]'"),
+        (["--mesh", "pipeline=2,data=4", "model.layers=6", *circular(2),
+          "pipeline.stage_layers=[5,1]"],
+         "pipeline.stage_layers=[5, 1] gives a stage 1 layer(s) but each stage runs 2 chunk(s)"),
+        (["--mesh", "pipeline=2,data=4", "pipeline.stage_layers=[1,1,2]"],
+         "pipeline.stage_layers=[1, 1, 2] has 3 entries but pipeline=2"),
+        (["--mesh", "pipeline=2,data=4", "pipeline.stage_layers=even"],
+         "config key 'pipeline.stage_layers' must be a list of positive integers, got 'even'"),
+        (["--mesh", "pipeline=2,data=4", "parallel.stage_speeds=[1,1,1]"],
+         "parallel.stage_speeds=[1.0, 1.0, 1.0] has 3 entries but pipeline=2"),
     ],
 )  # fmt: skip
 def test_bad_pipeline_input_exits_2_with_one_line(capsys, tmp_path, args, fragment):

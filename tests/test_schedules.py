@@ -173,15 +173,16 @@ def test_checker_rejects_an_input_used_before_it_arrives():
 # --- every schedule computes the sequential model's loss and gradients ------------------------
 
 CASES = [
-    # alone: P in {2, 4}, M in {1, P, 2P} across the schedules (M = 1 with remat below)
-    ("pipeline=4", 8, one_f(8)),
-    ("pipeline=2", 8, (*zb(2), "pipeline.tick=fused")),
+    # alone: P in {2, 4}, M in {1, P, 2P} across the schedules (M = 1 with remat below); uneven
+    # stages (pipeline.stage_layers: one layer beside many) for every schedule
+    ("pipeline=4", 8, (*one_f(8), "pipeline.stage_layers=[1,1,1,5]")),
+    ("pipeline=2", 8, (*zb(2), "pipeline.tick=fused", "pipeline.stage_layers=[7,1]")),
     ("pipeline=4", 8, (*zb_v(8), "model.remat=dots")),
-    ("pipeline=2", 8, interleaved(4)),
+    ("pipeline=2", 8, (*interleaved(4), "pipeline.stage_layers=[2,6]")),
     # with tensor and data parallelism; uneven layer counts (7 over 2 x 2 chunks, 6 over 4)
     ("data=2,pipeline=2,tensor=2", 8, one_f(4)),
-    ("pipeline=4,tensor=2", 6, zb(4)),
-    ("data=2,pipeline=2,tensor=2", 7, zb_v(4)),
+    ("pipeline=4,tensor=2", 6, (*zb(4), "pipeline.stage_layers=[1,3,1,1]")),
+    ("data=2,pipeline=2,tensor=2", 7, (*zb_v(4), "pipeline.stage_layers=[5,2]")),
     # recomputation per layer, and ZeRO-3 stages
     ("pipeline=2,tensor=2", 8, (*one_f(1), "model.remat=full")),
     ("pipeline=2,data=2", 8, (*interleaved(2), "model.remat=full")),

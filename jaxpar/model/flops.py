@@ -58,3 +58,11 @@ def job_costs(cfg: ModelConfig, seq: int) -> tuple[float, float, float]:
     attention = forward["scores"] + forward["values"]
     redone = sum(forward[name] for name in recomputed(cfg, seq))
     return weighted + attention, weighted + 2 * attention + redone, weighted
+
+
+def top_costs(cfg: ModelConfig) -> tuple[float, float]:
+    """The embedding's and the LM head's (with the loss) matmul FLOPs per token, forward and
+    backward together: the embedding is a one-hot contraction over the vocabulary (forward and
+    weight gradient), the head a matmul with its input and weight gradients."""
+    contraction = 2 * cfg.dim * cfg.vocab
+    return 2 * contraction, 3 * contraction

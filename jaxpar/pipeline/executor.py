@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from jaxpar.mesh import CONTEXT, DATA, PIPELINE
@@ -47,9 +48,9 @@ from jaxpar.pipeline.program import (
 from jaxpar.pipeline.schedule import Schedule
 
 
-def stage_chunk(layer: Callable, v: int, c: int, remat: str) -> Callable:
+def stage_chunk(layer: Callable, v: int, c: int, remat: str, collectives: bool = False) -> Callable:
     """`chunk(weights_X, repeat, real_C, h, taps=None)`: one stage's c layer slots of repeat
-    `repeat`.
+    `repeat`, of which `real_C` hold layers (a prefix: the rest is padding).
 
     With one repeat the chunk scans over all of the stage's weights; with several, over the
     repeat's slot indices, each layer reading its weights in the scan body. Remat is per layer,
@@ -57,6 +58,13 @@ def stage_chunk(layer: Callable, v: int, c: int, remat: str) -> Callable:
     policy saves) and recomputes the rest one layer at a time. `taps` (zero-bubble schedules):
     per weight, zeros stacked over the c slots, shaped like the contraction's input and output
     (`tapped`); the layer is then called as `layer(w, h, project)`.
+
+    A padded slot computes nothing: each slot is a `lax.cond` whose other branch hands its input
+    on (and the backward pass, its cotangent), so stages with fewer layers finish sooner. Where
+    the layer holds collectives (`collectives`: attention over `context`), which never run inside
+    a per-device branch, the slot runs and a select keeps its input. A `real_C` known when the
+    chunk is traced (a numpy array: one stage's chunk compiled alone, `stage_costs`) scans its
+    real slots only.
     """
 
     def slot_layer(w: Any, index: jax.Array | None, h_bTD: jax.Array, taps: dict | None):
@@ -71,17 +79,28 @@ def stage_chunk(layer: Callable, v: int, c: int, remat: str) -> Callable:
 
     slot_layer = checkpointed(slot_layer, remat, v)
 
-    def chunk(weights_X: Any, repeat: jax.Array, real_C: jax.Array, h_bTD: jax.Array,
+    def chunk(weights_X: Any, repeat: jax.Array, real_C: Any, h_bTD: jax.Array,
               taps: dict | None = None):  # fmt: skip
         def slot(h_bTD: jax.Array, slot: tuple) -> tuple[jax.Array, None]:
             w, real, taps = slot
-            if v > 1:  # w is the slot's index
-                out_bTD = slot_layer(weights_X, w, h_bTD, taps)
-            else:
-                out_bTD = slot_layer(w, None, h_bTD, taps)
-            return jnp.where(real, out_bTD, h_bTD), None  # padded slots: identity
+
+            def run(h_bTD: jax.Array) -> jax.Array:
+                if v > 1:  # w is the slot's index
+                    return slot_layer(weights_X, w, h_bTD, taps)
+                return slot_layer(w, None, h_bTD, taps)
+
+            if real is None:
+                return run(h_bTD), None
+            if collectives:
+                return jnp.where(real, run(h_bTD), h_bTD), None
+            return jax.lax.cond(real, run, lambda h_bTD: h_bTD, h_bTD), None
 
         xs = weights_X if v == 1 else repeat * c + jnp.arange(c)
+        if isinstance(real_C, np.ndarray):  # known: scan the real slots alone
+            n = int(real_C.sum())
+            xs, taps = jax.tree.map(lambda a: a[:n], (xs, taps))
+            h_bTD, _ = jax.lax.scan(slot, h_bTD, (xs, None, taps))
+            return h_bTD
         h_bTD, _ = jax.lax.scan(slot, h_bTD, (xs, real_C, taps))
         return h_bTD
 
@@ -109,18 +128,33 @@ def layer_taps(
 
 
 def weight_grads(
-    weights_X: Any, eqs: dict[str, tuple[str, jnp.dtype]], held: dict[str, tuple]
+    weights_X: Any, eqs: dict[str, tuple[str, jnp.dtype]], held: dict[str, tuple],
+    real_C: Any = None,
 ) -> Any:
     """A chunk's weight gradients (one repeat, [c, ...]) from its taps' cotangents: per weight,
     its contractions' inputs and output cotangents, stacked over the slots. Each is the gradient
     of the weight as the layer contracted it (cast to its compute dtype, `layer_taps`), then cast
-    to the weight's own dtype, as the unsplit backward's transposed cast does."""
-    grads = {}
-    for name, (x, ct) in held.items():
-        w = getattr(weights_X, name)
-        eq, dtype = eqs[name]
-        grad = jax.vmap(functools.partial(weight_grad, name, eq))
-        grads[name] = grad(x, ct, w.astype(dtype)).astype(w.dtype)
+    to the weight's own dtype, as the unsplit backward's transposed cast does. A slot that
+    `real_C` marks as padding computes nothing (its gradients are zero)."""
+
+    def slot(w: Any, held: dict[str, tuple]) -> dict[str, jax.Array]:
+        grads = {}
+        for name, (x, ct) in held.items():
+            eq, dtype = eqs[name]
+            a = getattr(w, name)
+            grads[name] = weight_grad(name, eq, x, ct, a.astype(dtype)).astype(a.dtype)
+        return grads
+
+    if real_C is None or isinstance(real_C, np.ndarray):  # every slot given is real
+        return weights_X._replace(**jax.vmap(slot)(weights_X, held))
+
+    def one(_, xs: tuple) -> tuple[None, dict[str, jax.Array]]:
+        w, held, real = xs
+        # zeros typed like the gradient (its manual axes too): w's own slot, times zero
+        zeros = lambda: {name: a * 0 for name, a in w._asdict().items() if name in held}  # noqa: E731
+        return None, jax.lax.cond(real, lambda: slot(w, held), zeros)
+
+    _, grads = jax.lax.scan(one, None, (weights_X, held, real_C))
     return weights_X._replace(**grads)
 
 
@@ -169,7 +203,7 @@ def run_pipeline(
     b_all, t, d = x_BTD.shape
     r = mesh.shape[DATA]
     q = b_all // (r * p)
-    chunk = stage_chunk(layer, schedule.repeats, c, remat)
+    chunk = stage_chunk(layer, schedule.repeats, c, remat, CONTEXT in program.manual)
 
     def stages(weights_1X: Any, x_R1QTD: jax.Array) -> jax.Array:
         stage = jax.lax.axis_index(PIPELINE)
@@ -234,7 +268,9 @@ def run_train_program(
     b_all, t = tokens_BT.shape
     r = mesh.shape[DATA]
     q = b_all // (r * p)
-    chunk = stage_chunk(layer, schedule.repeats, layout.chunk_size, remat)
+    chunk = stage_chunk(
+        layer, schedule.repeats, layout.chunk_size, remat, CONTEXT in program.manual
+    )
 
     def stages(weights_1X: Any, top: Any, tokens_R1QT: jax.Array, targets_R1QT: jax.Array):
         def micro_batches(rows_R1QT: jax.Array) -> jax.Array:
@@ -409,14 +445,17 @@ class _TrainStage:
         """The W slot: the weight gradients of one job's chunk (its c slots) from what its B
         kept, added into the chunk's slots of `d_weights`."""
         c, v = self.c, self.schedule.repeats
-        start = jnp.maximum(at["w_chunk"], 0) * c
+        repeat = jnp.maximum(at["w_chunk"], 0)
+        start = repeat * c
 
         def run_w(d_weights: Any, live: jax.Array | None) -> tuple[None, Any]:
             chunk_X = self.weights_X
             if v > 1:
                 chunk_X = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, c), chunk_X)
             held = read(wstash, at["w_stash"])
-            d_chunk = self.live(live, self.vary(weight_grads(chunk_X, self.eqs, held)))
+            real_C = self.valid_PVC[self.stage, repeat]
+            d_chunk = weight_grads(chunk_X, self.eqs, held, real_C)
+            d_chunk = self.live(live, self.vary(d_chunk))
             if v == 1:
                 return None, jax.tree.map(jnp.add, d_weights, d_chunk)
 

@@ -34,6 +34,7 @@ table whose actions run before their inputs exist.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -41,8 +42,8 @@ import numpy as np
 
 from jaxpar.config import Config
 from jaxpar.errors import JaxparError
-from jaxpar.model.flops import job_costs
-from jaxpar.model.layout import StageLayout, chunk_places
+from jaxpar.model.flops import job_costs, top_costs
+from jaxpar.model.layout import StageLayout, choose_split, chunk_places
 from jaxpar.schedule_rules import (
     check_schedule_counts,
     check_schedule_stages,
@@ -243,10 +244,37 @@ def schedule_for(config: Config, stages: int) -> Schedule:
 
 
 def layout_for(config: Config, stages: int) -> StageLayout:
-    """Which layers each of `stages` stages holds in a run of `config` (V-shaped for zb_v)."""
+    """Which layers each of `stages` stages holds in a run of `config` (V-shaped for zb_v):
+    `pipeline.stage_layers` balanced, as listed, or (auto) the split `choose_split` finds for the
+    cost model's `stage_costs`."""
     pipe = config.pipeline
     shape = schedule_rule(pipe.schedule).shape
-    return StageLayout(config.model.layers, stages, pipe.repeats, shape)
+    split = pipe.split
+    if split == "balanced" or stages == 1:
+        sizes = None
+    elif split == "auto":
+        sizes = choose_split(config.model.layers, pipe.repeats, *stage_costs(config, stages))
+    else:
+        sizes = split
+    return StageLayout(config.model.layers, stages, pipe.repeats, shape, sizes)
+
+
+def stage_costs(config: Config, stages: int,
+                speeds: Sequence[float] | None = None) -> tuple[list[float], list[float]]:  # fmt: skip
+    """Per stage, the time of one layer and of the rest of its work (FLOPs per token over its
+    speed, `parallel.stage_speeds` unless `speeds` is given): for the schedules with their own
+    backward, the embedding runs on the first chunk's stage and the head and loss on the last
+    chunk's (for gpipe and circular they run outside the stages, shared by all)."""
+    speeds = speeds or config.parallel.speeds or [1.0] * stages
+    f, b, w = job_costs(config.model, config.train.seq_len)
+    extra = [0.0] * stages
+    rule = schedule_rule(config.pipeline.schedule)
+    if rule.hand_backward:
+        places = chunk_places(stages, config.pipeline.repeats, rule.shape)
+        embed, head = top_costs(config.model)
+        extra[places[0][0]] += embed
+        extra[places[-1][0]] += head
+    return [(f + b + w) / s for s in speeds], [e / s for e, s in zip(extra, speeds, strict=True)]
 
 
 def _cost(jobs: np.ndarray, costs: tuple[float, float, float]) -> float:

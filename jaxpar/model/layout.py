@@ -2,15 +2,15 @@
 
 The layer stack is cut into P * v chunks of consecutive layers, balanced (sizes differing by at
 most one) or as given per stage (`sizes`: stage s holds sizes[s] layers, cut evenly into its v
-chunks; `choose_split` picks sizes for stages of unequal speed); chunk j runs on stage j % P as that stage's repeat j // P (the circular assignment; v = 1 is GPipe's
-one contiguous block per stage), or, in the V shape of zero-bubble V schedules (v = 2), on stage j
-for j < P and on stage 2P - 1 - j after the turn (`chunk_places`). Every chunk is padded to the
-largest chunk size c with identity layers, because SPMD stages run the same program: parameters
-are stored as [P, v * c, ...] with the stage axis on `pipeline`, slot r * c + i of stage s holding
-layer i of the chunk that runs there as repeat r (or padding).
-Padded slots hold zeros and compute nothing: the layer scan skips them (`skip_padding`), so a
-stage with fewer layers finishes its tick sooner, and they get zero gradients. They still take
-memory: every stage stores c slots.
+chunks; `choose_split` picks sizes for stages of unequal speed). Chunk j runs on stage j % P as
+that stage's repeat j // P (the circular assignment; v = 1 is GPipe's one contiguous block per
+stage), or, in the V shape of zero-bubble V schedules (v = 2), on stage j for j < P and on stage
+2P - 1 - j after the turn (`chunk_places`). Every chunk is padded to the largest chunk size c,
+because SPMD stages run the same program: parameters are stored as [P, v * c, ...] with the stage
+axis on `pipeline`, slot r * c + i of stage s holding layer i of the chunk that runs there as
+repeat r (or padding). Padded slots hold zeros and compute nothing (the layer scan's slots are
+`lax.cond`s, `jaxpar.pipeline.executor.stage_chunk`), so a stage with fewer layers finishes its
+tick sooner, and they get zero gradients; they still take memory: every stage stores v * c slots.
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ backward.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -128,7 +127,9 @@ def layer_taps(
 
 
 def weight_grads(
-    weights_X: Any, eqs: dict[str, tuple[str, jnp.dtype]], held: dict[str, tuple],
+    weights_X: Any,
+    eqs: dict[str, tuple[str, jnp.dtype]],
+    held: dict[str, tuple],
     real_C: Any = None,
 ) -> Any:
     """A chunk's weight gradients (one repeat, [c, ...]) from its taps' cotangents: per weight,

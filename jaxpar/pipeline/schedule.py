@@ -259,8 +259,9 @@ def layout_for(config: Config, stages: int) -> StageLayout:
     return StageLayout(config.model.layers, stages, pipe.repeats, shape, sizes)
 
 
-def stage_costs(config: Config, stages: int,
-                speeds: Sequence[float] | None = None) -> tuple[list[float], list[float]]:  # fmt: skip
+def stage_costs(
+    config: Config, stages: int, speeds: Sequence[float] | None = None
+) -> tuple[list[float], list[float]]:
     """Per stage, the time of one layer and of the rest of its work (FLOPs per token over its
     speed, `parallel.stage_speeds` unless `speeds` is given): for the schedules with their own
     backward, the embedding runs on the first chunk's stage and the head and loss on the last

@@ -101,6 +101,13 @@ class Checkpointer:
         shardings = jax.tree.map(lambda x: x.sharding, self.target)
         return jax.jit(self.placement.from_logical, out_shardings=shardings)
 
+    def moved_to(self, placement: Placement, target: Any) -> None:
+        """Saves and restores on `placement` from now on (the same model, its layers moved
+        between stages: the logical layout on disk does not change)."""
+        self.placement, self.target = placement, target
+        for name in ("_logical_target", "_to_logical", "_from_logical"):
+            self.__dict__.pop(name, None)
+
     def to_logical(self, state: Any) -> Any:
         """A copy of `state` (shaped like `target`) with the blocks in logical layer order
         (compiled once)."""

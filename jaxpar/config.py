@@ -145,6 +145,11 @@ class TrainConfig:
     # A step whose loss or gradient is not finite is skipped (state unchanged); this many in a
     # row abort the run, leaving the last good checkpoint in place.
     max_bad_steps: int = 3
+    # Every this many steps (0: never) time each pipeline stage's layers on its own devices and,
+    # when the slowest stage is more than `rebalance_threshold` above what the best split would
+    # give (twice in a row), move the layers to that split (`jaxpar.train.balance`).
+    rebalance_every: int = 0
+    rebalance_threshold: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -456,6 +461,9 @@ def _validate_train(t: TrainConfig) -> None:
         raise JaxparError(f"config key 'train.sample_tokens' must be >= 0, got {t.sample_tokens}")
     if t.max_bad_steps < 1:
         raise JaxparError(f"train.max_bad_steps={t.max_bad_steps} must be at least 1")
+    if t.rebalance_every < 0:
+        raise JaxparError(f"train.rebalance_every={t.rebalance_every} must be >= 0 (0: never)")
+    _positive("train.rebalance_threshold", t.rebalance_threshold)
     _one_of("train.dtype", t.dtype, DTYPES)
     _one_of("train.opt_dtype", t.opt_dtype, OPT_DTYPES)
 
@@ -517,6 +525,12 @@ def validate_for_mesh(config: Config, spec: MeshSpec) -> None:
     data, pipeline = spec.data, spec.pipeline
     validate_model_for_mesh(m, spec, p.repeats)
     check_stage_split(p.split, m.layers, pipeline, p.repeats)
+    if t.rebalance_every and (pipeline == 1 or spec.context > 1):
+        raise JaxparError(
+            f"train.rebalance_every={t.rebalance_every} needs pipeline > 1 and context = 1 (it "
+            f"times each stage's layers alone); mesh has pipeline={pipeline}, "
+            f"context={spec.context}"
+        )
     speeds = config.parallel.speeds
     if speeds is not None and len(speeds) != pipeline:
         raise JaxparError(

@@ -297,13 +297,14 @@ class Placement:
 
         return jax.tree_util.tree_map_with_path(logical, abstract)
 
-    def relayout(self, params: nnx.State, source: Placement) -> nnx.State:
-        """`params` laid out by `source` (same model, same mesh), moved into this placement's
-        stage layout and shardings."""
+    def relayout(self, tree: Any, source: Placement, shardings: Any = None) -> Any:
+        """`tree` (parameters, or a train state) laid out by `source` (same model, same mesh),
+        moved into this placement's stage layout and `shardings` (default: the parameters')."""
         if dataclasses.asdict(source.config.model) != dataclasses.asdict(self.config.model):
             raise JaxparError("relayout needs the same model on both placements")
         move = jax.jit(
-            lambda p: self.from_logical(source.to_logical(p)), out_shardings=self.param_shardings
+            lambda tree: self.from_logical(source.to_logical(tree)),
+            out_shardings=self.param_shardings if shardings is None else shardings,
         )
         with jax.set_mesh(self.mesh):
-            return move(params)
+            return move(tree)

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -27,6 +28,7 @@ from jaxpar.data import Corpus, global_batch
 from jaxpar.distributed import agree, current
 from jaxpar.placement import Placement
 from jaxpar.runs import CHECKPOINTS, CONFIG, METRICS, keep_metrics_before
+from jaxpar.train import balance
 from jaxpar.train.step import Trainer, TrainState
 
 
@@ -78,12 +80,15 @@ def train(
     out: Path,
     console: Console,
     stop_after: int | None = None,
+    stage_times: Callable[[Trainer], Sequence[float]] | None = None,
 ) -> Summary:
     """Trains `config` on `mesh` in `out`, resuming from its newest intact checkpoint if any.
 
     Writes `out/config.yaml`, `out/metrics.jsonl` (one row per step) and checkpoints under
     `out/checkpoints/`. SIGTERM or SIGINT (or `stop_after` steps in total) ends the run after the
-    current step with a checkpoint.
+    current step with a checkpoint. With `train.rebalance_every`, the stages' times are
+    measured (`stage_times(trainer)`, default: `balance.timed_stages`) and the layers moved
+    between stages while the run goes on (`jaxpar.train.balance`).
 
     Raises:
         TrainingAborted: `train.max_bad_steps` non-finite steps in a row.
@@ -113,7 +118,11 @@ def train(
         compile_s = _compile(trainer, console)
         last = min(t.steps, stop_after) if stop_after is not None else t.steps
         start_time = time.perf_counter()
-        run = _run_steps(trainer, corpus, ckpt, state, start, last, out, console)
+        rebalancer = None
+        if t.rebalance_every:
+            measure = stage_times or balance.timed_stages()
+            rebalancer = balance.Rebalancer(t.rebalance_every, t.rebalance_threshold, measure)
+        run = _run_steps(trainer, corpus, ckpt, state, start, last, out, console, rebalancer)
     train_s = time.perf_counter() - start_time
     if run.stopped_by:
         console.print(f"stopped by {run.stopped_by} after step {start + len(run.losses) - 1}; "
@@ -131,7 +140,7 @@ def train(
         train_s=train_s,
         skipped=run.skipped,
         stopped_by=run.stopped_by,
-        placement=trainer.placement,
+        placement=run.trainer.placement,
         state=run.state,
     )
 
@@ -212,6 +221,7 @@ class _Run:
     """What the step loop leaves behind."""
 
     state: TrainState
+    trainer: Trainer  # changes when the layers move between stages
     losses: list[float] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     skipped: int = 0
@@ -229,6 +239,7 @@ def _run_steps(
     last: int,
     out: Path,
     console: Console,
+    rebalancer: balance.Rebalancer | None = None,
 ) -> _Run:
     """Steps `start` .. `last` - 1: one metrics row each, progress, and a checkpoint every
     `checkpoint.every` steps, at the end and when stopped.
@@ -236,11 +247,11 @@ def _run_steps(
     The host never waits for a step before the next is queued (as MaxText's loop, metrics are
     read one step behind): while the devices run step s, the host builds step s + 1's batch and
     dispatches it, then reads step s's metrics. It waits for a step only to save after it, since
-    the next step takes (donates) its state."""
+    the next step takes (donates) its state, and to check the stages' balance."""
     p = trainer.placement
     t, every = p.config.train, p.config.checkpoint.every
     meta = {"config": p.config.to_dict(), "mesh": str(p.spec), "seed": t.seed}
-    run = _Run(state, last_done=time.perf_counter())
+    run = _Run(state, trainer, last_done=time.perf_counter())
     with _metrics_file(out) as metrics_file, _progress(console) as progress, _Signals() as signals:
         task = progress.add_task(
             "train", total=t.steps, completed=start, loss=float("nan"), tps=0.0
@@ -249,7 +260,7 @@ def _run_steps(
         def finish(step: int, metrics: dict) -> None:
             """Reads a dispatched step's metrics (waiting for it), writes its row, and aborts
             after too many non-finite steps in a row."""
-            row = _row(trainer, run, step, metrics)
+            row = _row(run.trainer, run, step, metrics)
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
             progress.update(task, advance=1, loss=row["loss"], tps=row["tokens_per_s"])
@@ -263,7 +274,7 @@ def _run_steps(
 
         pending: tuple[int, dict] | None = None
         for step in range(start, last):
-            metrics = _dispatch(trainer, corpus, run, step)
+            metrics = _dispatch(run.trainer, corpus, run, step)
             if pending is not None:
                 finish(*pending)
             pending = (step, metrics)
@@ -275,9 +286,38 @@ def _run_steps(
                 checkpoints.save(done, run.state, meta)
             if run.stopped_by:
                 break
+            if rebalancer is not None and rebalancer.due(done, last):
+                if pending is not None:
+                    finish(*pending)
+                    pending = None
+                if _rebalance(rebalancer, run, checkpoints, done, console):
+                    meta["config"] = run.trainer.placement.config.to_dict()
         if pending is not None:
             finish(*pending)
     return run
+
+
+def _rebalance(rebalancer: balance.Rebalancer, run: _Run, checkpoints: Checkpointer, done: int,
+               console: Console) -> bool:  # fmt: skip
+    """Checks the stages' balance after step `done`; moves the layers when the check says so.
+    A move that fails leaves the run on its split (the old state is untouched until the new one
+    is complete). Returns whether the layers moved."""
+    proposal = rebalancer.check(run.trainer)
+    if proposal is None:
+        return False
+    try:
+        run.trainer, run.state = balance.move(run.trainer, run.state, proposal.best)
+    except Exception as e:  # noqa: BLE001 (any failure: the run goes on as it was)
+        console.print(
+            f"rebalance at step {done} failed, staying on stages "
+            f"{','.join(map(str, proposal.now))}: {type(e).__name__}: {e}",
+            style="yellow",
+        )
+        return False
+    checkpoints.moved_to(run.trainer.placement, run.trainer.abstract_state())
+    console.print(f"rebalanced at step {done}: {proposal.describe()}")
+    run.last_done = time.perf_counter()  # the move is not the next step's time
+    return True
 
 
 def _dispatch(trainer: Trainer, corpus: Corpus, run: _Run, step: int) -> dict[str, jax.Array]:

@@ -24,7 +24,8 @@ commands:
   mesh         print a mesh: sizes, devices and groups
   shardings    print every parameter's layout on the mesh
   analyze      compile the train step without running it: memory, FLOPs, collectives, bubble
-  bench        time train steps: median step time, tokens/s, MFU and HFU
+  bench        time train steps: median step time, tokens/s, MFU and HFU (--stages: each
+               pipeline stage alone, and the split that evens them out)
   plan         rank every layout for N devices: memory, step time, MFU; the best compiled
   eval         negative log-likelihood and perplexity of a model on text
   generate     generate text with a KV cache on the mesh
@@ -141,6 +142,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--steps", type=int, default=10, metavar="N", help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed steps first")
+    p.add_argument("--stages", action="store_true", help="time each pipeline stage's layers "
+                   "alone on its own devices (--steps runs each) and propose a split")  # fmt: skip
     _add_json(p)
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jaxpar.cli.devices import (
     MAX_SIMULATED,
@@ -19,6 +21,9 @@ from jaxpar.cli.devices import (
 from jaxpar.config import load_config
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import MeshSpec, parse_mesh
+
+if TYPE_CHECKING:
+    from jaxpar.placement import Placement
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -174,6 +179,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = placement.config
     console = _wide_console()
     log = console.print if not args.json else lambda *a, **k: None
+    if args.stages:
+        return _bench_stages(placement, args, log)
     m = config.model
     log(
         f"bench: {m.num_params / 1e6:.1f}M params on mesh {placement.spec} "
@@ -200,6 +207,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"compile {result.compile_s:.1f}s; {result.achieved_flops_per_device / 1e12:,.3f} "
         f"model TFLOP/s per device; {mfu}; loss {result.first_loss:.4f} -> {result.last_loss:.4f}"
     )
+    return 0
+
+
+def _bench_stages(placement: Placement, args: argparse.Namespace, log: Callable) -> int:
+    """`jaxpar bench --stages`: each stage's layers timed alone, their speeds and the split
+    that minimises the slowest stage."""
+    import json
+
+    from jaxpar.train.balance import StageTimer, check_balanceable, propose
+
+    check_balanceable(placement, "bench --stages")
+    layers = placement.layout.stage_sizes
+    log(f"bench --stages: stages of {list(layers)} layers on mesh {placement.spec}, forward and "
+        f"backward of one micro-batch, median of {args.steps} runs each")  # fmt: skip
+    times = StageTimer(placement).times(args.steps)
+    proposal = propose(placement, times)
+    speeds = [round(s, 3) for s in proposal.speeds]
+    if args.json:
+        print(json.dumps({"stage_layers": list(layers), "times_s": times, "speeds": speeds,
+                          "proposed": list(proposal.best),
+                          "slowest_now": proposal.now_cost, "slowest_proposed": proposal.best_cost},
+                         indent=2))  # fmt: skip
+        return 0
+    for stage, (n, t, speed) in enumerate(zip(layers, times, speeds, strict=True)):
+        log(f"  stage {stage}: {n} layers, {t * 1e3:,.2f} ms, {t / n * 1e3:,.2f} ms per layer, "
+            f"speed {speed:.2f}")  # fmt: skip
+    best, listed = list(proposal.best), ", ".join(map(str, speeds))
+    if proposal.best == layers:
+        log(f"the split {best} is already the best for these speeds")
+        return 0
+    gain = proposal.now_cost / proposal.best_cost
+    log(f"proposed: pipeline.stage_layers={best} (its slowest stage {gain:.2f}x faster by the "
+        f"cost model), or parallel.stage_speeds=[{listed}] pipeline.stage_layers=auto")  # fmt: skip
     return 0
 
 

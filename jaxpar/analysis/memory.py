@@ -5,8 +5,9 @@ times). Each term is a set of buffers the compiled step holds at its peak, the e
 pass, where every residual the backward pass reads is live (checked against XLA's buffer
 assignment and live ranges, `--xla_dump_to`, at jax 0.10 and 0.12). Sizes per device, with D model
 dim, N heads, K kv heads, H head dim, F MLP dim, V vocab, S = T sequence, t tensor, d data, p
-pipeline, C context, c layer slots per chunk, v repeats, b micro-batch rows per replica, cb bytes
-of the compute dtype; weights, their gradients, attention scores and logits are float32.
+pipeline, C context, c layer slots per chunk (the split's largest, `StageLayout.chunk_size`), v
+repeats, b micro-batch rows per replica, cb bytes of the compute dtype; weights, their gradients,
+attention scores and logits are float32.
 
 Split over `context`, every token count below is T / C per row (each device holds its piece of
 the sequence), and attention keeps no scores: the ring keeps each query head's log-sum-exp
@@ -77,13 +78,12 @@ little more; `jaxpar analyze` prints the estimate next to XLA's figures.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from jaxpar.config import Config
 from jaxpar.mesh import MeshSpec
 from jaxpar.model.attention import query_block
-from jaxpar.pipeline.schedule import Schedule
+from jaxpar.pipeline.schedule import Schedule, layout_for
 
 F32 = 4  # bytes: float32 (master weights, their gradients, attention scores, logits)
 I32 = 4  # bytes: an int32 token id
@@ -245,7 +245,7 @@ def estimate_memory(
     shard = data if config.parallel.fsdp else 1  # FSDP splits the weights' D over `data`
     d, h, n, k, f, seq = m.dim, m.head_dim, m.heads, m.kv_heads, m.mlp_dim, t.seq_len
     v, micro = schedule.repeats, schedule.microbatches
-    chunk = math.ceil(m.layers / (pipeline * v))  # layer slots per job, padding included
+    chunk = layout_for(config, pipeline).chunk_size  # layer slots per job: the largest chunk
     slots = v * chunk  # layer slots per stage
     rows = t.batch_size // (data * micro)  # micro-batch rows per replica
     piece = seq // spec.context  # the positions of each row on one device

@@ -204,16 +204,57 @@ class Schedule:
             return (p - 1) / (3 * v * m + p - 1)
         return (p - 1) / (v * m + p - 1)
 
-    def lockstep_cost(self, f: float, b: float, w: float) -> float:
+    def lockstep_cost(self, f: float, b: float, w: float, layers: Sequence[int] | None = None,
+                      speeds: Sequence[float] | None = None,
+                      ends: tuple[float, float] | None = None) -> float:  # fmt: skip
         """A step's time when every tick lasts as long as its slowest stage: the sum over ticks
-        of the largest per-stage work. f, b, w: one job's (one chunk's) F, B and W costs; for
-        schedules without W ticks, B is charged b + w."""
-        return _cost(self.jobs, (f, b, w) if self.split else (f, b + w, 0))
+        of the largest per-stage work (`charges`; for schedules without W ticks, B is charged
+        b + w).
 
-    def lockstep_bubble(self, f: float, b: float, w: float) -> float:
-        """1 - ideal / lockstep cost, ideal = every stage busy all the time."""
-        ideal = self.repeats * self.microbatches * (f + b + w)
-        return 1.0 - ideal / self.lockstep_cost(f, b, w)
+        Args:
+            f, b, w: one job's F, B and W costs: of one chunk, or with `layers` of one layer.
+            layers: the real layers of each of the model's chunks, in order
+                (`StageLayout.chunk_sizes`): a job costs its chunk's layers times f, b or w.
+            speeds: each stage's relative speed: its work takes 1 / speed as long.
+            ends: one job's embedding (forward and weight gradient, one contraction each) and
+                LM head with the loss (forward and backward), charged where the schedules with
+                their own backward run them: the embedding's halves in the first chunk's F and B,
+                the head in the last chunk's F tick. gpipe and circular run them outside the
+                ticks, shared by all stages: not charged here.
+        """
+        charges = self.charges(f, b, w, layers, ends)
+        if speeds is not None:
+            charges = charges / np.asarray(speeds, float)[None, :, None]
+        return _cost(self.jobs, charges)
+
+    def lockstep_bubble(self, f: float, b: float, w: float, layers: Sequence[int] | None = None,
+                        speeds: Sequence[float] | None = None,
+                        ends: tuple[float, float] | None = None) -> float:  # fmt: skip
+        """1 - ideal / lockstep cost (arguments as `lockstep_cost`), ideal = the work spread over
+        the stages by their speeds, every stage busy all the time."""
+        work = float(np.where(self.jobs >= 0, self.charges(f, b, w, layers, ends), 0).sum())
+        ideal = work / (sum(speeds) if speeds is not None else self.stages)
+        return 1.0 - ideal / self.lockstep_cost(f, b, w, layers, speeds, ends)
+
+    def charges(self, f: float, b: float, w: float, layers: Sequence[int] | None = None,
+                ends: tuple[float, float] | None = None) -> np.ndarray:  # fmt: skip
+        """[3, P, ticks] (or [3, 1, 1] with neither `layers` nor `ends`): the work of each slot
+        of the table, where it runs a job (arguments as `lockstep_cost`)."""
+        costs = np.asarray((f, b, w) if self.split else (f, b + w, 0), float)[:, None, None]
+        if layers is None and ends is None:
+            return costs
+        p, m = self.stages, self.microbatches
+        chunk_SV = np.zeros((p, self.repeats), np.int64)  # the model's chunk of (stage, repeat)
+        for j, (s, r) in enumerate(self.places):
+            chunk_SV[s, r] = j
+        chunk = chunk_SV[np.arange(p)[None, :, None], np.maximum(self.jobs, 0) // m]
+        charges = costs * (np.asarray(layers, float)[chunk] if layers is not None else 1.0)
+        if ends is not None and self.hand_backward:
+            embed, head = ends
+            embed_K, head_K = (np.array(k, float)[:, None, None] for k in
+                               ((embed / 2, embed / 2, 0), (head, 0, 0)))  # fmt: skip
+            charges = charges + embed_K * (chunk == 0) + head_K * (chunk == len(self.places) - 1)
+        return charges
 
     @cached_property
     def routes(self) -> Routes:
@@ -245,18 +286,51 @@ def schedule_for(config: Config, stages: int) -> Schedule:
 
 def layout_for(config: Config, stages: int) -> StageLayout:
     """Which layers each of `stages` stages holds in a run of `config` (V-shaped for zb_v):
-    `pipeline.stage_layers` balanced, as listed, or (auto) the split `choose_split` finds for the
-    cost model's `stage_costs`."""
+    `pipeline.stage_layers` balanced, as listed, or (auto) `auto_split`'s."""
     pipe = config.pipeline
-    shape = schedule_rule(pipe.schedule).shape
     split = pipe.split
     if split == "balanced" or stages == 1:
         sizes = None
     elif split == "auto":
-        sizes = choose_split(config.model.layers, pipe.repeats, *stage_costs(config, stages))
+        sizes = auto_split(config, stages, schedule_for(config, stages))
     else:
         sizes = split
+    return _layout(config, stages, sizes)
+
+
+def _layout(config: Config, stages: int, sizes: tuple[int, ...] | None) -> StageLayout:
+    pipe = config.pipeline
+    shape = schedule_rule(pipe.schedule).shape
     return StageLayout(config.model.layers, stages, pipe.repeats, shape, sizes)
+
+
+def auto_split(config: Config, stages: int, schedule: Schedule) -> tuple[int, ...] | None:
+    """`pipeline.stage_layers=auto`, and the split `jaxpar plan` proposes: `split_costs`'s
+    layers per stage where they lower the step's lockstep cost below the balanced split's; None
+    (balanced) where they do not."""
+    sizes, even, cost = split_costs(config, stages, schedule)
+    return sizes if cost < even else None
+
+
+def split_costs(
+    config: Config, stages: int, schedule: Schedule
+) -> tuple[tuple[int, ...], float, float]:
+    """(sizes, even, cost): the layers per stage `choose_split` finds for the cost model's
+    `stage_costs`, and the `layout_cost` of the balanced split and of that one."""
+    sizes = choose_split(config.model.layers, config.pipeline.repeats,
+                         *stage_costs(config, stages))  # fmt: skip
+    even = layout_cost(config, schedule, _layout(config, stages, None))
+    return sizes, even, layout_cost(config, schedule, _layout(config, stages, sizes))
+
+
+def layout_cost(config: Config, schedule: Schedule, layout: StageLayout) -> float:
+    """The lockstep cost of a step of `config` on `layout` (`Schedule.lockstep_cost`), in matmul
+    FLOPs per token of one micro-batch: each job's per-layer F, B and W (`job_costs`) times its
+    chunk's real layers, the embedding and the LM head with the loss where the schedule runs
+    them (`top_costs`), each stage at its `parallel.stage_speeds`."""
+    f, b, w = job_costs(config.model, config.train.seq_len)
+    return schedule.lockstep_cost(f, b, w, layout.chunk_sizes, config.parallel.speeds,
+                                  top_costs(config.model))  # fmt: skip
 
 
 def stage_costs(
@@ -278,8 +352,13 @@ def stage_costs(
     return [(f + b + w) / s for s in speeds], [e / s for e, s in zip(extra, speeds, strict=True)]
 
 
-def _cost(jobs: np.ndarray, costs: tuple[float, float, float]) -> float:
-    work = ((jobs >= 0) * np.asarray(costs, float)[:, None, None]).sum(axis=0)  # [P, ticks]
+def _cost(jobs: np.ndarray, charges: np.ndarray | tuple[float, float, float]) -> float:
+    """The sum over ticks of the busiest stage's work; `charges`: each slot's work, [3, P,
+    ticks], or one job's F, B and W costs on every stage."""
+    charges = np.asarray(charges, float)
+    if charges.ndim == 1:
+        charges = charges[:, None, None]
+    work = np.where(jobs >= 0, charges, 0.0).sum(axis=0)  # [P, ticks]
     return float(work.max(axis=0).sum())
 
 

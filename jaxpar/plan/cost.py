@@ -4,12 +4,18 @@ Nothing here compiles or touches a device; a candidate costs well under a millis
 
     memory   = `jaxpar.analysis.memory.estimate_memory` (parameters, optimizer state, gradients,
                activations by schedule and remat; checked against XLA's peak by the tests), with
-               the parameters per device counted from the sharding rules.
+               the parameters per device counted from the sharding rules; every stage stores
+               v c layer slots, c the largest chunk of the split.
     compute  = the slowest stage's matmul FLOPs summed over the schedule's ticks (every tick lasts
-               as long as its slowest stage: `Schedule.lockstep_cost`, so bubbles and padded layer
-               slots are paid), plus the recomputed forward matmuls of `model.remat` and of
-               attention's own backward, plus the embedding, LM head and loss on this device's
-               share of the batch, all over the profile's sustained FLOP/s for the compute dtype.
+               as long as its slowest stage: `Schedule.lockstep_cost`, so bubbles are paid),
+               each job priced by the real layers of its chunk (a padded slot computes
+               nothing; `pipeline.stage_layers`, and each stage at its `parallel.stage_speeds`)
+               with the recomputed forward matmuls of `model.remat` and of attention's own
+               backward; the embedding, LM head and loss where the schedule runs them: in the
+               ticks of the first and last chunk's stage for the schedules with their own
+               backward (with a 128K vocabulary Llama-3's head costs about two layers), else
+               outside the pipeline on this device's share of the batch; all over the profile's
+               sustained FLOP/s for the compute dtype.
                With `context` a device holds T / C positions of each row, and its attention
                computes the blocks `jaxpar.analysis.flops.attention_work` counts: balanced,
                (2C + 1) blocks of (T / 2C)^2, 1/C of one device's blocked causal attention.
@@ -42,10 +48,12 @@ from jaxpar.analysis.flops import attention_work, model_flops
 from jaxpar.analysis.memory import MemoryEstimate, estimate_memory
 from jaxpar.config import Config
 from jaxpar.mesh import AXES, CONTEXT, DATA, MeshSpec
-from jaxpar.model.flops import layer_forward
+from jaxpar.model.flops import layer_forward, top_costs
+from jaxpar.pipeline.schedule import layout_for
 from jaxpar.plan.hardware import Hardware, Link
 from jaxpar.plan.space import Candidate
 from jaxpar.plan.traffic import param_bytes, predict_traffic
+from jaxpar.schedule_rules import schedule_rule
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,7 @@ class Estimate:
             "microbatches": c.microbatches,
             "repeats": c.repeats,
             "remat": c.remat,
+            "stage_layers": c.split,
             "memory_bytes": self.memory_bytes,
             "fits": self.fits,
             "step_s": self.step_s,
@@ -170,47 +179,53 @@ class StackFlops:
 
 
 def stack_flops(config: Config, candidate: Candidate) -> StackFlops:
-    """One job's F, B and W from the model's shapes on one device (B and W each as F; remat and
+    """One layer's F, B and W from the model's shapes on one device (B and W each as F; remat and
     attention's backward add their recomputed matmuls to B), charged tick by tick as
-    `Schedule.lockstep_cost` does. With `context` a job is T / C positions of its rows, and
-    attention computes `attention_work`'s keys per query."""
+    `Schedule.lockstep_cost` does: each job by its chunk's real layers, the embedding and head
+    on the stages that run them (`top_costs`). With `context` a job is T / C positions of its
+    rows, and attention computes `attention_work`'s keys per query."""
     m, t = config.model, config.train
+    applied = candidate.apply(config)
     schedule = candidate.schedule_in(config)
-    chunk = math.ceil(m.layers / (candidate.pipeline * candidate.repeats))
+    layout = layout_for(applied, candidate.pipeline)
+    layers, speeds = layout.chunk_sizes, applied.parallel.speeds
     rows = t.batch_size / (candidate.data * candidate.microbatches)
-    keys, redone = attention_work(candidate.apply(config), candidate.spec)
+    keys, redone = attention_work(applied, candidate.spec)
     forward = {**layer_forward(m, t.seq_len), "scores": 2 * keys * m.heads * m.head_dim,
                "values": 2 * keys * m.heads * m.head_dim}  # fmt: skip
-    per_job = rows * t.seq_len / candidate.context * chunk / candidate.tensor
+    per_job = rows * t.seq_len / candidate.context / candidate.tensor  # one layer's tokens
     f = per_job * sum(forward.values())
     redo = per_job * sum(forward[name] for name in redone)
     if schedule.split:
         b, w = f + redo, f
     else:
         b, w = 2 * f + redo, 0.0
-    jobs = schedule.repeats * schedule.microbatches
-    passes = chunk * (schedule.lockstep_cost(1, 1, 1) if schedule.split else
-                      schedule.lockstep_cost(1, 1, 0))  # fmt: skip
+    ends = tuple(per_job * x for x in top_costs(m))
+    passes = (schedule.lockstep_cost(1, 1, 1, layers) if schedule.split else
+              schedule.lockstep_cost(1, 1, 0, layers))  # fmt: skip
     # attention's share of each action, by the same ticks
     a_f = per_job * (forward["scores"] + forward["values"])
     a_redo = per_job * sum(forward[name] for name in redone if name in ("scores", "values"))
     a_b, a_w = (a_f + a_redo, 0.0) if schedule.split else (2 * a_f + a_redo, 0.0)
     return StackFlops(
-        total=schedule.lockstep_cost(f, b, w),
-        recomputed=jobs * redo,
-        attention=schedule.lockstep_cost(a_f, a_b, a_w),
-        bubble=schedule.lockstep_bubble(f, b, w),
+        total=schedule.lockstep_cost(f, b, w, layers, speeds, ends),
+        recomputed=schedule.microbatches * max(layout.stage_sizes) * redo,
+        attention=schedule.lockstep_cost(a_f, a_b, a_w, layers, speeds),
+        bubble=schedule.lockstep_bubble(f, b, w, layers, speeds, ends),
         passes=passes,
     )
 
 
 def outer_flops(config: Config, spec: MeshSpec) -> float:
-    """Matmul FLOPs per device outside the layer stack: the one-hot embedding (forward and weight
-    gradient) and the LM head (forward and backward) on this device's rows, vocabulary split
-    over `tensor`."""
+    """Matmul FLOPs per device outside the layer stack's ticks: for gpipe and circular the one-hot
+    embedding (forward and weight gradient) and the LM head (forward and
+    backward) on this device's rows, vocabulary split over `tensor`; none for the schedules
+    with their own backward, whose ticks run them (`stack_flops`)."""
     m, t = config.model, config.train
+    if schedule_rule(config.pipeline.schedule).hand_backward:
+        return 0.0
     tokens = t.batch_size * t.seq_len / spec.size
-    return tokens * (3 * 2 + 2 * 2) * m.dim * m.vocab
+    return tokens * sum(top_costs(m))
 
 
 def step_time(
@@ -255,7 +270,7 @@ def estimate(config: Config, candidate: Candidate, hw: Hardware) -> Estimate:
         layout, spec, schedule, param_bytes(layout, spec), compute_bytes
     )
     stack = stack_flops(config, candidate)
-    outer = outer_flops(config, spec)
+    outer = outer_flops(layout, spec)
     rate = hw.sustained_flops(dtype)
     compute_s = (stack.total + outer) / rate
     comm = comm_terms(predict_traffic(layout, spec, compute_bytes), spec, hw)

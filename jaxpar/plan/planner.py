@@ -4,11 +4,13 @@ ones compiled and ranked again.
 The search is exhaustive (a few thousand candidates for 8 devices, tens of thousands for 64, at
 well under a millisecond each), so the analytic ranking is exact for the model; the compile check
 then replaces the best candidates' memory and traffic with the compiled program's. A candidate
-whose memory exceeds the profile's is dropped, with the reason.
+whose memory exceeds the profile's is dropped, with the reason; one whose uneven split
+(`jaxpar.plan.space.uneven`) does not fit is priced on the balanced split instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -83,7 +85,10 @@ def plan(
     found = candidates(config, devices)
     estimates = []
     for i, c in enumerate(found):
-        estimates.append(estimate(config, c, hw))
+        e = estimate(config, c, hw)
+        if not e.fits and c.stage_layers is not None:  # its largest chunk's slots, on every stage
+            e = estimate(config, dataclasses.replace(c, stage_layers=None), hw)
+        estimates.append(e)
         if i % 256 == 0 or i == len(found) - 1:
             progress("cost model", i + 1, len(found))
     fitting = sorted((e for e in estimates if e.fits), key=_rank_key)

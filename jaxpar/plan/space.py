@@ -1,10 +1,12 @@
 """The search space: every layout of a model on a number of devices that jaxpar can run.
 
 A `Candidate` is one choice of the mesh (`data x pipeline x context x tensor`), FSDP, the pipeline
-schedule,
-its micro-batches and repeats, and the remat policy. `candidates` enumerates them for a config and
-a device count and keeps exactly those the config's own checks accept (`validate`,
-`validate_for_mesh` and the `Schedule` itself), so a plan never proposes a layout `train` refuses.
+schedule, its micro-batches and repeats, the remat policy and the layers per stage. `candidates`
+enumerates them for a config and a device count and keeps exactly those the config's own checks
+accept (`validate`, `validate_for_mesh` and the `Schedule` itself), so a plan never proposes a
+layout `train` refuses. The layers per stage are not searched: each pipelined layout takes the
+split `auto_split` finds (`choose_split` on the stages' costs, the embedding, head and loss on
+the stages that run them) where it lowers the step's lockstep cost, else the balanced one.
 
 Left out, as copies of another candidate or as waste: FSDP over one replica (it shards nothing),
 schedules other than gpipe on one stage (all are gradient accumulation over the micro-batches),
@@ -24,7 +26,7 @@ from functools import cache
 from jaxpar.config import REMAT, Config, load_config, validate_for_mesh
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import MeshSpec
-from jaxpar.pipeline.schedule import Schedule, schedule_for
+from jaxpar.pipeline.schedule import Schedule, auto_split, schedule_for
 from jaxpar.schedule_rules import SCHEDULE_RULES
 
 
@@ -39,6 +41,7 @@ class Candidate:
     microbatches: int
     repeats: int
     remat: str
+    stage_layers: tuple[int, ...] | None = None  # layers per stage; None: balanced
 
     @property
     def spec(self) -> MeshSpec:
@@ -58,7 +61,13 @@ class Candidate:
             f"pipeline.microbatches={self.microbatches}",
             f"pipeline.repeats={self.repeats}",
             f"model.remat={self.remat}",
+            f"pipeline.stage_layers={self.split}",
         ]
+
+    @property
+    def split(self) -> str:
+        """`pipeline.stage_layers` of this layout: balanced, or its list."""
+        return "balanced" if self.stage_layers is None else str(list(self.stage_layers))
 
     def apply(self, config: Config) -> Config:
         """`config` laid out as this candidate (validated)."""
@@ -77,6 +86,8 @@ class Candidate:
         if self.pipeline > 1:
             repeats = f" v={self.repeats}" if self.repeats > 1 else ""
             parts.append(f"{self.schedule}{repeats}")
+            if self.stage_layers is not None:
+                parts.append(self.split.replace(" ", ""))
         return " ".join(parts)
 
 
@@ -85,9 +96,17 @@ def _applied(config: Config, candidate: Candidate) -> Config:
     return load_config(None, candidate.overrides, base=config)
 
 
-@cache
 def schedule_of(config: Config, stages: int) -> Schedule:
-    """`schedule_for`, built once per config: building one checks its whole table."""
+    """`schedule_for`, built once per config but its layers per stage (the table does not
+    depend on them): building one checks its whole table."""
+    if config.pipeline.stage_layers != "balanced":
+        pipe = dataclasses.replace(config.pipeline, stage_layers="balanced")
+        config = dataclasses.replace(config, pipeline=pipe)
+    return _schedule_of(config, stages)
+
+
+@cache
+def _schedule_of(config: Config, stages: int) -> Schedule:
     return schedule_for(config, stages)
 
 
@@ -135,6 +154,16 @@ def check(config: Config, candidate: Candidate) -> None:
     candidate.schedule_in(config)  # builds and checks the table
 
 
+def uneven(config: Config, candidate: Candidate) -> Candidate:
+    """`candidate` with the layers per stage `auto_split` proposes (unchanged where it proposes
+    the balanced split)."""
+    if candidate.pipeline == 1:
+        return candidate
+    layout = candidate.apply(config)
+    sizes = auto_split(layout, candidate.pipeline, candidate.schedule_in(config))
+    return candidate if sizes is None else dataclasses.replace(candidate, stage_layers=sizes)
+
+
 def candidates(config: Config, devices: int) -> list[Candidate]:
     """Every layout of `config` on `devices` devices that jaxpar accepts.
 
@@ -148,7 +177,7 @@ def candidates(config: Config, devices: int) -> list[Candidate]:
                 check(config, c)
             except JaxparError:
                 continue
-            found.append(c)
+            found.append(uneven(config, c))
     if not found:
         raise JaxparError(why_no_layout(config, devices))
     return found

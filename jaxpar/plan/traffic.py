@@ -133,8 +133,12 @@ MATMUL_ARRAYS = sum(NORM not in axes for axes in BLOCK_WEIGHT_AXES)
 def params(m: ModelConfig, layout: StageLayout) -> list[Param]:
     """The model's parameters as `Llama` builds them on `layout` (blocks stored [P, v c, ...]):
     read from its abstract parameters, so they follow the model."""
-    # Compute-only fields (remat, attention) do not change the parameters: one trace for all.
-    return _params(dataclasses.replace(m, remat="none", attention="xla"), layout)
+    # Compute-only fields (remat, attention) do not change the parameters, nor does the split of
+    # the layers beyond the slots it stores: one trace per [P, v c] stack, that of P v c layers
+    # none padded (the planner prices many splits).
+    slots = layout.stages * layout.slots_per_stage
+    shaped = dataclasses.replace(m, layers=slots, remat="none", attention="xla")
+    return _params(shaped, StageLayout(slots, layout.stages))
 
 
 @functools.cache

@@ -303,6 +303,7 @@ def _rebalance(rebalancer: balance.Rebalancer, run: _Run, checkpoints: Checkpoin
     A move that fails leaves the run on its split (the old state is untouched until the new one
     is complete). Returns whether the layers moved."""
     proposal = rebalancer.check(run.trainer)
+    run.last_done = time.perf_counter()  # the check (and a move) is not the next step's time
     if proposal is None:
         return False
     try:
@@ -316,7 +317,7 @@ def _rebalance(rebalancer: balance.Rebalancer, run: _Run, checkpoints: Checkpoin
         return False
     checkpoints.moved_to(run.trainer.placement, run.trainer.abstract_state())
     console.print(f"rebalanced at step {done}: {proposal.describe()}")
-    run.last_done = time.perf_counter()  # the move is not the next step's time
+    run.last_done = time.perf_counter()
     return True
 
 

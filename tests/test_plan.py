@@ -17,12 +17,12 @@ from jaxpar.cli import main
 from jaxpar.config import REMAT, SCHEDULES, load_config, validate_for_mesh
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import make_mesh, parse_mesh
-from jaxpar.pipeline.schedule import ScheduleError
+from jaxpar.pipeline.schedule import ScheduleError, layout_for
 from jaxpar.placement import Placement
 from jaxpar.plan.cost import estimate
 from jaxpar.plan.hardware import load_hardware, parse_hardware, profile_names
-from jaxpar.plan.planner import auto_layout, plan
-from jaxpar.plan.space import Candidate, candidates, check, schedule_of, uneven
+from jaxpar.plan.planner import auto_layout, estimate_split, plan
+from jaxpar.plan.space import Candidate, candidates, check, schedule_of
 from jaxpar.plan.traffic import param_bytes
 from jaxpar.train.loop import train
 
@@ -88,9 +88,7 @@ def test_the_enumerator_yields_exactly_the_valid_layouts(devices, extra):
         layout = c.apply(config)
         validate_for_mesh(layout, c.spec)
         schedule_of(layout, c.pipeline)
-    brute = _brute_force(config, devices)
-    # each with the layers per stage the planner proposes (`uneven`)
-    expected = {uneven(config, c) for c in brute if not _left_out(c, config.model.layers)}
+    expected = {c for c in _brute_force(config, devices) if not _left_out(c, config.model.layers)}
     assert set(found) == expected
 
 
@@ -162,6 +160,29 @@ def test_ranking_prefers_what_the_terms_say():
     for e in result.ranked[:20]:
         assert e.step_s == pytest.approx(e.compute_s + e.overhead_s + e.comm_s - e.hidden_s)
         assert e.mfu > 0 and e.tokens_per_s == pytest.approx(16 * 16 / e.step_s)
+
+
+def test_a_heavy_head_gets_a_lighter_stage_where_the_schedule_puts_it_on_one():
+    """A 16K vocabulary's head and embedding cost about a layer each: 1F1B runs them on its
+    first and last stage, so the planner gives those one layer and the middle three each (the
+    slowest stage faster, memory by the largest chunk); gpipe runs them outside the pipeline,
+    shared by all stages, and stays balanced: an uneven split would only slow it."""
+    mid = ["model.layers=8", "model.dim=512", "model.mlp_dim=1024", "model.vocab=16384",
+           "train.seq_len=256"]  # fmt: skip
+    config = load_config(None, [*SMALL, *mid])
+    hw = load_hardware("h100-sxm")
+    one_f = Candidate(1, 4, 1, 1, False, "1f1b", 8, 1, "none")
+    chosen = estimate_split(config, one_f, hw)
+    assert chosen.candidate.stage_layers == (1, 3, 3, 1)
+    assert "pipeline.stage_layers=[1, 3, 3, 1]" in chosen.candidate.overrides
+    assert layout_for(chosen.candidate.apply(config), 4).stage_sizes == (1, 3, 3, 1)
+    balanced = estimate(config, one_f, hw)
+    assert chosen.step_s < balanced.step_s and chosen.bubble < balanced.bubble
+    assert chosen.memory["params_bytes"] > balanced.memory["params_bytes"]  # 3 slots, not 2
+    gpipe = dataclasses.replace(one_f, schedule="gpipe")
+    assert estimate_split(config, gpipe, hw).candidate.stage_layers is None
+    forced = dataclasses.replace(gpipe, stage_layers=(1, 3, 3, 1))
+    assert estimate(config, forced, hw).step_s > estimate(config, gpipe, hw).step_s
 
 
 def test_auto_splits_a_sequence_no_layout_holds_whole():

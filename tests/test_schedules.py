@@ -75,6 +75,29 @@ def test_lockstep_bubble_equals_the_textbook_with_equal_costs():
     assert Schedule("zb_v", 4, 8, 2).bubble == pytest.approx(3 / 51)
 
 
+def test_lockstep_cost_charges_each_job_its_chunks_layers_and_the_ends_where_they_run():
+    """Hand-computed tables. GPipe P = 2, M = 2 (F at ticks 0-2, jax.grad's B at 3-5), layers
+    [3, 1], F = 1, B = 2 per layer: ticks 3, 3, 1 | 2, 6, 6 = 21 (balanced: 3 x 2 + 3 x 4 = 18);
+    stage 1 at half speed: 3, 3, 2 | 4, 6, 6 = 24; the embedding and head run outside its ticks.
+    Fused 1F1B P = 2, M = 2 (stage 0: F at 0, 1, B at 2, 3; stage 1: F + B at 1, 2), embedding 2
+    (half in chunk 0's F, half in its B) and head 4 (in the last chunk's F): [3, 1] costs
+    4 + 7 + 7 + 7 = 25 against balanced 3 + 10 + 10 + 5 = 28."""
+    gpipe = Schedule("gpipe", 2, 2)
+    assert gpipe.lockstep_cost(1, 2, 0, [3, 1]) == 21 and gpipe.lockstep_cost(1, 2, 0, [2, 2]) == 18
+    assert gpipe.lockstep_cost(1, 2, 0, [3, 1], speeds=[1, 0.5]) == 24
+    assert gpipe.lockstep_cost(1, 2, 0, [3, 1], ends=(10, 10)) == 21
+    assert gpipe.lockstep_bubble(1, 2, 0, [3, 1]) == pytest.approx(1 - 12 / 21)  # (8 + 16) / 2
+    fused = Schedule("1f1b", 2, 2, tick="fused")
+    assert fused.lockstep_cost(1, 2, 0, [3, 1], ends=(2, 4)) == 25
+    assert fused.lockstep_cost(1, 2, 0, [2, 2], ends=(2, 4)) == 28
+    # equal layers are today's numbers exactly, per chunk or per layer
+    for s in (Schedule("zb_h1", 4, 8), Schedule("zb_v", 4, 8, 2), fused,
+              Schedule("interleaved_1f1b", 2, 4, 2)):  # fmt: skip
+        chunks = len(s.places)
+        assert s.lockstep_cost(1, 1.5, 0.5, [1] * chunks) == s.lockstep_cost(1, 1.5, 0.5)
+        assert s.lockstep_cost(1, 1.5, 0.5, [3] * chunks) == s.lockstep_cost(3, 4.5, 1.5)
+
+
 def test_tick_granularity_follows_the_action_costs():
     """`auto`: single ticks where F, B and W cost about the same, fused F + B ticks where B
     costs far more (long sequences: attention's backward is in B, none of it in W)."""

@@ -27,6 +27,7 @@ from jaxpar.analysis.hlo import HloModule, collectives, parse
 from jaxpar.analysis.memory import MemoryEstimate, estimate_memory
 from jaxpar.analysis.params import ParamRow, param_rows, tree_bytes_per_device
 from jaxpar.mesh import AXES
+from jaxpar.pipeline.schedule import split_costs
 from jaxpar.placement import Placement
 
 
@@ -50,6 +51,21 @@ class CompiledMemory:
 
 
 @dataclass(frozen=True)
+class SplitCosts:
+    """A pipelined step's lockstep cost by the cost model (`layout_cost` times one job's tokens on
+    one device: matmul FLOPs of the slowest stage summed over the ticks) on the balanced split
+    (`even`) and on `choose_split`'s (`sizes`, `cost`)."""
+
+    sizes: tuple[int, ...]
+    even: float
+    cost: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layers": list(self.sizes), "even_lockstep_flops": self.even,
+                "lockstep_flops": self.cost}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Analysis:
     mesh: str
     devices: int
@@ -65,6 +81,7 @@ class Analysis:
     attention: AttentionFlops
     bubble_theory: float
     bubble_lockstep: float
+    split: SplitCosts | None
     actions: ActionCosts
     collectives: list[AxisTraffic]
     compile_s: float
@@ -88,6 +105,7 @@ class Analysis:
             "flops_ratio": o.ratio,
             "bubble_theory": self.bubble_theory,
             "bubble_lockstep": self.bubble_lockstep,
+            "stage_split": self.split.to_json() if self.split else None,
             "action_flops": {
                 "f": self.actions.f,
                 "b": self.actions.b,
@@ -188,6 +206,18 @@ def placement_estimate(placement: Placement) -> MemoryEstimate:
     )  # fmt: skip
 
 
+def split_flops(placement: Placement) -> SplitCosts | None:
+    """`SplitCosts` of a pipelined placement (None without stages)."""
+    config, spec, schedule = placement.config, placement.spec, placement.schedule
+    if spec.pipeline == 1:
+        return None
+    t = config.train
+    rows = t.batch_size // (spec.data * schedule.microbatches)
+    tokens = rows * t.seq_len / (spec.context * spec.tensor)  # one job's, on one device
+    sizes, even, cost = split_costs(config, spec.pipeline, schedule)
+    return SplitCosts(sizes, even * tokens, cost * tokens)
+
+
 def analyze(step: CompiledStep) -> Analysis:
     """Compiles `step` (nothing runs) and reads its figures."""
     placement = step.placement
@@ -212,6 +242,7 @@ def analyze(step: CompiledStep) -> Analysis:
         attention=attention_flops(placement, module),
         bubble_theory=placement.schedule.bubble,
         bubble_lockstep=actions.lockstep_bubble(placement.schedule),
+        split=split_flops(placement),
         actions=actions,
         collectives=figures.collectives,
         compile_s=figures.compile_s,
@@ -269,6 +300,14 @@ def render(a: Analysis, console: Console) -> None:
         f"B {a.actions.b / 1e6:,.1f}, W {a.actions.w / 1e6:,.1f} MFLOP), measured "
         f"{o.stack_bubble:.2%} of the layer stack ({o.bubble:.2%} of the whole step)"
     )
+    if a.split is not None:
+        sp = a.split
+        console.print(
+            f"  stage split (cost model, embedding and head where the schedule runs them): "
+            f"lockstep {sp.even / 1e9:,.3f} GFLOP (the slowest stage, tick by tick) with the "
+            f"layers balanced, {sp.cost / 1e9:,.3f} with pipeline.stage_layers="
+            f"[{','.join(map(str, sp.sizes))}] ({sp.cost / sp.even - 1:+.1%})"
+        )
     at = a.attention
     console.print(
         f"  attention: {at.computed_per_device / 1e9:,.3f} GFLOP computed per device (every "

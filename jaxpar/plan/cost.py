@@ -216,6 +216,14 @@ def stack_flops(config: Config, candidate: Candidate) -> StackFlops:
     )
 
 
+def stack_seconds(config: Config, candidate: Candidate, hw: Hardware) -> float:
+    """The layer stack's compute and per-layer overhead on the slowest stage, tick by tick (as
+    `estimate` counts them): the terms a split of the layers over the stages changes."""
+    stack = stack_flops(config, candidate)
+    rate = hw.sustained_flops(compute_dtype_for(config.train.dtype, hw))
+    return stack.total / rate + stack.passes * hw.layer_overhead_us * 1e-6
+
+
 def outer_flops(config: Config, spec: MeshSpec) -> float:
     """Matmul FLOPs per device outside the layer stack's ticks: for gpipe and circular the one-hot
     embedding (forward and weight gradient) and the LM head (forward and

@@ -4,13 +4,13 @@ ones compiled and ranked again.
 The search is exhaustive (a few thousand candidates for 8 devices, tens of thousands for 64, at
 well under a millisecond each), so the analytic ranking is exact for the model; the compile check
 then replaces the best candidates' memory and traffic with the compiled program's. A candidate
-whose memory exceeds the profile's is dropped, with the reason; one whose uneven split
-(`jaxpar.plan.space.uneven`) does not fit is priced on the balanced split instead.
+whose memory exceeds the profile's is dropped, with the reason. A pipelined candidate takes the
+uneven split `jaxpar.plan.space.uneven` proposes where that shortens its layer stack's time and
+fits, else the balanced one (`estimate_split`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,9 +19,9 @@ from rich.table import Table
 
 from jaxpar.config import Config
 from jaxpar.errors import JaxparError
-from jaxpar.plan.cost import Estimate, estimate
+from jaxpar.plan.cost import Estimate, estimate, stack_seconds
 from jaxpar.plan.hardware import Hardware
-from jaxpar.plan.space import candidates
+from jaxpar.plan.space import Candidate, candidates, uneven
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -58,6 +58,19 @@ def _rank_key(e: Estimate) -> tuple[float, int]:
     return (e.step_s, e.memory_bytes)
 
 
+def estimate_split(config: Config, candidate: Candidate, hw: Hardware) -> Estimate:
+    """The estimate of `candidate` on the split `uneven` proposes where its layer stack (compute
+    and per-layer overhead, slowest stage tick by tick) takes less time than the balanced
+    split's and it fits (it stores its largest chunk's slots on every stage), else balanced."""
+    split = uneven(config, candidate)
+    if split == candidate or stack_seconds(config, split, hw) >= stack_seconds(
+        config, candidate, hw
+    ):
+        return estimate(config, candidate, hw)
+    e = estimate(config, split, hw)
+    return e if e.fits else estimate(config, candidate, hw)
+
+
 def plan(
     config: Config,
     devices: int,
@@ -85,10 +98,7 @@ def plan(
     found = candidates(config, devices)
     estimates = []
     for i, c in enumerate(found):
-        e = estimate(config, c, hw)
-        if not e.fits and c.stage_layers is not None:  # its largest chunk's slots, on every stage
-            e = estimate(config, dataclasses.replace(c, stage_layers=None), hw)
-        estimates.append(e)
+        estimates.append(estimate_split(config, c, hw))
         if i % 256 == 0 or i == len(found) - 1:
             progress("cost model", i + 1, len(found))
     fitting = sorted((e for e in estimates if e.fits), key=_rank_key)

@@ -4,9 +4,9 @@ A `Candidate` is one choice of the mesh (`data x pipeline x context x tensor`), 
 schedule, its micro-batches and repeats, the remat policy and the layers per stage. `candidates`
 enumerates them for a config and a device count and keeps exactly those the config's own checks
 accept (`validate`, `validate_for_mesh` and the `Schedule` itself), so a plan never proposes a
-layout `train` refuses. The layers per stage are not searched: each pipelined layout takes the
-split `auto_split` finds (`choose_split` on the stages' costs, the embedding, head and loss on
-the stages that run them) where it lowers the step's lockstep cost, else the balanced one.
+layout `train` refuses. The layers per stage are not searched: the planner prices each pipelined
+layout on the balanced split and on the one `uneven` proposes (`auto_split`: `choose_split` on
+the stages' costs, the embedding, head and loss on the stages that run them) and keeps the faster.
 
 Left out, as copies of another candidate or as waste: FSDP over one replica (it shards nothing),
 schedules other than gpipe on one stage (all are gradient accumulation over the micro-batches),
@@ -155,8 +155,8 @@ def check(config: Config, candidate: Candidate) -> None:
 
 
 def uneven(config: Config, candidate: Candidate) -> Candidate:
-    """`candidate` with the layers per stage `auto_split` proposes (unchanged where it proposes
-    the balanced split)."""
+    """`candidate` with the layers per stage `auto_split` proposes (unchanged where it keeps the
+    balanced split, and on one stage)."""
     if candidate.pipeline == 1:
         return candidate
     layout = candidate.apply(config)
@@ -177,7 +177,7 @@ def candidates(config: Config, devices: int) -> list[Candidate]:
                 check(config, c)
             except JaxparError:
                 continue
-            found.append(uneven(config, c))
+            found.append(c)
     if not found:
         raise JaxparError(why_no_layout(config, devices))
     return found

@@ -189,22 +189,27 @@ def max_stage_layers(trainer: Trainer) -> int | None:
     """The most layers a stage can hold within its devices' memory (None where the backend
     does not say): every stage stores as many layer slots as the largest chunk, so the peak of
     the compiled step grows by one slot's train state and gradient per added slot. An estimate,
-    with a tenth of the memory kept free."""
-    stats = trainer.placement.mesh.devices.flat[0].memory_stats()
-    if not stats or "bytes_limit" not in stats:
-        return None
-    compiled, _ = trainer.compile()
-    analysis = compiled.memory_analysis()
-    peak = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
-    layout = trainer.placement.layout
-    slots = layout.slots_per_stage
-    state_bytes = sum(
-        np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-        for x in jax.tree.leaves(trainer.abstract_state())
-    )
-    slot_bytes = 2 * state_bytes / max(slots, 1)  # the state and a gradient, per slot (bound)
-    room = 0.9 * stats["bytes_limit"] - peak
-    return (slots + max(0, int(room // slot_bytes))) // layout.repeats * layout.repeats
+    with a tenth of the memory kept free; the same on every process (the smallest)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    cap = -1  # unknown
+    if "bytes_limit" in stats:
+        analysis = trainer.compile()[0].memory_analysis()
+        peak = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+        layout = trainer.placement.layout
+        slots = layout.slots_per_stage
+        state_bytes = sum(
+            np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+            for x in jax.tree.leaves(trainer.abstract_state())
+        )
+        slot_bytes = 2 * state_bytes / slots  # the state and a gradient, per slot (a bound)
+        room = 0.9 * stats["bytes_limit"] - peak
+        cap = (slots + max(0, int(room // slot_bytes))) // layout.repeats * layout.repeats
+    if current().count > 1:
+        from jax.experimental import multihost_utils
+
+        caps = multihost_utils.process_allgather(np.int64(cap))
+        cap = -1 if np.any(caps < 0) else int(caps.min())
+    return None if cap < 0 else cap
 
 
 @dataclass

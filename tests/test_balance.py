@@ -10,6 +10,7 @@ import pytest
 from rich.console import Console
 
 from jaxpar.analysis.hlo import dot_flops
+from jaxpar.cli import main
 from jaxpar.config import load_config
 from jaxpar.mesh import make_mesh, parse_mesh
 from jaxpar.model.layout import StageLayout, choose_split
@@ -142,3 +143,14 @@ def test_near_equal_stages_stay_and_a_failed_move_leaves_the_run_on_its_split(
     assert "rebalance at step 4 failed, staying on stages 2,2: RuntimeError: injected" in log
     assert summary.steps == 6 and summary.placement.layout.stage_sizes == (2, 2)
     assert all(np.isfinite(r["loss"]) for r in rows(tmp_path / "run"))
+
+
+def test_bench_stages_reports_each_stage_and_a_split(capsys):
+    mesh_spec = "data=4,pipeline=2"  # in-process: the 8 devices the tests run on
+    assert main(["bench", "--stages", "--mesh", mesh_spec, "--steps", "1", "--json", *SIZES]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stage_layers"] == [2, 2] and len(report["times_s"]) == 2
+    assert max(report["speeds"]) == 1.0 and sum(report["proposed"]) == 4
+    assert main(["bench", "--stages", "--mesh", "data=8", *SIZES, "train.batch_size=16"]) == 2
+    err = capsys.readouterr().err
+    assert err == "jaxpar: error: bench --stages needs a pipeline (mesh pipeline=1 has one stage)\n"

@@ -30,9 +30,11 @@ ROWS, MAX_LEN = 4, 24
 @functools.cache
 def setup(spec: str):
     """A model initialised identically on `spec`, its generator and a full-recompute forward."""
-    # Over `context`, a piece's queries are attended 4 at a time (several blocks a piece).
+    # Over `context`, a piece's queries are attended 4 at a time (several blocks a piece); on two
+    # stages, the first holds one layer and a padded slot, the second two layers.
     blocks = ["model.attention_block=4"] if "context" in spec else []
-    config = serving_config(load_config(None, [*SIZES, *blocks]))
+    split = ["pipeline.stage_layers=[1,2]"] if "pipeline=2" in spec else []
+    config = serving_config(load_config(None, [*SIZES, *blocks, *split]))
     s = parse_mesh(spec)
     mesh = make_mesh(s, jax.devices()[: s.size])
     trainer = Trainer(Placement(config, mesh))

@@ -47,9 +47,11 @@ from jaxpar.pipeline.program import (
 from jaxpar.pipeline.schedule import Schedule
 
 
-def stage_chunk(layer: Callable, v: int, c: int, remat: str, collectives: bool = False) -> Callable:
+def stage_chunk(layer: Callable, v: int, c: int, remat: str, collectives: bool = False,
+                always: int = 0) -> Callable:  # fmt: skip
     """`chunk(weights_X, repeat, real_C, h, taps=None)`: one stage's c layer slots of repeat
-    `repeat`, of which `real_C` hold layers (a prefix: the rest is padding).
+    `repeat`, of which `real_C` hold layers (a prefix: the rest is padding); the first `always`
+    hold a layer in every chunk of the layout (`min(StageLayout.chunk_sizes)`).
 
     With one repeat the chunk scans over all of the stage's weights; with several, over the
     repeat's slot indices, each layer reading its weights in the scan body. Remat is per layer,
@@ -58,12 +60,14 @@ def stage_chunk(layer: Callable, v: int, c: int, remat: str, collectives: bool =
     per weight, zeros stacked over the c slots, shaped like the contraction's input and output
     (`tapped`); the layer is then called as `layer(w, h, project)`.
 
-    A padded slot computes nothing: each slot is a `lax.cond` whose other branch hands its input
-    on (and the backward pass, its cotangent), so stages with fewer layers finish sooner. Where
-    the layer holds collectives (`collectives`: attention over `context`), which never run inside
-    a per-device branch, the slot runs and a select keeps its input. A `real_C` known when the
-    chunk is traced (a numpy array: one stage's chunk compiled alone, `stage_costs`) scans its
-    real slots only.
+    A padded slot computes nothing: the slots after the first `always` are a second scan whose
+    every slot is a `lax.cond`, its other branch handing its input on (and the backward pass,
+    its cotangent), so stages with fewer layers finish sooner. (A cond in every slot would cost
+    the slots that are always real: a balanced 12-layer step on pipeline=2 took 15% longer.)
+    Where the layer holds collectives (`collectives`: attention over `context`), which never run
+    inside a per-device branch, a padded slot runs and a select keeps its input. A `real_C`
+    known when the chunk is traced (a numpy array: one stage's chunk compiled alone,
+    `balance.StageTimer`) scans its real slots only.
     """
 
     def slot_layer(w: Any, index: jax.Array | None, h_bTD: jax.Array, taps: dict | None):
@@ -95,12 +99,12 @@ def stage_chunk(layer: Callable, v: int, c: int, remat: str, collectives: bool =
             return jax.lax.cond(real, run, lambda h_bTD: h_bTD, h_bTD), None
 
         xs = weights_X if v == 1 else repeat * c + jnp.arange(c)
-        if isinstance(real_C, np.ndarray):  # known: scan the real slots alone
-            n = int(real_C.sum())
-            xs, taps = jax.tree.map(lambda a: a[:n], (xs, taps))
-            h_bTD, _ = jax.lax.scan(slot, h_bTD, (xs, None, taps))
-            return h_bTD
-        h_bTD, _ = jax.lax.scan(slot, h_bTD, (xs, real_C, taps))
+        n = int(real_C.sum()) if isinstance(real_C, np.ndarray) else always
+        first, rest = (jax.tree.map(lambda a: a[:n], (xs, taps)),
+                       jax.tree.map(lambda a: a[n:], (xs, real_C, taps)))  # fmt: skip
+        h_bTD, _ = jax.lax.scan(slot, h_bTD, (first[0], None, first[1]))
+        if n < c and not isinstance(real_C, np.ndarray):
+            h_bTD, _ = jax.lax.scan(slot, h_bTD, rest)
         return h_bTD
 
     return chunk
@@ -131,12 +135,14 @@ def weight_grads(
     eqs: dict[str, tuple[str, jnp.dtype]],
     held: dict[str, tuple],
     real_C: Any = None,
+    always: int = 0,
 ) -> Any:
     """A chunk's weight gradients (one repeat, [c, ...]) from its taps' cotangents: per weight,
     its contractions' inputs and output cotangents, stacked over the slots. Each is the gradient
     of the weight as the layer contracted it (cast to its compute dtype, `layer_taps`), then cast
     to the weight's own dtype, as the unsplit backward's transposed cast does. A slot that
-    `real_C` marks as padding computes nothing (its gradients are zero)."""
+    `real_C` marks as padding computes nothing (its gradients are zero); the first `always`
+    slots are real in every chunk (as `stage_chunk`)."""
 
     def slot(w: Any, held: dict[str, tuple]) -> dict[str, jax.Array]:
         grads = {}
@@ -146,7 +152,8 @@ def weight_grads(
             grads[name] = weight_grad(name, eq, x, ct, a.astype(dtype)).astype(a.dtype)
         return grads
 
-    if real_C is None or isinstance(real_C, np.ndarray):  # every slot given is real
+    c = real_C.shape[0] if real_C is not None else 0
+    if real_C is None or isinstance(real_C, np.ndarray) or always >= c:  # every slot is real
         return weights_X._replace(**jax.vmap(slot)(weights_X, held))
 
     def one(_, xs: tuple) -> tuple[None, dict[str, jax.Array]]:
@@ -155,7 +162,11 @@ def weight_grads(
         zeros = lambda: {name: a * 0 for name, a in w._asdict().items() if name in held}  # noqa: E731
         return None, jax.lax.cond(real, lambda: slot(w, held), zeros)
 
-    _, grads = jax.lax.scan(one, None, (weights_X, held, real_C))
+    first, rest = (jax.tree.map(lambda a: a[:always], (weights_X, held)),
+                   jax.tree.map(lambda a: a[always:], (weights_X, held, real_C)))  # fmt: skip
+    _, grads = jax.lax.scan(one, None, rest)
+    if always:
+        grads = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), jax.vmap(slot)(*first), grads)
     return weights_X._replace(**grads)
 
 
@@ -204,7 +215,8 @@ def run_pipeline(
     b_all, t, d = x_BTD.shape
     r = mesh.shape[DATA]
     q = b_all // (r * p)
-    chunk = stage_chunk(layer, schedule.repeats, c, remat, CONTEXT in program.manual)
+    chunk = stage_chunk(layer, schedule.repeats, c, remat, CONTEXT in program.manual,
+                        min(layout.chunk_sizes))  # fmt: skip
 
     def stages(weights_1X: Any, x_R1QTD: jax.Array) -> jax.Array:
         stage = jax.lax.axis_index(PIPELINE)
@@ -269,9 +281,8 @@ def run_train_program(
     b_all, t = tokens_BT.shape
     r = mesh.shape[DATA]
     q = b_all // (r * p)
-    chunk = stage_chunk(
-        layer, schedule.repeats, layout.chunk_size, remat, CONTEXT in program.manual
-    )
+    chunk = stage_chunk(layer, schedule.repeats, layout.chunk_size, remat,
+                        CONTEXT in program.manual, min(layout.chunk_sizes))  # fmt: skip
 
     def stages(weights_1X: Any, top: Any, tokens_R1QT: jax.Array, targets_R1QT: jax.Array):
         def micro_batches(rows_R1QT: jax.Array) -> jax.Array:
@@ -317,7 +328,7 @@ class _TrainStage:
         manual = tuple(sorted(program.manual))
         self.top = jax.tree.map(lambda a: jax.lax.pcast(a, manual, to="varying"), top)
         self.valid_PVC = jnp.asarray(layout.valid)
-        self.c = layout.chunk_size
+        self.c, self.always = layout.chunk_size, min(layout.chunk_sizes)
         self.pullbacks: dict[str, Any] = {}
 
     def slot(self, active: jax.Array, run: Callable, carry: Any, out: Any = None) -> Any:
@@ -455,7 +466,7 @@ class _TrainStage:
                 chunk_X = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, c), chunk_X)
             held = read(wstash, at["w_stash"])
             real_C = self.valid_PVC[self.stage, repeat]
-            d_chunk = weight_grads(chunk_X, self.eqs, held, real_C)
+            d_chunk = weight_grads(chunk_X, self.eqs, held, real_C, self.always)
             d_chunk = self.live(live, self.vary(d_chunk))
             if v == 1:
                 return None, jax.tree.map(jnp.add, d_weights, d_chunk)

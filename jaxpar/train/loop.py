@@ -147,7 +147,8 @@ def train(
 
 LAYOUT_KEYS = (
     ("parallel", "mesh"), ("parallel", "fsdp"), ("pipeline", "schedule"),
-    ("pipeline", "microbatches"), ("pipeline", "repeats"), ("model", "remat"),
+    ("pipeline", "microbatches"), ("pipeline", "repeats"), ("pipeline", "stage_layers"),
+    ("model", "remat"),
 )  # fmt: skip
 
 

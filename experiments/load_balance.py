@@ -32,8 +32,8 @@ from common import RESULTS, write_results
 
 MODEL = [
     "model.layers=12", "model.dim=256", "model.heads=8", "model.kv_heads=4", "model.mlp_dim=768",
-    "model.vocab=256", "train.seq_len=128", "train.batch_size=16", "train.dtype=float32",
-    "pipeline.schedule=gpipe", "pipeline.microbatches=4", "train.sample_tokens=0",
+    "model.vocab=256", "train.seq_len=128", "train.batch_size=32", "train.dtype=float32",
+    "pipeline.schedule=gpipe", "pipeline.microbatches=8", "train.sample_tokens=0",
     "checkpoint.every=0",
 ]  # fmt: skip
 HELPER_AFTER = 20  # the helper starts once this step's metrics row is written

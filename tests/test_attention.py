@@ -25,9 +25,8 @@ SIZES = [
     "model.layers=2", "model.dim=32", "model.heads=8", "model.kv_heads=4", "model.mlp_dim=64",
     "train.batch_size=8", "train.seq_len=16", "train.dtype=float32",
 ]  # fmt: skip
-LAYOUTS = [
+LAYOUTS = [  # one device, and every axis at once (tensor-split heads, stages, data replicas)
     ("data=1", ()),
-    ("data=2,tensor=4", ()),
     ("data=2,pipeline=2,tensor=2", ("pipeline.microbatches=2",)),
 ]
 

@@ -26,6 +26,11 @@ SIZES = [
 ]  # fmt: skip
 
 
+# A stage of 2 and one of 4 layers, on the 8 devices the tests run on (the CLI runs in-process).
+STAGES = ("model.layers=6", "pipeline.stage_layers=[2,4]")
+STAGES_MESH = "data=4,pipeline=2"
+
+
 def config(*extra: str):
     return load_config(None, [*SIZES, *extra])
 
@@ -68,21 +73,16 @@ def test_auto_split_follows_the_stage_speeds():
 def test_a_stage_compiles_the_matmuls_of_its_own_layers():
     """Each stage's work, compiled alone (as `bench --stages` times it): its dot FLOPs follow
     its layers, padded slots included in the stored stack computing nothing."""
-    placement = Placement(
-        config("model.layers=11", "pipeline.stage_layers=[2,4,3,2]", "pipeline.microbatches=4"),
-        mesh("pipeline=4"),
-    )
+    placement = Placement(config(*STAGES), mesh(STAGES_MESH))
     timer = balance.StageTimer(placement)
     flops = []
-    for stage in range(4):
+    for stage in range(2):
         work, state, h = timer._program(stage)
         with jax.set_mesh(timer.submesh(stage)):
             flops.append(dot_flops(work.lower(state, h).compile().as_text()))
     # (a stage of one layer would compile its one-trip layer loop flat, where XLA shares the
     # forward's attention scores with the backward's recomputation of them)
-    assert flops[1] == 2 * flops[0] and 2 * flops[2] == 3 * flops[0] and flops[3] == flops[0] > 0
-    times = timer.times(repeats=1)
-    assert len(times) == 4 and all(t > 0 for t in times)
+    assert flops[1] == 2 * flops[0] > 0
 
 
 # --- rebalancing while training runs ---------------------------------------------------------
@@ -146,11 +146,12 @@ def test_near_equal_stages_stay_and_a_failed_move_leaves_the_run_on_its_split(
 
 
 def test_bench_stages_reports_each_stage_and_a_split(capsys):
-    mesh_spec = "data=4,pipeline=2"  # in-process: the 8 devices the tests run on
-    assert main(["bench", "--stages", "--mesh", mesh_spec, "--steps", "1", "--json", *SIZES]) == 0
+    args = ["bench", "--stages", "--mesh", STAGES_MESH, "--steps", "1", "--json", *SIZES]
+    assert main([*args, *STAGES]) == 0  # the programs of the test above, compiled again
     report = json.loads(capsys.readouterr().out)
-    assert report["stage_layers"] == [2, 2] and len(report["times_s"]) == 2
-    assert max(report["speeds"]) == 1.0 and sum(report["proposed"]) == 4
+    assert report["stage_layers"] == [2, 4] and len(report["times_s"]) == 2
+    assert all(t > 0 for t in report["times_s"]) and max(report["speeds"]) == 1.0
+    assert sum(report["proposed"]) == 6
     assert main(["bench", "--stages", "--mesh", "data=8", *SIZES, "train.batch_size=16"]) == 2
     err = capsys.readouterr().err
     assert err == "jaxpar: error: bench --stages needs a pipeline (mesh pipeline=1 has one stage)\n"

@@ -28,8 +28,7 @@ SIZES = [
     "train.steps=5", "train.warmup_steps=1", "train.lr=1e-2",
 ]  # fmt: skip
 STEPS = 5
-MESHES = [
-    ("data=8", ()),
+MESHES = [  # data parallelism alone is data=2,tensor=4's and FSDP's (data=4) half
     ("tensor=8", ()),
     ("data=2,tensor=4", ()),
     ("data=4,tensor=2", ("parallel.fsdp=true",)),  # FSDP (ZeRO-3) on top of tensor parallelism

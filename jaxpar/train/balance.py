@@ -235,15 +235,14 @@ class Rebalancer:
 
 
 def timed_stages() -> Callable[[Trainer], list[float]]:
-    """A `Rebalancer.measure` that times the stages (`StageTimer`, one per layout)."""
-    timers: dict[int, StageTimer] = {}
+    """A `Rebalancer.measure` that times the stages (`StageTimer`, a new one after a move)."""
+    timer: StageTimer | None = None
 
     def measure(trainer: Trainer) -> list[float]:
-        key = id(trainer)
-        if key not in timers:
-            timers.clear()
-            timers[key] = StageTimer(trainer.placement)
-        return timers[key].times()
+        nonlocal timer
+        if timer is None or timer.placement is not trainer.placement:
+            timer = StageTimer(trainer.placement)
+        return timer.times()
 
     return measure
 

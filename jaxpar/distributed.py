@@ -9,11 +9,19 @@ A process joins when it is given a coordinator explicitly (`--coordinator HOST:P
 This must run before JAX starts its backend; every process then sees the global device list
 (`jax.devices()`), its own devices (`jax.local_devices()`), and runs the same programs in the
 same order. On CPU the collectives between processes go through gloo.
+
+A job fails as a whole, never hangs: a process that stops sending heartbeats for `HEARTBEAT_S`
+seconds makes JAX end every other process, and a collective with a dead peer fails at once (gloo
+sees the closed connection). JAX's preemption service is off, so SIGTERM is Python's to handle
+(by default it ends the process; `train` saves a checkpoint first, `serve` drains), never
+swallowed by a handler of JAX's own while a process is still starting.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +31,7 @@ if TYPE_CHECKING:
     import jax
 
 ENV = ("JAXPAR_COORDINATOR", "JAXPAR_NUM_PROCESSES", "JAXPAR_PROCESS_ID")
+HEARTBEAT_S = 30  # a process silent this long is dead: JAX ends the job (its default is 100 s)
 
 
 @dataclass(frozen=True)
@@ -93,21 +102,26 @@ def join(
         if ":" not in coordinator:
             raise JaxparError(f"--coordinator {coordinator!r} must look like HOST:PORT")
         if num_processes > 1:
-            import jax
-
-            jax.distributed.initialize(
-                coordinator, num_processes, process_id, initialization_timeout=timeout_s
-            )
+            _initialize(timeout_s, coordinator, num_processes, process_id)
         _current = Process(process_id, num_processes)
     elif (launcher := _detected_launcher()) is not None:
         import jax
 
         try:
-            jax.distributed.initialize(initialization_timeout=timeout_s)
+            _initialize(timeout_s)
         except (RuntimeError, ValueError) as e:
             raise JaxparError(f"could not join the {launcher} job: {e}") from None
         _current = Process(jax.process_index(), jax.process_count())
     return _current
+
+
+def _initialize(timeout_s: int, *args: Any) -> None:
+    import jax
+
+    jax.config.update("jax_enable_preemption_service", False)
+    jax.distributed.initialize(
+        *args, initialization_timeout=timeout_s, heartbeat_timeout_seconds=HEARTBEAT_S
+    )
 
 
 def _int(name: str, value: str) -> int:
@@ -137,3 +151,69 @@ def global_array(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
 
     value = np.asarray(value)
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+class Handoff:
+    """Process 0 hands a sequence of messages (a name and named arrays) to every other process of
+    the job, in order, through the key-value store of JAX's coordination service (the one every
+    `jax.distributed` job already runs): process 0 `send`s without waiting, the others `receive`
+    in the same order. For inputs that only process 0 knows (a server's requests) but that every
+    process must pass to the same step.
+
+    Message n is the key `{prefix}/{n}`. Process 0 deletes message n - `KEEP` as it sends n: the
+    others cannot be that far behind, since they run the steps in between with it, in lockstep.
+    """
+
+    KEEP = 4096
+
+    def __init__(self, prefix: str = "jaxpar/handoff"):
+        from jax._src.distributed import global_state
+
+        if global_state.client is None:
+            raise JaxparError("a Handoff needs a jax.distributed job")
+        self._client, self._prefix, self._count = global_state.client, prefix, 0
+
+    def send(self, name: str, arrays: dict[str, Any]) -> None:
+        """Process 0: message `name` with `arrays` (each a numpy array or scalar)."""
+        import numpy as np
+
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}  # (tobytes: C order)
+        head = [name, [(k, a.dtype.str, a.shape) for k, a in arrays.items()]]
+        body = b"".join(a.tobytes() for a in arrays.values())
+        self._client.key_value_set_bytes(self._key(self._count), json.dumps(head).encode() +
+                                         b"\n" + body)  # fmt: skip
+        if self._count >= self.KEEP:
+            self._client.key_value_delete(self._key(self._count - self.KEEP))
+        self._count += 1
+
+    def receive(self, poll_s: float = 1.0, give_up: float | None = None) -> tuple[str, dict]:
+        """The other processes: the next message, (name, arrays), waiting for it in `poll_s`
+        slices (a dead process 0 ends the wait with an error).
+
+        Raises:
+            TimeoutError: `give_up` (a `time.monotonic()` instant) passed first.
+        """
+        import numpy as np
+
+        key = self._key(self._count)
+        while True:
+            if give_up is not None and time.monotonic() > give_up:
+                raise TimeoutError(f"no message {key} from process 0")
+            try:
+                value = self._client.blocking_key_value_get_bytes(key, int(poll_s * 1000))
+                break
+            except Exception as e:  # the wait's timeout: poll again; anything else ends it
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise
+        self._count += 1
+        head, body = value.split(b"\n", 1)
+        name, layout = json.loads(head)
+        arrays, offset = {}, 0
+        for k, dtype, shape in layout:
+            a = np.frombuffer(body, np.dtype(dtype), int(np.prod(shape)), offset)
+            arrays[k] = a.reshape(shape)
+            offset += a.nbytes
+        return name, arrays
+
+    def _key(self, n: int) -> str:
+        return f"{self._prefix}/{n}"

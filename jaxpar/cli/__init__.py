@@ -9,7 +9,9 @@ has to be set before JAX starts: the commands import the library lazily, inside 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -64,5 +66,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> NoReturn:
-    """The console script `jaxpar` and `python -m jaxpar`: exits with `main`'s code."""
-    sys.exit(main())
+    """The console script `jaxpar` and `python -m jaxpar`: exits with `main`'s code.
+
+    A process of a multi-process job that fails leaves at once: a normal exit would first wait
+    for every other process in `jax.distributed`'s shutdown, and they may never come (they wait
+    for this one in a collective, or at start for its devices). Its exit is what ends the job:
+    `launch` stops the others, and JAX's heartbeats end them on real hosts."""
+    from jaxpar.distributed import current
+
+    try:
+        code = main()
+    except BaseException:
+        if current().count == 1:
+            raise
+        traceback.print_exc()
+        code = 1
+    if code and current().count > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

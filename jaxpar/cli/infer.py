@@ -155,26 +155,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise JaxparError(f"{bad[0]!r}: serve takes serve.* settings only (the model's come "
                           "from its folder)")  # fmt: skip
     load_config(None, args.overrides)  # refused before anything loads
+    from jaxpar.distributed import current
     from jaxpar.infer.server import bind, serve
 
-    sock = bind(args.host, args.port)
+    # Process 0 of a multi-process job serves HTTP; the others follow its steps.
+    primary = current().primary
+    sock = bind(args.host, args.port) if primary else None
     model = _load_model(args)
-    import jax
-
-    if jax.process_count() > 1:
-        raise JaxparError("jaxpar serve runs in one process (its mesh may span that process's "
-                          "devices); multi-process serving is not supported")  # fmt: skip
     config = load_config(None, args.overrides, base=model.config).serve
     from jaxpar.infer.scheduler import Engine
 
     log = lambda msg: print(f"jaxpar: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     name = args.model_name or Path(args.run or args.init_from_hf).resolve().name
     engine = Engine(model, config)
+    if not primary:
+        engine.follow()
+        return 0
     log(f"{model.source}: compiling the steps for {engine.slots} slots of {model.context} "
         f"tokens ({engine.generator.slot_bytes / 2**20:,.2f} MiB of cache per slot)")  # fmt: skip
     log(engine.generator.cache_summary())
     engine.start()
     serve(engine, name, sock, config.shutdown_s, log)
+    if engine.failed:
+        log(f"stopped: a step failed in lockstep with the other processes ({engine.failed})")
+        return 1
     return 0
 
 

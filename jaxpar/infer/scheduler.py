@@ -17,6 +17,14 @@ compiled once, before the first request. A request's tokens depend only on its p
 sampling settings (its seed), never on what else is in the batch.
 
 Callbacks (`on_event`) run on the engine's thread; they must only hand the event over.
+
+In a multi-process job (`jax.distributed`) process 0 runs the scheduler and every other process
+`follow`s it: each device step's host inputs (a prompt piece, a decode step's rows and sampling
+settings, the prefix blocks to copy) go from process 0 to the others through a `Handoff` before
+process 0 runs the step, and every process runs the same steps in the same order, the one SPMD
+program over all of the job's devices. The new tokens are read on process 0 only. A step that
+fails there (a dead peer's collective) cannot be retried without it: the engine fails every open
+request, turns `failed`, and stops.
 """
 
 from __future__ import annotations
@@ -28,9 +36,11 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from jaxpar import distributed
 from jaxpar.config import ServeConfig
 from jaxpar.errors import JaxparError
 from jaxpar.infer.engine import Generator, check_context
@@ -136,6 +146,11 @@ class Engine:
         self.decode_steps = 0
         self._cache = self.generator.empty_cache()
         self._pool = self.generator.empty_pool() if self.prefix else None
+        # Process 0 of a multi-process job hands each step's inputs to the others.
+        multi = distributed.current().count > 1
+        self.handoff = distributed.Handoff("jaxpar/serve") if multi else None
+        self.failed: str | None = None  # why the engine stopped, when a step failed in lockstep
+        self.on_failure: Callable[[], None] | None = None  # called once, on the engine's thread
 
     # -- the caller's side (any thread) ------------------------------------------------------
 
@@ -212,6 +227,9 @@ class Engine:
             self._thread = None
         else:
             self._free_cancelled()
+        if self.handoff is not None and not self.failed:
+            self.handoff.send("stop", {})
+            self.handoff = None
 
     def warm_up(self) -> None:
         """Compiles every step the loop runs, on throwaway buffers."""
@@ -246,12 +264,18 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception:  # a failed step ends the requests it held, not the server
+            except Exception as e:  # a failed step ends the requests it held, not the server
                 traceback.print_exc()
                 with self._lock:
                     for request in [*self._waiting, *(r for r in self._running if r)]:
                         self._finish(request, "error")
                     self._waiting.clear()
+                    if self.handoff is not None:  # the other processes are out of step: stop
+                        self.failed, self._closed = f"{type(e).__name__}: {e}", True
+                if self.failed:
+                    if self.on_failure is not None:
+                        self.on_failure()
+                    return
 
     def step(self) -> None:
         """One turn: admit, prefill prompt pieces, decode every ready slot.
@@ -297,7 +321,7 @@ class Engine:
             if self.prefix:
                 hits = self.prefix.lookup(request.prompt)
                 if hits:
-                    self._cache = g.load_prefix(self._cache, self._pool, slot, hits)
+                    self._device("load_prefix", slot=slot, ids=np.asarray(hits, np.int32))
                 request.cached = request.prefilled = len(hits) * self.prefix.block
 
     def _prefill(self) -> bool:
@@ -326,10 +350,9 @@ class Engine:
                     len(piece),
                 )
                 active[r] = True
-        rows = self._sampling(picked)
-        self._cache, _, token = g.prefill_chunk(self._cache, tokens, slot, start, length, active,
-                                                rows)  # fmt: skip
-        token = np.asarray(token)
+        token = np.asarray(self._device("prefill", tokens=tokens, slot=slot, start=start,
+                                        length=length, active=active,
+                                        **self._sampling(picked)._asdict()))  # fmt: skip
         for r, request in enumerate(picked):
             if request is None:
                 continue
@@ -346,7 +369,8 @@ class Engine:
             return
         placed = self.prefix.insert(request.prompt)
         if placed:
-            self._pool = self.generator.save_prefix(self._pool, self._cache, request.slot, placed)
+            self._device("save_prefix", slot=request.slot, index=np.fromiter(placed, np.int32),
+                         ids=np.fromiter(placed.values(), np.int32))  # fmt: skip
 
     def _decode(self) -> None:
         ready = [r if r is not None and r.prefilled == len(r.prompt) and r.finish is None else None
@@ -366,13 +390,57 @@ class Engine:
                 token[i] = request.tokens[-1]
                 position[i] = len(request.prompt) + len(request.tokens) - 1
         span = next(s for s in self.spans if s > position.max())
-        sampling = self._sampling(ready)
-        self._cache, _, new = g.decode(self._cache, token, position, sampling, active, span)
+        new = self._device("decode", token=token, position=position, active=active, span=span,
+                           **self._sampling(ready)._asdict())  # fmt: skip
         self.decode_steps += 1
         new = np.asarray(new)
         for i, request in enumerate(ready):
             if request is not None:
                 self._accept(request, int(new[i]))
+
+    def _device(self, step: str, **inputs: Any) -> Any:
+        """Runs device step `step` on the engine's cache with host `inputs` (numpy arrays and
+        numbers); in a multi-process job it first hands them to the other processes, which run
+        the same step (`follow`). Returns the step's new tokens, if it draws any."""
+        if self.handoff is not None:
+            self.handoff.send(step, inputs)
+        return self._apply(step, inputs)
+
+    def _apply(self, step: str, x: dict[str, Any]) -> Any:
+        g = self.generator
+        if step == "load_prefix":
+            self._cache = g.load_prefix(self._cache, self._pool, int(x["slot"]), x["ids"].tolist())
+            return None
+        if step == "save_prefix":
+            placed = dict(zip(x["index"].tolist(), x["ids"].tolist(), strict=True))
+            self._pool = g.save_prefix(self._pool, self._cache, int(x["slot"]), placed)
+            return None
+        rows = RowSampling(*(x[k] for k in RowSampling._fields))
+        if step == "prefill":
+            self._cache, _, token = g.prefill_chunk(
+                self._cache, x["tokens"], x["slot"], x["start"], x["length"], x["active"], rows
+            )
+            return token
+        assert step == "decode", step
+        self._cache, _, token = g.decode(self._cache, x["token"], x["position"], rows,
+                                         x["active"], int(x["span"]))  # fmt: skip
+        return token
+
+    def follow(self) -> None:
+        """Runs a process other than 0 of a multi-process job: the steps that process 0 hands
+        over, in its order, until it says stop (on SIGTERM, once it has not done so within
+        `serve.shutdown_s` + a minute)."""
+        import signal
+
+        give_up: list[float] = []
+        signal.signal(signal.SIGTERM, lambda *_: give_up.append(
+            time.monotonic() + self.config.shutdown_s + 60))  # fmt: skip
+        self.warm_up()
+        while True:
+            step, inputs = self.handoff.receive(give_up=give_up[0] if give_up else None)
+            if step == "stop":
+                return
+            self._apply(step, inputs)
 
     def _sampling(self, requests: Sequence[Request | None]) -> RowSampling:
         n = len(requests)

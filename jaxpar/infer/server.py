@@ -58,10 +58,13 @@ class ApiError(Exception):
             status, message, param, kind, code,
         )  # fmt: skip
 
-    def response(self) -> JSONResponse:
+    def body(self) -> dict:
         error = {"message": self.message, "type": self.kind, "param": self.param,
                  "code": self.code}  # fmt: skip
-        return JSONResponse({"error": error}, status_code=self.status)
+        return {"error": error}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
 
 
 # -- request fields --------------------------------------------------------------------------
@@ -403,6 +406,14 @@ class _Api:
         while (event := await queue.get()).finish is None:
             if event.text:
                 yield sse({**head, "choices": [_choice(chat, event.text, None)]})
+        if request.finish == "error":  # an error object mid-stream, as vLLM sends (the openai
+            # client raises it)
+            failed = ApiError(500, "generation failed on the device (see the server's log)",
+                              kind="server_error")  # fmt: skip
+            yield sse(failed.body())
+            self.metrics.finished(request)
+            yield "data: [DONE]\n\n"
+            return
         finish = {"cancelled": "abort"}.get(request.finish, request.finish)
         yield sse({**head, "choices": [_choice(chat, None, finish)]})
         self.metrics.finished(request)
@@ -437,6 +448,9 @@ class _Api:
         return JSONResponse(self.model_card())
 
     async def health(self, http: HttpRequest) -> Response:
+        if self.engine.failed:
+            return JSONResponse({"status": "failed", "model": self.model_name,
+                                 "error": self.engine.failed}, status_code=503)  # fmt: skip
         return JSONResponse({"status": "ok", "model": self.model_name})
 
     async def prometheus(self, http: HttpRequest) -> Response:
@@ -521,6 +535,7 @@ def serve(engine: Engine, model_name: str, sock, shutdown_s: float, log=print) -
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=shutdown_s,
                             lifespan="on")  # fmt: skip
     server = uvicorn.Server(config)
+    engine.on_failure = lambda: setattr(server, "should_exit", True)
     # uvicorn re-raises the signal that stopped it once it has shut down; with a handler of
     # our own installed, that ends in a clean return (exit code 0) instead of death by signal.
     signal.signal(signal.SIGTERM, lambda *_: None)

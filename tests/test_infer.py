@@ -225,3 +225,17 @@ def test_missing_inputs(capsys, argv, fragment):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert fragment in err and len(err.splitlines()) == 1
+
+
+def test_bfloat16_prefix_blocks_copy_from_any_data_shard():
+    # XLA:CPU aborted the process compiling the prefix save's bfloat16 psum over `data`.
+    config = serving_config(load_config(None, [*SIZES, "train.dtype=bfloat16"]))
+    mesh = make_mesh(parse_mesh("data=2,tensor=2"), jax.devices()[:4])
+    params = Trainer(Placement(config, mesh)).init_state(0).params
+    gen = Generator(Placement(config, mesh, serving=True), params, batch=2, max_len=16,
+                    prefix_blocks=2, prefix_block=8)  # fmt: skip
+    cache, _, _ = gen.prefill(gen.empty_cache(), np.arange(32).reshape(2, 16) % 256, [16, 16])
+    pool = gen.save_prefix(gen.empty_pool(), cache, 1, {0: 1, 1: 0})  # slot 1: the second shard
+    back = gen.load_prefix(gen.empty_cache(), pool, 0, [1, 0])
+    for saved, loaded in zip(cache, back, strict=True):
+        np.testing.assert_array_equal(np.asarray(loaded)[:, :, 0], np.asarray(saved)[:, :, 1])

@@ -421,8 +421,11 @@ class Generator:
                 if save:
                     blocks = old_1CSKH[:, :, :span].reshape(*pool_1CNLKH.shape[:2], -1, block,
                                                             *old_1CSKH.shape[3:])  # fmt: skip
-                    if rows_axis:  # from the slot's shard to every replica of the pool
-                        blocks = jax.lax.psum(jnp.where(mine, blocks, 0), DATA)
+                    if rows_axis:  # from the slot's shard to every replica of the pool, summed
+                        # in float32 (exact: one term is not 0): XLA:CPU aborts on a bfloat16
+                        # psum here (`sharding.gather_copies`)
+                        kept = jnp.where(mine, blocks, 0).astype(jnp.float32)
+                        blocks = jax.lax.psum(kept, DATA).astype(blocks.dtype)
                     return pool_1CNLKH.at[:, :, ids_N].set(blocks)
                 seq = pool_1CNLKH[:, :, ids_N].reshape(*old_1CSKH.shape[:2], span,
                                                         *old_1CSKH.shape[3:])  # fmt: skip

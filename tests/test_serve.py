@@ -2,6 +2,7 @@
 prefix cache, and the OpenAI HTTP API (the official client, streaming, errors, load and faults)
 on a live server bound to 127.0.0.1."""
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import io
@@ -449,34 +450,102 @@ def test_metrics(server):
 # --- the command ------------------------------------------------------------------------------
 
 
-def test_serve_command_serves_and_exits_0_on_sigterm(run):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    argv = [sys.executable, "-m", "jaxpar", "serve", "--run", str(run), "--port", "0",
-            "--model-name", "m", "serve.max_seqs=2", "serve.shutdown_s=5"]  # fmt: skip
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+class Launched:
+    """`jaxpar launch -n 2 -- serve` on `mesh` (two processes of 2 simulated devices, one job),
+    on a free port of 127.0.0.1, with `SERVE`'s settings; every output line kept."""
+
+    def __init__(self, run, mesh: str):
+        serve = [f"serve.{f.name}={getattr(SERVE, f.name)}" for f in dataclasses.fields(SERVE)]
+        argv = [sys.executable, "-m", "jaxpar", "launch", "-n", "2", "--devices-per-process", "2",
+                "--", "serve", "--run", str(run), "--mesh", mesh, "--port", "0", "--model-name",
+                "tiny", *serve]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env)  # fmt: skip
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout))
+        self.reader.start()
+        deadline = time.monotonic() + 180
+        while not (found := re.search(r"^\[0\] jaxpar: serving .* on (\S+) ", self.output, re.M)):
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.output
+            time.sleep(0.1)
+        self.url = found.group(1)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def pid(self, rank: int) -> int:
+        return int(re.search(rf"process {rank} of 2: pid (\d+)", self.output).group(1))
+
+    def stream(self, max_tokens: int):
+        """A streamed greedy completion, its first chunk read."""
+        chunks = iter(self.client.completions.create(
+            model="tiny", prompt="x", max_tokens=max_tokens, temperature=0, stream=True,
+            extra_body={"ignore_eos": True}))  # fmt: skip
+        next(chunks)
+        return chunks
+
+    def wait(self) -> int:
+        code = self.proc.wait(timeout=60)  # a bound on a hang, not a speed
+        self.reader.join(timeout=10)
+        return code
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.reader.join(timeout=10)
+
+
+def test_two_processes_serve_what_one_serves_and_fail_together(run, engine, generated):
+    # A pipeline over the two processes: stage 0 on process 0's devices, stage 1 on process 1's.
+    job = Launched(run, "pipeline=2,tensor=2")
     try:
-        url = None
-        deadline = time.monotonic() + 120
-        while url is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            assert line, "jaxpar serve exited before serving"
-            found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
-            url = found and found.group(1)
-        assert url, "jaxpar serve did not start"
-        assert httpx.get(url + "/v1/models", timeout=WAIT_S).json()["data"][0]["id"] == "m"
-        body = {"model": "m", "prompt": "x", "max_tokens": 200, "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=WAIT_S) as r:
-            lines = r.iter_lines()
-            next(lines)
-            proc.send_signal(signal.SIGTERM)  # mid-stream: the stream still ends properly
-            rest = [line for line in lines if line]
-        assert rest[-1] == "data: [DONE]"
-        assert proc.wait(timeout=30) == 0
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(url + "/health", timeout=5)
+        for prompt, expected in zip(PROMPTS, generated, strict=False):
+            done = job.client.completions.create(model="tiny", prompt=prompt, max_tokens=24,
+                                                 temperature=0)  # fmt: skip
+            assert done.choices[0].text == expected
+        # 16 concurrent requests over 4 slots, against each alone on one process's engine.
+        work = jobs(16, seed=1)
+
+        def ask(job_: tuple[list[int], Params]) -> str:
+            prompt, params = job_
+            done = job.client.completions.create(model="tiny", prompt=prompt, temperature=0,
+                                                 max_tokens=params.max_tokens)  # fmt: skip
+            return done.choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(ask, work))
+        assert together == [submit_and_wait(engine, [w])[0].text for w in work]
+        # Process 1 dies mid-stream: the client gets an error, and the job ends, non-zero.
+        chunks = job.stream(200)
+        os.kill(job.pid(1), signal.SIGKILL)
+        with pytest.raises(openai.APIError, match="generation failed on the device"):
+            list(chunks)
+        assert job.wait() != 0
+        assert "[launch] process 1 killed by SIGKILL; stopping the others" in job.output
+        assert "stopped: a step failed in lockstep with the other processes" in job.output
     finally:
-        proc.kill()
-        proc.wait()
+        job.close()
+
+
+def test_sigterm_to_process_0_drains_the_job_and_exits_0(run, generated):
+    # `data` over the two processes: each holds half the slots.
+    job = Launched(run, "data=2,tensor=2")
+    try:
+        done = job.client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=24,
+                                             temperature=0)  # fmt: skip
+        assert done.choices[0].text == generated[0]
+        chunks = job.stream(60)
+        os.kill(job.pid(0), signal.SIGTERM)  # mid-stream: the stream still ends properly
+        assert list(chunks)[-1].choices[0].finish_reason == "length"
+        assert job.wait() == 0
+        assert "[0] jaxpar: stopped" in job.output
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(job.url + "/health", timeout=5)
+    finally:
+        job.close()
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -1,13 +1,16 @@
 """KV-cached generation on the mesh: one prefill, then one-token decode steps compiled once.
 
-The cache is [P, C, B, S, K, H] per key and value: stage, layer slot, batch (over `data`), position,
-kv head (over `tensor`), head dim. Each pipeline stage keeps only its own layers' cache. The layer
-stack runs in the stage program every pass over the stages runs (`StageProgram`: one
-`jax.shard_map`, manual over `pipeline` and `data`, around a scan over ticks), on a GPipe table:
-the batch is cut into M micro-batches (M = P when the rows allow, else 1), stage s works on
-micro-batch t - s at tick t and hands its activation to stage s + 1 with `lax.ppermute`, so with
-several micro-batches every stage is busy once the pipeline is full. A decode step is then
-M + P - 1 ticks of one token each.
+The cache is [P, C, B, K, S, H] per key and value: stage, layer slot, batch (over `data`), kv head
+(over `tensor`), position, head dim. Positions sit next to the head dim so that a decode step's
+attention contracts each row's keys and values where they lie, B and K leading as a batched dot
+wants them (with positions before the kv heads, XLA:CPU copied each layer's span of the cache into
+that order on every step: the largest cost of a 16-row step). Each pipeline stage keeps only its
+own layers' cache. The layer stack runs in the stage program every pass over the stages runs
+(`StageProgram`: one `jax.shard_map`, manual over `pipeline` and `data`, around a scan over
+ticks), on a GPipe table: the batch is cut into M micro-batches (M = P when the rows allow, else
+1), stage s works on micro-batch t - s at tick t and hands its activation to stage s + 1 with
+`lax.ppermute`, so with several micro-batches every stage is busy once the pipeline is full. A
+decode step is then M + P - 1 ticks of one token each.
 
 On a mesh with `context` > 1 the cache's positions are split over it, striped (position p on
 piece p % C, so a decode step writes on one piece and every piece's share grows evenly), and the
@@ -59,8 +62,8 @@ from jaxpar.pipeline.schedule import Schedule
 from jaxpar.placement import Placement, logical_axes
 from jaxpar.sharding import ACT_KV_HEADS, BATCH, LAYERS, NORM, SEQ, STAGE
 
-CACHE_AXES = (STAGE, LAYERS, BATCH, SEQ, ACT_KV_HEADS, None)
-POOL_AXES = (STAGE, LAYERS, None, SEQ, ACT_KV_HEADS, None)  # the prefix cache's blocks
+CACHE_AXES = (STAGE, LAYERS, BATCH, ACT_KV_HEADS, SEQ, None)
+POOL_AXES = (STAGE, LAYERS, None, ACT_KV_HEADS, SEQ, None)  # the prefix cache's blocks
 # Shapes are bucketed so that a few compilations serve every request: prompt widths are padded to
 # a power of two of at least MIN_PROMPT_WIDTH tokens, and decode steps are compiled for cache spans
 # of powers of two from MIN_DECODE_SPAN positions up to the whole cache.
@@ -197,17 +200,17 @@ class Generator:
     @property
     def _cache_shape(self) -> tuple[int, ...]:
         m = self.placement.config.model
-        return (*self._layer_shape, self.rows, self.length, m.kv_heads, m.head_dim)
+        return (*self._layer_shape, self.rows, m.kv_heads, self.length, m.head_dim)
 
     def empty_cache(self) -> KVCache:
         return self._zeros(self._cache_shape, self.cache_sharding)
 
     def empty_pool(self) -> KVCache:
-        """The prefix cache's blocks, [P, C, blocks + 1, block, K, H] per key and value: laid out
+        """The prefix cache's blocks, [P, C, blocks + 1, K, block, H] per key and value: laid out
         as the cache (stages over `pipeline`, kv heads over `tensor`), the same on every `data`
         replica; the last block is scratch (unused entries of a copy write there)."""
         m = self.placement.config.model
-        shape = (*self._layer_shape, self.prefix_blocks + 1, self.prefix_block, m.kv_heads,
+        shape = (*self._layer_shape, self.prefix_blocks + 1, m.kv_heads, self.prefix_block,
                  m.head_dim)  # fmt: skip
         return self._zeros(shape, self.pool_sharding)
 
@@ -302,19 +305,21 @@ class Generator:
 
             def run(repeat, micro, active, h_bTD, cache_X: KVCache):
                 row = slot_Mb[micro, 0]
-                rows = [jax.lax.dynamic_slice_in_dim(c, row, b, axis=1)[:, :, :span_local]
+                rows = [jax.lax.dynamic_slice_in_dim(c, row, b, axis=1)[:, :, :, :span_local]
                         for c in cache_X]  # fmt: skip
                 h_bTD, new_CbTKH = layers(h_bTD, None if causal else positions_MbT[micro],
                                           KVCache(*rows))  # fmt: skip
                 # This call's keys and values go to their rows and positions, in place; a row
                 # that must not write (and every row of an idle tick) aims past the end, dropped.
                 keep_b = active & write_Mb[micro]
-                entries = cache_X.k.shape[2]
+                entries = cache_X.k.shape[3]
                 at_bT = jnp.where(
                     keep_b[:, None], context.cache_index(positions_MbT[micro], entries), entries
                 )
                 rows_bT = jnp.broadcast_to((row + jnp.arange(b))[:, None], at_bT.shape)
-                cache_X = KVCache(*(c.at[:, rows_bT, at_bT].set(n, mode="drop")
+                # (indices around a slice put their axes first: the update is (b, T, C, K, H))
+                cache_X = KVCache(*(c.at[:, rows_bT, :, at_bT].set(jnp.moveaxis(n, 0, 2),
+                                                                   mode="drop")
                                     for c, n in zip(cache_X, new_CbTKH, strict=True)))  # fmt: skip
                 return h_bTD, cache_X
 
@@ -323,7 +328,7 @@ class Generator:
             return out_1BTD, KVCache(*(c[None] for c in cache_X))
 
         rows_axis, seq_axis = program.batch_axis, sequence_axis(program.manual)
-        cache_spec = PartitionSpec(PIPELINE, None, rows_axis, seq_axis)
+        cache_spec = PartitionSpec(PIPELINE, None, rows_axis, None, seq_axis)
         caches, row_spec = KVCache(cache_spec, cache_spec), PartitionSpec(rows_axis)
         x_spec = PartitionSpec(rows_axis, seq_axis if split else None)
         run_stages = program(
@@ -416,29 +421,29 @@ class Generator:
             row = slot % local
             span = ids_N.shape[0] * block
 
-            def one(c_1CBSKH, pool_1CNLKH):
-                old_1CSKH = jax.lax.dynamic_index_in_dim(c_1CBSKH, row, axis=2, keepdims=False)
+            def one(c_1CBKSH, pool_1CNKLH):
+                old_1CKSH = jax.lax.dynamic_index_in_dim(c_1CBKSH, row, axis=2, keepdims=False)
+                one_c, k_heads, h = c_1CBKSH.shape[:2], c_1CBKSH.shape[3], c_1CBKSH.shape[-1]
                 if save:
-                    blocks = old_1CSKH[:, :, :span].reshape(*pool_1CNLKH.shape[:2], -1, block,
-                                                            *old_1CSKH.shape[3:])  # fmt: skip
+                    blocks = old_1CKSH[:, :, :, :span].reshape(*one_c, k_heads, -1, block, h)
+                    blocks = jnp.moveaxis(blocks, 3, 2)  # (1, C, N, K, L, H)
                     if rows_axis:  # from the slot's shard to every replica of the pool, summed
                         # in float32 (exact: one term is not 0): XLA:CPU aborts on a bfloat16
                         # psum here (`sharding.gather_copies`)
                         kept = jnp.where(mine, blocks, 0).astype(jnp.float32)
                         blocks = jax.lax.psum(kept, DATA).astype(blocks.dtype)
-                    return pool_1CNLKH.at[:, :, ids_N].set(blocks)
-                seq = pool_1CNLKH[:, :, ids_N].reshape(*old_1CSKH.shape[:2], span,
-                                                        *old_1CSKH.shape[3:])  # fmt: skip
-                seq = jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(old_1CSKH), seq, 0, 2)
-                keep = (jnp.arange(old_1CSKH.shape[2]) < n * block) & mine
-                new = jnp.where(keep[:, None, None], seq, old_1CSKH)
-                return jax.lax.dynamic_update_index_in_dim(c_1CBSKH, new, row, axis=2)
+                    return pool_1CNKLH.at[:, :, ids_N].set(blocks)
+                seq = jnp.moveaxis(pool_1CNKLH[:, :, ids_N], 2, 3).reshape(*one_c, k_heads, span, h)
+                seq = jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(old_1CKSH), seq, 0, 3)
+                keep = (jnp.arange(old_1CKSH.shape[3]) < n * block) & mine
+                new = jnp.where(keep[:, None], seq, old_1CKSH)
+                return jax.lax.dynamic_update_index_in_dim(c_1CBKSH, new, row, axis=2)
 
             out = (one(c, pl) for c, pl in zip(cache_1X, pool_1X, strict=True))
             return KVCache(*out)
 
-        cache_spec = KVCache(*[PartitionSpec(PIPELINE, None, rows_axis, seq_axis)] * 2)
-        pool_spec = KVCache(*[PartitionSpec(PIPELINE, None, None, seq_axis)] * 2)
+        cache_spec = KVCache(*[PartitionSpec(PIPELINE, None, rows_axis, None, seq_axis)] * 2)
+        pool_spec = KVCache(*[PartitionSpec(PIPELINE, None, None, None, seq_axis)] * 2)
         return jax.shard_map(
             copy, mesh=self.mesh,
             in_specs=(cache_spec, pool_spec, PartitionSpec(), PartitionSpec(), PartitionSpec()),

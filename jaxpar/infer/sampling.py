@@ -64,24 +64,58 @@ class RowSampling(NamedTuple):
 
 def sample(logits_BV: jax.Array, rows: RowSampling) -> jax.Array:
     """Draws one token per row with that row's settings (the one sampler: `generate`, `chat` and
-    the server all draw here)."""
+    the server all draw here): the argmax for a greedy row; else the argmax of the row's
+    logits / temperature plus Gumbel noise from its own key (`jax.random.categorical`), over
+    the tokens its top-k and top-p keep.
+
+    A batch pays only for what its rows ask for: all greedy, one argmax; the sort that top-k
+    and top-p need, only when a sampled row sets one. A row's token does not depend on which
+    path the batch takes (a row without limits keeps every token on both, and its noise is
+    indexed by token id, not by rank), so it depends on its own settings and seed alone.
+
+    Returns:
+        (B,) int32 token ids.
+    """
+    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    drawn_B = jnp.asarray(rows.temperature, jnp.float32) > 0
+    sampled_B = jax.lax.cond(
+        drawn_B.any(), lambda: _draw(logits_BV, rows, drawn_B), lambda: greedy_B
+    )
+    return jnp.where(drawn_B, sampled_B, greedy_B)
+
+
+def _draw(logits_BV: jax.Array, rows: RowSampling, drawn_B: jax.Array) -> jax.Array:
+    """Every row's draw from softmax(logits / temperature) over the tokens it keeps."""
     vocab = logits_BV.shape[-1]
-    greedy_B = jnp.argmax(logits_BV, axis=-1)
     temperature_B1 = jnp.asarray(rows.temperature, jnp.float32)[:, None]
     scaled_BV = logits_BV.astype(jnp.float32) / jnp.maximum(temperature_B1, 1e-6)
-    order_BV = jnp.argsort(-scaled_BV, axis=-1)
-    sorted_BV = jnp.take_along_axis(scaled_BV, order_BV, axis=-1)
-    rank_V = jnp.arange(vocab)
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of the more likely tokens
-    top_k_B1 = jnp.asarray(rows.top_k)[:, None]
-    keep_BV = (rank_V < jnp.where(top_k_B1 > 0, top_k_B1, vocab)) & (
-        before_BV < jnp.asarray(rows.top_p)[:, None]
+    top_k_B, top_p_B = jnp.asarray(rows.top_k), jnp.asarray(rows.top_p, jnp.float32)
+    limited_B = drawn_B & (((top_k_B > 0) & (top_k_B < vocab)) | (top_p_B < 1))
+    keep_BV = jax.lax.cond(
+        limited_B.any(),
+        lambda: _kept(scaled_BV, top_k_B, top_p_B),
+        lambda: jnp.ones(scaled_BV.shape, bool),
     )
-    keep_BV = keep_BV.at[:, 0].set(True)
     keys_B = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(
         jnp.asarray(rows.seed), jnp.asarray(rows.count)
     )
-    choice_B = jax.vmap(jax.random.categorical)(keys_B, jnp.where(keep_BV, sorted_BV, -jnp.inf))
-    sampled_B = jnp.take_along_axis(order_BV, choice_B[:, None], axis=-1)[:, 0]
-    return jnp.where(temperature_B1[:, 0] > 0, sampled_B, greedy_B).astype(jnp.int32)
+    choice_B = jax.vmap(jax.random.categorical)(keys_B, jnp.where(keep_BV, scaled_BV, -jnp.inf))
+    return choice_B.astype(jnp.int32)
+
+
+def _kept(scaled_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
+    """Which tokens each row keeps, in vocabulary order: its `top_k` most likely (0: all) that
+    are also in the smallest set whose probability reaches `top_p` (1: all), the most likely
+    always. Every token of a row without limits."""
+    b, vocab = scaled_BV.shape
+    order_BV = jnp.argsort(-scaled_BV, axis=-1)
+    probs_BV = jax.nn.softmax(jnp.take_along_axis(scaled_BV, order_BV, axis=-1), axis=-1)
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of the more likely tokens
+    top_k_B1, top_p_B1 = top_k_B[:, None], top_p_B[:, None]
+    # (top_p 1 keeps every token even where the rounded mass before the last ones reaches 1)
+    keep_by_rank_BV = (jnp.arange(vocab) < jnp.where(top_k_B1 > 0, top_k_B1, vocab)) & (
+        (before_BV < top_p_B1) | (top_p_B1 >= 1)
+    )
+    keep_by_rank_BV = keep_by_rank_BV.at[:, 0].set(True)
+    rows_B1 = jnp.arange(b)[:, None]
+    return jnp.zeros((b, vocab), bool).at[rows_B1, order_BV].set(keep_by_rank_BV)

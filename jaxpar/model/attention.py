@@ -321,8 +321,8 @@ def attend_cached(
     k_BTKH: jax.Array,
     v_BTKH: jax.Array,
     positions_BT: jax.Array,
-    cache_k_BSKH: jax.Array,
-    cache_v_BSKH: jax.Array,
+    cache_k_BKSH: jax.Array,
+    cache_v_BKSH: jax.Array,
 ) -> jax.Array:
     """Attention of this call's queries over a KV cache's first positions and over this call's
     own keys: row b's cache holds its positions below `positions_BT[b, 0]` (what is cached beyond
@@ -330,8 +330,9 @@ def attend_cached(
     read: the caller writes this call's keys into it afterwards.
 
     One softmax over both parts, merged as a flash kernel merges blocks (a shared maximum and sum
-    in float32), so the cache is never concatenated or copied. This is the KV-cached path for
-    every implementation: a decode step is memory-bound, where a fused kernel gains nothing.
+    in float32), so the cache is never concatenated or copied: it is (B, K, S, H), the order its
+    two contractions batch and contract in. This is the KV-cached path for every implementation:
+    a decode step is memory-bound, where a fused kernel gains nothing.
 
     Returns:
         (B, T, N, H) in the queries' dtype.
@@ -341,22 +342,23 @@ def attend_cached(
     q_BTKGH = q_BTNH.reshape(b, t, k_heads, n // k_heads, h)
     lowest = jnp.finfo(jnp.float32).min
 
-    def scores(k_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
-        s_BKGTS = jnp.einsum("BTKGH,BSKGH->BKGTS", q_BTKGH, k_BSKH[:, :, :, None, :])
+    def scaled(s_BKGTS: jax.Array, mask_BTS: jax.Array) -> jax.Array:
         s_BKGTS = s_BKGTS.astype(jnp.float32) / math.sqrt(h)
         return jnp.where(mask_BTS[:, None, None], s_BKGTS, lowest)
 
-    cached_BS = jnp.arange(cache_k_BSKH.shape[1])[None, :] < positions_BT[:, :1]
-    old_BKGTS = scores(
-        cache_k_BSKH, jnp.broadcast_to(cached_BS[:, None, :], (b, t, cached_BS.shape[1]))
+    cached_BS = jnp.arange(cache_k_BKSH.shape[2])[None, :] < positions_BT[:, :1]
+    old_BKGTS = scaled(
+        jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, cache_k_BKSH),
+        jnp.broadcast_to(cached_BS[:, None, :], (b, t, cached_BS.shape[1])),
     )
-    new_BKGTU = scores(k_BTKH, positions_BT[:, None, :] <= positions_BT[:, :, None])
+    new_BKGTU = scaled(jnp.einsum("BTKGH,BUKH->BKGTU", q_BTKGH, k_BTKH),
+                       positions_BT[:, None, :] <= positions_BT[:, :, None])  # fmt: skip
     top_BKGT1 = jnp.maximum(old_BKGTS.max(-1, keepdims=True), new_BKGTU.max(-1, keepdims=True))
     p_old_BKGTS, p_new_BKGTU = jnp.exp(old_BKGTS - top_BKGT1), jnp.exp(new_BKGTU - top_BKGT1)
     total_BKGT = p_old_BKGTS.sum(-1) + p_new_BKGTU.sum(-1)
     dtype = q_BTNH.dtype
     out_BTKGH = jnp.einsum(
-        "BKGTS,BSKH->BTKGH", p_old_BKGTS.astype(dtype), cache_v_BSKH
+        "BKGTS,BKSH->BTKGH", p_old_BKGTS.astype(dtype), cache_v_BKSH
     ) + jnp.einsum("BKGTU,BUKH->BTKGH", p_new_BKGTU.astype(dtype), v_BTKH)
     out_BTKGH = out_BTKGH.astype(jnp.float32) / jnp.moveaxis(total_BKGT, 3, 1)[..., None]
     return out_BTKGH.astype(dtype).reshape(b, t, n, h)

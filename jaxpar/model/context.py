@@ -286,8 +286,8 @@ def attend_cached(
     k_BTKH: jax.Array,
     v_BTKH: jax.Array,
     positions_BT: jax.Array,
-    cache_k_BSKH: jax.Array,
-    cache_v_BSKH: jax.Array,
+    cache_k_BKSH: jax.Array,
+    cache_v_BKSH: jax.Array,
     *,
     block: int,
 ) -> jax.Array:
@@ -306,11 +306,18 @@ def attend_cached(
     Returns:
         (B, T, N, H) in the queries' dtype.
     """
-    b, s = cache_k_BSKH.shape[:2]
+    b, s = cache_k_BKSH.shape[0], cache_k_BKSH.shape[2]
     at_BT = cache_index(positions_BT, s)
     rows_BT = jnp.broadcast_to(jnp.arange(b)[:, None], at_BT.shape)
-    k_BSKH = cache_k_BSKH.at[rows_BT, at_BT].set(k_BTKH.astype(cache_k_BSKH.dtype), mode="drop")
-    v_BSKH = cache_v_BSKH.at[rows_BT, at_BT].set(v_BTKH.astype(cache_v_BSKH.dtype), mode="drop")
+
+    def joined(cache_BKSH: jax.Array, new_BTKH: jax.Array) -> jax.Array:
+        """The cache with this call's entries, as (B, S, K, H) for `blocked` (the indices
+        around the slice put B and T first, as the new entries are)."""
+        cache_BKSH = cache_BKSH.at[rows_BT, :, at_BT].set(new_BTKH.astype(cache_BKSH.dtype),
+                                                          mode="drop")  # fmt: skip
+        return jnp.swapaxes(cache_BKSH, 1, 2)
+
+    k_BSKH, v_BSKH = joined(cache_k_BKSH, k_BTKH), joined(cache_v_BKSH, v_BTKH)
     c = pieces()
     k_positions_BS = jnp.broadcast_to(jnp.arange(s) * c + jax.lax.axis_index(CONTEXT), (b, s))
 

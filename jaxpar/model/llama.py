@@ -126,7 +126,8 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
 
 
 class KVCache(NamedTuple):
-    """One layer's keys and values, (B, S, K, H) each, S the longest sequence it can hold."""
+    """One layer's keys and values, (B, K, S, H) each, S the longest sequence it can hold
+    (positions next to the head dim: see `jaxpar.infer.engine`)."""
 
     k: jax.Array
     v: jax.Array

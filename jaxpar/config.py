@@ -220,16 +220,19 @@ class ServeConfig:
     """`jaxpar serve`: continuous batching over `max_seqs` decode slots (rounded up to a multiple
     of data x pipeline, so every stage gets micro-batches), prompts prefilled `prefill_chunk`
     tokens at a time between decode steps (about `max_batched_tokens` tokens a turn), at most
-    `max_queue` requests waiting, and a prefix cache of `prefix_blocks` blocks of `prefix_block`
-    positions (0 blocks: no prefix cache)."""
+    `max_queue` requests waiting. The KV cache is paged: each `data` shard's pool holds
+    `kv_blocks` blocks of `block_size` positions (0: as many as its slots need at full context,
+    so that nothing is ever preempted), taken as tokens arrive; full prompt blocks are kept for
+    later prompts that start with them (`prefix_cache`)."""
 
     max_seqs: int = 8
     prefill_chunk: int = 64
     # Tokens a turn of the loop computes: one per decoding slot, the rest in prompt pieces.
     max_batched_tokens: int = 512
     max_queue: int = 64
-    prefix_block: int = 16
-    prefix_blocks: int = 256
+    block_size: int = 16
+    kv_blocks: int = 0
+    prefix_cache: bool = True
     # On SIGTERM, in-flight requests get this long to finish before they are cancelled.
     shutdown_s: float = 10.0
 
@@ -313,6 +316,12 @@ def _coerce(key: str, value: Any, t: type, from_text: bool) -> Any:
 def _set(tree: dict[str, dict[str, Any]], key: str, value: Any, from_text: bool) -> None:
     if key == "pipeline.remat":  # its old name: remat is per layer now, on every mesh
         key = "model.remat"
+    # The prefix cache's own pool before the cache was paged (its blocks are the cache's now).
+    if key == "serve.prefix_block":
+        key = "serve.block_size"
+    if key == "serve.prefix_blocks":
+        key, value = "serve.prefix_cache", str(value).strip() not in ("0", "0.0")
+        from_text = False
     section, _, name = key.partition(".")
     if section not in _SECTION_TYPES or not name:
         raise JaxparError(
@@ -476,11 +485,12 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
 
 
 def _validate_serve(s: ServeConfig) -> None:
-    for name in ("max_seqs", "prefill_chunk", "max_batched_tokens", "max_queue", "prefix_block",
+    for name in ("max_seqs", "prefill_chunk", "max_batched_tokens", "max_queue", "block_size",
                  "shutdown_s"):  # fmt: skip
         _positive(f"serve.{name}", getattr(s, name))
-    if s.prefix_blocks < 0:
-        raise JaxparError(f"serve.prefix_blocks={s.prefix_blocks} must be >= 0 (0: no cache)")
+    if s.kv_blocks < 0:
+        raise JaxparError(f"serve.kv_blocks={s.kv_blocks} must be >= 0 (0: every slot's full "
+                          "context)")  # fmt: skip
 
 
 def validate_model_for_mesh(m: ModelConfig, spec: MeshSpec, repeats: int = 1) -> None:

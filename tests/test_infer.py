@@ -28,8 +28,9 @@ ROWS, MAX_LEN = 4, 24
 
 
 @functools.cache
-def setup(spec: str):
-    """A model initialised identically on `spec`, its generator and a full-recompute forward."""
+def setup(spec: str, kv_blocks: int = 0):
+    """A model initialised identically on `spec`, its generator (paged: `kv_blocks` blocks of 4
+    positions per data shard) and a full-recompute forward."""
     # Over `context`, a piece's queries are attended 4 at a time (several blocks a piece); on two
     # stages, the first holds one layer and a padded slot, the second two layers.
     blocks = ["model.attention_block=4"] if "context" in spec else []
@@ -39,7 +40,8 @@ def setup(spec: str):
     mesh = make_mesh(s, jax.devices()[: s.size])
     trainer = Trainer(Placement(config, mesh))
     params = trainer.init_state(0).params
-    gen = Generator(Placement(config, mesh, serving=True), params, batch=ROWS, max_len=MAX_LEN)
+    gen = Generator(Placement(config, mesh, serving=True), params, batch=ROWS, max_len=MAX_LEN,
+                    blocks=kv_blocks, block=4)  # fmt: skip
     tokens = np.random.default_rng(0).integers(0, 256, (ROWS, 20)).astype(np.int32)
     with jax.set_mesh(mesh):
         full = jax.jit(lambda p, t: nnx.merge(trainer.placement.graphdef, p)(t))(params, tokens)
@@ -227,15 +229,45 @@ def test_missing_inputs(capsys, argv, fragment):
     assert fragment in err and len(err.splitlines()) == 1
 
 
-def test_bfloat16_prefix_blocks_copy_from_any_data_shard():
-    # XLA:CPU aborted the process compiling the prefix save's bfloat16 psum over `data`.
+@pytest.mark.parametrize("spec", [SPMD, CONTEXT])
+def test_a_paged_cache_decodes_what_recomputation_gives(spec):
+    # Each row's positions in scattered blocks of its data shard's pool: prompts prefilled as
+    # pieces (one row per shard a call), then decoded together, teacher-forced.
+    gen, tokens, full = setup(spec, kv_blocks=24)
+    data = gen.data
+    per_row = MAX_LEN // 4
+    table = np.random.default_rng(1).permutation(24)[: ROWS // data * per_row]
+    table = np.tile(table.reshape(ROWS // data, per_row), (data, 1)).astype(np.int32)
+    lengths = np.array([5, 8, 3, 16], np.int32)
+    cache, logits = gen.empty_cache(), np.zeros_like(full[:, 0])
+    for local in range(ROWS // data):  # row local + shard x ROWS / data, for every shard
+        rows = np.arange(data) * (ROWS // data) + local
+        piece = np.where(np.arange(16) < lengths[rows, None], tokens[rows, :16], 0)
+        zeros, active = np.zeros(data, np.int32), np.ones(data, bool)
+        cache, logits[rows], _ = gen.prefill_chunk(
+            cache, piece, zeros + local, zeros, lengths[rows], active,
+            RowSampling.fill(data, GREEDY, 0), table[rows],
+        )  # fmt: skip
+    everyone = np.arange(ROWS)
+    np.testing.assert_allclose(logits, full[everyone, lengths - 1], rtol=0, atol=2e-5)
+    position = lengths.copy()
+    for _ in range(3):
+        cache, logits, _ = gen.decode(cache, tokens[everyone, position], position,
+                                      table_BN=table)  # fmt: skip
+        np.testing.assert_allclose(logits, full[everyone, position], rtol=0, atol=2e-5)
+        position += 1
+
+
+def test_bfloat16_serving_steps_compile_on_data_shards():
+    # XLA:CPU aborted the process compiling the (old) prefix save's bfloat16 psum over `data`.
     config = serving_config(load_config(None, [*SIZES, "train.dtype=bfloat16"]))
     mesh = make_mesh(parse_mesh("data=2,tensor=2"), jax.devices()[:4])
     params = Trainer(Placement(config, mesh)).init_state(0).params
     gen = Generator(Placement(config, mesh, serving=True), params, batch=2, max_len=16,
-                    prefix_blocks=2, prefix_block=8)  # fmt: skip
-    cache, _, _ = gen.prefill(gen.empty_cache(), np.arange(32).reshape(2, 16) % 256, [16, 16])
-    pool = gen.save_prefix(gen.empty_pool(), cache, 1, {0: 1, 1: 0})  # slot 1: the second shard
-    back = gen.load_prefix(gen.empty_cache(), pool, 0, [1, 0])
-    for saved, loaded in zip(cache, back, strict=True):
-        np.testing.assert_array_equal(np.asarray(loaded)[:, :, 0], np.asarray(saved)[:, :, 1])
+                    blocks=4, block=4)  # fmt: skip
+    table = np.array([[3, 1, 0, 2], [0, 1, 2, 3]], np.int32)
+    zeros, ones = np.zeros(2, np.int32), np.ones(2, bool)
+    rows = RowSampling.fill(2, GREEDY, 0)
+    _, _, token = gen.prefill_chunk(gen.empty_cache(), np.ones((2, 8), np.int32), zeros, zeros,
+                                    zeros + 8, ones, rows, table)  # fmt: skip
+    assert np.asarray(token).shape == (2,)

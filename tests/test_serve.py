@@ -34,7 +34,9 @@ from jaxpar.mesh import make_mesh, parse_mesh
 SIZES = ["model.layers=2", "model.dim=32", "model.heads=4", "model.kv_heads=2",
          "model.mlp_dim=64"]  # fmt: skip
 CONTEXT = 256
-SERVE = ServeConfig(max_seqs=4, prefill_chunk=32, max_queue=16, prefix_block=8, prefix_blocks=64)
+# A pool of 32 blocks of 8 positions per data shard: one full context for 4 slots, so that 16
+# requests of up to 94 tokens (12 blocks) preempt each other.
+SERVE = ServeConfig(max_seqs=4, prefill_chunk=32, max_queue=16, block_size=8, kv_blocks=32)
 WAIT_S = 60  # the bound on every wait below
 
 
@@ -117,12 +119,16 @@ def submit_and_wait(engine: Engine, jobs: list[tuple[list[int], Params]]):
 
 
 def jobs(n: int, seed: int = 0) -> list[tuple[list[int], Params]]:
+    """n greedy requests of 1-69 prompt tokens and 1-23 new ones, then 4 of 60 and 28 (11 blocks
+    of 8 each: any three at once outgrow the pool's 32 blocks, and preempt)."""
     rng = np.random.default_rng(seed)
-    return [
+    work = [
         (rng.integers(0, 256, int(rng.integers(1, 70))).tolist(),
          Params(max_tokens=int(rng.integers(1, 24)), sampling=GREEDY))
-        for _ in range(n)
+        for _ in range(n - 4)
     ]  # fmt: skip
+    return work + [(rng.integers(0, 256, 60).tolist(), Params(28, sampling=GREEDY))
+                   for _ in range(4)]  # fmt: skip
 
 
 @pytest.mark.parametrize("spec", ["data=1", "data=2,pipeline=2,tensor=2"])
@@ -135,6 +141,11 @@ def test_concurrent_requests_get_the_tokens_they_get_alone(run, engine, spec):
     alone = [submit_and_wait(mesh_engine, [job])[0].tokens for job in work]
     assert together == alone
     assert [len(t) for t in together] == [p.max_tokens for _, p in work]
+    if spec == "data=1":  # (on data=2, a shard's 2 slots fit its 32 blocks)
+        assert mesh_engine.preemptions > 0
+    for pool in mesh_engine.pools:  # every block free again (or cached), none lost
+        pool.check()
+        assert pool.used == 0 and pool.available == pool.blocks
     generator = engine.model.generator(1, CONTEXT)
     static = [generator.generate([prompt], p.max_tokens, GREEDY).new_ids[0]
               for prompt, p in work[:4]]  # fmt: skip
@@ -149,12 +160,29 @@ def test_prefix_cache_prefills_only_the_new_tokens(engine):
     shared = rng.integers(0, 256, 200).tolist()  # 25 blocks of 8
     first, second = shared + [1, 2, 3, 4, 5], shared + [9, 8, 7, 6, 5, 4, 3]
     submit_and_wait(engine, [(first, Params(4, sampling=GREEDY))])
-    before, hits = engine.prefilled_tokens, engine.prefix.hit_tokens
+    (pool,) = engine.pools
+    before, hits = engine.prefilled_tokens, pool.hit_tokens
     (request,) = submit_and_wait(engine, [(second, Params(12, sampling=GREEDY))])
     assert engine.prefilled_tokens - before == 7  # only the tokens after the shared 200
-    assert engine.prefix.hit_tokens - hits == 200 and request.usage["cached_tokens"] == 200
+    assert pool.hit_tokens - hits == 200 and request.usage["cached_tokens"] == 200
     without = engine.model.generator(1, CONTEXT).generate([second], 12, GREEDY).new_ids[0]
     assert request.tokens == without
+    # Three requests at once hold one copy of the prefix's 25 blocks, each its own blocks after
+    # (3 x 28 blocks at the end: unshared, they would not fit the pool's 32).
+    work = [(shared + [i], Params(24, sampling=GREEDY)) for i in range(3)]
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (submit_and_wait(engine, work), done.set()))
+    thread.start()
+    together: list[list[int]] = []
+    while not done.is_set():
+        tables = [list(r.blocks) for r in engine.running()]
+        if len(tables) == 3 and sum(map(len, tables)) > sum(map(len, together)):
+            together = tables
+    thread.join(WAIT_S)
+    assert sum(map(len, together)) > engine.pools[0].blocks
+    assert len({tuple(t[:25]) for t in together}) == 1
+    assert len({b for t in together for b in t}) == 25 + sum(len(t) - 25 for t in together)
+    assert engine.pools[0].used == 0
 
 
 def test_stop_ids_eos_stop_strings_and_max_tokens(engine):
@@ -273,8 +301,8 @@ def test_a_cache_split_over_context_serves_what_one_device_serves(run, engine, g
     live = None
     try:
         g = split.generator
-        assert g.device_tokens == split.slots * CONTEXT // 2
-        assert f"each device holds {split.slots * CONTEXT // 2} tokens" in g.cache_summary()
+        assert g.device_tokens == SERVE.kv_blocks * SERVE.block_size // 2
+        assert f"each device holds {g.device_tokens} tokens" in g.cache_summary()
         work = jobs(6, seed=3)
         assert ([r.tokens for r in submit_and_wait(split, work)]
                 == [r.tokens for r in submit_and_wait(engine, work)])  # fmt: skip
@@ -518,6 +546,9 @@ def test_two_processes_serve_what_one_serves_and_fail_together(run, engine, gene
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             together = list(pool.map(ask, work))
         assert together == [submit_and_wait(engine, [w])[0].text for w in work]
+        metrics = httpx.get(job.url + "/metrics", timeout=WAIT_S).text
+        assert float(re.search(r"^jaxpar_preemptions_total (\S+)", metrics, re.M)[1]) > 0
+        assert re.search(r"^jaxpar_kv_blocks_used 0\.0$", metrics, re.M)
         # Process 1 dies mid-stream: the client gets an error, and the job ends, non-zero.
         chunks = job.stream(200)
         os.kill(job.pid(1), signal.SIGKILL)
@@ -554,8 +585,13 @@ def test_sigterm_to_process_0_drains_the_job_and_exits_0(run, generated):
     (["serve.max_seqs=0"], "'serve.max_seqs' must be positive"),
     (["--mesh", "data=4,context=2", "serve.prefill_chunk=33"],
      "serve.prefill_chunk=33 is not a multiple of context=2"),
-    (["--mesh", "data=2,context=4", "serve.prefix_block=6"],
-     "serve.prefix_block=6 is not a multiple of context=4"),
+    (["--mesh", "data=2,context=4", "serve.block_size=6"],
+     "serve.block_size=6 must divide the model's context of 256 tokens and be a multiple of "
+     "context=4"),
+    (["--mesh", "data=8", "serve.block_size=48"],
+     "serve.block_size=48 must divide the model's context of 256"),
+    (["--mesh", "data=8", "serve.kv_blocks=15"], "serve.kv_blocks=15 blocks of 16 positions hold "
+     "fewer than one request at the model's full context of 256 tokens; give at least 16"),
 ])  # fmt: skip
 def test_serve_bad_input(capsys, run, args, fragment):
     assert main(["serve", "--run", str(run), *args]) == 2

@@ -171,8 +171,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not primary:
         engine.follow()
         return 0
-    log(f"{model.source}: compiling the steps for {engine.slots} slots of {model.context} "
-        f"tokens ({engine.generator.slot_bytes / 2**20:,.2f} MiB of cache per slot)")  # fmt: skip
+    log(f"{model.source}: compiling the steps for {engine.slots} slots of up to {model.context} "
+        f"tokens")  # fmt: skip
     log(engine.generator.cache_summary())
     engine.start()
     serve(engine, name, sock, config.shutdown_s, log)

@@ -53,8 +53,6 @@ from jaxpar.model import context
 from jaxpar.model.llama import BLOCK_WEIGHT_AXES, BlockWeights, KVCache, Llama
 from jaxpar.pipeline.program import (
     StageProgram,
-    batch_axis,
-    manual_axes,
     microbatch_count,
     sequence_axis,
 )
@@ -62,8 +60,9 @@ from jaxpar.pipeline.schedule import Schedule
 from jaxpar.placement import Placement, logical_axes
 from jaxpar.sharding import ACT_KV_HEADS, BATCH, LAYERS, NORM, SEQ, STAGE
 
+# (paged: the pool's blocks in place of the rows, over `data`, and a block's positions in place
+# of the row's)
 CACHE_AXES = (STAGE, LAYERS, BATCH, ACT_KV_HEADS, SEQ, None)
-POOL_AXES = (STAGE, LAYERS, None, ACT_KV_HEADS, SEQ, None)  # the prefix cache's blocks
 # Shapes are bucketed so that a few compilations serve every request: prompt widths are padded to
 # a power of two of at least MIN_PROMPT_WIDTH tokens, and decode steps are compiled for cache spans
 # of powers of two from MIN_DECODE_SPAN positions up to the whole cache.
@@ -103,18 +102,23 @@ class Generation:
 class Generator:
     """A model on a mesh, ready to prefill and decode a batch of `batch` rows up to `max_len`.
 
-    The cache's rows are also the server's decode slots: a static batch (`generate`) fills them
-    all at once; the server (`jaxpar.infer.scheduler`) fills them one request at a time, with
-    prompt pieces (`prefill_chunk`), and decodes every active slot together (`decode`). Every step
-    reads the cache and writes only the positions it computes, in place.
+    A static batch (`generate`) fills the cache's rows all at once. The server
+    (`jaxpar.infer.scheduler`) pages it: the cache is a pool of `blocks` blocks of `block`
+    positions per `data` shard, [P, C, data x blocks, K, block, H], and each step takes a block
+    table per row (`table`, [B, max_len / block], block ids of the row's shard) that says which
+    blocks hold the row's positions 0, block, 2 block, ...; it fills its rows one request at a
+    time with prompt pieces (`prefill_chunk`) and decodes every active row together (`decode`).
+    A paged step gathers each row's blocks into the order attention reads (a gather, in XLA; a
+    paged-attention kernel would read them where they lie) and writes the positions it computes
+    into their blocks. Every step writes only the positions it computes, in place.
 
     Args:
         placement: a serving placement (`Placement(config, mesh, serving=True)`).
         params: parameters laid out by `placement.param_shardings`.
         batch: rows per call, before padding to a multiple of `data`.
         max_len: prompt plus new tokens, the longest sequence a row holds.
-        prefix_blocks, prefix_block: the prefix cache's pool (`empty_pool`): this many blocks of
-            this many positions, as the cache lays them out (0: none).
+        blocks, block: a paged cache of this many blocks of this many positions per `data` shard
+            (blocks 0: rows of `max_len` positions).
     """
 
     def __init__(
@@ -124,8 +128,8 @@ class Generator:
         *,
         batch: int,
         max_len: int,
-        prefix_blocks: int = 0,
-        prefix_block: int = 16,
+        blocks: int = 0,
+        block: int = 16,
     ):
         if not placement.serving:
             raise JaxparError(
@@ -140,12 +144,13 @@ class Generator:
         self.context = spec.context  # pieces of the cache's positions
         self.max_len = max_len
         self.length = -(-max_len // self.context) * self.context  # the cache's positions
-        if prefix_blocks and prefix_block % self.context:
+        if blocks and (block % self.context or self.length % block):
             raise JaxparError(
-                f"serve.prefix_block={prefix_block} is not a multiple of context="
-                f"{self.context}: each block's positions are split evenly over the context axis"
+                f"serve.block_size={block} must divide the context of {self.length} positions "
+                f"and be a multiple of context={self.context}: each block's positions are split "
+                "evenly over the context axis"
             )
-        self.prefix_blocks, self.prefix_block = prefix_blocks, prefix_block
+        self.blocks, self.block = blocks, block
         self.graphdef = placement.graphdef
         self._compiled: dict[tuple, jax.stages.Compiled] = {}
         self.compile_s = 0.0  # spent compiling so far
@@ -185,10 +190,6 @@ class Generator:
     def cache_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, self.placement.rules.spec(CACHE_AXES))
 
-    @cached_property
-    def pool_sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, self.placement.rules.spec(POOL_AXES))
-
     def _zeros(self, shape: tuple[int, ...], sharding: NamedSharding) -> KVCache:
         zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=sharding)
         return KVCache(zeros(), zeros())
@@ -200,58 +201,62 @@ class Generator:
     @property
     def _cache_shape(self) -> tuple[int, ...]:
         m = self.placement.config.model
-        return (*self._layer_shape, self.rows, m.kv_heads, self.length, m.head_dim)
+        paged = (self.data * self.blocks, self.block)
+        rows, length = paged if self.blocks else (self.rows, self.length)
+        return (*self._layer_shape, rows, m.kv_heads, length, m.head_dim)
 
     def empty_cache(self) -> KVCache:
         return self._zeros(self._cache_shape, self.cache_sharding)
 
-    def empty_pool(self) -> KVCache:
-        """The prefix cache's blocks, [P, C, blocks + 1, K, block, H] per key and value: laid out
-        as the cache (stages over `pipeline`, kv heads over `tensor`), the same on every `data`
-        replica; the last block is scratch (unused entries of a copy write there)."""
+    @property
+    def _position_bytes(self) -> int:
+        """The cache's bytes per position of a row: keys and values of every layer."""
         m = self.placement.config.model
-        shape = (*self._layer_shape, self.prefix_blocks + 1, m.kv_heads, self.prefix_block,
-                 m.head_dim)  # fmt: skip
-        return self._zeros(shape, self.pool_sharding)
+        return 2 * m.layers * m.kv_heads * m.head_dim * jnp.dtype(self.dtype).itemsize
 
     @property
     def slot_bytes(self) -> int:
-        """The cache's bytes per row (slot): keys and values of every layer, all positions."""
-        m = self.placement.config.model
-        return 2 * m.layers * self.length * m.kv_heads * m.head_dim * jnp.dtype(self.dtype).itemsize
+        """The bytes of a row of `max_len` positions (a slot's, unpaged)."""
+        return self._position_bytes * self.length
+
+    @property
+    def block_bytes(self) -> int:
+        return self._position_bytes * self.block
 
     @property
     def device_tokens(self) -> int:
-        """Tokens of cache one device holds (for its stage's layers): its `data` shard's rows
-        times its share of the positions (all of them but over `context`)."""
+        """Tokens of cache one device holds (for its stage's layers): its `data` shard's rows or
+        blocks, times its share of their positions (all of them but over `context`)."""
+        if self.blocks:
+            return self.blocks * self.block // self.context
         return self.local_rows * self.length // self.context
 
     def cache_summary(self) -> str:
         """The start-up line that says how the cache is spread over the devices."""
         shard = self.cache_sharding.shard_shape(self._cache_shape)
         per_device = 2 * math.prod(shard) * jnp.dtype(self.dtype).itemsize  # keys and values
+        if self.blocks:
+            return (
+                f"paged KV cache of {self.blocks:,} blocks x {self.block} positions per data "
+                f"shard ({self.blocks * self.block / self.length:,.1f} full contexts): each "
+                f"device holds {self.device_tokens:,} tokens of it ({per_device / 2**20:,.2f} MiB)"
+            )
         return (
             f"KV cache of {self.rows} rows x {self.length:,} positions: each device holds "
             f"{self.device_tokens:,} tokens of it ({self.local_rows} rows x "
             f"{self.length // self.context:,} positions, {per_device / 2**20:,.2f} MiB)"
         )
 
-    @property
-    def pool_bytes(self) -> int:
-        """The prefix pool's bytes (its scratch block included; 0 without a pool)."""
-        if not self.prefix_blocks:
-            return 0
-        per_position = self.slot_bytes // self.length
-        return per_position * (self.prefix_blocks + 1) * self.prefix_block
-
     # -- the steps ---------------------------------------------------------------------------
 
     def _stack(self, model: Llama, weights: BlockWeights, x_BTD, positions_BT, cache: KVCache,
-               slot_B, write_B, by_seq: bool = False, span: int | None = None):  # fmt: skip
+               slot_B, write_B, by_seq: bool = False, span: int | None = None,
+               table_BN=None):  # fmt: skip
         """The layer stack on (B, T, D) through the pipelined shard_map; returns (x, cache).
 
         Row b reads and writes cache row `slot_B[b]` of its `data` shard (the rows of one
-        micro-batch are consecutive slots) and keeps what it wrote only where `write_B[b]`.
+        micro-batch are consecutive slots), or when paged the blocks `table_BN[b]` of its shard,
+        and keeps what it wrote only where `write_B[b]`.
         Positions None mean 0..T-1 in every row (a prefill). With `by_seq`, each shard has one
         row whose positions are cut into micro-batches along the sequence (a prompt chunk): the
         stages work on consecutive pieces at once, each piece attending to what the pieces
@@ -275,8 +280,11 @@ class Generator:
             order_T = context.striped_order(t, self.context) if split else np.arange(t)
             positions_BT = jnp.broadcast_to(jnp.asarray(order_T, jnp.int32), x_BTD.shape[:2])
         span_local = -(-self._span(span) // self.context)  # the cache entries attention reads
+        paged = table_BN is not None
+        block_local = self.block // self.context  # a block's entries on one piece
 
-        def stages(weights_1X, cache_1X: KVCache, x_BTD, positions_BT, slot_B, write_B):
+        def stages(weights_1X, cache_1X: KVCache, x_BTD, positions_BT, slot_B, write_B,
+                   *table_BN):  # fmt: skip
             stage = jax.lax.axis_index(PIPELINE)
             weights_X = jax.tree.map(lambda a: a[0], weights_1X)
             cache_X = KVCache(*(c[0] for c in cache_1X))
@@ -289,10 +297,12 @@ class Generator:
                 positions_MbT = positions_BT.reshape(m, 1, t // m)
                 slot_Mb = jnp.broadcast_to(slot_B, (m, 1))
                 write_Mb = jnp.broadcast_to(write_B, (m, 1))
+                table_MbN = [jnp.broadcast_to(t, (m, *t.shape)) for t in table_BN]
             else:
                 b = b_all // m
-                x_MbTD, positions_MbT, slot_Mb, write_Mb = (
-                    program.split(a[None]) for a in (x_BTD, positions_BT, slot_B, write_B)
+                x_MbTD, positions_MbT, slot_Mb, write_Mb, *table_MbN = (
+                    program.split(a[None])
+                    for a in (x_BTD, positions_BT, slot_B, write_B, *table_BN)
                 )
 
             def layers(h_bTD, positions_bT, cache_X: KVCache):
@@ -304,19 +314,36 @@ class Generator:
                 return jax.lax.scan(layer, h_bTD, (weights_X, valid[stage, 0], *cache_X))
 
             def run(repeat, micro, active, h_bTD, cache_X: KVCache):
-                row = slot_Mb[micro, 0]
-                rows = [jax.lax.dynamic_slice_in_dim(c, row, b, axis=1)[:, :, :, :span_local]
-                        for c in cache_X]  # fmt: skip
+                keep_b = active & write_Mb[micro]
+                if paged:  # each row's blocks gathered in order
+                    ids_bN = table_MbN[0][micro][:, : -(-span_local // block_local)]
+
+                    def gathered(pool_CNKLH):
+                        g_CbKNLH = jnp.moveaxis(pool_CNKLH[:, ids_bN], 3, 2)
+                        g_CbKSH = g_CbKNLH.reshape(*g_CbKNLH.shape[:3], -1, g_CbKNLH.shape[-1])
+                        return g_CbKSH[:, :, :, :span_local]
+
+                    rows = [gathered(c) for c in cache_X]
+                else:
+                    row = slot_Mb[micro, 0]
+                    rows = [jax.lax.dynamic_slice_in_dim(c, row, b, axis=1)[:, :, :, :span_local]
+                            for c in cache_X]  # fmt: skip
                 h_bTD, new_CbTKH = layers(h_bTD, None if causal else positions_MbT[micro],
                                           KVCache(*rows))  # fmt: skip
-                # This call's keys and values go to their rows and positions, in place; a row
-                # that must not write (and every row of an idle tick) aims past the end, dropped.
-                keep_b = active & write_Mb[micro]
-                entries = cache_X.k.shape[3]
-                at_bT = jnp.where(
-                    keep_b[:, None], context.cache_index(positions_MbT[micro], entries), entries
-                )
-                rows_bT = jnp.broadcast_to((row + jnp.arange(b))[:, None], at_bT.shape)
+                # This call's keys and values go to their rows (blocks) and positions, in place;
+                # a row that must not write (and every row of an idle tick) aims past the end,
+                # dropped.
+                entries = self.length // self.context
+                at_bT = context.cache_index(positions_MbT[micro], entries)
+                if paged:
+                    held_bT = jnp.take_along_axis(table_MbN[0][micro], at_bT // block_local,
+                                                  axis=1, mode="clip")  # fmt: skip
+                    rows_bT = jnp.where(keep_b[:, None] & (at_bT < entries), held_bT,
+                                        cache_X.k.shape[1])  # fmt: skip
+                    at_bT = at_bT % block_local
+                else:
+                    at_bT = jnp.where(keep_b[:, None], at_bT, entries)
+                    rows_bT = jnp.broadcast_to((row + jnp.arange(b))[:, None], at_bT.shape)
                 # (indices around a slice put their axes first: the update is (b, T, C, K, H))
                 cache_X = KVCache(*(c.at[:, rows_bT, :, at_bT].set(jnp.moveaxis(n, 0, 2),
                                                                    mode="drop")
@@ -331,12 +358,14 @@ class Generator:
         cache_spec = PartitionSpec(PIPELINE, None, rows_axis, None, seq_axis)
         caches, row_spec = KVCache(cache_spec, cache_spec), PartitionSpec(rows_axis)
         x_spec = PartitionSpec(rows_axis, seq_axis if split else None)
+        tables = (table_BN,) if paged else ()
+        in_specs = (PartitionSpec(PIPELINE), caches, x_spec, x_spec, row_spec, row_spec)
         run_stages = program(
             stages,
-            in_specs=(PartitionSpec(PIPELINE), caches, x_spec, x_spec, row_spec, row_spec),
+            in_specs=(*in_specs, *(row_spec for _ in tables)),
             out_specs=(PartitionSpec(PIPELINE, *x_spec), caches),
         )
-        y_PBTD, cache = run_stages(weights, cache, x_BTD, positions_BT, slot_B, write_B)
+        y_PBTD, cache = run_stages(weights, cache, x_BTD, positions_BT, slot_B, write_B, *tables)
         return y_PBTD[p - 1], cache  # only the last stage's outputs are the model's
 
     def _split(self, t: int) -> bool:
@@ -353,7 +382,7 @@ class Generator:
         return microbatch_count(n, self.stages)
 
     def _forward(self, top, weights, cache, tokens_BT, positions_BT, slot_B, write_B, last_B,
-                 by_seq=False, span=None):  # fmt: skip
+                 by_seq=False, span=None, table_BN=None):  # fmt: skip
         """Logits at each row's position `last_B` of this call (B, V), and the cache."""
         model = self._model(top)
         t = tokens_BT.shape[1]
@@ -365,7 +394,7 @@ class Generator:
             last_B = context.striped_index(last_B, t, self.context)
         x_BTD = model.embed(tokens_BT, self.dtype)
         x_BTD, cache = self._stack(model, weights, x_BTD, positions_BT, cache, slot_B, write_B,
-                                   by_seq, span)  # fmt: skip
+                                   by_seq, span, table_BN)  # fmt: skip
         x_B1D = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
         return model.logits(x_B1D)[:, 0], cache
 
@@ -382,100 +411,45 @@ class Generator:
         return cache, logits_BV, sample(logits_BV, rows)
 
     def _decode(self, top, weights, cache, token_B, position_B, active_B, rows: RowSampling,
-                span=None):  # fmt: skip
+                table_BN=None, span=None):  # fmt: skip
         """One token per row at its own position (below `span`); inactive rows leave the cache
         as it is."""
         logits_BV, cache = self._forward(
             top, weights, cache, token_B[:, None], position_B[:, None],
             self._first_slots(token_B.shape[0]),
-            active_B, jnp.zeros_like(position_B), span=span,
+            active_B, jnp.zeros_like(position_B), span=span, table_BN=table_BN,
         )  # fmt: skip
         return cache, logits_BV, sample(logits_BV, rows)
 
     def _chunk(self, top, weights, cache, tokens_RT, slot_R, start_R, length_R, active_R,
-               rows: RowSampling):  # fmt: skip
+               rows: RowSampling, table_RN=None):  # fmt: skip
         """A piece of one prompt per `data` shard: row r's tokens go to slot `slot_R[r]` of
-        shard r at positions start_R[r]..; its first `length_R[r]` tokens are real, and the
-        token drawn after the last of them is returned (the first new token, on a prompt's
-        last piece)."""
+        shard r (paged: to blocks `table_RN[r]`) at positions start_R[r]..; its first
+        `length_R[r]` tokens are real, and the token drawn after the last of them is returned
+        (the first new token, on a prompt's last piece)."""
         offsets_T = jnp.arange(tokens_RT.shape[1], dtype=jnp.int32)
         # The padding after the real tokens sits past the cache's end: never written, never seen.
         positions_RT = jnp.where(offsets_T < length_R[:, None], start_R[:, None] + offsets_T,
                                  self.length)  # fmt: skip
         logits_RV, cache = self._forward(top, weights, cache, tokens_RT, positions_RT, slot_R,
-                                         active_R, length_R - 1, by_seq=True)  # fmt: skip
+                                         active_R, length_R - 1, by_seq=True,
+                                         table_BN=table_RN)  # fmt: skip
         return cache, logits_RV, sample(logits_RV, rows)
-
-    def _prefix_op(self, save: bool):
-        """Copies between one slot's first positions and blocks of the pool, per key and value:
-        load (pool -> slot, positions below n * block) or save (slot -> pool). Over `context`
-        the pool's blocks are striped as the cache is, so each piece copies its own entries: a
-        block's `block / C`."""
-        manual = manual_axes(self.data, fsdp=False, context=self.context)
-        rows_axis, seq_axis = batch_axis(manual), sequence_axis(manual)
-        block, local = self.prefix_block // self.context, self.local_rows
-
-        def copy(cache_1X: KVCache, pool_1X: KVCache, slot, ids_N, n):
-            shard = jax.lax.axis_index(DATA) if rows_axis else 0
-            mine = slot // local == shard
-            row = slot % local
-            span = ids_N.shape[0] * block
-
-            def one(c_1CBKSH, pool_1CNKLH):
-                old_1CKSH = jax.lax.dynamic_index_in_dim(c_1CBKSH, row, axis=2, keepdims=False)
-                one_c, k_heads, h = c_1CBKSH.shape[:2], c_1CBKSH.shape[3], c_1CBKSH.shape[-1]
-                if save:
-                    blocks = old_1CKSH[:, :, :, :span].reshape(*one_c, k_heads, -1, block, h)
-                    blocks = jnp.moveaxis(blocks, 3, 2)  # (1, C, N, K, L, H)
-                    if rows_axis:  # from the slot's shard to every replica of the pool, summed
-                        # in float32 (exact: one term is not 0): XLA:CPU aborts on a bfloat16
-                        # psum here (`sharding.gather_copies`)
-                        kept = jnp.where(mine, blocks, 0).astype(jnp.float32)
-                        blocks = jax.lax.psum(kept, DATA).astype(blocks.dtype)
-                    return pool_1CNKLH.at[:, :, ids_N].set(blocks)
-                seq = jnp.moveaxis(pool_1CNKLH[:, :, ids_N], 2, 3).reshape(*one_c, k_heads, span, h)
-                seq = jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(old_1CKSH), seq, 0, 3)
-                keep = (jnp.arange(old_1CKSH.shape[3]) < n * block) & mine
-                new = jnp.where(keep[:, None], seq, old_1CKSH)
-                return jax.lax.dynamic_update_index_in_dim(c_1CBKSH, new, row, axis=2)
-
-            out = (one(c, pl) for c, pl in zip(cache_1X, pool_1X, strict=True))
-            return KVCache(*out)
-
-        cache_spec = KVCache(*[PartitionSpec(PIPELINE, None, rows_axis, None, seq_axis)] * 2)
-        pool_spec = KVCache(*[PartitionSpec(PIPELINE, None, None, None, seq_axis)] * 2)
-        return jax.shard_map(
-            copy, mesh=self.mesh,
-            in_specs=(cache_spec, pool_spec, PartitionSpec(), PartitionSpec(), PartitionSpec()),
-            out_specs=pool_spec if save else cache_spec, axis_names=set(manual),
-        )  # fmt: skip
-
-    def _load_prefix(self, cache, pool, slot, ids_N, n):
-        return self._prefix_op(save=False)(cache, pool, slot, ids_N, n)
-
-    def _save_prefix(self, pool, cache, slot, ids_N):
-        return self._prefix_op(save=True)(cache, pool, slot, ids_N, 0)
 
     # -- compiled once per shape -------------------------------------------------------------
 
     def _step(self, name: str, args: tuple, **static: Any) -> jax.stages.Compiled:
-        """Step `name` (`_prefill`, `_decode`, `_chunk`, `_load_prefix`, `_save_prefix`)
-        compiled for the shapes of `args` (device arrays) and the `static` settings, the first
-        time they come."""
+        """Step `name` (`_prefill`, `_decode`, `_chunk`) compiled for the shapes of `args`
+        (device arrays) and the `static` settings, the first time they come."""
         shapes = tuple((x.shape, x.dtype.name) for x in jax.tree.leaves(args))
         key = (name, shapes, tuple(sorted(static.items())))
         if key not in self._compiled:
             cache = KVCache(self.cache_sharding, self.cache_sharding)
-            outs = {
-                "_load_prefix": cache,
-                "_save_prefix": KVCache(self.pool_sharding, self.pool_sharding),
-            }
             rows = NamedSharding(self.mesh, PartitionSpec(DATA))
             # The new tokens come back replicated, readable by every process.
-            out = outs.get(name, (cache, rows, self.placement.replicated))
-            donate = 0 if name in outs else 2
+            out = (cache, rows, self.placement.replicated)
             step = functools.partial(getattr(self, name), **static)
-            jitted = jax.jit(step, out_shardings=out, donate_argnums=donate)
+            jitted = jax.jit(step, out_shardings=out, donate_argnums=2)
             abstract = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), args
             )
@@ -505,8 +479,10 @@ class Generator:
             c = jax.ShapeDtypeStruct(self._cache_shape, self.dtype, sharding=self.cache_sharding)
             cache = KVCache(c, c)
         zeros = np.zeros(self.rows, np.int32)
+        table = np.zeros((self.rows, self.length // self.block), np.int32) if self.blocks else None
         return (self.top, self.weights, cache, self._rows(zeros), self._rows(zeros),
-                self._rows(np.ones(self.rows, bool)), self._sampling(None, self.rows))  # fmt: skip
+                self._rows(np.ones(self.rows, bool)), self._sampling(None, self.rows),
+                self._table(table))  # fmt: skip
 
     def decode_jaxpr(self) -> Any:
         """The decode step as a jaxpr (for inspecting what it computes for every token)."""
@@ -547,7 +523,7 @@ class Generator:
         return self._run("_prefill", (self.top, self.weights, cache, *args))
 
     def decode(self, cache, token_B, position_B, rows: RowSampling | None = None, active_B=None,
-               span: int | None = None):  # fmt: skip
+               span: int | None = None, table_BN=None):  # fmt: skip
         """One token per row at its own position (rows not `active_B` write nothing): returns
         the cache, the logits and the next token.
 
@@ -555,39 +531,28 @@ class Generator:
         B / data slots of each shard (`row_counts`), so that a few requests in many slots
         compute only their own rows. Attention reads the cache's first `span` positions (None:
         all; every position must be below it), so that short sequences in a long cache read only
-        what they need. Compiled once per row count and span."""
+        what they need. Paged, `table_BN` gives each row's blocks. Compiled once per row count
+        and span."""
         n = len(token_B)
         active_B = np.ones(n, bool) if active_B is None else active_B
         args = (self._rows(token_B), self._rows(position_B), self._rows(active_B),
-                self._sampling(rows, n))  # fmt: skip
+                self._sampling(rows, n), self._table(table_BN))  # fmt: skip
         return self._run("_decode", (self.top, self.weights, cache, *args), span=self._span(span))
 
     def prefill_chunk(self, cache, tokens_RT, slot_R, start_R, length_R, active_R,
-                      rows: RowSampling):  # fmt: skip
+                      rows: RowSampling, table_RN=None):  # fmt: skip
         """One prompt piece per `data` shard (R = data rows; see `_chunk`): returns the cache,
         the logits after each row's last real token and the token drawn from them."""
         args = [self._rows(x) for x in (tokens_RT, slot_R, start_R, length_R, active_R)]
         rows = self._sampling(rows, len(tokens_RT))
-        return self._run("_chunk", (self.top, self.weights, cache, *args, rows))
+        return self._run("_chunk", (self.top, self.weights, cache, *args, rows,
+                                    self._table(table_RN)))  # fmt: skip
 
-    def load_prefix(self, cache: KVCache, pool: KVCache, slot: int, ids: Sequence[int]) -> KVCache:
-        """Copies pool blocks `ids` into (global) slot `slot`'s positions 0..len(ids) * block."""
-        args = (cache, pool, self._shared(np.int32(slot)),
-                self._shared(self._block_ids(dict(enumerate(ids)))),
-                self._shared(np.int32(len(ids))))  # fmt: skip
-        return self._run("_load_prefix", args)
-
-    def save_prefix(self, pool: KVCache, cache: KVCache, slot: int, ids: dict[int, int]):
-        """Copies block i of slot `slot` (positions i * block..) to pool block ids[i]."""
-        args = (pool, cache, self._shared(np.int32(slot)), self._shared(self._block_ids(ids)))
-        return self._run("_save_prefix", args)
-
-    def _block_ids(self, ids: dict[int, int]) -> np.ndarray:
-        """Block index -> pool block, for every block of a slot (the scratch block elsewhere)."""
-        ids_N = np.full(self.max_len // self.prefix_block, self.prefix_blocks, np.int32)
-        for i, pool_id in ids.items():
-            ids_N[i] = pool_id
-        return ids_N
+    def _table(self, table_BN) -> jax.Array | None:
+        """A paged step's block tables, rows over `data` (None: unpaged)."""
+        if (table_BN is None) != (not self.blocks):
+            raise JaxparError("a paged cache's steps take block tables, and only its steps do")
+        return None if table_BN is None else self._rows(np.asarray(table_BN, np.int32))
 
     def generate(
         self,

@@ -1,20 +1,28 @@
 """Continuous batching: a host scheduler over the generator's device steps.
 
-The cache's rows are decode slots. One thread runs the loop; each turn it
+A request runs in a decode slot (a row of every step) and keeps its keys and values in a paged
+cache: one pool of blocks of `serve.block_size` positions per `data` shard, and a block table per
+slot that lists the blocks holding its positions (`jaxpar.infer.blocks`). One thread runs the
+loop; each turn it
 
-1. admits waiting requests into free slots (first come, first served), copying the longest cached
-   prefix of each prompt from the prefix cache's pool into its slot;
+1. admits waiting requests into free slots (first come, first served) while their shard's pool
+   has the blocks for their prompt; a prompt that starts with cached prefix blocks takes them by
+   reference and computes only the rest;
 2. prefills prompt pieces (`serve.prefill_chunk` tokens, one prompt per `data` shard at a time)
    within the turn's budget of `serve.max_batched_tokens`, so that a long prompt delays the
    decoding slots by a few pieces per turn, not by its whole length; a prompt's last piece draws
-   its first token, and its full blocks are copied to the pool;
+   its first token, and its full blocks join the prefix cache;
 3. decodes one token in every slot that has its prompt in the cache, all together, each at its
    own position with its own sampling settings (inactive slots write nothing).
 
-A request that finishes (a stop id or string, `max_tokens`, or a cancel) frees its slot at once:
-the next turn can admit a waiting request into it. Every step has fixed shapes, so the steps are
-compiled once, before the first request. A request's tokens depend only on its prompt and its
-sampling settings (its seed), never on what else is in the batch.
+Blocks are taken as positions fill, one at a time. When a shard's pool has none left, the
+youngest request on that shard is preempted: its blocks are freed and it goes back to the front
+of the queue, to recompute its prompt and the tokens it had drawn when it is admitted again (the
+tokens already sent are kept, and the recomputed cache gives the same next tokens). A request
+that finishes (a stop id or string, `max_tokens`, or a cancel) frees its slot and its blocks at
+once. Every step has fixed shapes, so the steps are compiled once, before the first request. A
+request's tokens depend only on its prompt and its sampling settings (its seed), never on what
+else is in the batch.
 
 Callbacks (`on_event`) run on the engine's thread; they must only hand the event over.
 
@@ -43,9 +51,9 @@ import numpy as np
 from jaxpar import distributed
 from jaxpar.config import ServeConfig
 from jaxpar.errors import JaxparError
+from jaxpar.infer.blocks import BlockPool
 from jaxpar.infer.engine import Generator, check_context
 from jaxpar.infer.loaded import LoadedModel
-from jaxpar.infer.prefix import PrefixCache
 from jaxpar.infer.sampling import GREEDY, RowSampling, Sampling
 
 
@@ -89,8 +97,10 @@ class Request:
     seed: int
     arrival: float = field(default_factory=time.perf_counter)
     slot: int = -1
+    blocks: list[int] = field(default_factory=list)  # its block table: blocks of its shard's pool
     cached: int = 0  # prompt tokens found in the prefix cache
-    prefilled: int = 0  # prompt tokens in the slot's cache
+    prefilled: int = 0  # positions in the cache (`sequence` once it decodes)
+    preempted: int = 0  # times its blocks were taken back
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of `text` already sent
@@ -98,6 +108,17 @@ class Request:
     times: list[float] = field(default_factory=list)  # when each new token was on the host
     cancelled: bool = False
     decoder: Callable[[list[int]], str] | None = None  # the text that new ids complete
+
+    @property
+    def sequence(self) -> list[int]:
+        """What the cache holds before the request decodes: its prompt, and after a preemption
+        the tokens it had drawn too, but the last (the next step's input)."""
+        return self.prompt + self.tokens[:-1]
+
+    @property
+    def cached_length(self) -> int:
+        """len(sequence)."""
+        return len(self.prompt) + max(len(self.tokens) - 1, 0)
 
     @property
     def usage(self) -> dict[str, int]:
@@ -111,7 +132,7 @@ class Engine:
 
     Args:
         model: the loaded model (its context bounds prompt + max_tokens).
-        config: slots, prompt piece width, queue bound and prefix cache size.
+        config: slots, prompt piece width, queue bound, blocks of the paged cache.
     """
 
     def __init__(self, model: LoadedModel, config: ServeConfig):
@@ -124,14 +145,28 @@ class Engine:
                 f"serve.prefill_chunk={config.prefill_chunk} is not a multiple of context="
                 f"{spec.context}: each prompt piece's tokens are split evenly over the context axis"
             )
-        blocks = config.prefix_blocks if config.prefix_block <= model.context else 0
-        self.generator = Generator(
-            model.placement, model.params, batch=self.slots, max_len=model.context,
-            prefix_blocks=blocks, prefix_block=config.prefix_block,
-        )  # fmt: skip
-        # (the cache's length: the context, rounded up to a multiple of `context`)
-        self.chunk = min(config.prefill_chunk, self.generator.length)
-        self.prefix = PrefixCache(blocks, config.prefix_block) if blocks else None
+        self.block = block = config.block_size
+        if model.context % block or block % spec.context:
+            raise JaxparError(
+                f"serve.block_size={block} must divide the model's context of {model.context} "
+                f"tokens and be a multiple of context={spec.context} (a block's positions are "
+                "split evenly over the context axis)"
+            )
+        per_context = model.context // block
+        # Each data shard's pool; by default as many blocks as its slots hold at full context.
+        blocks = config.kv_blocks or self.slots // spec.data * per_context
+        if blocks < per_context:
+            raise JaxparError(
+                f"serve.kv_blocks={blocks} blocks of {block} positions hold fewer than one "
+                f"request at the model's full context of {model.context} tokens; give at least "
+                f"{per_context}"
+            )
+        self.generator = Generator(model.placement, model.params, batch=self.slots,
+                                   max_len=model.context, blocks=blocks, block=block)  # fmt: skip
+        self.chunk = min(config.prefill_chunk, model.context)
+        self.pools = [BlockPool(blocks, block, config.prefix_cache) for _ in range(spec.data)]
+        self._tables = np.zeros((self.slots, per_context), np.int32)  # each slot's block table
+        self.preemptions = 0
         # A decode step computes the fewest rows and reads the shortest span that hold every
         # ready request; the lowest free slots are taken first, so few requests use few rows.
         self.spans, self.row_counts = self.generator.spans(), self.generator.row_counts()
@@ -145,7 +180,6 @@ class Engine:
         self.generated_tokens = 0
         self.decode_steps = 0
         self._cache = self.generator.empty_cache()
-        self._pool = self.generator.empty_pool() if self.prefix else None
         # Process 0 of a multi-process job hands each step's inputs to the others.
         multi = distributed.current().count > 1
         self.handoff = distributed.Handoff("jaxpar/serve") if multi else None
@@ -237,21 +271,13 @@ class Engine:
         zeros, idle = np.zeros(data, np.int32), np.zeros(data, bool)
         rows = RowSampling.fill(data, GREEDY, 0)
         cache = g.prefill_chunk(g.empty_cache(), np.zeros((data, self.chunk), np.int32), zeros,
-                                zeros, zeros + 1, idle, rows)[0]  # fmt: skip
+                                zeros, zeros + 1, idle, rows, self._tables[:data])[0]  # fmt: skip
         for local in self.row_counts:
             n = local * data
             for span in self.spans:
-                cache = g.decode(
-                    cache,
-                    np.zeros(n, np.int32),
-                    np.zeros(n, np.int32),
-                    RowSampling.fill(n, GREEDY, 0),
-                    np.zeros(n, bool),
-                    span,
-                )[0]
-        if self.prefix:
-            pool = g.save_prefix(g.empty_pool(), cache, 0, {})
-            g.load_prefix(cache, pool, 0, [])
+                cache = g.decode(cache, np.zeros(n, np.int32), np.zeros(n, np.int32),
+                                 RowSampling.fill(n, GREEDY, 0), np.zeros(n, bool), span,
+                                 self._tables[:n])[0]  # fmt: skip
 
     # -- the loop (the engine's thread) ------------------------------------------------------
 
@@ -286,7 +312,8 @@ class Engine:
         one turn's pieces."""
         self._free_cancelled()
         self._admit()
-        decoding = sum(r is not None and r.prefilled == len(r.prompt) for r in self._running)
+        decoding = sum(r is not None and bool(r.tokens) and r.prefilled == r.cached_length
+                       for r in self._running)  # fmt: skip
         pieces = max(1, (self.config.max_batched_tokens - decoding) // self.chunk)
         for _ in range(pieces):
             if not self._prefill():
@@ -309,20 +336,63 @@ class Engine:
                 free = [s for s, r in enumerate(self._running) if r is None]
                 if not (free and self._waiting):
                     return
-                request = self._waiting.popleft()
+                request = self._waiting[0]
                 # The free slot on the least busy shard: prompts on different shards prefill
                 # together.
                 shard_busy = [sum(r is not None for r in self._running[i : i + g.local_rows])
                               for i in range(0, self.slots, g.local_rows)]  # fmt: skip
                 busy = [shard_busy[s // g.local_rows] for s in free]
                 slot = free[int(np.argmin(busy))]
-                request.slot = slot
+                pool = self.pools[slot // g.local_rows]
+                sequence = request.sequence
+                hits = pool.match(sequence)
+                # Admitted when its shard's pool holds the rest of its prompt now (first come,
+                # first served: the next request waits behind it).
+                rest = -(-(len(sequence) - len(hits) * self.block) // self.block)
+                if rest > pool.available - pool.claimed(hits):
+                    return
+                pool.take(hits, len(sequence))
+                self._waiting.popleft()
+                request.slot, request.blocks = slot, hits
+                self._tables[slot, : len(hits)] = hits
                 self._running[slot] = request
-            if self.prefix:
-                hits = self.prefix.lookup(request.prompt)
-                if hits:
-                    self._device("load_prefix", slot=slot, ids=np.asarray(hits, np.int32))
-                request.cached = request.prefilled = len(hits) * self.prefix.block
+                request.prefilled = len(hits) * self.block
+                if not request.tokens:
+                    request.cached = request.prefilled
+
+    def _grow(self, request: Request, end: int) -> bool:
+        """Gives `request` the blocks for its positions below `end`, preempting the youngest
+        requests of its shard while its pool has none free; False when it was preempted itself."""
+        pool = self.pools[request.slot // self.generator.local_rows]
+        while len(request.blocks) * self.block < end:
+            block = pool.allocate()
+            if block is None:
+                shard = request.slot // self.generator.local_rows
+                victim = max((r for r in self._running if r is not None
+                              and r.slot // self.generator.local_rows == shard),
+                             key=lambda r: r.arrival)  # fmt: skip
+                self._preempt(victim)
+                if victim is request:
+                    return False
+                continue
+            self._tables[request.slot, len(request.blocks)] = block
+            request.blocks.append(block)
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        """Frees `request`'s blocks and slot; it waits first in line to compute them again."""
+        with self._lock:
+            self._release(request)
+            self._running[request.slot] = None
+            request.slot, request.prefilled = -1, 0
+            request.preempted += 1
+            self.preemptions += 1
+            self._waiting.appendleft(request)
+
+    def _release(self, request: Request) -> None:
+        if request.blocks:
+            self.pools[request.slot // self.generator.local_rows].release(request.blocks)
+            request.blocks = []
 
     def _prefill(self) -> bool:
         """One prompt piece per shard (of its oldest request still prefilling); False when no
@@ -330,19 +400,25 @@ class Engine:
         g, data = self.generator, self.generator.data
         picked: list[Request | None] = [None] * data
         for request in self._running:
-            if request is not None and request.prefilled < len(request.prompt):
+            if request is not None and request.prefilled < request.cached_length:
                 shard = request.slot // g.local_rows
                 if picked[shard] is None or picked[shard].arrival > request.arrival:
                     picked[shard] = request
         if not any(picked):
             return False
+        for shard, request in enumerate(picked):
+            end = min(request.prefilled + self.chunk, request.cached_length) if request else 0
+            if request is not None and not self._grow(request, end):
+                picked[shard] = None
+        if not any(picked):
+            return True
         tokens = np.zeros((data, self.chunk), np.int32)
         slot, start, length = (np.zeros(data, np.int32) for _ in range(3))
         length += 1
         active = np.zeros(data, bool)
         for r, request in enumerate(picked):
             if request is not None:
-                piece = request.prompt[request.prefilled : request.prefilled + self.chunk]
+                piece = request.sequence[request.prefilled : request.prefilled + self.chunk]
                 tokens[r, : len(piece)] = piece
                 slot[r], start[r], length[r] = (
                     request.slot % g.local_rows,
@@ -350,31 +426,32 @@ class Engine:
                     len(piece),
                 )
                 active[r] = True
+        table = self._tables[[r.slot if r else 0 for r in picked]]
         token = np.asarray(self._device("prefill", tokens=tokens, slot=slot, start=start,
-                                        length=length, active=active,
+                                        length=length, active=active, table=table,
                                         **self._sampling(picked)._asdict()))  # fmt: skip
         for r, request in enumerate(picked):
             if request is None:
                 continue
             request.prefilled += int(length[r])
             self.prefilled_tokens += int(length[r])
-            if request.prefilled == len(request.prompt):
-                self._remember(request)
-                self._accept(request, int(token[r]))
+            if request.prefilled == request.cached_length:
+                pool = self.pools[request.slot // g.local_rows]
+                pool.publish(request.prompt, request.blocks)
+                if not request.tokens:  # (a resumed request has drawn this token already)
+                    self._accept(request, int(token[r]))
         return True
 
-    def _remember(self, request: Request) -> None:
-        """Copies the prompt's full blocks that the pool lacks from its slot to the pool."""
-        if self.prefix is None:
-            return
-        placed = self.prefix.insert(request.prompt)
-        if placed:
-            self._device("save_prefix", slot=request.slot, index=np.fromiter(placed, np.int32),
-                         ids=np.fromiter(placed.values(), np.int32))  # fmt: skip
-
     def _decode(self) -> None:
-        ready = [r if r is not None and r.prefilled == len(r.prompt) and r.finish is None else None
-                 for r in self._running]  # fmt: skip
+        def ready() -> list[Request | None]:
+            return [r if r is not None and bool(r.tokens) and r.prefilled == r.cached_length
+                    and r.finish is None else None for r in self._running]  # fmt: skip
+
+        # Each a block for the position it writes, the oldest first (so the youngest yield).
+        for request in sorted(filter(None, ready()), key=lambda r: r.arrival):
+            if request.slot >= 0:
+                self._grow(request, len(request.prompt) + len(request.tokens))
+        ready = ready()
         if not any(ready):
             return
         # The first `local` slots of each shard, as few as hold every ready request.
@@ -391,11 +468,12 @@ class Engine:
                 position[i] = len(request.prompt) + len(request.tokens) - 1
         span = next(s for s in self.spans if s > position.max())
         new = self._device("decode", token=token, position=position, active=active, span=span,
-                           **self._sampling(ready)._asdict())  # fmt: skip
+                           table=self._tables[rows], **self._sampling(ready)._asdict())  # fmt: skip
         self.decode_steps += 1
         new = np.asarray(new)
         for i, request in enumerate(ready):
             if request is not None:
+                request.prefilled += 1  # its input token is in the cache now
                 self._accept(request, int(new[i]))
 
     def _device(self, step: str, **inputs: Any) -> Any:
@@ -408,22 +486,15 @@ class Engine:
 
     def _apply(self, step: str, x: dict[str, Any]) -> Any:
         g = self.generator
-        if step == "load_prefix":
-            self._cache = g.load_prefix(self._cache, self._pool, int(x["slot"]), x["ids"].tolist())
-            return None
-        if step == "save_prefix":
-            placed = dict(zip(x["index"].tolist(), x["ids"].tolist(), strict=True))
-            self._pool = g.save_prefix(self._pool, self._cache, int(x["slot"]), placed)
-            return None
         rows = RowSampling(*(x[k] for k in RowSampling._fields))
         if step == "prefill":
-            self._cache, _, token = g.prefill_chunk(
-                self._cache, x["tokens"], x["slot"], x["start"], x["length"], x["active"], rows
-            )
+            self._cache, _, token = g.prefill_chunk(self._cache, x["tokens"], x["slot"],
+                                                    x["start"], x["length"], x["active"], rows,
+                                                    x["table"])  # fmt: skip
             return token
         assert step == "decode", step
         self._cache, _, token = g.decode(self._cache, x["token"], x["position"], rows,
-                                         x["active"], int(x["span"]))  # fmt: skip
+                                         x["active"], int(x["span"]), x["table"])  # fmt: skip
         return token
 
     def follow(self) -> None:
@@ -484,6 +555,7 @@ class Engine:
             return
         request.finish = reason
         if request.slot >= 0 and self._running[request.slot] is request:
+            self._release(request)
             self._running[request.slot] = None
         request.on_event(Event("", (), reason, time.perf_counter()))
         self._lock.notify_all()

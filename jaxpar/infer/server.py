@@ -185,11 +185,8 @@ class Metrics:
             lambda: engine.active_slots
         )
         Gauge("jaxpar_slots", "Decode slots", registry=r).set(engine.slots)
-        Gauge("jaxpar_cache_bytes_per_slot", "KV cache bytes a slot holds (all layers)",
-              registry=r).set(engine.generator.slot_bytes)  # fmt: skip
-        Gauge("jaxpar_prefix_pool_bytes", "The prefix cache's device bytes", registry=r).set(
-            engine.generator.pool_bytes
-        )
+        Gauge("jaxpar_kv_block_bytes", "KV cache bytes of a block (all layers)",
+              registry=r).set(engine.generator.block_bytes)  # fmt: skip
         self.prompt_tokens = Counter("jaxpar_prompt_tokens", "Prompt tokens", registry=r)
         self.generation_tokens = Counter("jaxpar_generation_tokens", "New tokens", registry=r)
         self.ttft = Histogram("jaxpar_time_to_first_token_seconds", "Arrival to first token",
@@ -199,7 +196,7 @@ class Metrics:
         self.tpot = Histogram("jaxpar_time_per_output_token_seconds",
                               "A request's decode time over its tokens after the first",
                               buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        r.register(_PrefixCollector(engine))
+        r.register(_CacheCollector(engine))
 
     def finished(self, request: Request) -> None:
         self.prompt_tokens.inc(len(request.prompt))
@@ -213,14 +210,26 @@ class Metrics:
             self.tpot.observe((times[-1] - times[0]) / (len(times) - 1))
 
 
-class _PrefixCollector:
+class _CacheCollector:
+    """The paged cache's state, read when scraped: blocks, preemptions, prefix hits."""
+
     def __init__(self, engine: Engine):
         self.engine = engine
 
     def collect(self):
-        prefix = self.engine.prefix
-        queried = prefix.queried_tokens if prefix else 0
-        hits = prefix.hit_tokens if prefix else 0
+        pools = self.engine.pools
+        queried = sum(p.queried_tokens for p in pools)
+        hits = sum(p.hit_tokens for p in pools)
+        used = sum(p.used for p in pools)
+        yield GaugeMetricFamily("jaxpar_kv_blocks", "Blocks of the paged KV cache (all shards)",
+                                value=sum(p.blocks for p in pools))  # fmt: skip
+        yield GaugeMetricFamily("jaxpar_kv_blocks_used", "Blocks that requests hold", value=used)
+        yield GaugeMetricFamily("jaxpar_kv_blocks_free", "Blocks free, or cached and held by no "
+                                "request", value=sum(p.available for p in pools))  # fmt: skip
+        yield GaugeMetricFamily("jaxpar_kv_blocks_cached", "Blocks that hold a cached prefix",
+                                value=sum(p.cached for p in pools))  # fmt: skip
+        yield CounterMetricFamily("jaxpar_preemptions", "Requests whose blocks were taken back",
+                                  value=self.engine.preemptions)  # fmt: skip
         yield CounterMetricFamily(
             "jaxpar_prefix_cache_queried_tokens", "Prompt tokens looked up", value=queried
         )

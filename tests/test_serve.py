@@ -521,6 +521,10 @@ class Launched:
         return code
 
     def close(self) -> None:
+        """Ends the job (the processes too: they run in a session of their own)."""
+        for rank in (0, 1):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid(rank), signal.SIGKILL)
         self.proc.kill()
         self.proc.wait()
         self.reader.join(timeout=10)

@@ -190,15 +190,8 @@ def _own_times(events: list[dict]) -> collections.Counter:
 
 def decode_program(gen, n: int, span: int):
     """The compiled n-row decode step over `span` positions (`Generator.decode`'s)."""
-    import numpy as np
-
-    from jaxpar.infer.sampling import GREEDY, RowSampling
-
-    z = np.zeros(n, np.int32)
-    rows = gen._sampling(RowSampling.fill(n, GREEDY, 0), n)
-    args = (gen.top, gen.weights, gen.empty_cache(), gen._rows(z), gen._rows(z),
-            gen._rows(np.ones(n, bool)), rows)  # fmt: skip
-    return gen._step("_decode", args, span=span)
+    args, layout = gen.decode_inputs(gen.empty_cache(), n)
+    return gen._step("_decode", args, layout=layout, span=span)
 
 
 def breakdown(gen, model: str, span: int, n: int, folder: Path) -> list[dict]:

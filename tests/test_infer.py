@@ -232,23 +232,20 @@ def test_missing_inputs(capsys, argv, fragment):
 @pytest.mark.parametrize("spec", [SPMD, CONTEXT])
 def test_a_paged_cache_decodes_what_recomputation_gives(spec):
     # Each row's positions in scattered blocks of its data shard's pool: prompts prefilled as
-    # pieces (one row per shard a call), then decoded together, teacher-forced.
+    # pieces, every row's in one call, then decoded together, teacher-forced.
     gen, tokens, full = setup(spec, kv_blocks=24)
     data = gen.data
     per_row = MAX_LEN // 4
     table = np.random.default_rng(1).permutation(24)[: ROWS // data * per_row]
     table = np.tile(table.reshape(ROWS // data, per_row), (data, 1)).astype(np.int32)
     lengths = np.array([5, 8, 3, 16], np.int32)
-    cache, logits = gen.empty_cache(), np.zeros_like(full[:, 0])
-    for local in range(ROWS // data):  # row local + shard x ROWS / data, for every shard
-        rows = np.arange(data) * (ROWS // data) + local
-        piece = np.where(np.arange(16) < lengths[rows, None], tokens[rows, :16], 0)
-        zeros, active = np.zeros(data, np.int32), np.ones(data, bool)
-        cache, logits[rows], _ = gen.prefill_chunk(
-            cache, piece, zeros + local, zeros, lengths[rows], active,
-            RowSampling.fill(data, GREEDY, 0), table[rows],
-        )  # fmt: skip
-    everyone = np.arange(ROWS)
+    cache = gen.empty_cache()
+    everyone = np.arange(ROWS)  # ROWS / data rows of each shard, in shard order
+    piece = np.where(np.arange(16) < lengths[:, None], tokens[:, :16], 0)
+    cache, logits, _ = gen.prefill_chunk(
+        cache, piece, everyone % (ROWS // data), np.zeros(ROWS, np.int32), lengths,
+        np.ones(ROWS, bool), RowSampling.fill(ROWS, GREEDY, 0), table,
+    )  # fmt: skip
     np.testing.assert_allclose(logits, full[everyone, lengths - 1], rtol=0, atol=2e-5)
     position = lengths.copy()
     for _ in range(3):

@@ -291,12 +291,12 @@ class Generator:
             # The inputs are the same on every stage; what each stage carries is its own.
             x_BTD = jax.lax.pcast(x_BTD, (PIPELINE,), to="varying")
             b_all, t, d = x_BTD.shape
-            if by_seq:  # one row per shard, its positions cut into M consecutive pieces
-                b = 1
-                x_MbTD = x_BTD.reshape(m, 1, t // m, d)
-                positions_MbT = positions_BT.reshape(m, 1, t // m)
-                slot_Mb = jnp.broadcast_to(slot_B, (m, 1))
-                write_Mb = jnp.broadcast_to(write_B, (m, 1))
+            if by_seq:  # every row's positions cut into M consecutive pieces
+                b = b_all
+                x_MbTD = x_BTD.reshape(b, m, t // m, d).swapaxes(0, 1)
+                positions_MbT = positions_BT.reshape(b, m, t // m).swapaxes(0, 1)
+                slot_Mb = jnp.broadcast_to(slot_B, (m, b))
+                write_Mb = jnp.broadcast_to(write_B, (m, b))
                 table_MbN = [jnp.broadcast_to(t, (m, *t.shape)) for t in table_BN]
             else:
                 b = b_all // m
@@ -351,7 +351,9 @@ class Generator:
                 return h_bTD, cache_X
 
             out_MbTD, cache_X = program.forward(run, x_MbTD, cache_X)
-            out_1BTD = out_MbTD.reshape(1, b_all, t, d)  # (by_seq: the pieces in order)
+            if by_seq:  # each row's pieces back in order
+                out_MbTD = out_MbTD.swapaxes(0, 1)
+            out_1BTD = out_MbTD.reshape(1, b_all, t, d)
             return out_1BTD, KVCache(*(c[None] for c in cache_X))
 
         rows_axis, seq_axis = program.batch_axis, sequence_axis(program.manual)
@@ -410,30 +412,34 @@ class Generator:
                                          write_B, lengths_B - 1)  # fmt: skip
         return cache, logits_BV, sample(logits_BV, rows)
 
-    def _decode(self, top, weights, cache, token_B, position_B, active_B, rows: RowSampling,
-                table_BN=None, span=None):  # fmt: skip
+    def _decode(self, top, weights, cache, inputs_BX, layout, span=None):
         """One token per row at its own position (below `span`); inactive rows leave the cache
-        as it is."""
+        as it is. The rows' inputs come `_packed`."""
+        x = _unpacked(inputs_BX, layout)
+        token_B, position_B = x["token"], x["position"]
+        rows = RowSampling(*(x[k] for k in RowSampling._fields))
         logits_BV, cache = self._forward(
             top, weights, cache, token_B[:, None], position_B[:, None],
             self._first_slots(token_B.shape[0]),
-            active_B, jnp.zeros_like(position_B), span=span, table_BN=table_BN,
+            x["active"], jnp.zeros_like(position_B), span=span, table_BN=x.get("table"),
         )  # fmt: skip
         return cache, logits_BV, sample(logits_BV, rows)
 
-    def _chunk(self, top, weights, cache, tokens_RT, slot_R, start_R, length_R, active_R,
-               rows: RowSampling, table_RN=None):  # fmt: skip
-        """A piece of one prompt per `data` shard: row r's tokens go to slot `slot_R[r]` of
-        shard r (paged: to blocks `table_RN[r]`) at positions start_R[r]..; its first
+    def _chunk(self, top, weights, cache, inputs_RX, layout):
+        """Pieces of R / data prompts per `data` shard: row r's tokens go to slot `slot_R[r]` of
+        its shard (paged: to blocks `table_RN[r]`) at positions start_R[r]..; its first
         `length_R[r]` tokens are real, and the token drawn after the last of them is returned
-        (the first new token, on a prompt's last piece)."""
+        (the first new token, on a prompt's last piece). The rows' inputs come `_packed`."""
+        x = _unpacked(inputs_RX, layout)
+        tokens_RT, start_R, length_R = x["tokens"], x["start"], x["length"]
+        rows = RowSampling(*(x[k] for k in RowSampling._fields))
         offsets_T = jnp.arange(tokens_RT.shape[1], dtype=jnp.int32)
         # The padding after the real tokens sits past the cache's end: never written, never seen.
         positions_RT = jnp.where(offsets_T < length_R[:, None], start_R[:, None] + offsets_T,
                                  self.length)  # fmt: skip
-        logits_RV, cache = self._forward(top, weights, cache, tokens_RT, positions_RT, slot_R,
-                                         active_R, length_R - 1, by_seq=True,
-                                         table_BN=table_RN)  # fmt: skip
+        logits_RV, cache = self._forward(top, weights, cache, tokens_RT, positions_RT, x["slot"],
+                                         x["active"], length_R - 1, by_seq=True,
+                                         table_BN=x.get("table"))  # fmt: skip
         return cache, logits_RV, sample(logits_RV, rows)
 
     # -- compiled once per shape -------------------------------------------------------------
@@ -441,7 +447,8 @@ class Generator:
     def _step(self, name: str, args: tuple, **static: Any) -> jax.stages.Compiled:
         """Step `name` (`_prefill`, `_decode`, `_chunk`) compiled for the shapes of `args`
         (device arrays) and the `static` settings, the first time they come."""
-        shapes = tuple((x.shape, x.dtype.name) for x in jax.tree.leaves(args))
+        # (the weights' shapes never change: the key reads the rest, a step's host work)
+        shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(args[2:]))
         key = (name, shapes, tuple(sorted(static.items())))
         if key not in self._compiled:
             cache = KVCache(self.cache_sharding, self.cache_sharding)
@@ -472,26 +479,31 @@ class Generator:
         rows = RowSampling.fill(n, GREEDY, 0) if rows is None else rows
         return RowSampling(*(self._rows(x) for x in rows))
 
-    def decode_inputs(self, cache: KVCache | None = None) -> tuple:
-        """The decode step's arguments for an all-active batch at position 0 (for inspecting
-        its program); the cache only as a shape unless one is given."""
+    def decode_inputs(self, cache: KVCache | None = None, n: int | None = None) -> tuple:
+        """The decode step's arguments for `n` (default all) active greedy rows at position 0,
+        for inspecting its program: (the positional arguments, the static `layout`); the cache
+        only as a shape unless one is given."""
         if cache is None:
             c = jax.ShapeDtypeStruct(self._cache_shape, self.dtype, sharding=self.cache_sharding)
             cache = KVCache(c, c)
-        zeros = np.zeros(self.rows, np.int32)
-        table = np.zeros((self.rows, self.length // self.block), np.int32) if self.blocks else None
-        return (self.top, self.weights, cache, self._rows(zeros), self._rows(zeros),
-                self._rows(np.ones(self.rows, bool)), self._sampling(None, self.rows),
-                self._table(table))  # fmt: skip
+        n = self.rows if n is None else n
+        zeros = np.zeros(n, np.int32)
+        table = np.zeros((n, self.length // self.block), np.int32) if self.blocks else None
+        inputs, layout = self._packed(token=zeros, position=zeros, active=np.ones(n, bool),
+                                      **RowSampling.fill(n, GREEDY, 0)._asdict(),
+                                      **self._table(table))  # fmt: skip
+        return (self.top, self.weights, cache, inputs), layout
 
     def decode_jaxpr(self) -> Any:
         """The decode step as a jaxpr (for inspecting what it computes for every token)."""
         with jax.set_mesh(self.mesh):
-            return jax.make_jaxpr(self._decode)(*self.decode_inputs())
+            args, layout = self.decode_inputs()
+            return jax.make_jaxpr(functools.partial(self._decode, layout=layout))(*args)
 
     def decode_compiled(self, span: int | None = None) -> jax.stages.Compiled:
         """The compiled decode step (for FLOP, byte and collective accounting)."""
-        return self._step("_decode", self.decode_inputs(), span=self._span(span))
+        args, layout = self.decode_inputs()
+        return self._step("_decode", args, layout=layout, span=self._span(span))
 
     def spans(self, least: int = MIN_DECODE_SPAN) -> list[int]:
         """The cache spans decode steps are compiled for: powers of two from `least`, and the
@@ -535,24 +547,49 @@ class Generator:
         and span."""
         n = len(token_B)
         active_B = np.ones(n, bool) if active_B is None else active_B
-        args = (self._rows(token_B), self._rows(position_B), self._rows(active_B),
-                self._sampling(rows, n), self._table(table_BN))  # fmt: skip
-        return self._run("_decode", (self.top, self.weights, cache, *args), span=self._span(span))
+        rows = RowSampling.fill(n, GREEDY, 0) if rows is None else rows
+        inputs, layout = self._packed(token=token_B, position=position_B, active=active_B,
+                                      **rows._asdict(), **self._table(table_BN))  # fmt: skip
+        return self._run("_decode", (self.top, self.weights, cache, inputs), layout=layout,
+                         span=self._span(span))  # fmt: skip
 
     def prefill_chunk(self, cache, tokens_RT, slot_R, start_R, length_R, active_R,
                       rows: RowSampling, table_RN=None):  # fmt: skip
-        """One prompt piece per `data` shard (R = data rows; see `_chunk`): returns the cache,
-        the logits after each row's last real token and the token drawn from them."""
-        args = [self._rows(x) for x in (tokens_RT, slot_R, start_R, length_R, active_R)]
-        rows = self._sampling(rows, len(tokens_RT))
-        return self._run("_chunk", (self.top, self.weights, cache, *args, rows,
-                                    self._table(table_RN)))  # fmt: skip
+        """Prompt pieces, R / data of them per `data` shard, each a row (see `_chunk`; the rows
+        of shard s are s R / data, ..., consecutive): returns the cache, the logits after each
+        row's last real token and the token drawn from them. Several rows a shard only when
+        paged (an unpaged step reads consecutive slots).
 
-    def _table(self, table_BN) -> jax.Array | None:
-        """A paged step's block tables, rows over `data` (None: unpaged)."""
+        Several prompts' pieces in one call cost little more than one's on a device that one
+        piece leaves idle: on one CPU device (a 4-layer d=64 model) 8 rows of 16 tokens take 2x
+        one row of 64."""
+        if not self.blocks and len(tokens_RT) != self.data:
+            raise JaxparError("an unpaged cache's prompt pieces are one row per data shard")
+        inputs, layout = self._packed(tokens=tokens_RT, slot=slot_R, start=start_R,
+                                      length=length_R, active=active_R, **rows._asdict(),
+                                      **self._table(table_RN))  # fmt: skip
+        return self._run("_chunk", (self.top, self.weights, cache, inputs), layout=layout)
+
+    def _table(self, table_BN) -> dict[str, Any]:
+        """A paged step's block tables as an input (none: unpaged)."""
         if (table_BN is None) != (not self.blocks):
             raise JaxparError("a paged cache's steps take block tables, and only its steps do")
-        return None if table_BN is None else self._rows(np.asarray(table_BN, np.int32))
+        return {} if table_BN is None else {"table": table_BN}
+
+    def _packed(self, **inputs: Any) -> tuple[jax.Array, tuple]:
+        """A step's host inputs, [B, ...] each, as one int32 array [B, X] with rows over `data`,
+        and the static layout that `_unpacked` reads it back with: one host-to-device transfer
+        a step, not one per input (each is ~20 us of host time before the step can start, nine
+        of them as long as a one-row decode step's compute on one CPU device). Floats travel as
+        their bits."""
+        columns, layout = [], []
+        for name, value in inputs.items():
+            value = np.asarray(value)
+            flat = value.reshape(len(value), -1)
+            bits = flat.view(np.int32) if value.dtype == np.float32 else flat.astype(np.int32)
+            columns.append(bits)
+            layout.append((name, value.dtype.name, value.shape[1:]))
+        return self._rows(np.concatenate(columns, axis=1)), tuple(layout)
 
     def generate(
         self,
@@ -618,6 +655,19 @@ class Generator:
             cache, _, token_B = self.decode(cache, token_B, position_B, rows, span=span)
             position_B = position_B + 1
         return Generation(new, prefill_s, decode_s, self.compile_s - compile_before)
+
+
+def _unpacked(inputs_BX: jax.Array, layout: tuple) -> dict[str, jax.Array]:
+    """The inputs that `Generator._packed` packed, by name, in their dtypes and shapes."""
+    out, at = {}, 0
+    for name, dtype, shape in layout:
+        width = math.prod(shape)
+        bits = inputs_BX[:, at : at + width]
+        at += width
+        value = (jax.lax.bitcast_convert_type(bits, jnp.float32) if dtype == "float32"
+                 else bits.astype(dtype))  # fmt: skip
+        out[name] = value.reshape(len(bits), *shape)
+    return out
 
 
 def _bucket(n: int) -> int:

@@ -8,8 +8,9 @@ loop; each turn it
 1. admits waiting requests into free slots (first come, first served) while their shard's pool
    has the blocks for their prompt; a prompt that starts with cached prefix blocks takes them by
    reference and computes only the rest;
-2. prefills prompt pieces (`serve.prefill_chunk` tokens, one prompt per `data` shard at a time)
-   within the turn's budget of `serve.max_batched_tokens`, so that a long prompt delays the
+2. prefills prompt pieces within the turn's budget of `serve.max_batched_tokens` (a call takes a
+   `serve.prefill_chunk`-token piece of one prompt per `data` shard, or when several wait, a
+   narrower piece of each of up to a shard's slots), so that a long prompt delays the
    decoding slots by a few pieces per turn, not by its whole length; a prompt's last piece draws
    its first token, and its full blocks join the prefix cache;
 3. decodes one token in every slot that has its prompt in the cache, all together, each at its
@@ -52,7 +53,7 @@ from jaxpar import distributed
 from jaxpar.config import ServeConfig
 from jaxpar.errors import JaxparError
 from jaxpar.infer.blocks import BlockPool
-from jaxpar.infer.engine import Generator, check_context
+from jaxpar.infer.engine import MIN_PROMPT_WIDTH, Generator, check_context
 from jaxpar.infer.loaded import LoadedModel
 from jaxpar.infer.sampling import GREEDY, RowSampling, Sampling
 
@@ -170,6 +171,14 @@ class Engine:
         # A decode step computes the fewest rows and reads the shortest span that hold every
         # ready request; the lowest free slots are taken first, so few requests use few rows.
         self.spans, self.row_counts = self.generator.spans(), self.generator.row_counts()
+        # A prefill call's (rows per shard, tokens a row): one `chunk`-token piece, or when
+        # several prompts wait on a shard, a narrower piece of each of as many as the shard has
+        # slots (about as many tokens a call; on one CPU device, 8 rows of 16 tokens cost 2x one
+        # row of 64, 8 rows of 64 7x, most of them padding after a short prompt). Two shapes, so
+        # two compilations.
+        rows = self.generator.local_rows
+        width = -(-max(MIN_PROMPT_WIDTH, self.chunk // rows) // spec.context) * spec.context
+        self.piece_shapes = [(1, self.chunk)] + [(rows, min(width, self.chunk))] * (rows > 1)
         self.eos_ids = tuple(model.stop_ids)  # end a request unless it sets ignore_eos
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
@@ -268,10 +277,13 @@ class Engine:
     def warm_up(self) -> None:
         """Compiles every step the loop runs, on throwaway buffers."""
         g, data = self.generator, self.generator.data
-        zeros, idle = np.zeros(data, np.int32), np.zeros(data, bool)
-        rows = RowSampling.fill(data, GREEDY, 0)
-        cache = g.prefill_chunk(g.empty_cache(), np.zeros((data, self.chunk), np.int32), zeros,
-                                zeros, zeros + 1, idle, rows, self._tables[:data])[0]  # fmt: skip
+        cache = g.empty_cache()
+        for per, width in self.piece_shapes:
+            n = per * data
+            zeros, idle = np.zeros(n, np.int32), np.zeros(n, bool)
+            cache = g.prefill_chunk(cache, np.zeros((n, width), np.int32), zeros, zeros,
+                                    zeros + 1, idle, RowSampling.fill(n, GREEDY, 0),
+                                    self._tables[:n])[0]  # fmt: skip
         for local in self.row_counts:
             n = local * data
             for span in self.spans:
@@ -314,10 +326,9 @@ class Engine:
         self._admit()
         decoding = sum(r is not None and bool(r.tokens) and r.prefilled == r.cached_length
                        for r in self._running)  # fmt: skip
-        pieces = max(1, (self.config.max_batched_tokens - decoding) // self.chunk)
-        for _ in range(pieces):
-            if not self._prefill():
-                break
+        budget = self.config.max_batched_tokens - decoding
+        while (tokens := self._prefill()) and (budget := budget - tokens) > 0:
+            pass
         self._decode()
 
     def _free_cancelled(self) -> None:
@@ -394,53 +405,58 @@ class Engine:
             self.pools[request.slot // self.generator.local_rows].release(request.blocks)
             request.blocks = []
 
-    def _prefill(self) -> bool:
-        """One prompt piece per shard (of its oldest request still prefilling); False when no
-        prompt waits."""
+    def _prefill(self) -> int:
+        """Prompt pieces in one call: one `chunk`-token piece per shard of its oldest request
+        still prefilling, or when several wait on a shard, a narrower piece of each of its
+        oldest `piece_shapes[-1][0]`; returns the tokens the call computes (0: no prompt
+        waits)."""
         g, data = self.generator, self.generator.data
-        picked: list[Request | None] = [None] * data
+        waiting: list[list[Request]] = [[] for _ in range(data)]
         for request in self._running:
             if request is not None and request.prefilled < request.cached_length:
-                shard = request.slot // g.local_rows
-                if picked[shard] is None or picked[shard].arrival > request.arrival:
-                    picked[shard] = request
+                waiting[request.slot // g.local_rows].append(request)
+        if not any(waiting):
+            return 0
+        per, width = self.piece_shapes[-1 if max(map(len, waiting)) > 1 else 0]
+        picked: list[list[Request]] = [[] for _ in range(data)]
+        for shard, requests in enumerate(waiting):
+            for request in sorted(requests, key=lambda r: r.arrival)[:per]:
+                end = min(request.prefilled + width, request.cached_length)
+                # (a request preempted by an older one's growth has no slot any more)
+                if request.slot >= 0 and self._grow(request, end):
+                    picked[shard].append(request)
+        picked = [[r for r in requests if r.slot >= 0] for requests in picked]
         if not any(picked):
-            return False
-        for shard, request in enumerate(picked):
-            end = min(request.prefilled + self.chunk, request.cached_length) if request else 0
-            if request is not None and not self._grow(request, end):
-                picked[shard] = None
-        if not any(picked):
-            return True
-        tokens = np.zeros((data, self.chunk), np.int32)
-        slot, start, length = (np.zeros(data, np.int32) for _ in range(3))
+            return width
+        rows: list[Request | None] = [None] * (data * per)
+        for shard, requests in enumerate(picked):
+            rows[shard * per : shard * per + len(requests)] = requests
+        tokens = np.zeros((len(rows), width), np.int32)
+        slot, start, length = (np.zeros(len(rows), np.int32) for _ in range(3))
         length += 1
-        active = np.zeros(data, bool)
-        for r, request in enumerate(picked):
+        active = np.zeros(len(rows), bool)
+        table = np.zeros((len(rows), self._tables.shape[1]), np.int32)
+        for i, request in enumerate(rows):
             if request is not None:
-                piece = request.sequence[request.prefilled : request.prefilled + self.chunk]
-                tokens[r, : len(piece)] = piece
-                slot[r], start[r], length[r] = (
-                    request.slot % g.local_rows,
-                    request.prefilled,
-                    len(piece),
-                )
-                active[r] = True
-        table = self._tables[[r.slot if r else 0 for r in picked]]
+                piece = request.sequence[request.prefilled : request.prefilled + width]
+                tokens[i, : len(piece)] = piece
+                slot[i], start[i] = request.slot % g.local_rows, request.prefilled
+                length[i] = len(piece)
+                active[i], table[i] = True, self._tables[request.slot]
         token = np.asarray(self._device("prefill", tokens=tokens, slot=slot, start=start,
                                         length=length, active=active, table=table,
-                                        **self._sampling(picked)._asdict()))  # fmt: skip
-        for r, request in enumerate(picked):
+                                        **self._sampling(rows)._asdict()))  # fmt: skip
+        for i, request in enumerate(rows):
             if request is None:
                 continue
-            request.prefilled += int(length[r])
-            self.prefilled_tokens += int(length[r])
+            request.prefilled += int(length[i])
+            self.prefilled_tokens += int(length[i])
             if request.prefilled == request.cached_length:
                 pool = self.pools[request.slot // g.local_rows]
                 pool.publish(request.prompt, request.blocks)
                 if not request.tokens:  # (a resumed request has drawn this token already)
-                    self._accept(request, int(token[r]))
-        return True
+                    self._accept(request, int(token[i]))
+        return per * width
 
     def _decode(self) -> None:
         def ready() -> list[Request | None]:

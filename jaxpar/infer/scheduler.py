@@ -168,8 +168,8 @@ class Engine:
         self.pools = [BlockPool(blocks, block, config.prefix_cache) for _ in range(spec.data)]
         self._tables = np.zeros((self.slots, per_context), np.int32)  # each slot's block table
         self.preemptions = 0
-        # A decode step computes the fewest rows and reads the shortest span that hold every
-        # ready request; the lowest free slots are taken first, so few requests use few rows.
+        # A decode step computes the fewest rows and reads the shortest span that hold its
+        # requests (`_span_groups`: short ones apart from long ones when that pays).
         self.spans, self.row_counts = self.generator.spans(), self.generator.row_counts()
         # A prefill call's (rows per shard, tokens a row): one `chunk`-token piece, or when
         # several prompts wait on a shard, a narrower piece of each of as many as the shard has
@@ -467,27 +467,62 @@ class Engine:
         for request in sorted(filter(None, ready()), key=lambda r: r.arrival):
             if request.slot >= 0:
                 self._grow(request, len(request.prompt) + len(request.tokens))
-        ready = ready()
-        if not any(ready):
-            return
-        # The first `local` slots of each shard, as few as hold every ready request.
+        ready = [r for r in ready() if r is not None]
+        if ready:
+            for group in self._span_groups(ready):
+                self._decode_rows(group)
+
+    def _span_groups(self, ready: list[Request]) -> list[list[Request]]:
+        """The ready requests in one decode step, or in two when that reads at most half as
+        many cache positions: the shorter ones over a shorter span (a step reads every row's
+        cache up to its span, whatever each row holds)."""
         g = self.generator
-        highest = max(s % g.local_rows for s, r in enumerate(ready) if r is not None)
-        local = next(n for n in self.row_counts if n > highest)
-        rows = [s for s in range(self.slots) if s % g.local_rows < local]
-        ready = [ready[s] for s in rows]
+        need = {id(r): self._span_of(r.cached_length + 1) for r in ready}
+
+        def cost(group: list[Request]) -> int:
+            if not group:
+                return 0
+            shards = np.bincount([r.slot // g.local_rows for r in group], minlength=g.data)
+            rows = next(n for n in self.row_counts if n >= shards.max())
+            return rows * max(need[id(r)] for r in group)
+
+        best, groups = cost(ready), [ready]
+        for span in sorted(set(need.values()))[:-1]:
+            short = [r for r in ready if need[id(r)] <= span]
+            long = [r for r in ready if need[id(r)] > span]
+            if 2 * (cost(short) + cost(long)) <= best:
+                best, groups = cost(short) + cost(long), [short, long]
+        return groups
+
+    def _span_of(self, positions: int) -> int:
+        """The shortest compiled decode span that holds `positions` positions."""
+        return next(s for s in self.spans if s >= positions)
+
+    def _decode_rows(self, requests: list[Request]) -> None:
+        """One decode step of `requests`: each shard's requests in its rows (a paged row is any
+        request of the shard: its block table says where its cache is), the rest idle."""
+        g = self.generator
+        shard_of = [r.slot // g.local_rows for r in requests]
+        local = next(n for n in self.row_counts if n >= max(np.bincount(shard_of)))
+        rows: list[Request | None] = [None] * (g.data * local)
+        taken = [0] * g.data
+        for request, shard in zip(requests, shard_of, strict=True):
+            rows[shard * local + taken[shard]] = request
+            taken[shard] += 1
         token, position = (np.zeros(len(rows), np.int32) for _ in range(2))
-        active = np.array([r is not None for r in ready])
-        for i, request in enumerate(ready):
+        table = np.zeros((len(rows), self._tables.shape[1]), np.int32)
+        active = np.array([r is not None for r in rows])
+        for i, request in enumerate(rows):
             if request is not None:
                 token[i] = request.tokens[-1]
-                position[i] = len(request.prompt) + len(request.tokens) - 1
-        span = next(s for s in self.spans if s > position.max())
+                position[i] = request.cached_length
+                table[i] = self._tables[request.slot]
+        span = self._span_of(position.max() + 1)
         new = self._device("decode", token=token, position=position, active=active, span=span,
-                           table=self._tables[rows], **self._sampling(ready)._asdict())  # fmt: skip
+                           table=table, **self._sampling(rows)._asdict())  # fmt: skip
         self.decode_steps += 1
         new = np.asarray(new)
-        for i, request in enumerate(ready):
+        for i, request in enumerate(rows):
             if request is not None:
                 request.prefilled += 1  # its input token is in the cache now
                 self._accept(request, int(new[i]))

@@ -46,6 +46,7 @@ runtime.tune_host_allocator()  # as `jaxpar.mesh.prepare` does for every command
 # listed runs after these.
 SLOWEST_FIRST = (
     "test_pipeline.py",
+    "test_serve.py",
     "test_parallel.py",
     "test_analyze.py",
     "test_checkpoint.py",
@@ -55,7 +56,6 @@ SLOWEST_FIRST = (
     "test_attention.py",
     "test_context.py",
     "test_faults.py",
-    "test_serve.py",
     "test_plan_traffic.py",
     "test_infer.py",
     "test_speed.py",

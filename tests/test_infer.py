@@ -253,18 +253,3 @@ def test_a_paged_cache_decodes_what_recomputation_gives(spec):
                                       table_BN=table)  # fmt: skip
         np.testing.assert_allclose(logits, full[everyone, position], rtol=0, atol=2e-5)
         position += 1
-
-
-def test_bfloat16_serving_steps_compile_on_data_shards():
-    # XLA:CPU aborted the process compiling the (old) prefix save's bfloat16 psum over `data`.
-    config = serving_config(load_config(None, [*SIZES, "train.dtype=bfloat16"]))
-    mesh = make_mesh(parse_mesh("data=2,tensor=2"), jax.devices()[:4])
-    params = Trainer(Placement(config, mesh)).init_state(0).params
-    gen = Generator(Placement(config, mesh, serving=True), params, batch=2, max_len=16,
-                    blocks=4, block=4)  # fmt: skip
-    table = np.array([[3, 1, 0, 2], [0, 1, 2, 3]], np.int32)
-    zeros, ones = np.zeros(2, np.int32), np.ones(2, bool)
-    rows = RowSampling.fill(2, GREEDY, 0)
-    _, _, token = gen.prefill_chunk(gen.empty_cache(), np.ones((2, 8), np.int32), zeros, zeros,
-                                    zeros + 8, ones, rows, table)  # fmt: skip
-    assert np.asarray(token).shape == (2,)

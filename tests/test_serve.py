@@ -131,15 +131,21 @@ def jobs(n: int, seed: int = 0) -> list[tuple[list[int], Params]]:
                    for _ in range(4)]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def alone(engine) -> list:
+    """`jobs(16)` one at a time on one device."""
+    return [submit_and_wait(engine, [job])[0] for job in jobs(16)]
+
+
 @pytest.mark.parametrize("spec", ["data=1", "data=2,pipeline=2,tensor=2"])
-def test_concurrent_requests_get_the_tokens_they_get_alone(run, engine, spec):
+def test_concurrent_requests_get_the_tokens_they_get_alone(run, engine, alone, spec):
     # 16 greedy requests of different lengths over 4 slots (prompts up to 70 tokens: several
-    # 32-token pieces each), against each alone and against the static batch of `generate`.
+    # 32-token pieces each), against each alone (on one device) and against the static batch of
+    # `generate`.
     mesh_engine = engine if spec == "data=1" else Engine(loaded(run, spec), SERVE).start()
     work = jobs(16)
     together = [r.tokens for r in submit_and_wait(mesh_engine, work)]
-    alone = [submit_and_wait(mesh_engine, [job])[0].tokens for job in work]
-    assert together == alone
+    assert together == [r.tokens for r in alone]
     assert [len(t) for t in together] == [p.max_tokens for _, p in work]
     if spec == "data=1":  # (on data=2, a shard's 2 slots fit its 32 blocks)
         assert mesh_engine.preemptions > 0
@@ -530,7 +536,7 @@ class Launched:
         self.reader.join(timeout=10)
 
 
-def test_two_processes_serve_what_one_serves_and_fail_together(run, engine, generated):
+def test_two_processes_serve_what_one_serves_and_fail_together(run, alone, generated):
     # A pipeline over the two processes: stage 0 on process 0's devices, stage 1 on process 1's.
     job = Launched(run, "pipeline=2,tensor=2")
     try:
@@ -539,7 +545,7 @@ def test_two_processes_serve_what_one_serves_and_fail_together(run, engine, gene
                                                  temperature=0)  # fmt: skip
             assert done.choices[0].text == expected
         # 16 concurrent requests over 4 slots, against each alone on one process's engine.
-        work = jobs(16, seed=1)
+        work = jobs(16)
 
         def ask(job_: tuple[list[int], Params]) -> str:
             prompt, params = job_
@@ -549,7 +555,7 @@ def test_two_processes_serve_what_one_serves_and_fail_together(run, engine, gene
 
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             together = list(pool.map(ask, work))
-        assert together == [submit_and_wait(engine, [w])[0].text for w in work]
+        assert together == [r.text for r in alone]
         metrics = httpx.get(job.url + "/metrics", timeout=WAIT_S).text
         assert float(re.search(r"^jaxpar_preemptions_total (\S+)", metrics, re.M)[1]) > 0
         assert re.search(r"^jaxpar_kv_blocks_used 0\.0$", metrics, re.M)

@@ -22,7 +22,21 @@ Reported, as vLLM's serving benchmark reports them: request throughput, output t
 mean, median and p99 of time to first token (TTFT), time per output token after the first
 (TPOT) and inter-token latency (ITL, between streamed chunks). Then a multi-turn chat script
 (8 conversations x 4 turns over a shared system prompt) gives the prefix cache's hit rate, and the
-server's metrics give the cache's memory per slot. Writes results/serve_load.json, .md and .png.
+server's metrics give the cache's memory. Writes results/serve_load.json, .md and .png.
+
+`--paged`: at one KV memory budget (4 full contexts: 256 blocks of 16 positions), fixed slots
+(4 slots, each able to hold a whole context: nothing is ever preempted) against paged blocks
+(32 slots sharing the same 256 blocks, blocks taken as tokens arrive, the youngest request
+preempted when they run out), on a mixed workload: 56 short requests (prompts of 16-64 tokens,
+16-64 new) and 8 long ones (512-768 and 128-256), from 32 clients. Adds the most requests in
+flight and the preemptions (from /metrics, sampled every 20 ms), and the decode step of each
+cache on its own (the paged one reads through block tables: a gather). Writes
+results/serve_load_paged.json, .md and .png.
+
+`--processes`: the same mesh (data=2,pipeline=2,tensor=2) served by one process of 8 devices and
+by two processes of 4 (`jaxpar launch -n 2`: each step's inputs handed from process 0 to the
+other), at concurrency 1 and 16. Writes results/serve_load_processes.json and .md.
+
 Wall-clock on a shared 2-core host: compare the modes with each other, not with GPUs.
 """
 
@@ -38,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +85,21 @@ def workload(n: int, seed: int = 0) -> list[tuple[str, int]]:
     ]
 
 
+def mixed_workload(seed: int = 3) -> list[tuple[str, int]]:
+    """56 short requests (prompts of 16-64 tokens, 16-64 new) and 8 long ones (512-768 and
+    128-256), shuffled."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz     "
+
+    def text(n: int) -> str:
+        return "".join(rng.choice(letters) for _ in range(n))
+
+    work = [(text(rng.randint(16, 64)), rng.randint(16, 64)) for _ in range(56)]
+    work += [(text(rng.randint(512, 768)), rng.randint(128, 256)) for _ in range(8)]
+    rng.shuffle(work)
+    return work
+
+
 def make_run(folder: Path) -> Path:
     run = folder / "model"
     corpus = folder / "corpus.txt"
@@ -85,22 +115,32 @@ def make_run(folder: Path) -> Path:
 
 
 class Server:
-    """`jaxpar serve` in a subprocess on a free port of 127.0.0.1."""
+    """`jaxpar serve` in a subprocess on a free port of 127.0.0.1 (with `processes`, as that many
+    processes of one job, through `jaxpar launch`)."""
 
-    def __init__(self, run: Path, mesh: str):
-        argv = [sys.executable, "-m", "jaxpar", "serve", "--run", str(run), "--mesh", mesh,
-                "--port", "0", "--model-name", "m", f"serve.max_seqs={SLOTS}",
-                f"serve.prefill_chunk={CHUNK}", "serve.max_queue=1024"]  # fmt: skip
+    def __init__(self, run: Path, mesh: str, *overrides: str, processes: int = 1):
+        argv = [sys.executable, "-m", "jaxpar"]
+        if processes > 1:
+            from jaxpar.mesh import parse_mesh
+
+            per = parse_mesh(mesh).size // processes
+            argv += ["launch", "-n", str(processes), "--devices-per-process", str(per), "--"]
+        argv += ["serve", "--run", str(run), "--mesh", mesh, "--port", "0", "--model-name", "m",
+                 f"serve.max_seqs={SLOTS}", f"serve.prefill_chunk={CHUNK}",
+                 "serve.max_queue=1024", *overrides]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env)  # fmt: skip
         deadline = time.monotonic() + WAIT_S
         self.url = None
         while self.url is None:
-            line = self.proc.stderr.readline()
+            line = self.proc.stdout.readline()
             if not line or time.monotonic() > deadline:
                 raise RuntimeError("jaxpar serve did not start")
             found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
             self.url = found and found.group(1)
+        # (its later lines are read and dropped, so that a full pipe never blocks it)
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
 
     def metrics(self) -> dict[str, float]:
         import httpx
@@ -177,6 +217,30 @@ async def drive(url: str, work, concurrency: int | None, rate: float | None,
         return records, time.perf_counter() - start
 
 
+async def drive_watched(server: Server, work, concurrency: int) -> tuple[list[dict], float, dict]:
+    """`drive` in a closed loop, with the server's /metrics sampled every 20 ms: the most
+    requests in flight and the most blocks held."""
+    import httpx
+
+    peaks, stop = {"in_flight": 0.0, "blocks_used": 0.0}, asyncio.Event()
+    names = {"in_flight": "jaxpar_active_slots", "blocks_used": "jaxpar_kv_blocks_used"}
+
+    async def watch() -> None:
+        async with httpx.AsyncClient(timeout=WAIT_S) as client:
+            while not stop.is_set():
+                text = (await client.get(server.url + "/metrics")).text
+                for key, name in names.items():
+                    found = re.search(rf"^{name} (\S+)$", text, re.M)
+                    peaks[key] = max(peaks[key], float(found[1]))
+                await asyncio.sleep(0.02)
+
+    watcher = asyncio.create_task(watch())
+    records, duration = await drive(server.url, work, concurrency, None)
+    stop.set()
+    await watcher
+    return records, duration, peaks
+
+
 async def chat_script(url: str, conversations: int = 8, turns: int = 4) -> None:
     """Multi-turn chats over one shared system prompt; each turn resends the whole history."""
     import httpx
@@ -237,7 +301,145 @@ def static_worker(run: str, mesh: str, work_json: str) -> None:
     print(json.dumps(out))
 
 
+def step_worker(run: str) -> None:
+    """Times one decode step of 8 rows on one device, rows of a whole context against blocks
+    read through tables (each row's 64 blocks scattered over the pool), reading the first 128
+    positions and all 1,024; prints one JSON object, ms (median of 200, best of 3 alternated
+    rounds)."""
+    from jaxpar.mesh import make_mesh, parse_mesh, prepare
+
+    spec = prepare(parse_mesh("data=1"), tune_runtime=True)
+    import numpy as np
+
+    from jaxpar.infer.engine import Generator
+    from jaxpar.infer.load import load_run
+
+    model = load_run(Path(run), make_mesh(spec), "float32", warn=lambda m: None)
+    rows, block = 8, 16
+    per_row = CONTEXT // block
+    tables = np.random.default_rng(0).permutation(rows * per_row).reshape(rows, per_row)
+    gens = {
+        "fixed slots": (Generator(model.placement, model.params, batch=rows, max_len=CONTEXT),
+                        None),
+        "paged": (Generator(model.placement, model.params, batch=rows, max_len=CONTEXT,
+                            blocks=rows * per_row, block=block), tables),
+    }  # fmt: skip
+    zeros = np.zeros(rows, np.int32)
+    caches = {name: g.empty_cache() for name, (g, _) in gens.items()}
+    best: dict[str, float] = {}
+    for _ in range(3):
+        for span in (128, CONTEXT):
+            for name, (g, table) in gens.items():
+                key = f"{name}, span {span}"
+                times = []
+                for i in range(201):
+                    start = time.perf_counter()
+                    caches[name], _, token = g.decode(caches[name], zeros, zeros + 100, None,
+                                                      None, span, table)  # fmt: skip
+                    np.asarray(token)
+                    if i:  # (the first compiles)
+                        times.append(time.perf_counter() - start)
+                best[key] = min(best.get(key, 1e9), statistics.median(times) * 1e3)
+    print(json.dumps(best))
+
+
+def paged(run: Path) -> None:
+    """Fixed slots against paged blocks at one KV memory budget (the module docstring)."""
+    budget = 4 * (CONTEXT // 16)  # blocks of 16: 4 full contexts
+    work = mixed_workload()
+    rows = []
+    for name, slots in (("fixed slots", 4), ("paged", 32)):
+        server = Server(run, "data=1", f"serve.max_seqs={slots}", "serve.block_size=16",
+                        f"serve.kv_blocks={budget}")  # fmt: skip
+        try:
+            asyncio.run(drive(server.url, work[:4], 4, None))  # warm the HTTP path
+            before = server.metrics()
+            progress(f"{name}: {len(work)} mixed requests from 32 clients")
+            records, duration, peaks = asyncio.run(drive_watched(server, work, 32))
+            after = server.metrics()
+        finally:
+            server.close()
+        rows.append({"cache": name, "slots": slots, "kv_blocks": budget, **peaks,
+                     "preemptions": after["jaxpar_preemptions_total"]
+                     - before["jaxpar_preemptions_total"],
+                     **summarize(records, duration)})  # fmt: skip
+    progress("decode steps of each cache on its own")
+    out = subprocess.run([sys.executable, __file__, "--step-worker", str(run)], check=True,
+                         stdout=subprocess.PIPE, text=True, timeout=WAIT_S)  # fmt: skip
+    steps = json.loads(out.stdout.splitlines()[-1])
+
+    def ms(d: dict) -> str:
+        return f"{d['mean']:,.1f} / {d['median']:,.1f} / {d['p99']:,.1f}"
+
+    header = ["cache", "slots", "blocks of 16", "most in flight", "most blocks held",
+              "preemptions", "req/s", "output tok/s", "TTFT ms mean/med/p99",
+              "TPOT ms mean/med/p99"]  # fmt: skip
+    results = write_results("serve_load_paged", rows, header, lambda r: [
+        r["cache"], r["slots"], r["kv_blocks"], f"{r['in_flight']:.0f}",
+        f"{r['blocks_used']:.0f}", f"{r['preemptions']:.0f}",
+        f"{r['request_throughput']:.2f}", f"{r['output_tokens_per_s']:,.0f}", ms(r["ttft_ms"]),
+        ms(r["tpot_ms"]),
+    ])  # fmt: skip
+    with (results / "serve_load_paged.md").open("a") as f:
+        f.write("\n| decode step, 8 rows, one device | ms |\n|---|---|\n")
+        f.writelines(f"| {k} | {v:.3f} |\n" for k, v in steps.items())
+    saved = results / "serve_load_paged.json"
+    doc = {"load": json.loads(saved.read_text()), "decode_step_ms": steps}
+    saved.write_text(json.dumps(doc, indent=2) + "\n")
+    plot_paged(rows, results / "serve_load_paged.png")
+
+
+def processes(run: Path) -> None:
+    """One process of 8 devices against two processes of 4, on one mesh."""
+    mesh, work, rows = "data=2,pipeline=2,tensor=2", workload(32), []
+    for count in (1, 2):
+        server = Server(run, mesh, processes=count)
+        try:
+            asyncio.run(drive(server.url, work[:4], 4, None))  # warm the HTTP path
+            for concurrency in (1, 16):
+                progress(f"{count} process(es): concurrency {concurrency}")
+                records, duration = asyncio.run(drive(server.url, work, concurrency, None))
+                rows.append({"processes": count, "concurrency": concurrency,
+                             **summarize(records, duration)})  # fmt: skip
+        finally:
+            server.close()
+
+    def ms(d: dict) -> str:
+        return f"{d['mean']:,.1f} / {d['median']:,.1f} / {d['p99']:,.1f}"
+
+    header = ["processes x devices", "concurrency", "req/s", "output tok/s",
+              "TTFT ms mean/med/p99", "TPOT ms mean/med/p99", "ITL ms mean/med/p99"]  # fmt: skip
+    write_results("serve_load_processes", rows, header, lambda r: [
+        f"{r['processes']} x {8 // r['processes']}", r["concurrency"],
+        f"{r['request_throughput']:.2f}", f"{r['output_tokens_per_s']:,.0f}", ms(r["ttft_ms"]),
+        ms(r["tpot_ms"]), ms(r["itl_ms"]),
+    ])  # fmt: skip
+
+
 # -- figures ---------------------------------------------------------------------------------
+
+
+def plot_paged(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("in_flight", None, "most requests in flight"),
+              ("output_tokens_per_s", None, "output tokens/s"),
+              ("ttft_ms", "median", "median time to first token (ms)"),
+              ("tpot_ms", "median", "median time per output token (ms)")]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    names = [r["cache"] for r in rows]
+    for ax, (key, sub, label) in zip(axes, panels, strict=True):
+        values = [r[key] if sub is None else r[key][sub] for r in rows]
+        ax.bar(names, values, color=["#888", "#3a7"])
+        ax.set_title(label, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"one KV budget of {rows[0]['kv_blocks']} blocks x 16 positions, "
+                 "56 short + 8 long requests, 32 clients", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -299,10 +501,24 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per measurement")
     parser.add_argument("--rate", type=float, default=8.0, help="Poisson arrivals per second")
     parser.add_argument("--quick", action="store_true", help="one mesh, 16 requests")
+    parser.add_argument("--paged", action="store_true", help="fixed slots against paged blocks")
+    parser.add_argument("--processes", action="store_true", help="one process against two")
     parser.add_argument("--static-worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--step-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.static_worker:
         static_worker(*args.static_worker)
+        return
+    if args.step_worker:
+        step_worker(args.step_worker)
+        return
+    if args.paged or args.processes:
+        with tempfile.TemporaryDirectory() as folder:
+            run = make_run(Path(folder))
+            if args.paged:
+                paged(run)
+            if args.processes:
+                processes(run)
         return
     meshes = MESHES[:1] if args.quick else MESHES
     n = 16 if args.quick else args.requests
@@ -349,9 +565,8 @@ def main() -> None:
                 extra[mesh] = {
                     "chat_prompt_tokens": queried, "chat_prefix_hit_tokens": hits,
                     "chat_prefix_hit_rate": hits / queried if queried else 0.0,
-                    "cache_bytes_per_slot": after["jaxpar_cache_bytes_per_slot"],
-                    "prefix_pool_bytes": after["jaxpar_prefix_pool_bytes"],
-                    "slots": after["jaxpar_slots"],
+                    "kv_block_bytes": after["jaxpar_kv_block_bytes"],
+                    "kv_blocks": after["jaxpar_kv_blocks"], "slots": after["jaxpar_slots"],
                 }  # fmt: skip
             finally:
                 server.close()
@@ -370,8 +585,8 @@ def main() -> None:
     for mesh, e in extra.items():
         print(f"{mesh}: multi-turn chat prefix-cache hit rate {e['chat_prefix_hit_rate']:.1%} "
               f"({e['chat_prefix_hit_tokens']:.0f} of {e['chat_prompt_tokens']:.0f} prompt tokens);"
-              f" KV cache {e['cache_bytes_per_slot'] / 2**20:.2f} MiB per slot x {e['slots']:.0f}"
-              f" slots, prefix pool {e['prefix_pool_bytes'] / 2**20:.2f} MiB")  # fmt: skip
+              f" paged KV cache of {e['kv_blocks']:.0f} blocks of"
+              f" {e['kv_block_bytes'] / 2**10:.0f} KiB for {e['slots']:.0f} slots")  # fmt: skip
     plot(rows, results / "serve_load.png")
 
 

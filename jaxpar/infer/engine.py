@@ -425,11 +425,12 @@ class Generator:
         )  # fmt: skip
         return cache, logits_BV, sample(logits_BV, rows)
 
-    def _chunk(self, top, weights, cache, inputs_RX, layout):
+    def _chunk(self, top, weights, cache, inputs_RX, layout, span=None):
         """Pieces of R / data prompts per `data` shard: row r's tokens go to slot `slot_R[r]` of
         its shard (paged: to blocks `table_RN[r]`) at positions start_R[r]..; its first
         `length_R[r]` tokens are real, and the token drawn after the last of them is returned
-        (the first new token, on a prompt's last piece). The rows' inputs come `_packed`."""
+        (the first new token, on a prompt's last piece). Attention reads the cache's first
+        `span` positions (every real one is below it). The rows' inputs come `_packed`."""
         x = _unpacked(inputs_RX, layout)
         tokens_RT, start_R, length_R = x["tokens"], x["start"], x["length"]
         rows = RowSampling(*(x[k] for k in RowSampling._fields))
@@ -438,7 +439,7 @@ class Generator:
         positions_RT = jnp.where(offsets_T < length_R[:, None], start_R[:, None] + offsets_T,
                                  self.length)  # fmt: skip
         logits_RV, cache = self._forward(top, weights, cache, tokens_RT, positions_RT, x["slot"],
-                                         x["active"], length_R - 1, by_seq=True,
+                                         x["active"], length_R - 1, by_seq=True, span=span,
                                          table_BN=x.get("table"))  # fmt: skip
         return cache, logits_RV, sample(logits_RV, rows)
 
@@ -554,11 +555,12 @@ class Generator:
                          span=self._span(span))  # fmt: skip
 
     def prefill_chunk(self, cache, tokens_RT, slot_R, start_R, length_R, active_R,
-                      rows: RowSampling, table_RN=None):  # fmt: skip
+                      rows: RowSampling, table_RN=None, span: int | None = None):  # fmt: skip
         """Prompt pieces, R / data of them per `data` shard, each a row (see `_chunk`; the rows
         of shard s are s R / data, ..., consecutive): returns the cache, the logits after each
         row's last real token and the token drawn from them. Several rows a shard only when
-        paged (an unpaged step reads consecutive slots).
+        paged (an unpaged step reads consecutive slots). Attention reads the cache's first
+        `span` positions (None: all; every piece must end below it), compiled once per span.
 
         Several prompts' pieces in one call cost little more than one's on a device that one
         piece leaves idle: on one CPU device (a 4-layer d=64 model) 8 rows of 16 tokens take 2x
@@ -568,7 +570,8 @@ class Generator:
         inputs, layout = self._packed(tokens=tokens_RT, slot=slot_R, start=start_R,
                                       length=length_R, active=active_R, **rows._asdict(),
                                       **self._table(table_RN))  # fmt: skip
-        return self._run("_chunk", (self.top, self.weights, cache, inputs), layout=layout)
+        args = (self.top, self.weights, cache, inputs)
+        return self._run("_chunk", args, layout=layout, span=self._span(span))
 
     def _table(self, table_BN) -> dict[str, Any]:
         """A paged step's block tables as an input (none: unpaged)."""

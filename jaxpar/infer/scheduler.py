@@ -281,9 +281,10 @@ class Engine:
         for per, width in self.piece_shapes:
             n = per * data
             zeros, idle = np.zeros(n, np.int32), np.zeros(n, bool)
-            cache = g.prefill_chunk(cache, np.zeros((n, width), np.int32), zeros, zeros,
-                                    zeros + 1, idle, RowSampling.fill(n, GREEDY, 0),
-                                    self._tables[:n])[0]  # fmt: skip
+            for span in self.spans:
+                cache = g.prefill_chunk(cache, np.zeros((n, width), np.int32), zeros, zeros,
+                                        zeros + 1, idle, RowSampling.fill(n, GREEDY, 0),
+                                        self._tables[:n], span)[0]  # fmt: skip
         for local in self.row_counts:
             n = local * data
             for span in self.spans:
@@ -443,8 +444,9 @@ class Engine:
                 slot[i], start[i] = request.slot % g.local_rows, request.prefilled
                 length[i] = len(piece)
                 active[i], table[i] = True, self._tables[request.slot]
+        span = self._span_of(int((start + length).max()))  # (the positions the pieces read)
         token = np.asarray(self._device("prefill", tokens=tokens, slot=slot, start=start,
-                                        length=length, active=active, table=table,
+                                        length=length, active=active, table=table, span=span,
                                         **self._sampling(rows)._asdict()))  # fmt: skip
         for i, request in enumerate(rows):
             if request is None:
@@ -541,7 +543,7 @@ class Engine:
         if step == "prefill":
             self._cache, _, token = g.prefill_chunk(self._cache, x["tokens"], x["slot"],
                                                     x["start"], x["length"], x["active"], rows,
-                                                    x["table"])  # fmt: skip
+                                                    x["table"], int(x["span"]))  # fmt: skip
             return token
         assert step == "decode", step
         self._cache, _, token = g.decode(self._cache, x["token"], x["position"], rows,

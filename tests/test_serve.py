@@ -118,17 +118,17 @@ def submit_and_wait(engine: Engine, jobs: list[tuple[list[int], Params]]):
 # --- the engine -------------------------------------------------------------------------------
 
 
-def jobs(n: int, seed: int = 0) -> list[tuple[list[int], Params]]:
-    """n greedy requests of 1-69 prompt tokens and 1-23 new ones, then 4 of 60 and 28 (11 blocks
-    of 8 each: any three at once outgrow the pool's 32 blocks, and preempt)."""
+def jobs(n: int, seed: int = 0, heavy: int = 4) -> list[tuple[list[int], Params]]:
+    """n greedy requests: of 1-69 prompt tokens and 1-23 new ones, then `heavy` of 60 and 28 (11
+    blocks of 8 each: any three at once outgrow the pool's 32 blocks, and preempt)."""
     rng = np.random.default_rng(seed)
     work = [
         (rng.integers(0, 256, int(rng.integers(1, 70))).tolist(),
          Params(max_tokens=int(rng.integers(1, 24)), sampling=GREEDY))
-        for _ in range(n - 4)
+        for _ in range(n - heavy)
     ]  # fmt: skip
     return work + [(rng.integers(0, 256, 60).tolist(), Params(28, sampling=GREEDY))
-                   for _ in range(4)]  # fmt: skip
+                   for _ in range(heavy)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +309,7 @@ def test_a_cache_split_over_context_serves_what_one_device_serves(run, engine, g
         g = split.generator
         assert g.device_tokens == SERVE.kv_blocks * SERVE.block_size // 2
         assert f"each device holds {g.device_tokens} tokens" in g.cache_summary()
-        work = jobs(6, seed=3)
+        work = jobs(6, seed=3, heavy=0)
         assert ([r.tokens for r in submit_and_wait(split, work)]
                 == [r.tokens for r in submit_and_wait(engine, work)])  # fmt: skip
         shared = np.random.default_rng(8).integers(0, 256, 200).tolist()
@@ -486,10 +486,12 @@ def test_metrics(server):
 
 class Launched:
     """`jaxpar launch -n 2 -- serve` on `mesh` (two processes of 2 simulated devices, one job),
-    on a free port of 127.0.0.1, with `SERVE`'s settings; every output line kept."""
+    on a free port of 127.0.0.1, with `SERVE`'s settings and then `overrides`; every output
+    line kept."""
 
-    def __init__(self, run, mesh: str):
+    def __init__(self, run, mesh: str, *overrides: str):
         serve = [f"serve.{f.name}={getattr(SERVE, f.name)}" for f in dataclasses.fields(SERVE)]
+        serve += overrides
         argv = [sys.executable, "-m", "jaxpar", "launch", "-n", "2", "--devices-per-process", "2",
                 "--", "serve", "--run", str(run), "--mesh", mesh, "--port", "0", "--model-name",
                 "tiny", *serve]  # fmt: skip
@@ -573,7 +575,7 @@ def test_two_processes_serve_what_one_serves_and_fail_together(run, alone, gener
 
 def test_sigterm_to_process_0_drains_the_job_and_exits_0(run, generated):
     # `data` over the two processes: each holds half the slots.
-    job = Launched(run, "data=2,tensor=2")
+    job = Launched(run, "data=2,tensor=2", "serve.max_seqs=2")  # (a slot a shard: few compiles)
     try:
         done = job.client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=24,
                                              temperature=0)  # fmt: skip

@@ -526,6 +526,10 @@ class Generator:
             n //= 4
         return sorted(counts or [self.local_rows])
 
+    def span_for(self, positions: int) -> int:
+        """The shortest span of `spans()` that holds `positions` positions."""
+        return next(s for s in self.spans() if s >= positions)
+
     def _span(self, span: int | None) -> int:
         return self.length if span is None else min(span, self.length)
 
@@ -626,7 +630,7 @@ class Generator:
         rows = RowSampling.fill(self.rows, sampling, seed + np.arange(self.rows))
         compile_before = self.compile_s
         cache = self.empty_cache()
-        span = next(s for s in self.spans() if s >= longest + max_new_tokens)  # holds every row
+        span = self.span_for(longest + max_new_tokens)  # holds every row
         self.decode_compiled(span)  # compiled before the clock starts, as is the prefill:
         self._step("_prefill", (self.top, self.weights, cache, self._rows(tokens),
                                 self._rows(lengths), self._sampling(rows, self.rows)))  # fmt: skip

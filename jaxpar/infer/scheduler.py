@@ -122,6 +122,11 @@ class Request:
         return len(self.prompt) + max(len(self.tokens) - 1, 0)
 
     @property
+    def decoding(self) -> bool:
+        """Its cache holds `sequence`: its next step is a decode step."""
+        return bool(self.tokens) and self.prefilled == self.cached_length
+
+    @property
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens),
                 "total_tokens": len(self.prompt) + len(self.tokens),
@@ -325,8 +330,7 @@ class Engine:
         one turn's pieces."""
         self._free_cancelled()
         self._admit()
-        decoding = sum(r is not None and bool(r.tokens) and r.prefilled == r.cached_length
-                       for r in self._running)  # fmt: skip
+        decoding = sum(r is not None and r.decoding for r in self._running)
         budget = self.config.max_batched_tokens - decoding
         while (tokens := self._prefill()) and (budget := budget - tokens) > 0:
             pass
@@ -372,17 +376,19 @@ class Engine:
                 if not request.tokens:
                     request.cached = request.prefilled
 
+    def _shard(self, request: Request) -> int:
+        """The `data` shard of `request`'s slot (whose pool holds its blocks)."""
+        return request.slot // self.generator.local_rows
+
     def _grow(self, request: Request, end: int) -> bool:
         """Gives `request` the blocks for its positions below `end`, preempting the youngest
         requests of its shard while its pool has none free; False when it was preempted itself."""
-        pool = self.pools[request.slot // self.generator.local_rows]
+        shard = self._shard(request)
         while len(request.blocks) * self.block < end:
-            block = pool.allocate()
+            block = self.pools[shard].allocate()
             if block is None:
-                shard = request.slot // self.generator.local_rows
                 victim = max((r for r in self._running if r is not None
-                              and r.slot // self.generator.local_rows == shard),
-                             key=lambda r: r.arrival)  # fmt: skip
+                              and self._shard(r) == shard), key=lambda r: r.arrival)  # fmt: skip
                 self._preempt(victim)
                 if victim is request:
                     return False
@@ -403,7 +409,7 @@ class Engine:
 
     def _release(self, request: Request) -> None:
         if request.blocks:
-            self.pools[request.slot // self.generator.local_rows].release(request.blocks)
+            self.pools[self._shard(request)].release(request.blocks)
             request.blocks = []
 
     def _prefill(self) -> int:
@@ -415,7 +421,7 @@ class Engine:
         waiting: list[list[Request]] = [[] for _ in range(data)]
         for request in self._running:
             if request is not None and request.prefilled < request.cached_length:
-                waiting[request.slot // g.local_rows].append(request)
+                waiting[self._shard(request)].append(request)
         if not any(waiting):
             return 0
         per, width = self.piece_shapes[-1 if max(map(len, waiting)) > 1 else 0]
@@ -444,7 +450,7 @@ class Engine:
                 slot[i], start[i] = request.slot % g.local_rows, request.prefilled
                 length[i] = len(piece)
                 active[i], table[i] = True, self._tables[request.slot]
-        span = self._span_of(int((start + length).max()))  # (the positions the pieces read)
+        span = g.span_for(int((start + length).max()))  # (the positions the pieces read)
         token = np.asarray(self._device("prefill", tokens=tokens, slot=slot, start=start,
                                         length=length, active=active, table=table, span=span,
                                         **self._sampling(rows)._asdict()))  # fmt: skip
@@ -454,7 +460,7 @@ class Engine:
             request.prefilled += int(length[i])
             self.prefilled_tokens += int(length[i])
             if request.prefilled == request.cached_length:
-                pool = self.pools[request.slot // g.local_rows]
+                pool = self.pools[self._shard(request)]
                 pool.publish(request.prompt, request.blocks)
                 if not request.tokens:  # (a resumed request has drawn this token already)
                     self._accept(request, int(token[i]))
@@ -462,8 +468,8 @@ class Engine:
 
     def _decode(self) -> None:
         def ready() -> list[Request | None]:
-            return [r if r is not None and bool(r.tokens) and r.prefilled == r.cached_length
-                    and r.finish is None else None for r in self._running]  # fmt: skip
+            return [r if r is not None and r.decoding and r.finish is None else None
+                    for r in self._running]  # fmt: skip
 
         # Each a block for the position it writes, the oldest first (so the youngest yield).
         for request in sorted(filter(None, ready()), key=lambda r: r.arrival):
@@ -479,12 +485,12 @@ class Engine:
         many cache positions: the shorter ones over a shorter span (a step reads every row's
         cache up to its span, whatever each row holds)."""
         g = self.generator
-        need = {id(r): self._span_of(r.cached_length + 1) for r in ready}
+        need = {id(r): self.generator.span_for(r.cached_length + 1) for r in ready}
 
         def cost(group: list[Request]) -> int:
             if not group:
                 return 0
-            shards = np.bincount([r.slot // g.local_rows for r in group], minlength=g.data)
+            shards = np.bincount([self._shard(r) for r in group], minlength=g.data)
             rows = next(n for n in self.row_counts if n >= shards.max())
             return rows * max(need[id(r)] for r in group)
 
@@ -496,15 +502,11 @@ class Engine:
                 best, groups = cost(short) + cost(long), [short, long]
         return groups
 
-    def _span_of(self, positions: int) -> int:
-        """The shortest compiled decode span that holds `positions` positions."""
-        return next(s for s in self.spans if s >= positions)
-
     def _decode_rows(self, requests: list[Request]) -> None:
         """One decode step of `requests`: each shard's requests in its rows (a paged row is any
         request of the shard: its block table says where its cache is), the rest idle."""
         g = self.generator
-        shard_of = [r.slot // g.local_rows for r in requests]
+        shard_of = [self._shard(r) for r in requests]
         local = next(n for n in self.row_counts if n >= max(np.bincount(shard_of)))
         rows: list[Request | None] = [None] * (g.data * local)
         taken = [0] * g.data
@@ -519,7 +521,7 @@ class Engine:
                 token[i] = request.tokens[-1]
                 position[i] = request.cached_length
                 table[i] = self._tables[request.slot]
-        span = self._span_of(position.max() + 1)
+        span = self.generator.span_for(position.max() + 1)
         new = self._device("decode", token=token, position=position, active=active, span=span,
                            table=table, **self._sampling(rows)._asdict())  # fmt: skip
         self.decode_steps += 1

@@ -34,6 +34,7 @@ REMAT = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attn")
 ATTENTION = ("auto", "xla", "dot_product")
 CONTEXT_ATTENTION = ("ring", "all_gather")
 STAGE_SPLITS = ("balanced", "auto")
+OPEN_METRICS = ("loopback", "all", "none")
 # Keys whose values are lists, kept as canonical text ("[3, 3, 1, 1]") so that a config stays
 # hashable and reads back from YAML as it was written; each with its element type.
 # The words each also takes.
@@ -235,6 +236,18 @@ class ServeConfig:
     prefix_cache: bool = True
     # On SIGTERM, in-flight requests get this long to finish before they are cancelled.
     shutdown_s: float = 10.0
+    # A request that waits this long for a slot is answered 503 (it never got one).
+    queue_timeout_s: float = 60.0
+    # The largest request body read; 0: 8 bytes a token of the model's context, plus 1 MiB.
+    max_body_bytes: int = 0
+    # API keys (`jaxpar.infer.access`): a file of keys, one a line, besides JAXPAR_API_KEY.
+    # With a key, every /v1 request needs `Authorization: Bearer <key>`, and /metrics does too
+    # except from `open_metrics` clients: "loopback" (this host), "all", or "none".
+    api_key_file: str = ""
+    open_metrics: str = "loopback"
+    # TLS (uvicorn's): a PEM certificate chain and its private key, both or neither.
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
 
 
 @dataclass(frozen=True)
@@ -486,11 +499,20 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
 
 def _validate_serve(s: ServeConfig) -> None:
     for name in ("max_seqs", "prefill_chunk", "max_batched_tokens", "max_queue", "block_size",
-                 "shutdown_s"):  # fmt: skip
+                 "shutdown_s", "queue_timeout_s"):  # fmt: skip
         _positive(f"serve.{name}", getattr(s, name))
     if s.kv_blocks < 0:
         raise JaxparError(f"serve.kv_blocks={s.kv_blocks} must be >= 0 (0: every slot's full "
                           "context)")  # fmt: skip
+    if s.max_body_bytes < 0:
+        raise JaxparError(f"serve.max_body_bytes={s.max_body_bytes} must be >= 0 (0: sized for "
+                          "the model's context)")  # fmt: skip
+    if s.open_metrics not in OPEN_METRICS:
+        raise JaxparError(f"serve.open_metrics={s.open_metrics!r} must be one of "
+                          f"{', '.join(OPEN_METRICS)}")  # fmt: skip
+    if bool(s.ssl_certfile) != bool(s.ssl_keyfile):
+        raise JaxparError("serve.ssl_certfile and serve.ssl_keyfile go together: give both or "
+                          "neither")  # fmt: skip
 
 
 def validate_model_for_mesh(m: ModelConfig, spec: MeshSpec, repeats: int = 1) -> None:

@@ -17,6 +17,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from jaxpar.checkpoint import Checkpointer
+from jaxpar.cli import main
 from jaxpar.config import Config, ModelConfig, dump_yaml
 from jaxpar.errors import JaxparError
 from jaxpar.infer.export import export_run
@@ -495,3 +496,29 @@ def test_transformers_llama_round_trip(tmp_path, tied):
     with torch.no_grad():
         back = again(torch.from_numpy(tokens).long()).logits.float().numpy()
     np.testing.assert_array_equal(back, want)
+
+
+def test_a_vocabulary_without_its_tokenizer_is_served_as_ids_only(tmp_path, capsys):
+    # 300 ids and no tokenizer.json (a SentencePiece tokenizer.model only): ids past 255 are not
+    # bytes, so every command that reads or writes text refuses, and --prompt-ids works.
+    weights = hf_weights(False)
+    rng = np.random.default_rng(1)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[name] = rng.standard_normal((300, D)).astype(np.float32)
+    path = write_hf(tmp_path / "hf", hf_doc(vocab_size=300), weights)
+    (path / "tokenizer.model").write_bytes(b"")
+    (tmp_path / "text.txt").write_text("hello")
+    model = ["--init-from-hf", str(path), "--mesh", "data=8"]
+    for argv in (["serve", *model, "--port", "0"], ["chat", *model],
+                 ["generate", *model, "--prompt", "hi"],
+                 ["eval", *model, "--text", str(tmp_path / "text.txt")]):  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and (
+            f"--init-from-hf '{path}' has no tokenizer.json for its 300-token vocabulary (its "
+            "tokenizer.model, a SentencePiece model, is not read" in err
+        ), err
+    argv = ["generate", *model, "--prompt-ids", "1,299", "--max-new-tokens", "2", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["new_ids"][0]) == 2 and out["text"] is None

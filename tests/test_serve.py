@@ -5,30 +5,41 @@ on a live server bound to 127.0.0.1."""
 import concurrent.futures
 import contextlib
 import dataclasses
+import datetime
+import http.client
 import io
+import ipaddress
 import json
+import logging
 import os
 import re
+import select
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import traceback
+import typing
 
 import httpx
 import jax
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
 from jaxpar.cli import main
 from jaxpar.config import ServeConfig
+from jaxpar.errors import JaxparError
+from jaxpar.infer.access import KEY_ENV, Access, check_tls, read_access
 from jaxpar.infer.chat import PLAIN_TEMPLATE, render_chat
 from jaxpar.infer.load import load_run
+from jaxpar.infer.protocol import ChatRequest, CompletionRequest
 from jaxpar.infer.sampling import GREEDY, Sampling
 from jaxpar.infer.scheduler import Engine, Params
-from jaxpar.infer.server import bind, create_app
+from jaxpar.infer.server import bind, create_app, max_body_bytes, uvicorn_server
 from jaxpar.mesh import make_mesh, parse_mesh
 
 SIZES = ["model.layers=2", "model.dim=32", "model.heads=4", "model.kv_heads=2",
@@ -65,13 +76,17 @@ def engine(run):
 
 
 class LiveServer:
-    """`create_app` under uvicorn on a thread, on a free port of 127.0.0.1."""
+    """`create_app` under uvicorn on a thread, on a free port of 127.0.0.1, as `jaxpar serve`
+    runs it (with TLS when `config` names its files; by default the engine's settings)."""
 
-    def __init__(self, engine: Engine, name: str):
+    def __init__(self, engine: Engine, name: str, access: Access | None = None,
+                 config: ServeConfig | None = None):  # fmt: skip
+        config = config or engine.config
         sock = bind("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(create_app(engine, name), log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.port = sock.getsockname()[1]
+        scheme = "https" if config.ssl_certfile else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.server = uvicorn_server(create_app(engine, name, access), config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]})
         self.thread.start()
         deadline = time.monotonic() + WAIT_S
@@ -386,17 +401,17 @@ def test_a_cancelled_stream_frees_its_slot(server, engine, monkeypatch):
     assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 2
 
 
-def test_a_full_queue_gives_429(server, engine, monkeypatch):
+def test_a_full_queue_gives_429_and_a_long_wait_503(server, engine, monkeypatch):
     monkeypatch.setattr(engine, "config", dataclasses.replace(SERVE, max_queue=2))
     slow_decoding(engine, monkeypatch)
     streams = _open_streams(server, engine.slots)
     waiting = []
 
-    def wait_in_queue():
-        body = {"prompt": "q", "max_tokens": 2}
+    def wait_in_queue(stream: bool):
+        body = {"prompt": "q", "max_tokens": 2, "stream": stream}
         waiting.append(httpx.post(server.url + "/v1/completions", json=body, timeout=WAIT_S))
 
-    threads = [threading.Thread(target=wait_in_queue) for _ in range(engine.config.max_queue)]
+    threads = [threading.Thread(target=wait_in_queue, args=(s,)) for s in (False, True)]
     for t in threads:
         t.start()
     try:
@@ -405,12 +420,16 @@ def test_a_full_queue_gives_429(server, engine, monkeypatch):
         assert full.status_code == 429
         assert full.json()["error"]["type"] == "rate_limit_error"
         assert "serve.max_queue = 2" in full.json()["error"]["message"]
+        # The two waiting (one streamed) have waited long enough: 503, and no stream begun.
+        monkeypatch.setattr(engine, "config", dataclasses.replace(SERVE, queue_timeout_s=0.01))
+        for t in threads:
+            t.join(WAIT_S)
     finally:
         for cm, _ in streams:
             cm.__exit__(None, None, None)
-        for t in threads:
-            t.join(WAIT_S)
-    assert [r.status_code for r in waiting] == [200] * engine.config.max_queue
+    assert [r.status_code for r in waiting] == [503, 503]
+    assert [r.json()["error"]["code"] for r in waiting] == ["queue_timeout"] * 2
+    assert "serve.queue_timeout_s = 0.01 s" in waiting[0].json()["error"]["message"]
     metrics = httpx.get(server.url + "/metrics", timeout=WAIT_S).text
     assert 'jaxpar_requests_total{endpoint="completions",status="429"} 1.0' in metrics
 
@@ -418,13 +437,15 @@ def test_a_full_queue_gives_429(server, engine, monkeypatch):
 BAD = [
     ("/v1/completions", "{not json", 400, "not valid JSON"),
     ("/v1/completions", "[1, 2]", 400, "must be a JSON object"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "'max_tokens' must be at least 1"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400,
+     "'max_tokens' must be an integer of at least 1, got -1"),
     ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, 400, "must be an integer"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "must be a number"),
-    ("/v1/completions", {"prompt": "x", "temperature": 3}, 400, "'temperature' must be in"),
-    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "'top_p' must be in (0, 1]"),
+    ("/v1/completions", {"prompt": "x", "temperature": 3}, 400,
+     "'temperature' must be a number in [0, 2], got 3"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "'top_p' must be a number in (0, 1]"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "'stream' must be true or false"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "'n' = 2 is not supported"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "'n' must be 1 (jaxpar returns one"),
     ("/v1/completions", {"prompt": "x", "stop": [1]}, 400, "'stop' must be"),
     ("/v1/completions", {"prompt": ""}, 400, "'prompt' is empty"),
     ("/v1/completions", {"prompt": 5}, 400, "'prompt' must be"),
@@ -433,9 +454,10 @@ BAD = [
      "prompt of 250 tokens + max_tokens 10 exceeds the model's context of 256"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "the model 'gpt-4' does not exist"),
     ("/v1/chat/completions", {"messages": []}, 400, "'messages' must be a non-empty array"),
-    ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "must be an object with a"),
+    ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400,
+     "'messages[0].role' is required"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400,
-     "content must be a string"),
+     "'messages[0].content' must be a string or an array"),
     ("/v1/nothing", {}, 404, "Not Found"),
 ]  # fmt: skip
 
@@ -453,6 +475,117 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
                     timeout=WAIT_S)  # fmt: skip
     assert ok.status_code == 200
     assert httpx.get(server.url + "/health", timeout=WAIT_S).json()["status"] == "ok"
+
+
+def _hostile() -> list[tuple[str, bytes, int, str]]:
+    """(path, body, status, fragment of the message) for bodies a client could send to hurt the
+    server: every field of both endpoints of a wrong type, every float NaN or infinite, and
+    bodies that are deep, invalid, huge or shaped to overflow the engine."""
+    limit = max_body_bytes(SERVE, CONTEXT)
+    table = [
+        ("/v1/chat/completions", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400,
+         "not valid JSON (recursion limit exceeded"),
+        ("/v1/completions", b'{"prompt": "\xff\xfe"}', 400, "not valid JSON"),
+        ("/v1/completions", b'{"prompt": "x", "stop": [' + b'"a",' * 100_000 + b'"a"]}', 400,
+         "'stop' must be a string or an array of at most 4 strings"),
+        ("/v1/chat/completions", b'{"messages": []}', 400, "'messages' must be a non-empty"),
+        ("/v1/completions", b'{"prompt": "' + b"a" * limit + b'"}', 413,
+         f"exceeds serve.max_body_bytes = {limit:,}"),
+        ("/v1/completions", b'{"prompt": "x", "seed": ' + b"9" * 30 + b"}", 400,
+         "'seed' must be a 64-bit integer"),
+        ("/v1/completions", b'{"prompt": [' + b"9" * 30 + b"]}", 400, "an array of token ids"),
+        ("/v1/completions", b'{"prompt": "x", "stop_token_ids": [300]}', 400, "ids in [0, 256)"),
+    ]  # fmt: skip
+    for path, kind, base in (("/v1/completions", CompletionRequest, {"prompt": "x"}),
+                             ("/v1/chat/completions", ChatRequest, CHAT_BODY)):  # fmt: skip
+        for name, info in kind.model_fields.items():
+            body = json.dumps({**base, name: [{}]}).encode()
+            table.append((path, body, 400, f"'{name}"))
+            if float in typing.get_args(info.annotation):
+                for bad in ("NaN", "Infinity", "-Infinity"):
+                    body = json.dumps(base).encode()[:-1] + f', "{name}": {bad}}}'.encode()
+                    table.append((path, body, 400, f"'{name}' must be "))
+    return table
+
+
+CHAT_BODY = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def server_log(monkeypatch) -> list[str]:
+    """What the server logs while a test runs: uvicorn's records, and the tracebacks the app
+    prints for its own failures."""
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logging.getLogger("uvicorn").addHandler(handler)
+    monkeypatch.setattr(traceback, "print_exc", lambda *a, **k: logged.append("a traceback"))
+    yield logged
+    logging.getLogger("uvicorn").removeHandler(handler)
+
+
+def test_hostile_bodies_get_4xx_and_the_same_connection_serves_on(server, server_log):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=WAIT_S)
+    conn.connect()
+    sock = conn.sock
+
+    def post(path: str, body, **headers) -> tuple[int, dict]:
+        conn.request("POST", path, body, {"Content-Type": "application/json", **headers})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+
+    def answered_normally() -> None:
+        status, body = post("/v1/completions", b'{"prompt": "ab", "max_tokens": 1}')
+        assert status == 200 and body["usage"]["completion_tokens"] == 1
+        assert conn.sock is sock  # the same keep-alive connection
+
+    try:
+        for path, body, status, fragment in _hostile():
+            got, answer = post(path, body)
+            assert got == status and fragment in answer["error"]["message"], (body[:80], answer)
+            answered_normally()
+        # A body of unknown length (chunked) is cut off as soon as it passes the bound.
+        limit = max_body_bytes(SERVE, CONTEXT)
+        chunks = (b"a" * (1 << 16) for _ in range(limit // (1 << 16) + 32))
+        conn.request("POST", "/v1/completions", chunks, encode_chunked=True)
+        response = conn.getresponse()
+        assert response.status == 413 and b"serve.max_body_bytes" in response.read()
+        answered_normally()
+        # Values that were once let through to the engine: top_k past int32 (now: no limit).
+        status, _ = post("/v1/completions", b'{"prompt": "x", "top_k": 1000000000000}')
+        assert status == 200
+        answered_normally()
+    finally:
+        conn.close()
+    assert server_log == []
+
+
+def _rss() -> int:
+    """This process's resident memory, in bytes."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.M)[1]) << 10
+
+
+def test_an_oversize_body_is_refused_before_it_is_read(server):
+    limit = max_body_bytes(SERVE, CONTEXT)
+    before = _rss()
+    # 200 MB declared: the answer comes after the headers, before any of the body is sent.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 200000000\r\n\r\n")  # fmt: skip
+        assert sock.recv(1 << 16).startswith(b"HTTP/1.1 413 ")
+    # 200 MB offered with no length: the answer comes once the bound is passed.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
+                     b"chunked\r\n\r\n")  # fmt: skip
+        chunk, sent, peak = b"10000\r\n" + b"a" * (1 << 16) + b"\r\n", 0, before
+        while sent < 200_000_000 and not select.select([sock], [], [], 0)[0]:
+            sock.sendall(chunk)
+            sent += 1 << 16
+            peak = max(peak, _rss())
+        assert sock.recv(1 << 16).startswith(b"HTTP/1.1 413 ")
+    assert sent < limit + (16 << 20)  # (what the sockets' buffers held, besides the bound)
+    assert peak - before < 64 << 20
 
 
 def test_a_failed_step_fails_its_requests_not_the_server(server, engine, monkeypatch):
@@ -479,6 +612,103 @@ def test_metrics(server):
                  "jaxpar_time_per_output_token_seconds", "jaxpar_prefix_cache_hit_rate",
                  'jaxpar_requests_total{endpoint="completions",status="200"}'):  # fmt: skip
         assert name in text, name
+
+
+def test_api_keys(engine, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("\nkey-from-a-file\n")
+    keys.chmod(0o644)
+    warned = []
+    config = dataclasses.replace(SERVE, api_key_file=str(keys))
+    access = read_access(config, {KEY_ENV: "key-one, key-two"}, warn=warned.append)
+    assert len(access.digests) == 3 and "can be read by other users" in warned[0]
+    live = LiveServer(engine, "tiny", access)
+    try:
+        for key in ("key-one", "key-two", "key-from-a-file"):
+            client = openai.OpenAI(base_url=live.url + "/v1", api_key=key, max_retries=0)
+            done = client.completions.create(model="tiny", prompt="ab", max_tokens=2)
+            assert done.usage.completion_tokens == 2
+        for key in ("key-three", "key-one2", "key-ONE"):  # (no key: the requests below)
+            client = openai.OpenAI(base_url=live.url + "/v1", api_key=key, max_retries=0)
+            with pytest.raises(openai.AuthenticationError, match="API key"):
+                client.models.list()
+        for path in ("/v1/models", "/v1/nothing"):
+            refused = httpx.get(live.url + path, timeout=WAIT_S)
+            assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+            assert refused.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(live.url + "/health", timeout=WAIT_S).status_code == 200
+        metrics = httpx.get(live.url + "/metrics", timeout=WAIT_S)  # open to this host
+        assert metrics.status_code == 200
+        assert 'jaxpar_requests_total{endpoint="unauthorized",status="401"} 5.0' in metrics.text
+    finally:
+        live.close()
+    assert not any(key in metrics.text for key in ("key-one", "key-two", "key-from-a-file"))
+    # /metrics: open to loopback clients, or to all, or to none (the key always).
+    for setting, here, elsewhere in (("loopback", False, True), ("all", False, False),
+                                     ("none", True, True)):  # fmt: skip
+        rule = dataclasses.replace(access, open_metrics=setting)
+        assert rule.needs_key("/metrics", "127.0.0.1") == here
+        assert rule.needs_key("/metrics", "10.1.2.3") == elsewhere
+        assert rule.needs_key("/v1/models", "127.0.0.1") and not rule.needs_key("/health", "::1")
+    assert not Access().needs_key("/v1/models", "10.1.2.3")
+
+
+def _self_signed(folder, name: str) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 that signs itself, and its key: PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, True, False, False,
+                                     False), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_file, key_file = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))  # fmt: skip
+    return str(cert_file), str(key_file)
+
+
+def test_tls_serves_the_greedy_text_of_generate(engine, generated, tmp_path):
+    cert, key = _self_signed(tmp_path, "server")
+    config = dataclasses.replace(SERVE, ssl_certfile=cert, ssl_keyfile=key)
+    check_tls(config)
+    live = LiveServer(engine, "tiny", config=config)
+    try:
+        trusted = httpx.Client(verify=ssl.create_default_context(cafile=cert))
+        with openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0,
+                           http_client=trusted) as client:  # fmt: skip
+            done = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=24,
+                                             temperature=0)  # fmt: skip
+        assert done.choices[0].text == generated[0]
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(live.url + "/health", timeout=WAIT_S)  # a client that does not trust it
+    finally:
+        live.close()
+    other_cert, other_key = _self_signed(tmp_path, "other")
+    mismatched = dataclasses.replace(config, ssl_keyfile=other_key)
+    with pytest.raises(JaxparError, match=f"serve.ssl_keyfile '{other_key}' is not the key of"):
+        check_tls(mismatched)
+    with pytest.raises(JaxparError, match="must be a PEM certificate chain"):
+        check_tls(dataclasses.replace(config, ssl_certfile=key))
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -604,6 +834,13 @@ def test_sigterm_to_process_0_drains_the_job_and_exits_0(run, generated):
      "serve.block_size=48 must divide the model's context of 256"),
     (["--mesh", "data=8", "serve.kv_blocks=15"], "serve.kv_blocks=15 blocks of 16 positions hold "
      "fewer than one request at the model's full context of 256 tokens; give at least 16"),
+    (["serve.api_key_file=/no/keys"],
+     "serve.api_key_file '/no/keys' cannot be read: No such file or directory"),
+    (["serve.ssl_certfile=/no/cert"], "serve.ssl_certfile and serve.ssl_keyfile go together"),
+    (["serve.ssl_certfile=/no/cert", "serve.ssl_keyfile=/no/key"],
+     "serve.ssl_certfile '/no/cert' does not exist"),
+    (["serve.open_metrics=yes"], "serve.open_metrics='yes' must be one of loopback, all, none"),
+    (["serve.queue_timeout_s=nan"], "'serve.queue_timeout_s' must be positive"),
 ])  # fmt: skip
 def test_serve_bad_input(capsys, run, args, fragment):
     assert main(["serve", "--run", str(run), *args]) == 2

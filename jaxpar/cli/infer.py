@@ -15,12 +15,18 @@ from jaxpar.errors import JaxparError
 from jaxpar.mesh import parse_mesh
 
 
-def _load_model(args: argparse.Namespace):
-    """The model named by --run or --init-from-hf, on the mesh of --mesh."""
+def _load_model(args: argparse.Namespace, text: bool = True):
+    """The model named by --run or --init-from-hf, on the mesh of --mesh; with `text`, one
+    whose ids can be read as text."""
     source = Path(args.run or args.init_from_hf)
     if not source.is_dir():  # before JAX starts: the mesh comes next
         flag = "--run" if args.run else "--init-from-hf"
         raise JaxparError(f"{flag} {str(source)!r} is not a directory")
+    if text and args.init_from_hf:
+        from jaxpar.interop.hf_config import no_tokenizer, read_hf_config
+
+        if problem := no_tokenizer(source, read_hf_config(source)[0].vocab):
+            raise JaxparError(problem)
     spec = prepare_devices(parse_mesh(args.mesh), args.devices)
     from jaxpar.infer.load import load_hf, load_run
     from jaxpar.mesh import make_mesh
@@ -55,7 +61,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     path = Path(args.text or args.tokens)
     if not path.is_file():
         raise JaxparError(f"{'--text' if args.text else '--tokens'} {str(path)!r} does not exist")
-    model = _load_model(args)
+    model = _load_model(args, text=bool(args.text))
     import json
 
     from jaxpar.infer.evaluate import evaluate, read_token_rows, text_rows
@@ -102,7 +108,7 @@ def _prompts(args: argparse.Namespace, model) -> list[list[int]]:
 def cmd_generate(args: argparse.Namespace) -> int:
     """`jaxpar generate`: continues each prompt; the text, or with --json ids and timings."""
     sampling = _sampling(args)
-    model = _load_model(args)
+    model = _load_model(args, text=not args.prompt_ids)
     import json
 
     prompts = _prompts(args, model)
@@ -113,7 +119,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = gen.generate(
         prompts, args.max_new_tokens, sampling, seed=args.seed, stop_ids=model.stop_ids
     )
-    texts = [model.decode(ids) for ids in out.new_ids]
+    # (a model without a tokenizer for its ids, given --prompt-ids: the ids only)
+    texts = None if model.unreadable else [model.decode(ids) for ids in out.new_ids]
     if args.json:
         doc = {
             "new_ids": out.new_ids,
@@ -124,8 +131,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         }
         print(json.dumps(doc))
         return 0
-    for prompt, text in zip(prompts, texts, strict=True):
-        print(model.decode(prompt) + text)
+    for prompt, new, text in zip(prompts, out.new_ids, texts or out.new_ids, strict=True):
+        print(f"{prompt} + {new}" if texts is None else model.decode(prompt) + text)
         print("-" * 40)
     print(
         f"time to first token {out.prefill_s * 1e3:,.1f} ms, then {out.tokens_per_s:,.1f} "
@@ -154,18 +161,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if bad:
         raise JaxparError(f"{bad[0]!r}: serve takes serve.* settings only (the model's come "
                           "from its folder)")  # fmt: skip
-    load_config(None, args.overrides)  # refused before anything loads
+    settings = load_config(None, args.overrides).serve  # refused before anything loads
     from jaxpar.distributed import current
+    from jaxpar.infer.access import check_tls, read_access
     from jaxpar.infer.server import bind, serve
 
+    log = lambda msg: print(f"jaxpar: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     # Process 0 of a multi-process job serves HTTP; the others follow its steps.
     primary = current().primary
-    sock = bind(args.host, args.port) if primary else None
+    if primary:
+        access = read_access(settings, warn=log)
+        check_tls(settings)
+        sock = bind(args.host, args.port)
     model = _load_model(args)
     config = load_config(None, args.overrides, base=model.config).serve
     from jaxpar.infer.scheduler import Engine
 
-    log = lambda msg: print(f"jaxpar: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     name = args.model_name or Path(args.run or args.init_from_hf).resolve().name
     engine = Engine(model, config)
     if not primary:
@@ -175,7 +186,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"tokens")  # fmt: skip
     log(engine.generator.cache_summary())
     engine.start()
-    serve(engine, name, sock, config.shutdown_s, log)
+    serve(engine, name, sock, access, log)
     if engine.failed:
         log(f"stopped: a step failed in lockstep with the other processes ({engine.failed})")
         return 1

@@ -79,7 +79,7 @@ def load_run(
 def load_hf(path: Path, mesh: jax.sharding.Mesh, dtype: str = "auto") -> LoadedModel:
     """A local Hugging Face Llama directory, read straight onto `mesh`."""
     from jaxpar.interop.hf import load_hf_params, load_tokenizer
-    from jaxpar.interop.hf_config import read_hf_config
+    from jaxpar.interop.hf_config import no_tokenizer, read_hf_config
 
     model, context = read_hf_config(path)
     config = Config(model=model).replace(**{"train.seq_len": context})
@@ -90,15 +90,17 @@ def load_hf(path: Path, mesh: jax.sharding.Mesh, dtype: str = "auto") -> LoadedM
     if eos is not None:
         stop_ids = tuple(eos) if isinstance(eos, list) else (eos,)
     template, special = read_chat_template(_read_json(path / "tokenizer_config.json"))
+    tokenizer = load_tokenizer(path)
     return LoadedModel(
         placement=placement,
         params=load_hf_params(path, placement),
         context=context,
-        tokenizer=load_tokenizer(path),
+        tokenizer=tokenizer,
         stop_ids=stop_ids,
         source=str(path),
         chat_template=template,
         special_tokens=special,
+        unreadable=None if tokenizer else no_tokenizer(path, model.vocab),
     )
 
 

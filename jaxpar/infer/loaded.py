@@ -38,17 +38,26 @@ class LoadedModel:
     # None: `jaxpar.infer.chat.PLAIN_TEMPLATE`.
     chat_template: str | None = None
     special_tokens: dict[str, str] = field(default_factory=dict)
+    # Why its ids cannot be read as text (`jaxpar.infer.load.no_tokenizer`); None: they can.
+    unreadable: str | None = None
 
     @property
     def config(self) -> Config:
         return self.placement.config
 
+    def check_text(self) -> None:
+        """Refuses to turn text into ids or back when the model has no tokenizer for them."""
+        if self.unreadable:
+            raise JaxparError(self.unreadable)
+
     def encode(self, text: str) -> list[int]:
+        self.check_text()
         if self.tokenizer is None:
             return list(text.encode())
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
+        self.check_text()
         if self.tokenizer is None:
             return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
         return self.tokenizer.decode(ids)
@@ -57,6 +66,7 @@ class LoadedModel:
         """A function that takes the next ids of one sequence and returns the new text they
         complete: bytes that end inside a UTF-8 character wait for the rest, until a call with
         `final=True` flushes them (as `decode` of the whole sequence would show them)."""
+        self.check_text()
         if self.tokenizer is None:
             pending = codecs.getincrementaldecoder("utf-8")(errors="replace")
             return lambda ids, final=False: pending.decode(

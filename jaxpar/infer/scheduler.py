@@ -84,7 +84,9 @@ class Event:
 
     text: str
     token_ids: tuple[int, ...]
-    finish: str | None = None  # "stop", "length", "cancelled" or "error" (a failed step)
+    # "stop", "length", "error" (a failed step), "timeout" (no slot within
+    # `serve.queue_timeout_s`), or a cancel's reason ("cancelled", "client_closed")
+    finish: str | None = None
     time: float = 0.0
 
 
@@ -107,7 +109,7 @@ class Request:
     sent: int = 0  # characters of `text` already sent
     finish: str | None = None
     times: list[float] = field(default_factory=list)  # when each new token was on the host
-    cancelled: bool = False
+    cancelled: str | None = None  # why it was cancelled (its finish), once it is
     decoder: Callable[[list[int]], str] | None = None  # the text that new ids complete
 
     @property
@@ -246,10 +248,11 @@ class Engine:
             self._lock.notify()
         return request
 
-    def cancel(self, request: Request) -> None:
-        """Stops `request` (its slot is freed at the start of the next turn)."""
+    def cancel(self, request: Request, reason: str = "cancelled") -> None:
+        """Stops `request`, which finishes with `reason` (its slot is freed at the start of the
+        next turn)."""
         with self._lock:
-            request.cancelled = True
+            request.cancelled = request.cancelled or reason
             self._lock.notify()
 
     def start(self) -> Engine:
@@ -268,13 +271,13 @@ class Engine:
             while (self._waiting or self.active_slots) and time.perf_counter() < deadline:
                 self._lock.wait(0.05)
             for request in [*self._waiting, *(r for r in self._running if r)]:
-                request.cancelled = True
+                request.cancelled = request.cancelled or "cancelled"
             self._lock.notify()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         else:
-            self._free_cancelled()
+            self._free_ended()
         if self.handoff is not None and not self.failed:
             self.handoff.send("stop", {})
             self.handoff = None
@@ -328,7 +331,7 @@ class Engine:
         budgets a step): one per decoding slot, the rest in prompt pieces, at least one piece
         per shard, so many new requests are prefilled in few turns while decoding waits at most
         one turn's pieces."""
-        self._free_cancelled()
+        self._free_ended()
         self._admit()
         decoding = sum(r is not None and r.decoding for r in self._running)
         budget = self.config.max_batched_tokens - decoding
@@ -336,14 +339,18 @@ class Engine:
             pass
         self._decode()
 
-    def _free_cancelled(self) -> None:
+    def _free_ended(self) -> None:
+        """Ends the requests that were cancelled, and those that waited longer than
+        `serve.queue_timeout_s` for their first slot (a preempted one waits for its next)."""
+        expired = time.perf_counter() - self.config.queue_timeout_s
         with self._lock:
-            for request in [r for r in self._waiting if r.cancelled]:
-                self._waiting.remove(request)
-                self._finish(request, "cancelled")
+            for request in list(self._waiting):
+                if request.cancelled or (request.arrival < expired and not request.preempted):
+                    self._waiting.remove(request)
+                    self._finish(request, request.cancelled or "timeout")
             for request in self._running:
                 if request is not None and request.cancelled:
-                    self._finish(request, "cancelled")
+                    self._finish(request, request.cancelled)
 
     def _admit(self) -> None:
         g = self.generator

@@ -3,12 +3,17 @@
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream: true` as
 server-sent events ending in `data: [DONE]`), `GET /v1/models`, `GET /health` and `GET /metrics`
 (Prometheus text). Errors are OpenAI error objects, `{"error": {"message", "type", "param",
-"code"}}`: 400 for a request that is malformed or does not fit the context, 404 for another
-model's name or an unknown path, 429 when `serve.max_queue` requests already wait, 503 while
-shutting down. Fields jaxpar does not know are ignored, as the OpenAI API does; known fields of the
-wrong type or out of range are refused.
+"code"}}`:
+- 400 for a body that is not JSON or whose fields do not check (`jaxpar.infer.protocol`: every
+  field's type, range and size), or a request that does not fit the context;
+- 401 without a valid key, when the server has keys (`jaxpar.infer.access`);
+- 404 for another model's name or an unknown path;
+- 413 for a body over `serve.max_body_bytes`, refused before it is read whole;
+- 429 when `serve.max_queue` requests already wait;
+- 503 for a request that waited `serve.queue_timeout_s` for a slot, or while shutting down.
+A client's mistake never reaches the log; the connection stays open for its next request.
 
-Built on Starlette, uvicorn and prometheus-client (the `serve` extra).
+Built on Starlette, uvicorn, prometheus-client and pydantic (the `serve` extra).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import json
 import threading
 import time
+import traceback
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -27,13 +33,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jaxpar.errors import JaxparError, typed
+from jaxpar.config import ServeConfig
+from jaxpar.errors import JaxparError
+from jaxpar.infer.access import Access, is_loopback
 from jaxpar.infer.chat import render_chat
 from jaxpar.infer.engine import check_context
+from jaxpar.infer.protocol import ApiError, ChatRequest, CompletionRequest, _Generation, parse
 from jaxpar.infer.sampling import DEFAULT_TEMPERATURE, Sampling
 from jaxpar.infer.scheduler import Closed, Engine, Event, Params, QueueFull, Request
 
@@ -44,128 +54,34 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 DEFAULT_COMPLETION_TOKENS = 16  # /v1/completions' max_tokens
 DEFAULT_TOP_P = 1.0
 DEFAULT_TOP_K = 0  # no limit (vLLM's extension; -1 says the same)
-DEFAULT_N = 1  # choices per request, the only number jaxpar returns
-MAX_STOPS = 4  # strings in `stop`
 
 
-class ApiError(Exception):
-    """An answer with an OpenAI error object."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str = "invalid_request_error", code: str | None = None):  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.code = (
-            status, message, param, kind, code,
-        )  # fmt: skip
-
-    def body(self) -> dict:
-        error = {"message": self.message, "type": self.kind, "param": self.param,
-                 "code": self.code}  # fmt: skip
-        return {"error": error}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+# -- request fields ------------------------------------------------------------------------
 
 
-# -- request fields --------------------------------------------------------------------------
-
-
-def _field(body: dict, name: str, types: tuple[type, ...], default: Any = None) -> Any:
-    """`body[name]` checked against `types` (None or absent: `default`)."""
-    value = body.get(name)
-    if value is None:
-        return default
-    try:
-        return typed(value, types, f"'{name}'")
-    except JaxparError as e:
-        raise ApiError(400, str(e), name) from None
-
-
-def _range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
-    if value < low or value > high or (low_open and value == low):
-        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise ApiError(400, f"'{name}' must be in {bound}, got {value}", name)
-
-
-def _stops(body: dict) -> tuple[str, ...]:
-    stop = _field(body, "stop", (str, list), [])
-    stop = [stop] if isinstance(stop, str) else stop
-    if not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOPS:
-        raise ApiError(
-            400, f"'stop' must be a string or an array of at most {MAX_STOPS} strings", "stop"
-        )
-    return tuple(s for s in stop if s)
-
-
-def _params(body: dict, max_tokens: int, engine: Engine, prompt_len: int) -> Params:
-    """The generation settings of a request body; `max_tokens` is the default."""
-    n = _field(body, "n", (int,), DEFAULT_N)
-    if n != DEFAULT_N:
-        raise ApiError(400, f"'n' = {n} is not supported: jaxpar returns 1 choice a request", "n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _field(body, name, (float,), 0) != 0:
-            raise ApiError(400, f"'{name}' is not supported (only 0)", name)
-    if _field(body, "logprobs", (bool, int), False) not in (False, 0) or body.get("top_logprobs"):
-        raise ApiError(400, "'logprobs' is not supported", "logprobs")
-    if _field(body, "echo", (bool,), False):
-        raise ApiError(400, "'echo' is not supported", "echo")
-    if _field(body, "best_of", (int,), 1) != 1:
-        raise ApiError(400, "'best_of' other than 1 is not supported", "best_of")
-    name = (
-        "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    )
-    tokens = _field(body, name, (int,), max_tokens)
-    if tokens < 1:
-        raise ApiError(400, f"'{name}' must be at least 1, got {tokens}", name)
-    temperature = _field(body, "temperature", (float,), DEFAULT_TEMPERATURE)
-    _range("temperature", temperature, 0, 2)
-    top_p = _field(body, "top_p", (float,), DEFAULT_TOP_P)
-    _range("top_p", top_p, 0, 1, low_open=True)
-    top_k = _field(body, "top_k", (int,), DEFAULT_TOP_K)
-    if top_k < -1:
-        raise ApiError(400, f"'top_k' must be -1 or 0 (no limit) or more, got {top_k}", "top_k")
-    seed = _field(body, "seed", (int,), None)
-    stop_ids = _field(body, "stop_token_ids", (list,), [])
+def _params(request: _Generation, max_tokens: int, engine: Engine, prompt_len: int) -> Params:
+    """The generation settings of a checked request; `max_tokens` is the default."""
+    chat_limit = getattr(request, "max_completion_tokens", None)
+    name = "max_completion_tokens" if chat_limit is not None else "max_tokens"
+    tokens = getattr(request, name) or max_tokens
+    temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
+    top_p = DEFAULT_TOP_P if request.top_p is None else request.top_p
     vocab = engine.model.config.model.vocab
-    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab
-               for i in stop_ids):  # fmt: skip
+    top_k = request.top_k or DEFAULT_TOP_K
+    top_k = 0 if top_k < 0 or top_k >= vocab else top_k  # (all of the vocabulary: no limit)
+    stop_ids = request.stop_token_ids or []
+    if any(i >= vocab for i in stop_ids):
         raise ApiError(400, f"'stop_token_ids' must be ids in [0, {vocab})", "stop_token_ids")
     params = Params(
-        max_tokens=tokens, sampling=Sampling(temperature, max(top_k, 0), top_p),
-        seed=None if seed is None else seed % (1 << 31), stop=_stops(body),
-        stop_ids=tuple(stop_ids), ignore_eos=_field(body, "ignore_eos", (bool,), False),
+        max_tokens=tokens, sampling=Sampling(temperature, top_k, top_p),
+        seed=None if request.seed is None else request.seed % (1 << 31), stop=request.stops,
+        stop_ids=tuple(stop_ids), ignore_eos=bool(request.ignore_eos),
     )  # fmt: skip
     try:
         check_context(prompt_len, params.max_tokens, engine.model.context, name)
     except JaxparError as e:
         raise ApiError(400, str(e), name, code="context_length_exceeded") from None
     return params
-
-
-def _content(message: dict, i: int) -> str:
-    content = message.get("content")
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-        for p in content
-    ):
-        return "".join(p["text"] for p in content)
-    raise ApiError(400, f"messages[{i}].content must be a string or text parts", "messages")
-
-
-def _messages(body: dict) -> list[dict[str, str]]:
-    messages = _field(body, "messages", (list,), None)
-    if not messages:
-        raise ApiError(400, "'messages' must be a non-empty array of messages", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ApiError(400, f"messages[{i}] must be an object with a 'role'", "messages")
-        out.append({"role": m["role"], "content": _content(m, i)})
-    return out
 
 
 # -- the app ---------------------------------------------------------------------------------
@@ -301,25 +217,29 @@ def _choice(chat: bool, text: str | None, finish: str | None, role: bool = False
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
-def _prompt_ids(body: dict, model) -> list[int]:
-    """The token ids of a completion request's `prompt` (a string or ids, one prompt)."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        ids = model.encode(prompt)
-    elif (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt)
-    ):
-        ids = prompt
-    else:
-        raise ApiError(400, "'prompt' must be a non-empty string or array of token ids "
-                       "(one prompt a request)", "prompt")  # fmt: skip
+def _prompt_ids(request: CompletionRequest, model) -> list[int]:
+    """The token ids of a completion request's prompt (a string, or ids)."""
+    prompt = request.one_prompt
+    ids = model.encode(prompt) if isinstance(prompt, str) else prompt
     if not ids:
         raise ApiError(400, "'prompt' is empty; give at least one token", "prompt")
     return ids
+
+
+def max_body_bytes(config: ServeConfig, context: int) -> int:
+    """`serve.max_body_bytes`, or by default room for a prompt of the whole context as token ids
+    (up to 7 bytes each: 6 digits and a comma) or as escaped text, and 1 MiB of the rest."""
+    return config.max_body_bytes or 8 * context + (1 << 20)
+
+
+# The ways a request can end without its text, as answers (a request that the client left
+# gets 499, nginx's "client closed request": no one reads it, the metrics count it).
+_UNFINISHED = {
+    "timeout": (503, "server_error", "queue_timeout"),
+    "cancelled": (503, "server_error", "shutting_down"),
+    "error": (500, "server_error", None),
+    "client_closed": (499, "invalid_request_error", "client_closed"),
+}
 
 
 class _Api:
@@ -330,23 +250,32 @@ class _Api:
         self.metrics = Metrics(engine)
         self.created = int(time.time())
         self.handoffs: dict[asyncio.AbstractEventLoop, _Handoff] = {}
+        self.max_body = max_body_bytes(engine.config, self.model.context)
 
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created,
                 "owned_by": "jaxpar", "max_model_len": self.model.context}  # fmt: skip
 
-    async def read_body(self, request: HttpRequest) -> dict:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        name = _field(body, "model", (str,), self.model_name)
-        if name != self.model_name:
-            message = f"the model '{name}' does not exist; this server serves '{self.model_name}'"
+    async def read(self, http: HttpRequest, kind: type[_Generation]) -> Any:
+        """The request body as a checked `kind`, read up to `serve.max_body_bytes` (413 past
+        that, before the rest is read: uvicorn discards it once the answer is sent)."""
+        limit = f"serve.max_body_bytes = {self.max_body:,}"
+        declared = http.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            raise ApiError(413, f"the request body of {int(declared):,} bytes exceeds {limit}",
+                           code="request_too_large")  # fmt: skip
+        body, size = bytearray(), 0
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise ApiError(413, f"the request body exceeds {limit}", code="request_too_large")
+            body += chunk
+        request = parse(kind, bytes(body))
+        if request.model is not None and request.model != self.model_name:
+            message = (f"the model {request.model!r} does not exist; this server serves "
+                       f"{self.model_name!r}")  # fmt: skip
             raise ApiError(404, message, "model", code="model_not_found")
-        return body
+        return request
 
     def submit(self, ids: list[int], params: Params) -> tuple[Request, asyncio.Queue]:
         """Queues a request; its events arrive on the returned queue, in this event loop."""
@@ -363,35 +292,65 @@ class _Api:
             raise ApiError(400, str(e), "prompt") from None
         return request, queue
 
-    async def answer(self, body: dict, ids: list[int], params: Params, chat: bool) -> Response:
-        """The response to a request: one JSON body, or server-sent events with `stream`."""
-        stream = _field(body, "stream", (bool,), False)
-        options = _field(body, "stream_options", (dict,), {})
+    def unfinished(self, request: Request) -> ApiError | None:
+        """The error answer of a request that ended without its text (None: it did not)."""
+        if request.finish not in _UNFINISHED:
+            return None
+        status, kind, code = _UNFINISHED[request.finish]
+        message = {
+            "timeout": f"no slot freed up within serve.queue_timeout_s = "
+                       f"{self.engine.config.queue_timeout_s:g} s; retry later",
+            "cancelled": "the request was cancelled: the server is shutting down",
+            "error": "generation failed on the device (see the server's log)",
+            "client_closed": "the client closed the connection",
+        }[request.finish]  # fmt: skip
+        return ApiError(status, message, kind=kind, code=code)
+
+    async def answer(self, http: HttpRequest, body: _Generation, ids: list[int], params: Params,
+                     chat: bool) -> Response:  # fmt: skip
+        """The response to a request: one JSON body, or server-sent events with `stream`.
+
+        A stream starts with the request's first event (so that a request that never got a
+        slot is answered with its status, not a broken stream); until then, and for a whole
+        answer until the end, a client that goes away cancels the request."""
         request, queue = self.submit(ids, params)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": self.model_name}  # fmt: skip
-        if not stream:
-            return await self.whole(request, queue, head, chat)
-        events = self.events(request, queue, head, chat, options.get("include_usage") is True)
+        watch = asyncio.ensure_future(self.watch(http, request))
+        try:
+            first = await queue.get()
+            if not body.stream:
+                return await self.whole(request, first, queue, head, chat)
+        finally:
+            watch.cancel()
+            if not body.stream:
+                self.engine.cancel(request)  # (nothing left to cancel when it has finished)
+        if failed := self.unfinished(request):
+            self.metrics.finished(request)
+            raise failed
+        usage = body.stream_options is not None and body.stream_options.include_usage is True
+        events = self.events(request, first, queue, head, chat, usage)
         return _Stream(events, lambda: self.engine.cancel(request))
 
-    async def whole(self, request: Request, queue: asyncio.Queue, head: dict,
+    async def watch(self, http: HttpRequest, request: Request) -> None:
+        """Cancels `request` if its client disconnects (the body is read: the next message is
+        the disconnect)."""
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        self.engine.cancel(request, reason="client_closed")
+
+    async def whole(self, request: Request, first: Event, queue: asyncio.Queue, head: dict,
                     chat: bool) -> Response:  # fmt: skip
         """The non-streaming answer, once the request has finished."""
-        parts: list[str] = []
-        try:
-            while (event := await queue.get()).finish is None:
-                parts.append(event.text)
-        finally:
-            self.engine.cancel(request)  # (nothing left to cancel when it has finished)
+        parts = [first.text]
+        event = first
+        while event.finish is None:
+            event = await queue.get()
+            parts.append(event.text)
         self.metrics.finished(request)
-        if request.finish == "cancelled":
-            raise ApiError(503, "the request was cancelled: the server is shutting down",
-                           kind="server_error", code="shutting_down")  # fmt: skip
-        if request.finish == "error":
-            raise ApiError(500, "generation failed on the device (see the server's log)",
-                           kind="server_error")  # fmt: skip
+        if failed := self.unfinished(request):
+            raise failed
         text = "".join(parts)
         body = {**head, "object": "chat.completion" if chat else "text_completion"}
         if chat:
@@ -403,8 +362,8 @@ class _Api:
         body["usage"] = _usage(request)
         return JSONResponse(body)
 
-    async def events(self, request: Request, queue: asyncio.Queue, head: dict, chat: bool,
-                     include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
+    async def events(self, request: Request, first: Event, queue: asyncio.Queue, head: dict,
+                     chat: bool, include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
         """The streaming answer: a chunk per piece of text, the finish, usage, `[DONE]`."""
 
         def sse(doc: dict) -> str:
@@ -412,18 +371,19 @@ class _Api:
 
         if chat:
             yield sse({**head, "choices": [_choice(chat, None, None, role=True)]})
-        while (event := await queue.get()).finish is None:
+        event = first
+        while event.finish is None:
             if event.text:
                 yield sse({**head, "choices": [_choice(chat, event.text, None)]})
+            event = await queue.get()
         if request.finish == "error":  # an error object mid-stream, as vLLM sends (the openai
             # client raises it)
-            failed = ApiError(500, "generation failed on the device (see the server's log)",
-                              kind="server_error")  # fmt: skip
-            yield sse(failed.body())
+            yield sse(self.unfinished(request).body())
             self.metrics.finished(request)
             yield "data: [DONE]\n\n"
             return
-        finish = {"cancelled": "abort"}.get(request.finish, request.finish)
+        finish = {"cancelled": "abort", "client_closed": "abort"}.get(request.finish,
+                                                                       request.finish)  # fmt: skip
         yield sse({**head, "choices": [_choice(chat, None, finish)]})
         self.metrics.finished(request)
         if include_usage:
@@ -431,20 +391,20 @@ class _Api:
         yield "data: [DONE]\n\n"
 
     async def completions(self, http: HttpRequest) -> Response:
-        body = await self.read_body(http)
+        body = await self.read(http, CompletionRequest)
         ids = _prompt_ids(body, self.model)
         params = _params(body, DEFAULT_COMPLETION_TOKENS, self.engine, len(ids))
-        return await self.answer(body, ids, params, chat=False)
+        return await self.answer(http, body, ids, params, chat=False)
 
     async def chat_completions(self, http: HttpRequest) -> Response:
-        body = await self.read_body(http)
-        messages = _messages(body)
+        body = await self.read(http, ChatRequest)
+        messages = [{"role": m.role, "content": m.text} for m in body.messages]
         try:
             ids = self.model.encode(render_chat(self.model, messages))
         except JaxparError as e:
             raise ApiError(400, str(e), "messages") from None
         params = _params(body, max(self.model.context - len(ids), 1), self.engine, len(ids))
-        return await self.answer(body, ids, params, chat=True)
+        return await self.answer(http, body, ids, params, chat=True)
 
     async def models(self, http: HttpRequest) -> Response:
         return JSONResponse({"object": "list", "data": [self.model_card()]})
@@ -467,17 +427,48 @@ class _Api:
                         media_type="text/plain; version=0.0.4; charset=utf-8")  # fmt: skip
 
     def counted(self, endpoint: Callable, name: str) -> Callable:
-        """`endpoint` answering its ApiErrors as OpenAI error objects, counted by status."""
+        """`endpoint` answering its ApiErrors as OpenAI error objects, counted by status; any
+        other exception is the server's fault: logged, and answered 500."""
 
         async def handle(http: HttpRequest) -> Response:
             try:
                 response = await endpoint(http)
             except ApiError as e:
                 response = e.response()
+            except ClientDisconnect:  # gone while its body was read: no one reads an answer
+                response = ApiError(499, "the client closed the connection").response()
+            except Exception:
+                traceback.print_exc()
+                response = ApiError(500, "the server failed on this request (see its log)",
+                                    kind="server_error").response()  # fmt: skip
             self.metrics.requests.labels(name, str(response.status_code)).inc()
             return response
 
         return handle
+
+
+class _Guard:
+    """ASGI middleware that turns away requests without a valid key (`Access`), before the
+    app reads anything of them."""
+
+    def __init__(self, app, access: Access, metrics: Metrics):
+        self.app, self.access, self.metrics = app, access, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            client = (scope.get("client") or (None,))[0]
+            if self.access.needs_key(scope["path"], client):
+                headers = dict(scope["headers"])
+                if not self.access.admits(headers.get(b"authorization", b"").decode("latin-1")):
+                    missing = b"authorization" not in headers
+                    message = ("no API key: send the header 'Authorization: Bearer <key>'"
+                               if missing else "invalid API key")  # fmt: skip
+                    self.metrics.requests.labels("unauthorized", "401").inc()
+                    refusal = ApiError(401, message, code="invalid_api_key",
+                                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+                    await refusal.response()(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 async def _http_error(http: HttpRequest, exc: HTTPException) -> Response:
@@ -485,8 +476,10 @@ async def _http_error(http: HttpRequest, exc: HTTPException) -> Response:
                     code=None).response()  # fmt: skip
 
 
-def create_app(engine: Engine, model_name: str, on_shutdown: Callable[[], None] | None = None):
-    """The Starlette app serving `engine` as model `model_name`."""
+def create_app(engine: Engine, model_name: str, access: Access | None = None,
+               on_shutdown: Callable[[], None] | None = None):  # fmt: skip
+    """The ASGI app serving `engine` as model `model_name`, to the clients `access` admits
+    (None: to every client)."""
     api = _Api(engine, model_name)
     routes = [
         Route("/v1/completions", api.counted(api.completions, "completions"), methods=["POST"]),
@@ -505,8 +498,7 @@ def create_app(engine: Engine, model_name: str, on_shutdown: Callable[[], None] 
 
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error},
                     lifespan=lifespan)  # fmt: skip
-    app.state.metrics = api.metrics
-    return app
+    return _Guard(app, access or Access(), api.metrics)
 
 
 def bind(host: str, port: int):
@@ -532,22 +524,37 @@ def bind(host: str, port: int):
     return sock
 
 
-def serve(engine: Engine, model_name: str, sock, shutdown_s: float, log=print) -> None:
-    """Serves `engine` on the bound socket until SIGTERM or SIGINT: then it stops accepting,
-    gives in-flight requests `shutdown_s` seconds to finish, cancels the rest and returns."""
-    import signal
-
+def uvicorn_server(app, config: ServeConfig):
+    """The uvicorn server of `app`, with TLS when `config` names its files."""
     import uvicorn
 
+    tls = {"ssl_certfile": config.ssl_certfile, "ssl_keyfile": config.ssl_keyfile}
+    return uvicorn.Server(uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=config.shutdown_s, lifespan="on",
+        **(tls if config.ssl_certfile else {}),
+    ))  # fmt: skip
+
+
+def serve(engine: Engine, model_name: str, sock, access: Access, log=print) -> None:
+    """Serves `engine` on the bound socket (with TLS when `engine.config` names its files) until
+    SIGTERM or SIGINT: then it stops accepting, gives in-flight requests `serve.shutdown_s`
+    seconds to finish, cancels the rest and returns."""
+    import signal
+
+    config = engine.config
     host, port = sock.getsockname()[:2]
-    app = create_app(engine, model_name, on_shutdown=lambda: engine.close(0))
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=shutdown_s,
-                            lifespan="on")  # fmt: skip
-    server = uvicorn.Server(config)
+    if not (access.locked or is_loopback(host)):
+        log(f"warning: listening on {host}:{port} with no API key: anyone who reaches it can use "
+            "it (set JAXPAR_API_KEY or serve.api_key_file)")  # fmt: skip
+    app = create_app(engine, model_name, access, on_shutdown=lambda: engine.close(0))
+    server = uvicorn_server(app, config)
     engine.on_failure = lambda: setattr(server, "should_exit", True)
     # uvicorn re-raises the signal that stopped it once it has shut down; with a handler of
     # our own installed, that ends in a clean return (exit code 0) instead of death by signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    log(f"serving {model_name!r} on http://{host}:{port} ({engine.slots} slots)")
+    scheme = "https" if config.ssl_certfile else "http"
+    keys = f", {len(access.digests)} API key{'s' * (len(access.digests) > 1)}" if access.locked \
+        else ""  # fmt: skip
+    log(f"serving {model_name!r} on {scheme}://{host}:{port} ({engine.slots} slots{keys})")
     server.run(sockets=[sock])
     log("stopped")

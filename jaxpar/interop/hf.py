@@ -36,13 +36,12 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxpar.errors import JaxparError
-from jaxpar.interop.hf_config import CONFIG, INDEX, WEIGHTS, hf_config, read_hf_config
+from jaxpar.interop.hf_config import CONFIG, INDEX, TOKENIZER, WEIGHTS, hf_config, read_hf_config
 from jaxpar.placement import Placement
 
 if TYPE_CHECKING:
     import tokenizers
 
-TOKENIZER = "tokenizer.json"
 # Safetensors dtypes read (into jaxpar's float32 parameters; only F64 rounds).
 _READABLE = ("F32", "F16", "BF16", "F64")
 

@@ -13,6 +13,7 @@ from jaxpar.errors import JaxparError, typed
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+TOKENIZER = "tokenizer.json"
 
 
 def _get(doc: dict[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
@@ -147,6 +148,22 @@ def hf_config(model: ModelConfig, context: int) -> dict[str, Any]:
         "eos_token_id": None,
         "torch_dtype": "float32",
     }
+
+
+def no_tokenizer(path: Path, vocab: int) -> str | None:
+    """Why a Hugging Face folder's ids cannot be read as text, in one line (None: they can).
+    Without a `tokenizer.json`, ids are bytes; a vocabulary beyond 256 ids is not."""
+    if vocab <= 256 or (path / TOKENIZER).is_file():
+        return None
+    spm = ""
+    if (path / "tokenizer.model").is_file():
+        spm = (
+            " (its tokenizer.model, a SentencePiece model, is not read; transformers' "
+            "AutoTokenizer.from_pretrained(folder).save_pretrained(folder) writes one)"
+        )
+    return (f"--init-from-hf {str(path)!r} has no {TOKENIZER} for its {vocab:,}-token "
+            f"vocabulary{spm}, so its ids cannot be read or written as text; give ids with "
+            "`generate --prompt-ids`")  # fmt: skip
 
 
 # -- reading safetensors -------------------------------------------------------------------------

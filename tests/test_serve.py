@@ -33,7 +33,7 @@ import pytest
 from jaxpar.cli import main
 from jaxpar.config import ServeConfig
 from jaxpar.errors import JaxparError
-from jaxpar.infer.access import KEY_ENV, Access, check_tls, read_access
+from jaxpar.infer.access import KEY_ENV, Access, check_tls, exposure_warning, read_access
 from jaxpar.infer.chat import PLAIN_TEMPLATE, render_chat
 from jaxpar.infer.load import load_run
 from jaxpar.infer.protocol import ChatRequest, CompletionRequest
@@ -651,6 +651,10 @@ def test_api_keys(engine, tmp_path):
         assert rule.needs_key("/metrics", "10.1.2.3") == elsewhere
         assert rule.needs_key("/v1/models", "127.0.0.1") and not rule.needs_key("/health", "::1")
     assert not Access().needs_key("/v1/models", "10.1.2.3")
+    # One warning line for a server open to the network with no key.
+    assert exposure_warning("0.0.0.0", 8000, Access()).count("with no API key") == 1
+    assert exposure_warning("0.0.0.0", 8000, access) is None
+    assert exposure_warning("127.0.0.1", 8000, Access()) is None
 
 
 def _self_signed(folder, name: str) -> tuple[str, str]:
@@ -719,13 +723,14 @@ class Launched:
     on a free port of 127.0.0.1, with `SERVE`'s settings and then `overrides`; every output
     line kept."""
 
-    def __init__(self, run, mesh: str, *overrides: str):
-        serve = [f"serve.{f.name}={getattr(SERVE, f.name)}" for f in dataclasses.fields(SERVE)]
+    def __init__(self, run, mesh: str, *overrides: str, key: str = "unused"):
+        serve = [f"serve.{f.name}={getattr(SERVE, f.name)}" for f in dataclasses.fields(SERVE)
+                 if getattr(SERVE, f.name) != ""]  # fmt: skip
         serve += overrides
         argv = [sys.executable, "-m", "jaxpar", "launch", "-n", "2", "--devices-per-process", "2",
                 "--", "serve", "--run", str(run), "--mesh", mesh, "--port", "0", "--model-name",
                 "tiny", *serve]  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", KEY_ENV: key}
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=env)  # fmt: skip
         self.lines: list[str] = []
@@ -736,7 +741,7 @@ class Launched:
             assert self.proc.poll() is None and time.monotonic() < deadline, self.output
             time.sleep(0.1)
         self.url = found.group(1)
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
 
     @property
     def output(self) -> str:
@@ -805,8 +810,11 @@ def test_two_processes_serve_what_one_serves_and_fail_together(run, alone, gener
 
 def test_sigterm_to_process_0_drains_the_job_and_exits_0(run, generated):
     # `data` over the two processes: each holds half the slots.
-    job = Launched(run, "data=2,tensor=2", "serve.max_seqs=2")  # (a slot a shard: few compiles)
+    key = "sk-" + os.urandom(8).hex()  # (from the environment: never in a log line)
+    job = Launched(run, "data=2,tensor=2", "serve.max_seqs=2", key=key)  # (a slot a shard)
     try:
+        assert "(2 slots, 1 API key)" in job.output
+        assert httpx.get(job.url + "/v1/models", timeout=WAIT_S).status_code == 401
         done = job.client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=24,
                                              temperature=0)  # fmt: skip
         assert done.choices[0].text == generated[0]
@@ -814,7 +822,7 @@ def test_sigterm_to_process_0_drains_the_job_and_exits_0(run, generated):
         os.kill(job.pid(0), signal.SIGTERM)  # mid-stream: the stream still ends properly
         assert list(chunks)[-1].choices[0].finish_reason == "length"
         assert job.wait() == 0
-        assert "[0] jaxpar: stopped" in job.output
+        assert "[0] jaxpar: stopped" in job.output and key not in job.output
         with pytest.raises(httpx.ConnectError):
             httpx.get(job.url + "/health", timeout=5)
     finally:

@@ -78,6 +78,14 @@ class Access:
         return found
 
 
+def exposure_warning(host: str, port: int, access: Access) -> str | None:
+    """The warning for a server that anyone on the network can use (None: it is not one)."""
+    if access.locked or is_loopback(host):
+        return None
+    return (f"warning: listening on {host}:{port} with no API key: anyone who reaches it can use "
+            "it (set JAXPAR_API_KEY or serve.api_key_file)")  # fmt: skip
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 

@@ -40,7 +40,7 @@ from starlette.routing import Route
 
 from jaxpar.config import ServeConfig
 from jaxpar.errors import JaxparError
-from jaxpar.infer.access import Access, is_loopback
+from jaxpar.infer.access import Access, exposure_warning
 from jaxpar.infer.chat import render_chat
 from jaxpar.infer.engine import check_context
 from jaxpar.infer.protocol import ApiError, ChatRequest, CompletionRequest, _Generation, parse
@@ -543,9 +543,8 @@ def serve(engine: Engine, model_name: str, sock, access: Access, log=print) -> N
 
     config = engine.config
     host, port = sock.getsockname()[:2]
-    if not (access.locked or is_loopback(host)):
-        log(f"warning: listening on {host}:{port} with no API key: anyone who reaches it can use "
-            "it (set JAXPAR_API_KEY or serve.api_key_file)")  # fmt: skip
+    if warning := exposure_warning(host, port, access):
+        log(warning)
     app = create_app(engine, model_name, access, on_shutdown=lambda: engine.close(0))
     server = uvicorn_server(app, config)
     engine.on_failure = lambda: setattr(server, "should_exit", True)

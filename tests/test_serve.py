@@ -314,12 +314,11 @@ def test_openai_client_gets_the_greedy_text_of_generate(client, generated):
     assert [m.id for m in client.models.list()] == ["tiny"]
 
 
-def test_a_cache_split_over_context_serves_what_one_device_serves(run, engine, generated):
+def test_a_cache_split_over_context_serves_what_one_device_serves(run, engine):
     # context=2: every slot's positions striped over two devices, prompts prefilled as pieces
     # split over them (32-token pieces, and prompts up to 70 tokens: several each), the prefix
     # pool striped likewise.
     split = Engine(loaded(run, "context=2"), SERVE).start()
-    live = None
     try:
         g = split.generator
         assert g.device_tokens == SERVE.kv_blocks * SERVE.block_size // 2
@@ -335,15 +334,7 @@ def test_a_cache_split_over_context_serves_what_one_device_serves(run, engine, g
         assert split.prefilled_tokens - before == 7 and hit.usage["cached_tokens"] == 200
         (alone,) = submit_and_wait(engine, [(second, Params(12, sampling=GREEDY))])
         assert hit.tokens == alone.tokens
-        live = LiveServer(split, "tiny")
-        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
-        for prompt, expected in zip(PROMPTS, generated, strict=False):
-            done = client.completions.create(model="tiny", prompt=prompt, max_tokens=24,
-                                             temperature=0)  # fmt: skip
-            assert done.choices[0].text == expected
     finally:
-        if live is not None:
-            live.close()
         split.close()
 
 
@@ -777,12 +768,13 @@ def test_two_processes_serve_what_one_serves_and_fail_together(run, alone, gener
     # A pipeline over the two processes: stage 0 on process 0's devices, stage 1 on process 1's.
     job = Launched(run, "pipeline=2,tensor=2")
     try:
-        for prompt, expected in zip(PROMPTS, generated, strict=False):
-            done = job.client.completions.create(model="tiny", prompt=prompt, max_tokens=24,
-                                                 temperature=0)  # fmt: skip
-            assert done.choices[0].text == expected
-        # 16 concurrent requests over 4 slots, against each alone on one process's engine.
-        work = jobs(16)
+        done = job.client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=24,
+                                             temperature=0)  # fmt: skip
+        assert done.choices[0].text == generated[0]
+        # 8 concurrent requests over 4 slots (the 4 long ones preempt each other), against each
+        # alone on one process's engine.
+        picked = [*range(4), *range(12, 16)]
+        work = [jobs(16)[i] for i in picked]
 
         def ask(job_: tuple[list[int], Params]) -> str:
             prompt, params = job_
@@ -790,9 +782,9 @@ def test_two_processes_serve_what_one_serves_and_fail_together(run, alone, gener
                                                  max_tokens=params.max_tokens)  # fmt: skip
             return done.choices[0].text
 
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        with concurrent.futures.ThreadPoolExecutor(len(work)) as pool:
             together = list(pool.map(ask, work))
-        assert together == [r.text for r in alone]
+        assert together == [alone[i].text for i in picked]
         metrics = httpx.get(job.url + "/metrics", timeout=WAIT_S).text
         assert float(re.search(r"^jaxpar_preemptions_total (\S+)", metrics, re.M)[1]) > 0
         assert re.search(r"^jaxpar_kv_blocks_used 0\.0$", metrics, re.M)

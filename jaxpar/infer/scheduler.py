@@ -7,7 +7,8 @@ loop; each turn it
 
 1. admits waiting requests into free slots (first come, first served) while their shard's pool
    has the blocks for their prompt; a prompt that starts with cached prefix blocks takes them by
-   reference and computes only the rest;
+   reference and computes only the rest (a request that waited `serve.queue_timeout_s` for its
+   first slot ends instead, "timeout");
 2. prefills prompt pieces within the turn's budget of `serve.max_batched_tokens` (a call takes a
    `serve.prefill_chunk`-token piece of one prompt per `data` shard, or when several wait, a
    narrower piece of each of up to a shard's slots), so that a long prompt delays the

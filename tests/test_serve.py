@@ -627,6 +627,7 @@ def test_api_keys(engine, tmp_path):
             refused = httpx.get(live.url + path, timeout=WAIT_S)
             assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
             assert refused.json()["error"]["code"] == "invalid_api_key"
+            assert refused.json()["error"]["message"].startswith("no API key: send the header")
         assert httpx.get(live.url + "/health", timeout=WAIT_S).status_code == 200
         metrics = httpx.get(live.url + "/metrics", timeout=WAIT_S)  # open to this host
         assert metrics.status_code == 200

@@ -199,19 +199,20 @@ def _refusal(kind: type[BaseModel], doc: dict, error: dict) -> ApiError:
     its declared description, and its value in the body."""
     model: type[BaseModel] | None = kind
     info: FieldInfo | None = None
-    path, value = "", doc
+    path, value, field, found = "", doc, "", None
     for part in error["loc"]:  # field names and indices; skip the union members' tags
         if isinstance(part, int) and isinstance(value, list):
             path, value = f"{path}[{part}]", value[part]
         elif model is not None and part in model.model_fields and isinstance(value, dict):
             info = model.model_fields[part]
             path, value = f"{path}.{part}" if path else part, value.get(part)
+            field, found = path, value  # (the innermost field: the one its description is of)
             model = _inner_model(info.annotation)
     if info is None:
         return ApiError(400, f"the request body is invalid: {error['msg']}")
     if error["type"] == "missing":
-        return ApiError(400, f"'{path}' is required: {info.description}", path)
-    return ApiError(400, f"'{path}' must be {info.description}, got {_preview(value)}", path)
+        return ApiError(400, f"'{field}' is required: {info.description}", field)
+    return ApiError(400, f"'{field}' must be {info.description}, got {_preview(found)}", field)
 
 
 def _inner_model(annotation: Any) -> type[BaseModel] | None:

@@ -458,9 +458,9 @@ class _Guard:
         if scope["type"] == "http":
             client = (scope.get("client") or (None,))[0]
             if self.access.needs_key(scope["path"], client):
-                headers = dict(scope["headers"])
-                if not self.access.admits(headers.get(b"authorization", b"").decode("latin-1")):
-                    missing = b"authorization" not in headers
+                authorization = dict(scope["headers"]).get(b"authorization", b"").strip()
+                if not self.access.admits(authorization.decode("latin-1")):
+                    missing = not authorization
                     message = ("no API key: send the header 'Authorization: Bearer <key>'"
                                if missing else "invalid API key")  # fmt: skip
                     self.metrics.requests.labels("unauthorized", "401").inc()

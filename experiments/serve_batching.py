@@ -47,7 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, write_results
+from common import RESULTS, train_one_step, write_results
 
 MODELS = {
     "small": (["model.layers=4", "model.dim=64", "model.heads=4", "model.kv_heads=4",
@@ -59,17 +59,6 @@ STEPS = [("small", 128), ("load", 128), ("load", 1024)]  # (model, span) of the 
 ROWS = [1, 8, 16]
 REQUESTS, TOKENS = 16, 24
 WAIT_S = 600
-
-
-def make_run(folder: Path, name: str) -> Path:
-    sizes, context = MODELS[name]
-    run, corpus = folder / name, folder / "corpus.txt"
-    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 400)
-    argv = [sys.executable, "-m", "jaxpar", "train", "--out", str(run), "--mesh", "data=1",
-            *sizes, f"train.seq_len={context}", "train.batch_size=2", "train.steps=1",
-            "train.sample_tokens=0", "train.warmup_steps=0", f"data.path={corpus}"]  # fmt: skip
-    subprocess.run(argv, check=True, capture_output=True, timeout=WAIT_S)
-    return run
 
 
 # -- the decode step -------------------------------------------------------------------------
@@ -337,7 +326,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        runs = {name: make_run(folder, name) for name in MODELS}
+        runs = {name: train_one_step(folder / name, *MODELS[name], WAIT_S) for name in MODELS}
         gens = {name: generator(run) for name, run in runs.items()}
         for model, span in STEPS:
             print(f"decode steps: {model} model, span {span}", file=sys.stderr)

@@ -33,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import write_results
+from common import train_one_step, write_results
 
 MODEL = ["model.layers=4", "model.dim=64", "model.heads=4", "model.kv_heads=4",
          "model.mlp_dim=176"]  # fmt: skip
@@ -52,16 +52,6 @@ FIELDS = {  # every field of the two request models, and whether it is a number
                              "user", "logprobs"],
 }  # fmt: skip
 FLOATS = ["temperature", "top_p", "presence_penalty", "frequency_penalty"]
-
-
-def make_run(folder: Path) -> Path:
-    run, corpus = folder / "model", folder / "corpus.txt"
-    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 400)
-    argv = [sys.executable, "-m", "jaxpar", "train", "--out", str(run), "--mesh", "data=1",
-            *MODEL, f"train.seq_len={CONTEXT}", "train.batch_size=2", "train.steps=1",
-            "train.sample_tokens=0", "train.warmup_steps=0", f"data.path={corpus}"]  # fmt: skip
-    subprocess.run(argv, check=True, capture_output=True, timeout=WAIT_S)
-    return run
 
 
 class Server:
@@ -197,7 +187,7 @@ def main() -> None:
     auth = {"Authorization": f"Bearer {args.key}", "Content-Type": "application/json"}
     with tempfile.TemporaryDirectory() as tmp:
         print("training the model ...", file=sys.stderr, flush=True)
-        server = Server(make_run(Path(tmp)), args.key)
+        server = Server(train_one_step(Path(tmp) / "model", MODEL, CONTEXT), args.key)
         rows = []
         try:
             table = hostile(args.huge_mb)

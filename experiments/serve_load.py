@@ -56,7 +56,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import RESULTS, write_results
+from common import RESULTS, train_one_step, write_results
 
 MODEL = [
     "model.layers=4", "model.dim=128", "model.heads=8", "model.kv_heads=8",
@@ -98,17 +98,6 @@ def mixed_workload(seed: int = 3) -> list[tuple[str, int]]:
     work += [(text(rng.randint(512, 768)), rng.randint(128, 256)) for _ in range(8)]
     rng.shuffle(work)
     return work
-
-
-def make_run(folder: Path) -> Path:
-    run = folder / "model"
-    corpus = folder / "corpus.txt"
-    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 400)
-    argv = [sys.executable, "-m", "jaxpar", "train", "--out", str(run), "--mesh", "data=1",
-            *MODEL, f"train.seq_len={CONTEXT}", "train.batch_size=2", "train.steps=1",
-            "train.sample_tokens=0", "train.warmup_steps=0", f"data.path={corpus}"]  # fmt: skip
-    subprocess.run(argv, check=True, capture_output=True, timeout=WAIT_S)
-    return run
 
 
 # -- the server and its clients --------------------------------------------------------------
@@ -514,7 +503,7 @@ def main() -> None:
         return
     if args.paged or args.processes:
         with tempfile.TemporaryDirectory() as folder:
-            run = make_run(Path(folder))
+            run = train_one_step(Path(folder) / "model", MODEL, CONTEXT, WAIT_S)
             if args.paged:
                 paged(run)
             if args.processes:
@@ -525,7 +514,7 @@ def main() -> None:
     work = workload(n)
     rows, extra = [], {}
     with tempfile.TemporaryDirectory() as folder:
-        run = make_run(Path(folder))
+        run = train_one_step(Path(folder) / "model", MODEL, CONTEXT, WAIT_S)
         for mesh in meshes:
             progress(f"{mesh}: static batches")
             out = subprocess.run([sys.executable, __file__, "--static-worker", str(run), mesh,

@@ -38,12 +38,13 @@ assert jax.device_count() == 8, "tests need 8 simulated CPU devices"
 runtime.tune_host_allocator()  # as `jaxpar.mesh.prepare` does for every command
 
 # Test files by their measured time, slowest first (`pytest --durations=0` summed per file, on this
-# 2-core host, 2026-12-04: test_pipeline 153 s, test_parallel 139, test_analyze 113, ...).
+# 2-core host, 2026-12-05: test_pipeline 174 s, test_serve 136, test_analyze 134, ...).
 # `--dist loadfile --no-loadscope-reorder` hands the files to the workers in this order, so the
 # long ones start first and the short ones fill the gaps at the end. The order also lets the
 # compilation cache serve later files: test_comm and test_plan_traffic compile test_analyze's
 # steps again (`sizes.TRAFFIC`), test_schedules test_pipeline's sequential reference. A file not
-# listed runs after these.
+# listed runs after these: list every file that takes more than a few seconds (a 38-second file
+# left to the end kept one worker busy 30 s after the other had finished).
 SLOWEST_FIRST = (
     "test_pipeline.py",
     "test_serve.py",
@@ -58,6 +59,7 @@ SLOWEST_FIRST = (
     "test_faults.py",
     "test_plan_traffic.py",
     "test_infer.py",
+    "test_balance.py",
     "test_speed.py",
     "test_plan.py",
     "test_comm.py",

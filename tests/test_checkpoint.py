@@ -103,7 +103,6 @@ def test_resume_replaces_rows_past_the_checkpoint(reference, tmp_path):
     "mesh_spec,extra",
     [
         ("pipeline=4,tensor=2", ("pipeline.microbatches=4",)),
-        ("tensor=8", ()),
         ("data=1", ()),
         ("data=4,tensor=2", ("parallel.fsdp=true",)),
         ("data=2,pipeline=2,tensor=2", ("pipeline.schedule=circular", "pipeline.repeats=2",

@@ -30,9 +30,9 @@ SIZES = [
 STEPS = 5
 # Data parallelism alone is data=2,tensor=4's and FSDP's (data=4) half; deeper pipelines with
 # tensor parallelism are test_schedules' (pipeline=4,tensor=2 against the sequential model).
+# (data with tensor alone, without FSDP: test_pipeline's pipeline=1 case, data=4,tensor=2)
 MESHES = [
     ("tensor=8", ()),
-    ("data=2,tensor=4", ()),
     ("data=4,tensor=2", ("parallel.fsdp=true",)),  # FSDP (ZeRO-3) on top of tensor parallelism
     ("data=2,pipeline=2,tensor=2", ("pipeline.schedule=circular", "pipeline.repeats=2",
                                     "pipeline.microbatches=4")),

@@ -112,7 +112,7 @@ class Message(_Body):
         return self.content or ""
 
 
-class _Generation(_Body):
+class GenerationRequest(_Body):
     """The fields both endpoints share: the model, sampling, stops and streaming."""
 
     model: str | None = _text(MAX_NAME_CHARS)
@@ -144,7 +144,7 @@ class _Generation(_Body):
         return tuple(s for s in stop if s)
 
 
-class CompletionRequest(_Generation):
+class CompletionRequest(GenerationRequest):
     """`POST /v1/completions`."""
 
     prompt: str | list[_Id] | Annotated[list[str | list[_Id]], Field(max_length=1)] = Field(
@@ -163,7 +163,7 @@ class CompletionRequest(_Generation):
         return prompt
 
 
-class ChatRequest(_Generation):
+class ChatRequest(GenerationRequest):
     """`POST /v1/chat/completions`."""
 
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)] = Field(

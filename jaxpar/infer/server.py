@@ -43,7 +43,13 @@ from jaxpar.errors import JaxparError
 from jaxpar.infer.access import Access, exposure_warning
 from jaxpar.infer.chat import render_chat
 from jaxpar.infer.engine import check_context
-from jaxpar.infer.protocol import ApiError, ChatRequest, CompletionRequest, _Generation, parse
+from jaxpar.infer.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    GenerationRequest,
+    parse,
+)
 from jaxpar.infer.sampling import DEFAULT_TEMPERATURE, Sampling
 from jaxpar.infer.scheduler import Closed, Engine, Event, Params, QueueFull, Request
 
@@ -59,7 +65,8 @@ DEFAULT_TOP_K = 0  # no limit (vLLM's extension; -1 says the same)
 # -- request fields ------------------------------------------------------------------------
 
 
-def _params(request: _Generation, max_tokens: int, engine: Engine, prompt_len: int) -> Params:
+def _params(request: GenerationRequest, max_tokens: int, engine: Engine,
+            prompt_len: int) -> Params:  # fmt: skip
     """The generation settings of a checked request; `max_tokens` is the default."""
     chat_limit = getattr(request, "max_completion_tokens", None)
     name = "max_completion_tokens" if chat_limit is not None else "max_tokens"
@@ -232,14 +239,19 @@ def max_body_bytes(config: ServeConfig, context: int) -> int:
     return config.max_body_bytes or 8 * context + (1 << 20)
 
 
-# The ways a request can end without its text, as answers (a request that the client left
-# gets 499, nginx's "client closed request": no one reads it, the metrics count it).
+# The ways a request can end without its text, as answers: (status, type, code, message). A
+# request whose client left gets 499 (nginx's "client closed request": no one reads it, the
+# metrics count it).
 _UNFINISHED = {
-    "timeout": (503, "server_error", "queue_timeout"),
-    "cancelled": (503, "server_error", "shutting_down"),
-    "error": (500, "server_error", None),
-    "client_closed": (499, "invalid_request_error", "client_closed"),
-}
+    "timeout": (503, "server_error", "queue_timeout",
+                "no slot freed up within serve.queue_timeout_s = {timeout:g} s; retry later"),
+    "cancelled": (503, "server_error", "shutting_down",
+                  "the request was cancelled: the server is shutting down"),
+    "error": (500, "server_error", None,
+              "generation failed on the device (see the server's log)"),
+    "client_closed": (499, "invalid_request_error", "client_closed",
+                      "the client closed the connection"),
+}  # fmt: skip
 
 
 class _Api:
@@ -256,7 +268,7 @@ class _Api:
         return {"id": self.model_name, "object": "model", "created": self.created,
                 "owned_by": "jaxpar", "max_model_len": self.model.context}  # fmt: skip
 
-    async def read(self, http: HttpRequest, kind: type[_Generation]) -> Any:
+    async def read(self, http: HttpRequest, kind: type[GenerationRequest]) -> Any:
         """The request body as a checked `kind`, read up to `serve.max_body_bytes` (413 past
         that, before the rest is read: uvicorn discards it once the answer is sent)."""
         limit = f"serve.max_body_bytes = {self.max_body:,}"
@@ -296,18 +308,12 @@ class _Api:
         """The error answer of a request that ended without its text (None: it did not)."""
         if request.finish not in _UNFINISHED:
             return None
-        status, kind, code = _UNFINISHED[request.finish]
-        message = {
-            "timeout": f"no slot freed up within serve.queue_timeout_s = "
-                       f"{self.engine.config.queue_timeout_s:g} s; retry later",
-            "cancelled": "the request was cancelled: the server is shutting down",
-            "error": "generation failed on the device (see the server's log)",
-            "client_closed": "the client closed the connection",
-        }[request.finish]  # fmt: skip
-        return ApiError(status, message, kind=kind, code=code)
+        status, kind, code, message = _UNFINISHED[request.finish]
+        timeout = self.engine.config.queue_timeout_s
+        return ApiError(status, message.format(timeout=timeout), kind=kind, code=code)
 
-    async def answer(self, http: HttpRequest, body: _Generation, ids: list[int], params: Params,
-                     chat: bool) -> Response:  # fmt: skip
+    async def answer(self, http: HttpRequest, body: GenerationRequest, ids: list[int],
+                     params: Params, chat: bool) -> Response:  # fmt: skip
         """The response to a request: one JSON body, or server-sent events with `stream`.
 
         A stream starts with the request's first event (so that a request that never got a

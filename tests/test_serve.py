@@ -376,7 +376,7 @@ def slow_decoding(engine, monkeypatch, seconds: float = 0.02) -> None:
     monkeypatch.setattr(engine, "step", lambda: (time.sleep(seconds), step()))
 
 
-def test_a_cancelled_stream_frees_its_slot(server, engine, monkeypatch):
+def test_a_client_that_goes_away_frees_its_slot(server, engine, monkeypatch):
     slow_decoding(engine, monkeypatch)  # a request of 255 tokens runs for over 5 s
     streams = _open_streams(server, engine.slots)  # every slot busy
     running = engine.running()
@@ -387,6 +387,15 @@ def test_a_cancelled_stream_frees_its_slot(server, engine, monkeypatch):
     # freed by the cancellation, not by running out of tokens
     assert [r.finish for r in running] == ["cancelled"] * engine.slots
     assert all(len(r.tokens) < CONTEXT - 1 for r in running)
+    # A client that waits for a whole answer and goes away frees its slot too.
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=WAIT_S)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"prompt": "x", "max_tokens": CONTEXT - 1, "ignore_eos": True}))  # fmt: skip
+    wait_for(lambda: engine.active_slots == 1, "the request to start")
+    (left,) = engine.running()
+    conn.close()
+    wait_for(lambda: engine.active_slots == 0, "its slot to be freed")
+    assert left.finish == "client_closed" and len(left.tokens) < CONTEXT - 1
     out = httpx.post(server.url + "/v1/completions", json={"prompt": "ab", "max_tokens": 2},
                      timeout=WAIT_S)  # fmt: skip
     assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 2

@@ -228,6 +228,9 @@ class ServeConfig:
 
     max_seqs: int = 8
     prefill_chunk: int = 64
+    # Tokens a slot decodes per dispatch, on the device without the host between them, while no
+    # request waits to start (one step at a time while one does).
+    decode_steps: int = 8
     # Tokens a turn of the loop computes: one per decoding slot, the rest in prompt pieces.
     max_batched_tokens: int = 512
     max_queue: int = 64
@@ -498,8 +501,8 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
 
 
 def _validate_serve(s: ServeConfig) -> None:
-    for name in ("max_seqs", "prefill_chunk", "max_batched_tokens", "max_queue", "block_size",
-                 "shutdown_s", "queue_timeout_s"):  # fmt: skip
+    for name in ("max_seqs", "prefill_chunk", "decode_steps", "max_batched_tokens", "max_queue",
+                 "block_size", "shutdown_s", "queue_timeout_s"):  # fmt: skip
         _positive(f"serve.{name}", getattr(s, name))
     if s.kv_blocks < 0:
         raise JaxparError(f"serve.kv_blocks={s.kv_blocks} must be >= 0 (0: every slot's full "

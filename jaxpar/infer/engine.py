@@ -68,6 +68,10 @@ CACHE_AXES = (STAGE, LAYERS, BATCH, ACT_KV_HEADS, SEQ, None)
 # of powers of two from MIN_DECODE_SPAN positions up to the whole cache.
 MIN_PROMPT_WIDTH = 16
 MIN_DECODE_SPAN = 128
+# Tokens a row that `generate` decodes per dispatch (one block on the device, no host between).
+DECODE_STEPS = 8
+# A decode block's stop ids per row: the end-of-sequence ids and a request's first own ones.
+STOP_IDS = 4
 
 
 def check_context(prompt_len: int, new_tokens: int, context: int, what: str = "new tokens") -> None:
@@ -412,18 +416,47 @@ class Generator:
                                          write_B, lengths_B - 1)  # fmt: skip
         return cache, logits_BV, sample(logits_BV, rows)
 
-    def _decode(self, top, weights, cache, inputs_BX, layout, span=None):
-        """One token per row at its own position (below `span`); inactive rows leave the cache
-        as it is. The rows' inputs come `_packed`."""
+    def _decode(self, top, weights, cache, inputs_BX, layout, span=None, steps=1):
+        """Up to `steps` tokens per row, one at a time on the device, each fed back as the next
+        step's input at the next position (below `span`): the host sends the block's inputs once
+        and reads its tokens once. Row b draws at most `limit_B[b]` tokens and stops after one
+        of its `stops_BS[b]` ids (-1: none); a stopped row writes nothing more and reads -1. The
+        block ends early once every row has stopped. Inactive rows leave the cache as it is.
+        The rows' inputs come `_packed`. Returns the cache, the logits of each step (B, steps, V)
+        and the tokens (B, steps)."""
         x = _unpacked(inputs_BX, layout)
-        token_B, position_B = x["token"], x["position"]
         rows = RowSampling(*(x[k] for k in RowSampling._fields))
-        logits_BV, cache = self._forward(
-            top, weights, cache, token_B[:, None], position_B[:, None],
-            self._first_slots(token_B.shape[0]),
-            x["active"], jnp.zeros_like(position_B), span=span, table_BN=x.get("table"),
-        )  # fmt: skip
-        return cache, logits_BV, sample(logits_BV, rows)
+        slots_B, table_BN = self._first_slots(len(inputs_BX)), x.get("table")
+
+        def step(i, cache, token_B, live_B):
+            logits_BV, cache = self._forward(
+                top, weights, cache, token_B[:, None], (x["position"] + i)[:, None], slots_B,
+                live_B, jnp.zeros_like(token_B), span=span, table_BN=table_BN,
+            )  # fmt: skip
+            new_B = sample(logits_BV, rows._replace(count=rows.count + i))
+            return cache, logits_BV, jnp.where(live_B, new_B, -1)
+
+        live_B = x["active"] & (x["limit"] > 0)
+        if steps == 1:  # (no loop: one dispatch's step as lean as it can be)
+            cache, logits_BV, new_B = step(0, cache, x["token"], live_B)
+            return cache, logits_BV[:, None], new_B[:, None]
+
+        b, vocab = len(inputs_BX), self.placement.config.model.vocab
+
+        def body(carry):
+            i, cache, token_B, live_B, logits_BKV, new_BK = carry
+            cache, logits_BV, new_B = step(i, cache, token_B, live_B)
+            stopped_B = (new_B[:, None] == x["stops"]).any(-1) | (i + 1 >= x["limit"])
+            return (i + 1, cache, jnp.where(live_B, new_B, token_B), live_B & ~stopped_B,
+                    logits_BKV.at[:, i].set(logits_BV.astype(jnp.float32)),
+                    new_BK.at[:, i].set(new_B))  # fmt: skip
+
+        carry = (jnp.int32(0), cache, x["token"], live_B,
+                 jnp.zeros((b, steps, vocab), jnp.float32), jnp.full((b, steps), -1, jnp.int32))
+        _, cache, _, _, logits_BKV, new_BK = jax.lax.while_loop(
+            lambda c: (c[0] < steps) & c[3].any(), body, carry
+        )
+        return cache, logits_BKV, new_BK
 
     def _chunk(self, top, weights, cache, inputs_RX, layout, span=None):
         """Pieces of R / data prompts per `data` shard: row r's tokens go to slot `slot_R[r]` of
@@ -491,6 +524,7 @@ class Generator:
         zeros = np.zeros(n, np.int32)
         table = np.zeros((n, self.length // self.block), np.int32) if self.blocks else None
         inputs, layout = self._packed(token=zeros, position=zeros, active=np.ones(n, bool),
+                                      limit=zeros + 1, stops=stop_table(n),
                                       **RowSampling.fill(n, GREEDY, 0)._asdict(),
                                       **self._table(table))  # fmt: skip
         return (self.top, self.weights, cache, inputs), layout
@@ -501,10 +535,11 @@ class Generator:
             args, layout = self.decode_inputs()
             return jax.make_jaxpr(functools.partial(self._decode, layout=layout))(*args)
 
-    def decode_compiled(self, span: int | None = None) -> jax.stages.Compiled:
-        """The compiled decode step (for FLOP, byte and collective accounting)."""
+    def decode_compiled(self, span: int | None = None, steps: int = 1) -> jax.stages.Compiled:
+        """The compiled decode block of `steps` tokens (for FLOP, byte and collective
+        accounting: one step's with `steps` 1)."""
         args, layout = self.decode_inputs()
-        return self._step("_decode", args, layout=layout, span=self._span(span))
+        return self._step("_decode", args, layout=layout, span=self._span(span), steps=steps)
 
     def spans(self, least: int = MIN_DECODE_SPAN) -> list[int]:
         """The cache spans decode steps are compiled for: powers of two from `least`, and the
@@ -540,23 +575,29 @@ class Generator:
         return self._run("_prefill", (self.top, self.weights, cache, *args))
 
     def decode(self, cache, token_B, position_B, rows: RowSampling | None = None, active_B=None,
-               span: int | None = None, table_BN=None):  # fmt: skip
-        """One token per row at its own position (rows not `active_B` write nothing): returns
-        the cache, the logits and the next token.
+               span: int | None = None, table_BN=None, steps: int = 1, limit_B=None,
+               stops_BS=None):  # fmt: skip
+        """A block of up to `steps` tokens per row from its own position on (rows not `active_B`
+        write nothing), decoded on the device without the host (see `_decode`): returns the
+        cache, the logits (B, steps, V) and the tokens (B, steps), -1 after a row has stopped.
 
-        B may be fewer than all the rows: a multiple of `data`, the rows then being the first
-        B / data slots of each shard (`row_counts`), so that a few requests in many slots
-        compute only their own rows. Attention reads the cache's first `span` positions (None:
-        all; every position must be below it), so that short sequences in a long cache read only
-        what they need. Paged, `table_BN` gives each row's blocks. Compiled once per row count
-        and span."""
+        Row b draws at most `limit_B[b]` tokens (default `steps`) and stops after any of its
+        `stops_BS[b]` ids (up to `STOP_IDS` of them; the caller checks the rest). B may be fewer
+        than all the rows: a multiple of `data`, the rows then being the first B / data slots
+        of each shard (`row_counts`), so that a few requests in many slots compute only their
+        own rows. Attention reads the cache's first `span` positions (None: all; every position
+        the block writes must be below it), so that short sequences in a long cache read only
+        what they need. Paged, `table_BN` gives each row's blocks, which must hold the block's
+        positions. Compiled once per row count, span and `steps`."""
         n = len(token_B)
         active_B = np.ones(n, bool) if active_B is None else active_B
         rows = RowSampling.fill(n, GREEDY, 0) if rows is None else rows
+        limit_B = np.full(n, steps, np.int32) if limit_B is None else limit_B
         inputs, layout = self._packed(token=token_B, position=position_B, active=active_B,
+                                      limit=limit_B, stops=stop_table(n, stops_BS),
                                       **rows._asdict(), **self._table(table_BN))  # fmt: skip
         return self._run("_decode", (self.top, self.weights, cache, inputs), layout=layout,
-                         span=self._span(span))  # fmt: skip
+                         span=self._span(span), steps=steps)  # fmt: skip
 
     def prefill_chunk(self, cache, tokens_RT, slot_R, start_R, length_R, active_R,
                       rows: RowSampling, table_RN=None, span: int | None = None):  # fmt: skip
@@ -607,17 +648,20 @@ class Generator:
         seed: int = 0,
         stop_ids: Sequence[int] = (),
         on_tokens: Callable[[list[int | None]], None] | None = None,
+        steps: int = DECODE_STEPS,
     ) -> Generation:
         """Generates up to `max_new_tokens` after each prompt (a row stops after a stop id), as
-        one static batch: every prompt prefilled together, then decoded until the last stops.
-        Prompt i is seeded `seed + i`.
+        one static batch: every prompt prefilled together, then decoded in blocks of up to
+        `steps` tokens a row (`decode`) until the last row stops. Prompt i is seeded `seed + i`.
 
         `on_tokens(ids)` receives each step's new token per prompt as soon as it is on the host
-        (for streaming); None for a prompt that has already stopped.
+        (a block's steps one after another, for streaming); None for a prompt that has stopped.
         """
         n = len(prompts)
         if not 0 < n <= self.rows:
             raise JaxparError(f"{n} prompts for a generator built for {self.rows} rows")
+        if steps < 1:
+            raise JaxparError(f"decode steps {steps} must be at least 1")
         longest = max(len(p) for p in prompts)
         check_context(longest, max_new_tokens, self.max_len)
         c = self.context  # a prompt run splits evenly over `context`
@@ -628,40 +672,66 @@ class Generator:
             tokens[i, : len(p)] = p
             lengths[i] = len(p)
         rows = RowSampling.fill(self.rows, sampling, seed + np.arange(self.rows))
+        stops = [tuple(stop_ids)] * self.rows
         compile_before = self.compile_s
         cache = self.empty_cache()
         span = self.span_for(longest + max_new_tokens)  # holds every row
-        self.decode_compiled(span)  # compiled before the clock starts, as is the prefill:
+        self.decode_compiled(span, steps)  # compiled before the clock starts, as is the prefill:
         self._step("_prefill", (self.top, self.weights, cache, self._rows(tokens),
                                 self._rows(lengths), self._sampling(rows, self.rows)))  # fmt: skip
         start = time.perf_counter()
         cache, _, token_B = self.prefill(cache, tokens, lengths, rows)
-        new = [[] for _ in range(n)]
-        done = np.zeros(n, bool)
-        stops = set(stop_ids)
-        decode_s, prefill_s = [], 0.0
-        position_B = lengths.copy()
-        for step in range(max_new_tokens):
-            host = np.asarray(token_B)[:n]
-            if step == 0:
-                prefill_s = time.perf_counter() - start
-            else:
-                decode_s.append(time.perf_counter() - start)
-            step_ids: list[int | None] = []
-            for i, tok in enumerate(host.tolist()):
-                step_ids.append(None if done[i] else tok)
-                if not done[i]:
+        new: list[list[int]] = [[] for _ in range(n)]
+        live = np.zeros(self.rows, bool)
+        live[:n] = True
+        stop_set = set(stop_ids)
+        decode_s: list[float] = []
+        block = np.asarray(token_B)[:, None]
+        prefill_s = time.perf_counter() - start
+        position_B, last_B = lengths.copy(), np.zeros(self.rows, np.int32)
+        first = True  # the block in hand is the prefill's token
+        while True:
+            drawn = 0  # the block's steps that drew a token in some row
+            for column in block.T:
+                step_ids: list[int | None] = [None] * n
+                for i in np.flatnonzero(live[:n] & (column[:n] >= 0)):
+                    tok = int(column[i])
+                    step_ids[i] = tok
                     new[i].append(tok)
-                    done[i] = tok in stops
-            if on_tokens is not None:
-                on_tokens(step_ids)
-            if done.all() or step == max_new_tokens - 1:
+                    last_B[i] = tok
+                    position_B[i] += 1
+                    live[i] = tok not in stop_set and len(new[i]) < max_new_tokens
+                if all(t is None for t in step_ids):
+                    break
+                drawn += 1
+                if on_tokens is not None:
+                    on_tokens(step_ids)
+            if not first:  # (each of a block's tokens took its share of the block's time)
+                decode_s += [(time.perf_counter() - start) / drawn] * drawn
+            first = False
+            if not live.any():
                 break
             start = time.perf_counter()
-            rows = rows._replace(count=np.full(self.rows, step + 1, np.int32))
-            cache, _, token_B = self.decode(cache, token_B, position_B, rows, span=span)
-            position_B = position_B + 1
+            # Every live row has drawn as many tokens: the same count, limit and position
+            # offset (the cache holds each row's sequence but its last token, the next input).
+            done = len(new[int(np.flatnonzero(live)[0])])
+            rows = rows._replace(count=np.full(self.rows, done, np.int32))
+            limit = np.where(live, min(steps, max_new_tokens - done), 0).astype(np.int32)
+            cache, _, block = self.decode(cache, last_B, position_B - 1, rows, live, span,
+                                          steps=steps, limit_B=limit, stops_BS=stops)  # fmt: skip
+            block = np.asarray(block)
         return Generation(new, prefill_s, decode_s, self.compile_s - compile_before)
+
+
+def stop_table(n: int, stops: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """Each of `n` rows' stop ids as a decode block takes them, (n, STOP_IDS), -1 where a row
+    has fewer; a row's ids past the first STOP_IDS are its caller's to check (the block then
+    decodes past them, and the caller drops what follows)."""
+    table = np.full((n, STOP_IDS), -1, np.int32)
+    for b, ids in enumerate(() if stops is None else stops):
+        ids = list(ids)[:STOP_IDS]
+        table[b, : len(ids)] = ids
+    return table
 
 
 def _unpacked(inputs_BX: jax.Array, layout: tuple) -> dict[str, jax.Array]:

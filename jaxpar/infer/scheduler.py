@@ -14,8 +14,12 @@ loop; each turn it
    narrower piece of each of up to a shard's slots), so that a long prompt delays the
    decoding slots by a few pieces per turn, not by its whole length; a prompt's last piece draws
    its first token, and its full blocks join the prefix cache;
-3. decodes one token in every slot that has its prompt in the cache, all together, each at its
-   own position with its own sampling settings (inactive slots write nothing).
+3. decodes every slot that has its prompt in the cache, all together, each at its own position
+   with its own sampling settings (inactive slots write nothing): a block of `serve.decode_steps`
+   tokens a slot in one dispatch, each fed back on the device, or a single step while a prompt
+   is prefilling or a waiting request has a free slot, so that it starts after one step. The
+   block ends a slot at its stop ids and `max_tokens`; stop strings are found on the host, and
+   what a slot drew after its end is dropped.
 
 Blocks are taken as positions fill, one at a time. When a shard's pool has none left, the
 youngest request on that shard is preempted: its blocks are freed and it goes back to the front
@@ -39,6 +43,7 @@ request, turns `failed`, and stops.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -54,7 +59,7 @@ from jaxpar import distributed
 from jaxpar.config import ServeConfig
 from jaxpar.errors import JaxparError
 from jaxpar.infer.blocks import BlockPool
-from jaxpar.infer.engine import MIN_PROMPT_WIDTH, Generator, check_context
+from jaxpar.infer.engine import MIN_PROMPT_WIDTH, Generator, check_context, stop_table
 from jaxpar.infer.loaded import LoadedModel
 from jaxpar.infer.sampling import GREEDY, RowSampling, Sampling
 
@@ -195,7 +200,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.prefilled_tokens = 0  # prompt tokens computed (not found in the prefix cache)
         self.generated_tokens = 0
-        self.decode_steps = 0
+        self.decode_blocks = 0  # decode dispatches
         self._cache = self.generator.empty_cache()
         # Process 0 of a multi-process job hands each step's inputs to the others.
         multi = distributed.current().count > 1
@@ -294,12 +299,12 @@ class Engine:
                 cache = g.prefill_chunk(cache, np.zeros((n, width), np.int32), zeros, zeros,
                                         zeros + 1, idle, RowSampling.fill(n, GREEDY, 0),
                                         self._tables[:n], span)[0]  # fmt: skip
-        for local in self.row_counts:
+        for local, span, steps in itertools.product(self.row_counts, self.spans,
+                                                    {1, self.config.decode_steps}):
             n = local * data
-            for span in self.spans:
-                cache = g.decode(cache, np.zeros(n, np.int32), np.zeros(n, np.int32),
-                                 RowSampling.fill(n, GREEDY, 0), np.zeros(n, bool), span,
-                                 self._tables[:n])[0]  # fmt: skip
+            cache = g.decode(cache, np.zeros(n, np.int32), np.zeros(n, np.int32),
+                             RowSampling.fill(n, GREEDY, 0), np.zeros(n, bool), span,
+                             self._tables[:n], steps)[0]  # fmt: skip
 
     # -- the loop (the engine's thread) ------------------------------------------------------
 
@@ -475,25 +480,35 @@ class Engine:
         return per * width
 
     def _decode(self) -> None:
+        """A block of decode steps for every ready slot: `serve.decode_steps` tokens a row on
+        the device, or one while a prompt is prefilling or a request could be admitted (so that
+        it waits for at most one step)."""
         def ready() -> list[Request | None]:
             return [r if r is not None and r.decoding and r.finish is None else None
                     for r in self._running]  # fmt: skip
 
-        # Each a block for the position it writes, the oldest first (so the youngest yield).
+        admissible = self._waiting and not all(self._running)
+        prefilling = any(r is not None and not r.decoding for r in self._running)
+        steps = 1 if admissible or prefilling else self.config.decode_steps
+        # Each the blocks for the positions it writes, the oldest first (so the youngest yield).
         for request in sorted(filter(None, ready()), key=lambda r: r.arrival):
             if request.slot >= 0:
-                self._grow(request, len(request.prompt) + len(request.tokens))
+                self._grow(request, request.cached_length + self._limit(request, steps))
         ready = [r for r in ready() if r is not None]
         if ready:
-            for group in self._span_groups(ready):
-                self._decode_rows(group)
+            for group in self._span_groups(ready, steps):
+                self._decode_rows(group, steps)
 
-    def _span_groups(self, ready: list[Request]) -> list[list[Request]]:
-        """The ready requests in one decode step, or in two when that reads at most half as
+    def _limit(self, request: Request, steps: int) -> int:
+        """The tokens `request` draws in a block of `steps`."""
+        return min(steps, request.params.max_tokens - len(request.tokens))
+
+    def _span_groups(self, ready: list[Request], steps: int) -> list[list[Request]]:
+        """The ready requests in one decode block, or in two when that reads at most half as
         many cache positions: the shorter ones over a shorter span (a step reads every row's
         cache up to its span, whatever each row holds)."""
         g = self.generator
-        need = {id(r): self.generator.span_for(r.cached_length + 1) for r in ready}
+        need = {id(r): g.span_for(r.cached_length + self._limit(r, steps)) for r in ready}
 
         def cost(group: list[Request]) -> int:
             if not group:
@@ -510,9 +525,11 @@ class Engine:
                 best, groups = cost(short) + cost(long), [short, long]
         return groups
 
-    def _decode_rows(self, requests: list[Request]) -> None:
-        """One decode step of `requests`: each shard's requests in its rows (a paged row is any
-        request of the shard: its block table says where its cache is), the rest idle."""
+    def _decode_rows(self, requests: list[Request], steps: int) -> None:
+        """One decode block of `requests`: each shard's requests in its rows (a paged row is any
+        request of the shard: its block table says where its cache is), the rest idle. A
+        request's tokens after its end (a stop the device did not know, a stop string) are
+        dropped."""
         g = self.generator
         shard_of = [self._shard(r) for r in requests]
         local = next(n for n in self.row_counts if n >= max(np.bincount(shard_of)))
@@ -521,23 +538,31 @@ class Engine:
         for request, shard in zip(requests, shard_of, strict=True):
             rows[shard * local + taken[shard]] = request
             taken[shard] += 1
-        token, position = (np.zeros(len(rows), np.int32) for _ in range(2))
+        token, position, limit = (np.zeros(len(rows), np.int32) for _ in range(3))
         table = np.zeros((len(rows), self._tables.shape[1]), np.int32)
+        stops: list[tuple[int, ...]] = [()] * len(rows)
         active = np.array([r is not None for r in rows])
         for i, request in enumerate(rows):
             if request is not None:
                 token[i] = request.tokens[-1]
                 position[i] = request.cached_length
+                limit[i] = self._limit(request, steps)
                 table[i] = self._tables[request.slot]
-        span = self.generator.span_for(position.max() + 1)
+                p = request.params
+                stops[i] = (*(() if p.ignore_eos else self.eos_ids), *p.stop_ids)
+        span = g.span_for(int((position + limit).max()))
         new = self._device("decode", token=token, position=position, active=active, span=span,
-                           table=table, **self._sampling(rows)._asdict())  # fmt: skip
-        self.decode_steps += 1
+                           table=table, steps=steps, limit=limit,
+                           stops=stop_table(len(rows), stops),
+                           **self._sampling(rows)._asdict())  # fmt: skip
+        self.decode_blocks += 1
         new = np.asarray(new)
         for i, request in enumerate(rows):
-            if request is not None:
+            for tok in new[i] if request is not None else ():
+                if tok < 0 or request.finish is not None:
+                    break
                 request.prefilled += 1  # its input token is in the cache now
-                self._accept(request, int(new[i]))
+                self._accept(request, int(tok))
 
     def _device(self, step: str, **inputs: Any) -> Any:
         """Runs device step `step` on the engine's cache with host `inputs` (numpy arrays and
@@ -556,9 +581,10 @@ class Engine:
                                                     x["table"], int(x["span"]))  # fmt: skip
             return token
         assert step == "decode", step
-        self._cache, _, token = g.decode(self._cache, x["token"], x["position"], rows,
-                                         x["active"], int(x["span"]), x["table"])  # fmt: skip
-        return token
+        self._cache, _, tokens = g.decode(self._cache, x["token"], x["position"], rows,
+                                          x["active"], int(x["span"]), x["table"],
+                                          int(x["steps"]), x["limit"], x["stops"])  # fmt: skip
+        return tokens
 
     def follow(self) -> None:
         """Runs a process other than 0 of a multi-process job: the steps that process 0 hands

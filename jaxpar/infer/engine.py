@@ -47,7 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpar.distributed import global_array
 from jaxpar.errors import JaxparError
-from jaxpar.infer.sampling import GREEDY, RowSampling, Sampling, sample
+from jaxpar.infer.sampling import GREEDY, RowSampling, Sampling, sample, speculative_accept
 from jaxpar.mesh import DATA, PIPELINE
 from jaxpar.model import context
 from jaxpar.model.llama import BLOCK_WEIGHT_AXES, BlockWeights, KVCache, Llama
@@ -96,6 +96,10 @@ class Generation:
     prefill_s: float  # time to first token: prefill and the first sample, on the host
     decode_s: list[float]  # each later token's step
     compile_s: float
+    # Speculative decoding: target passes (`Generator.verify`), tokens drafted and kept.
+    passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -389,7 +393,8 @@ class Generator:
 
     def _forward(self, top, weights, cache, tokens_BT, positions_BT, slot_B, write_B, last_B,
                  by_seq=False, span=None, table_BN=None):  # fmt: skip
-        """Logits at each row's position `last_B` of this call (B, V), and the cache."""
+        """Logits at each row's offset `last_B` of this call (B, V), or at each of its offsets
+        `last_BJ` (B, J, V), and the cache."""
         model = self._model(top)
         t = tokens_BT.shape[1]
         if self._split(t):  # stored striped over `context` (see `_stack`)
@@ -401,8 +406,9 @@ class Generator:
         x_BTD = model.embed(tokens_BT, self.dtype)
         x_BTD, cache = self._stack(model, weights, x_BTD, positions_BT, cache, slot_B, write_B,
                                    by_seq, span, table_BN)  # fmt: skip
-        x_B1D = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
-        return model.logits(x_B1D)[:, 0], cache
+        x_BJD = jnp.take_along_axis(x_BTD, last_B.reshape(len(last_B), -1)[..., None], axis=1)
+        logits_BJV = model.logits(x_BJD)
+        return (logits_BJV if last_B.ndim == 2 else logits_BJV[:, 0]), cache
 
     def _first_slots(self, n: int) -> jax.Array:
         """The slots of n rows (a multiple of `data`): the first n / data of each shard."""
@@ -457,6 +463,32 @@ class Generator:
             lambda c: (c[0] < steps) & c[3].any(), body, carry
         )
         return cache, logits_BKV, new_BK
+
+    def _verify(self, top, weights, cache, inputs_BX, draft_logits_BKV=None, *, layout, span=None):
+        """Speculative decoding's target pass: each row's last token and its `drafts` (the
+        first `drafted` of k are real) at consecutive positions from its own, in one forward
+        pass, keeping the drafts that the target's own draws agree with (`speculative_accept`:
+        for a greedy row, its greedy tokens). The cache gets every real position's keys and
+        values; those after the accepted ones are stale and are written over before any step
+        reads them (attention reads a row's cache only below its first position). The rows'
+        inputs come `_packed`; `draft_logits_BKV` are a draft model's (None: the drafts are
+        certain, as n-gram lookups are). Returns the cache, the logits (B, k + 1, V) and the
+        tokens (B, k + 1): the accepted drafts, the target's next token, then -1."""
+        x = _unpacked(inputs_BX, layout)
+        rows = RowSampling(*(x[k] for k in RowSampling._fields))
+        drafts_BK, drafted_B = x["drafts"], x["drafted"]
+        tokens_BJ = jnp.concatenate([x["token"][:, None], drafts_BK], axis=1)
+        offsets_J = jnp.arange(tokens_BJ.shape[1], dtype=jnp.int32)
+        # (the padding after the real drafts sits past the cache's end: never written)
+        positions_BJ = jnp.where(offsets_J <= drafted_B[:, None],
+                                 x["position"][:, None] + offsets_J, self.length)  # fmt: skip
+        b = len(inputs_BX)
+        logits_BJV, cache = self._forward(
+            top, weights, cache, tokens_BJ, positions_BJ, self._first_slots(b), x["active"],
+            jnp.broadcast_to(offsets_J, tokens_BJ.shape), span=span, table_BN=x.get("table"),
+        )  # fmt: skip
+        new_BJ = speculative_accept(logits_BJV, drafts_BK, drafted_B, rows, draft_logits_BKV)
+        return cache, logits_BJV, jnp.where(x["active"][:, None], new_BJ, -1)
 
     def _chunk(self, top, weights, cache, inputs_RX, layout, span=None):
         """Pieces of R / data prompts per `data` shard: row r's tokens go to slot `slot_R[r]` of
@@ -599,6 +631,22 @@ class Generator:
         return self._run("_decode", (self.top, self.weights, cache, inputs), layout=layout,
                          span=self._span(span), steps=steps)  # fmt: skip
 
+    def verify(self, cache, token_B, position_B, drafts_BK, drafted_B, rows: RowSampling,
+               active_B, span: int | None = None, table_BN=None,
+               draft_logits_BKV=None):  # fmt: skip
+        """Speculative decoding's target pass (see `_verify`): each row's last token at its
+        position and its `drafted_B[b]` drafts after it, checked in one forward pass. Returns
+        the cache, the logits (B, k + 1, V) and the tokens (B, k + 1): the kept drafts, the
+        target's next token, then -1. Compiled once per row count, span and k."""
+        if self.context > 1:
+            raise JaxparError("speculative decoding needs context=1: a verify pass's tokens "
+                              "would be split over the context axis")  # fmt: skip
+        inputs, layout = self._packed(token=token_B, position=position_B, active=active_B,
+                                      drafts=drafts_BK, drafted=drafted_B, **rows._asdict(),
+                                      **self._table(table_BN))  # fmt: skip
+        args = (self.top, self.weights, cache, inputs, draft_logits_BKV)
+        return self._run("_verify", args, layout=layout, span=self._span(span))
+
     def prefill_chunk(self, cache, tokens_RT, slot_R, start_R, length_R, active_R,
                       rows: RowSampling, table_RN=None, span: int | None = None):  # fmt: skip
         """Prompt pieces, R / data of them per `data` shard, each a row (see `_chunk`; the rows
@@ -649,10 +697,13 @@ class Generator:
         stop_ids: Sequence[int] = (),
         on_tokens: Callable[[list[int | None]], None] | None = None,
         steps: int = DECODE_STEPS,
+        drafter: Any = None,
     ) -> Generation:
         """Generates up to `max_new_tokens` after each prompt (a row stops after a stop id), as
         one static batch: every prompt prefilled together, then decoded in blocks of up to
         `steps` tokens a row (`decode`) until the last row stops. Prompt i is seeded `seed + i`.
+        With a `drafter` (`jaxpar.infer.speculate`), each round instead checks its drafts in
+        one target pass (`verify`): the same greedy tokens, the same distribution sampled.
 
         `on_tokens(ids)` receives each step's new token per prompt as soon as it is on the host
         (a block's steps one after another, for streaming); None for a prompt that has stopped.
@@ -676,11 +727,15 @@ class Generator:
         compile_before = self.compile_s
         cache = self.empty_cache()
         span = self.span_for(longest + max_new_tokens)  # holds every row
-        self.decode_compiled(span, steps)  # compiled before the clock starts, as is the prefill:
+        if drafter is None:  # compiled before the clock starts, as is the prefill:
+            self.decode_compiled(span, steps)
         self._step("_prefill", (self.top, self.weights, cache, self._rows(tokens),
                                 self._rows(lengths), self._sampling(rows, self.rows)))  # fmt: skip
         start = time.perf_counter()
         cache, _, token_B = self.prefill(cache, tokens, lengths, rows)
+        if drafter is not None:
+            drafter.begin(tokens, lengths, rows)
+        passes = drafted = accepted = 0
         new: list[list[int]] = [[] for _ in range(n)]
         live = np.zeros(self.rows, bool)
         live[:n] = True
@@ -717,10 +772,27 @@ class Generator:
             done = len(new[int(np.flatnonzero(live)[0])])
             rows = rows._replace(count=np.full(self.rows, done, np.int32))
             limit = np.where(live, min(steps, max_new_tokens - done), 0).astype(np.int32)
-            cache, _, block = self.decode(cache, last_B, position_B - 1, rows, live, span,
-                                          steps=steps, limit_B=limit, stops_BS=stops)  # fmt: skip
+            if drafter is None:
+                cache, _, block = self.decode(cache, last_B, position_B - 1, rows, live,
+                                              span, steps=steps, limit_B=limit,
+                                              stops_BS=stops)  # fmt: skip
+                block = np.asarray(block)
+                continue
+            # A round keeps at most max_new_tokens - done tokens: that less one drafts.
+            room = np.where(live, max_new_tokens - done - 1, 0).astype(np.int32)
+            sequences = [list(p) + new[i] for i, p in enumerate(prompts)]
+            sequences += [[]] * (self.rows - n)
+            drafts, drafted_B, draft_logits = drafter.draft(sequences, last_B, position_B - 1,
+                                                            rows, room)  # fmt: skip
+            cache, _, block = self.verify(cache, last_B, position_B - 1, drafts, drafted_B, rows,
+                                          live, span, draft_logits_BKV=draft_logits)  # fmt: skip
             block = np.asarray(block)
-        return Generation(new, prefill_s, decode_s, self.compile_s - compile_before)
+            drafter.kept(block, drafts, drafted_B, last_B, position_B - 1)
+            passes += 1
+            drafted += int(drafted_B[:n].sum())
+            accepted += int(((block[:n] >= 0).sum(axis=1) - 1).clip(0).sum())
+        return Generation(new, prefill_s, decode_s, self.compile_s - compile_before, passes,
+                          drafted, accepted)
 
 
 def stop_table(n: int, stops: Sequence[Sequence[int]] | None = None) -> np.ndarray:

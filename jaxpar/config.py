@@ -231,6 +231,9 @@ class ServeConfig:
     # Tokens a slot decodes per dispatch, on the device without the host between them, while no
     # request waits to start (one step at a time while one does).
     decode_steps: int = 8
+    # Speculative decoding (`jaxpar.infer.speculate`): "ngram:K" or "draft:PATH:K" ("": none). A
+    # turn then checks each slot's K drafts in one verify pass instead of decoding a block.
+    speculative: str = ""
     # Tokens a turn of the loop computes: one per decoding slot, the rest in prompt pieces.
     max_batched_tokens: int = 512
     max_queue: int = 64

@@ -240,6 +240,49 @@ def test_sampled_requests_follow_their_seed(engine):
     assert a.tokens == b.tokens != other.tokens
 
 
+def test_a_request_starts_within_one_block_of_the_others(engine):
+    # A lone request decodes `serve.decode_steps` tokens a dispatch; one that comes meanwhile
+    # gets its first token before the first has drawn more than one block more.
+    steps, blocks = engine.config.decode_steps, engine.decode_blocks
+    (lone,) = submit_and_wait(engine, [(list(b"def add(a, b):\n"), Params(40, sampling=GREEDY))])
+    assert engine.decode_blocks - blocks <= 40 // steps + 1
+    first = engine.submit(list(b"import os\n"), Params(160, sampling=GREEDY), lambda e: None)
+    wait_for(lambda: len(first.tokens) >= 2 * steps, "the first request's blocks")
+    (second,) = submit_and_wait(engine, [(list(b"print("), Params(2, sampling=GREEDY))])
+    submitted = second.arrival
+    drawn = sum(submitted < t < second.times[0] for t in first.times)
+    assert drawn <= steps
+    wait_for(lambda: first.finish is not None, "the first request")
+    alone = engine.model.generator(1, CONTEXT).generate([list(b"import os\n")], 160, GREEDY)
+    assert first.tokens == alone.new_ids[0]
+
+
+@pytest.mark.parametrize("how", ["ngram:3", "draft:RUN:3"])
+def test_speculative_serving_gives_the_tokens_of_plain_decoding(run, alone, how):
+    # Continuous batching with preemption and the prefix cache, each request's drafts checked in
+    # one target pass: n-gram lookups on a 3-D mesh, the run itself as its own draft model on
+    # one device (every draft kept).
+    spec = "data=2,pipeline=2,tensor=2" if how.startswith("ngram") else "data=1"
+    config = dataclasses.replace(SERVE, speculative=how.replace("RUN", str(run)))
+    engine = Engine(loaded(run, spec), config).start()
+    try:
+        together = submit_and_wait(engine, jobs(16))
+        assert [r.tokens for r in together] == [r.tokens for r in alone]
+        assert 0 < engine.accepted_tokens <= engine.drafted_tokens
+        if how.startswith("draft"):
+            assert engine.accepted_tokens == engine.drafted_tokens
+        blocks = engine.decode_blocks
+        prompt, params = list(b"import "), Params(16, Sampling(1.0, top_k=20), seed=11)
+        a, b = submit_and_wait(engine, [(prompt, params), (prompt, params)])
+        opted_out = dataclasses.replace(params, speculative=False)
+        drafted = engine.drafted_tokens
+        (c,) = submit_and_wait(engine, [(prompt, opted_out)])
+        assert a.tokens == b.tokens and len(c.tokens) == 16
+        assert engine.drafted_tokens == drafted and engine.decode_blocks - blocks > 16
+    finally:
+        engine.close()
+
+
 # --- chat templates ---------------------------------------------------------------------------
 
 

@@ -49,6 +49,8 @@ def _sampling(args: argparse.Namespace):
         raise JaxparError(f"--top-k {args.top_k} must be 0 (no limit) or more")
     if not 0 < args.top_p <= 1:
         raise JaxparError(f"--top-p {args.top_p} must be in (0, 1]")
+    if args.decode_steps < 1:
+        raise JaxparError(f"--decode-steps {args.decode_steps} must be at least 1")
     if args.greedy or args.temperature is not None:
         return Sampling(0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
     return Sampling(top_k=args.top_k, top_p=args.top_p)  # the default temperature
@@ -105,20 +107,29 @@ def _prompts(args: argparse.Namespace, model) -> list[list[int]]:
     return prompts
 
 
+def _speculation(args: argparse.Namespace):
+    from jaxpar.infer.speculate import Speculation
+
+    return Speculation.parse(args.speculative)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """`jaxpar generate`: continues each prompt; the text, or with --json ids and timings."""
-    sampling = _sampling(args)
+    sampling, speculation = _sampling(args), _speculation(args)
     model = _load_model(args, text=not args.prompt_ids)
     import json
+
+    from jaxpar.infer.speculate import make_drafter
 
     prompts = _prompts(args, model)
     longest = max(len(p) for p in prompts)
     model.check_fits(longest, args.max_new_tokens)
     gen = model.generator(len(prompts), longest + args.max_new_tokens)
+    drafter = make_drafter(speculation, model, gen.rows, gen.max_len, args.dtype)
     print(f"jaxpar: {gen.cache_summary()}", file=sys.stderr)
-    out = gen.generate(
-        prompts, args.max_new_tokens, sampling, seed=args.seed, stop_ids=model.stop_ids
-    )
+    out = gen.generate(prompts, args.max_new_tokens, sampling, seed=args.seed,
+                       stop_ids=model.stop_ids, steps=args.decode_steps,
+                       drafter=drafter)  # fmt: skip
     # (a model without a tokenizer for its ids, given --prompt-ids: the ids only)
     texts = None if model.unreadable else [model.decode(ids) for ids in out.new_ids]
     if args.json:
@@ -128,7 +139,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "time_to_first_token_s": out.prefill_s,
             "tokens_per_s": out.tokens_per_s,
             "compile_s": out.compile_s,
-        }
+            "speculation": {"passes": out.passes, "drafted": out.drafted,
+                            "accepted": out.accepted} if drafter else None,
+        }  # fmt: skip
         print(json.dumps(doc))
         return 0
     for prompt, new, text in zip(prompts, out.new_ids, texts or out.new_ids, strict=True):
@@ -139,16 +152,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"tokens/s per sequence x {len(prompts)} sequences (compile {out.compile_s:.1f}s)",
         file=sys.stderr,
     )
+    if drafter:
+        print(f"speculation: {out.accepted:,} of {out.drafted:,} drafted tokens kept, "
+              f"{sum(map(len, out.new_ids)) / max(out.passes, 1):.2f} tokens a target pass",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """`jaxpar chat`: a chat in the terminal."""
-    sampling = _sampling(args)
+    sampling, speculation = _sampling(args), _speculation(args)
     model = _load_model(args)
     from jaxpar.infer.chat import Chat, chat_in_terminal
 
-    chat = Chat(model, args.max_new_tokens, sampling, seed=args.seed)
+    chat = Chat(model, args.max_new_tokens, sampling, seed=args.seed, steps=args.decode_steps,
+                speculation=speculation, dtype=args.dtype)  # fmt: skip
     print(f"jaxpar: {chat.generator.cache_summary()}", file=sys.stderr)
     print(f"chatting with {model.source}; an empty line or Ctrl-D ends", file=sys.stderr)
     chat_in_terminal(chat)
@@ -162,6 +180,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise JaxparError(f"{bad[0]!r}: serve takes serve.* settings only (the model's come "
                           "from its folder)")  # fmt: skip
     settings = load_config(None, args.overrides).serve  # refused before anything loads
+    from jaxpar.infer.speculate import Speculation
+
+    Speculation.parse(settings.speculative, "serve.speculative")
     from jaxpar.distributed import current
     from jaxpar.infer.access import check_tls, read_access
     from jaxpar.infer.server import bind, serve

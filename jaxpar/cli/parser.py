@@ -112,6 +112,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: no limit")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus mass")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode-steps", type=int, default=8, metavar="N", help="tokens decoded per "
+                   "dispatch, on the device without the host between them (default 8)")  # fmt: skip
+    p.add_argument("--speculative", default="", metavar="SPEC", help="speculative decoding: "
+                   "ngram:K (drafts looked up in the prompt and output) or draft:PATH:K (a "
+                   "smaller model's, a run or Hugging Face folder), K drafts a pass")  # fmt: skip
 
 
 # -- each command's arguments ----------------------------------------------------------------------

@@ -15,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from jaxpar.errors import JaxparError
+from jaxpar.infer.engine import DECODE_STEPS
 from jaxpar.infer.loaded import LoadedModel
 from jaxpar.infer.sampling import Sampling
+from jaxpar.infer.speculate import Speculation, make_drafter
 
 PLAIN_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -53,12 +55,16 @@ class Chat:
         model: the model to talk to.
         max_new_tokens: the longest reply; the history keeps `context - max_new_tokens` tokens.
         sampling: how replies are sampled; turn i is seeded with `seed + i`.
+        steps: tokens decoded per dispatch (`Generator.generate`).
+        speculation: speculative decoding's drafter (`jaxpar.infer.speculate`), or None.
 
     Raises:
         JaxparError: `max_new_tokens` leaves no room in the context for a message.
     """
 
-    def __init__(self, model: LoadedModel, max_new_tokens: int, sampling: Sampling, seed: int = 0):
+    def __init__(self, model: LoadedModel, max_new_tokens: int, sampling: Sampling, seed: int = 0,
+                 steps: int = DECODE_STEPS, speculation: Speculation | None = None,
+                 dtype: str = "auto"):  # fmt: skip
         model.check_fits(1, max_new_tokens)
         self.model, self.max_new_tokens, self.sampling, self.seed = (
             model, max_new_tokens, sampling, seed,
@@ -67,6 +73,8 @@ class Chat:
         self.history: list[int] = []
         self.turns = 0
         self.generator = model.generator(1, model.context)
+        self.steps = steps
+        self.drafter = make_drafter(speculation, model, self.generator.rows, model.context, dtype)
 
     def reply(self, message: str, on_text: Callable[[str], None] | None = None) -> str:
         """The model's answer to `message`; `on_text` receives the answer's text as it streams."""
@@ -85,7 +93,7 @@ class Chat:
 
         out = self.generator.generate(
             [self.history], self.max_new_tokens, self.sampling, seed=self.seed + self.turns,
-            stop_ids=model.stop_ids, on_tokens=stream,
+            stop_ids=model.stop_ids, on_tokens=stream, steps=self.steps, drafter=self.drafter,
         )  # fmt: skip
         reply = [i for i in out.new_ids[0] if i not in model.stop_ids]
         self.history = (self.history + reply)[-self.keep :]

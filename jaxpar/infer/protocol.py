@@ -130,6 +130,8 @@ class GenerationRequest(_Body):
         None, description=f"an array of at most {MAX_STOP_IDS} token ids"
     )
     ignore_eos: bool | None = _flag()
+    # jaxpar's: false keeps this request out of speculative decoding (`serve.speculative`)
+    speculative: bool | None = _flag()
     presence_penalty: float | None = _number(0, 0, note=" (penalties are not supported)")
     frequency_penalty: float | None = _number(0, 0, note=" (penalties are not supported)")
     top_logprobs: int | None = _integer(0, 0, note=" (log probabilities are not supported)")

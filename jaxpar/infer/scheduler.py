@@ -62,6 +62,7 @@ from jaxpar.infer.blocks import BlockPool
 from jaxpar.infer.engine import MIN_PROMPT_WIDTH, Generator, check_context, stop_table
 from jaxpar.infer.loaded import LoadedModel
 from jaxpar.infer.sampling import GREEDY, RowSampling, Sampling
+from jaxpar.infer.speculate import Speculation, make_drafter
 
 
 class QueueFull(JaxparError):
@@ -82,6 +83,7 @@ class Params:
     stop: tuple[str, ...] = ()  # strings that end the text (not included in it)
     stop_ids: tuple[int, ...] = ()  # token ids that end it, with the model's end-of-sequence ids
     ignore_eos: bool = False
+    speculative: bool = True  # drafted and verified, where the server speculates
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,13 @@ class Engine:
         self.generator = Generator(model.placement, model.params, batch=self.slots,
                                    max_len=model.context, blocks=blocks, block=block)  # fmt: skip
         self.chunk = min(config.prefill_chunk, model.context)
+        # Speculative decoding: a drafter (None: none) whose drafts a verify pass checks.
+        speculation = Speculation.parse(config.speculative, "serve.speculative")
+        self.k = speculation.k if speculation else 0
+        dtype = np.dtype(model.placement.dtype).name
+        self.drafter = make_drafter(speculation, model, self.slots, model.context, dtype, blocks,
+                                    block)  # fmt: skip
+        self.drafted_tokens = self.accepted_tokens = 0
         self.pools = [BlockPool(blocks, block, config.prefix_cache) for _ in range(spec.data)]
         self._tables = np.zeros((self.slots, per_context), np.int32)  # each slot's block table
         self.preemptions = 0
@@ -289,22 +298,32 @@ class Engine:
             self.handoff = None
 
     def warm_up(self) -> None:
-        """Compiles every step the loop runs, on throwaway buffers."""
-        g, data = self.generator, self.generator.data
-        cache = g.empty_cache()
-        for per, width in self.piece_shapes:
+        """Compiles every step the loop runs, by running each on idle rows (which write
+        nothing) of the empty cache."""
+        data, k = self.generator.data, self.k
+
+        def idle(n: int, **inputs: Any) -> dict[str, Any]:
+            zeros = np.zeros(n, np.int32)
+            return {"token": zeros, "position": zeros, "active": np.zeros(n, bool),
+                    "table": self._tables[:n], **RowSampling.fill(n, GREEDY, 0)._asdict(),
+                    **inputs}  # fmt: skip
+
+        for (per, width), span in itertools.product(self.piece_shapes, self.spans):
             n = per * data
-            zeros, idle = np.zeros(n, np.int32), np.zeros(n, bool)
-            for span in self.spans:
-                cache = g.prefill_chunk(cache, np.zeros((n, width), np.int32), zeros, zeros,
-                                        zeros + 1, idle, RowSampling.fill(n, GREEDY, 0),
-                                        self._tables[:n], span)[0]  # fmt: skip
-        for local, span, steps in itertools.product(self.row_counts, self.spans,
-                                                    {1, self.config.decode_steps}):
+            self._apply("prefill", idle(n, tokens=np.zeros((n, width), np.int32), span=span,
+                                        slot=np.zeros(n, np.int32), start=np.zeros(n, np.int32),
+                                        length=np.ones(n, np.int32)))  # fmt: skip
+        for local, span in itertools.product(self.row_counts, self.spans):
             n = local * data
-            cache = g.decode(cache, np.zeros(n, np.int32), np.zeros(n, np.int32),
-                             RowSampling.fill(n, GREEDY, 0), np.zeros(n, bool), span,
-                             self._tables[:n], steps)[0]  # fmt: skip
+            if self.drafter is None:
+                for steps in {1, self.config.decode_steps}:
+                    self._apply("decode", idle(n, span=span, steps=steps, stops=stop_table(n),
+                                               limit=np.zeros(n, np.int32)))  # fmt: skip
+                continue
+            self._apply("verify", idle(n, span=span, room=np.zeros(n, np.int32),
+                                       drafts=np.zeros((n, k), np.int32),
+                                       drafted=np.zeros(n, np.int32)))  # fmt: skip
+            self.drafter.warm_up(n, span, self._tables[:n])  # (steps idle rows never take)
 
     # -- the loop (the engine's thread) ------------------------------------------------------
 
@@ -490,6 +509,8 @@ class Engine:
         admissible = self._waiting and not all(self._running)
         prefilling = any(r is not None and not r.decoding for r in self._running)
         steps = 1 if admissible or prefilling else self.config.decode_steps
+        if self.drafter is not None:  # a verify pass instead: its last token and k drafts
+            steps = self.k + 1
         # Each the blocks for the positions it writes, the oldest first (so the youngest yield).
         for request in sorted(filter(None, ready()), key=lambda r: r.arrival):
             if request.slot >= 0:
@@ -497,10 +518,16 @@ class Engine:
         ready = [r for r in ready() if r is not None]
         if ready:
             for group in self._span_groups(ready, steps):
-                self._decode_rows(group, steps)
+                if self.drafter is None:
+                    self._decode_rows(group, steps)
+                else:
+                    self._verify_rows(group)
 
     def _limit(self, request: Request, steps: int) -> int:
-        """The tokens `request` draws in a block of `steps`."""
+        """The tokens `request` draws in a block of `steps` (at most, in a verify pass of
+        `steps` - 1 drafts; one if it does not speculate)."""
+        if self.drafter is not None and not request.params.speculative:
+            steps = 1
         return min(steps, request.params.max_tokens - len(request.tokens))
 
     def _span_groups(self, ready: list[Request], steps: int) -> list[list[Request]]:
@@ -526,18 +553,10 @@ class Engine:
         return groups
 
     def _decode_rows(self, requests: list[Request], steps: int) -> None:
-        """One decode block of `requests`: each shard's requests in its rows (a paged row is any
-        request of the shard: its block table says where its cache is), the rest idle. A
-        request's tokens after its end (a stop the device did not know, a stop string) are
-        dropped."""
+        """One decode block of `requests` (`_rows_of`). A request's tokens after its end (a stop
+        the device did not know, a stop string) are dropped."""
         g = self.generator
-        shard_of = [self._shard(r) for r in requests]
-        local = next(n for n in self.row_counts if n >= max(np.bincount(shard_of)))
-        rows: list[Request | None] = [None] * (g.data * local)
-        taken = [0] * g.data
-        for request, shard in zip(requests, shard_of, strict=True):
-            rows[shard * local + taken[shard]] = request
-            taken[shard] += 1
+        rows = self._rows_of(requests)
         token, position, limit = (np.zeros(len(rows), np.int32) for _ in range(3))
         table = np.zeros((len(rows), self._tables.shape[1]), np.int32)
         stops: list[tuple[int, ...]] = [()] * len(rows)
@@ -556,9 +575,53 @@ class Engine:
                            stops=stop_table(len(rows), stops),
                            **self._sampling(rows)._asdict())  # fmt: skip
         self.decode_blocks += 1
-        new = np.asarray(new)
+        self._take(rows, np.asarray(new))
+
+    def _verify_rows(self, requests: list[Request]) -> None:
+        """One speculative round of `requests` (laid out as `_decode_rows` lays them out): up
+        to k drafts a row, n-gram lookups from here or the draft model's on the device, checked
+        in one target pass (`Generator.verify`)."""
+        g, k = self.generator, self.k
+        rows = self._rows_of(requests)
+        token, position, room, drafted = (np.zeros(len(rows), np.int32) for _ in range(4))
+        drafts = np.zeros((len(rows), k), np.int32)
+        table = np.zeros((len(rows), self._tables.shape[1]), np.int32)
         for i, request in enumerate(rows):
-            for tok in new[i] if request is not None else ():
+            if request is not None:
+                token[i], position[i] = request.tokens[-1], request.cached_length
+                room[i] = self._limit(request, k + 1) - 1
+                table[i] = self._tables[request.slot]
+                if not self.drafter.on_device and room[i]:
+                    found = self.drafter.propose(request.prompt + request.tokens, int(room[i]))
+                    drafts[i, : len(found)], drafted[i] = found, len(found)
+        span = g.span_for(int((position + room).max()) + 1)
+        active = np.array([r is not None for r in rows])
+        new, drafted = self._device("verify", token=token, position=position, active=active,
+                                    room=room, drafts=drafts, drafted=drafted, table=table,
+                                    span=span, **self._sampling(rows)._asdict())  # fmt: skip
+        self.decode_blocks += 1
+        self.drafted_tokens += int(drafted.sum())
+        self.accepted_tokens += int(((new >= 0).sum(axis=1) - 1).clip(0).sum())
+        self._take(rows, new)
+
+    def _rows_of(self, requests: list[Request]) -> list[Request | None]:
+        """A step's rows: each shard's requests in its first rows (a paged row is any request of
+        the shard: its block table says where its cache is), the rest idle; as few rows a shard
+        as `row_counts` allows."""
+        g = self.generator
+        shard_of = [self._shard(r) for r in requests]
+        local = next(n for n in self.row_counts if n >= max(np.bincount(shard_of)))
+        rows: list[Request | None] = [None] * (g.data * local)
+        taken = [0] * g.data
+        for request, shard in zip(requests, shard_of, strict=True):
+            rows[shard * local + taken[shard]] = request
+            taken[shard] += 1
+        return rows
+
+    def _take(self, rows: list[Request | None], new_BK: np.ndarray) -> None:
+        """Each row's new tokens, in order, up to its first -1 or its end."""
+        for i, request in enumerate(rows):
+            for tok in new_BK[i] if request is not None else ():
                 if tok < 0 or request.finish is not None:
                     break
                 request.prefilled += 1  # its input token is in the cache now
@@ -575,16 +638,30 @@ class Engine:
     def _apply(self, step: str, x: dict[str, Any]) -> Any:
         g = self.generator
         rows = RowSampling(*(x[k] for k in RowSampling._fields))
+        span = int(x["span"])
         if step == "prefill":
-            self._cache, _, token = g.prefill_chunk(self._cache, x["tokens"], x["slot"],
-                                                    x["start"], x["length"], x["active"], rows,
-                                                    x["table"], int(x["span"]))  # fmt: skip
+            args = (x["tokens"], x["slot"], x["start"], x["length"], x["active"], rows,
+                    x["table"], span)  # fmt: skip
+            self._cache, _, token = g.prefill_chunk(self._cache, *args)
+            if self.drafter is not None:
+                self.drafter.prefill_chunk(*args)
             return token
-        assert step == "decode", step
-        self._cache, _, tokens = g.decode(self._cache, x["token"], x["position"], rows,
-                                          x["active"], int(x["span"]), x["table"],
-                                          int(x["steps"]), x["limit"], x["stops"])  # fmt: skip
-        return tokens
+        if step == "decode":
+            self._cache, _, tokens = g.decode(self._cache, x["token"], x["position"], rows,
+                                              x["active"], span, x["table"], int(x["steps"]),
+                                              x["limit"], x["stops"])  # fmt: skip
+            return tokens
+        assert step == "verify", step
+        token, position, table = x["token"], x["position"], x["table"]
+        drafts, drafted, draft_logits = x["drafts"], x["drafted"], None
+        if self.drafter.on_device:  # (n-gram drafts come from process 0, in `x`)
+            drafts, drafted, draft_logits = self.drafter.draft(None, token, position, rows,
+                                                               x["room"], table)  # fmt: skip
+        self._cache, _, block = g.verify(self._cache, token, position, drafts, drafted, rows,
+                                         x["active"], span, table, draft_logits)  # fmt: skip
+        block = np.asarray(block)
+        self.drafter.kept(block, drafts, drafted, token, position, table)
+        return block, drafted
 
     def follow(self) -> None:
         """Runs a process other than 0 of a multi-process job: the steps that process 0 hands

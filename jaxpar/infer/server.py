@@ -83,6 +83,7 @@ def _params(request: GenerationRequest, max_tokens: int, engine: Engine,
         max_tokens=tokens, sampling=Sampling(temperature, top_k, top_p),
         seed=None if request.seed is None else request.seed % (1 << 31), stop=request.stops,
         stop_ids=tuple(stop_ids), ignore_eos=bool(request.ignore_eos),
+        speculative=request.speculative is not False,
     )  # fmt: skip
     try:
         check_context(prompt_len, params.max_tokens, engine.model.context, name)
@@ -163,6 +164,12 @@ class _CacheCollector:
                                 value=hits / queried if queried else 0.0)  # fmt: skip
         yield CounterMetricFamily("jaxpar_prefilled_tokens", "Prompt tokens computed",
                                   value=self.engine.prefilled_tokens)  # fmt: skip
+        yield CounterMetricFamily("jaxpar_decode_dispatches", "Decode blocks and verify passes",
+                                  value=self.engine.decode_blocks)  # fmt: skip
+        yield CounterMetricFamily("jaxpar_spec_drafted_tokens", "Tokens drafted (speculative "
+                                  "decoding)", value=self.engine.drafted_tokens)  # fmt: skip
+        yield CounterMetricFamily("jaxpar_spec_accepted_tokens", "Drafted tokens the target "
+                                  "kept", value=self.engine.accepted_tokens)  # fmt: skip
 
 
 class _Handoff:

@@ -21,11 +21,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
 
 from jaxpar.errors import JaxparError
+
+if TYPE_CHECKING:
+    import jax
 
 # Longest and shortest suffix `NgramDrafter` looks up.
 NGRAM_MAX, NGRAM_MIN = 3, 1
@@ -64,13 +67,16 @@ class NgramDrafter:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the row's last n
     tokens (n from `NGRAM_MAX` down to `NGRAM_MIN`; the longest match wins), up to k of them."""
 
+    on_device = False  # drafts on the host, from the sequences so far
+
     def __init__(self, k: int):
         self.k = k
 
     def begin(self, tokens_BT: np.ndarray, lengths_B: np.ndarray, rows) -> None:
         """A new batch of prompts (nothing to prepare: the lookups read the sequences)."""
 
-    def draft(self, sequences: Sequence[Sequence[int]], last_B, position_B, rows, room_B):
+    def draft(self, sequences: Sequence[Sequence[int]], last_B, position_B, rows, room_B,
+              table_BN=None):  # fmt: skip
         """Each row's drafts, (B, k) with the first `drafted_B[b]` real, at most `room_B[b]`:
         (drafts, drafted, None: they are certain)."""
         drafts, drafted = np.zeros((len(room_B), self.k), np.int32), np.zeros_like(room_B)
@@ -80,8 +86,14 @@ class NgramDrafter:
                 drafts[b, : len(found)], drafted[b] = found, len(found)
         return drafts, drafted, None
 
-    def kept(self, block_BJ, drafts_BK, drafted_B, last_B, position_B) -> None:
+    def kept(self, block_BJ, drafts_BK, drafted_B, last_B, position_B, table_BN=None) -> None:
         """The target's verdict (nothing to catch up on)."""
+
+    def prefill_chunk(self, *args) -> None:
+        """The target's prompt pieces (nothing to do: the lookups read the sequences)."""
+
+    def warm_up(self, n: int, span: int, table_BN=None) -> None:
+        """Nothing to compile."""
 
     def propose(self, sequence: Sequence[int], k: int) -> list[int]:
         """Up to `k` tokens that may follow `sequence` (none when its ending was not seen)."""
@@ -107,9 +119,14 @@ class ModelDrafter:
         vocab: the target's vocabulary size, which the draft's must equal.
         k: tokens drafted per target pass.
         rows, max_len: the target generator's.
+        blocks, block: the target's paged cache (0: unpaged), which the draft's mirrors: the
+            same blocks hold the same positions in both, so one block table serves both.
     """
 
-    def __init__(self, model, vocab: int, k: int, rows: int, max_len: int):
+    on_device = True  # drafts with its own steps, from the last token
+
+    def __init__(self, model, vocab: int, k: int, rows: int, max_len: int, blocks: int = 0,
+                 block: int = 16):  # fmt: skip
         draft_vocab = model.config.model.vocab
         if draft_vocab != vocab:
             raise JaxparError(
@@ -121,9 +138,12 @@ class ModelDrafter:
                 f"the draft model {model.source} has a context of {model.context} tokens, "
                 f"shorter than the {max_len} this generation needs"
             )
+        from jaxpar.infer.engine import Generator
+
         self.model, self.k = model, k
-        self.generator = model.generator(rows, max_len)
-        self.cache = None
+        self.generator = Generator(model.placement, model.params, batch=rows, max_len=max_len,
+                                   blocks=blocks, block=block)  # fmt: skip
+        self.cache = self.generator.empty_cache() if blocks else None
 
     def _rows(self, rows):
         """The target's sampling rows with the draft's own seeds: the drafts' draws independent
@@ -135,22 +155,33 @@ class ModelDrafter:
         g = self.generator
         self.cache = g.prefill(g.empty_cache(), tokens_BT, lengths_B, self._rows(rows))[0]
 
-    def draft(self, sequences, last_B, position_B, rows, room_B):
+    def prefill_chunk(self, *args) -> None:
+        """The target's prompt pieces (`Generator.prefill_chunk`'s arguments), into the draft's
+        paged cache too."""
+        self.cache = self.generator.prefill_chunk(self.cache, *args)[0]
+
+    def warm_up(self, n: int, span: int, table_BN=None) -> None:
+        """Compiles the catch-up step of `n` rows over `span` (`kept`), on idle rows."""
+        zeros = np.zeros(n, np.int32)
+        self.cache = self.generator.decode(self.cache, zeros, zeros, None, zeros.astype(bool),
+                                           span, table_BN)[0]  # fmt: skip
+
+    def draft(self, sequences, last_B, position_B, rows, room_B, table_BN=None):
         """Up to min(k, `room_B[b]`) drafts per row, drawn from the last token at
         `position_B` on as the target would draw them: (drafts (B, k), drafted (B,), the
         draft's logits (B, k, V) on the device)."""
         g = self.generator
-        span = g.span_for(int(position_B.max()) + self.k + 1)
+        span = g.span_for(min(int(position_B.max()) + self.k + 1, g.length))
         live_B = room_B > 0
         self.cache, logits_BKV, drafts_BK = g.decode(
-            self.cache, last_B, position_B, self._rows(rows), live_B, span, steps=self.k,
-            limit_B=room_B.astype(np.int32),
+            self.cache, last_B, position_B, self._rows(rows), live_B, span, table_BN,
+            steps=self.k, limit_B=room_B.astype(np.int32),
         )  # fmt: skip
         drafts_BK = np.asarray(drafts_BK)
         drafted_B = (drafts_BK >= 0).sum(axis=1).astype(np.int32)
         return np.maximum(drafts_BK, 0), drafted_B, logits_BKV
 
-    def kept(self, block_BJ, drafts_BK, drafted_B, last_B, position_B) -> None:
+    def kept(self, block_BJ, drafts_BK, drafted_B, last_B, position_B, table_BN=None) -> None:
         """Where the target kept every draft, feeds the last one (its keys and values were never
         computed: a block feeds each draw but the last), so that the next draft starts from a
         full cache."""
@@ -162,7 +193,7 @@ class ModelDrafter:
         last_draft_B = drafts_BK[np.arange(rows), np.maximum(drafted_B - 1, 0)]
         at_B = position_B + drafted_B
         span = g.span_for(int(at_B.max()) + 1)
-        self.cache = g.decode(self.cache, last_draft_B, at_B, None, full_B, span)[0]
+        self.cache = g.decode(self.cache, last_draft_B, at_B, None, full_B, span, table_BN)[0]
 
 
 def load_draft(path: str, mesh: jax.sharding.Mesh, dtype: str):
@@ -183,3 +214,24 @@ def load_draft(path: str, mesh: jax.sharding.Mesh, dtype: str):
         f"the draft model {path!r} is neither a jaxpar run folder ({CONFIG}) nor a Hugging Face "
         "folder (config.json)"
     )
+
+
+def make_drafter(speculation: Speculation | None, target, rows: int, max_len: int,
+                 dtype: str = "auto", blocks: int = 0, block: int = 16):  # fmt: skip
+    """The drafter `speculation` names for `target`'s generator of `rows` rows up to `max_len`
+    (paged: `blocks` blocks of `block` positions; None: none); a draft model is loaded onto the
+    target's mesh.
+
+    Raises:
+        JaxparError: the draft model cannot be read, or does not fit the target.
+    """
+    if speculation is None:
+        return None
+    if target.placement.spec.context > 1:
+        raise JaxparError("speculative decoding needs context=1: a verify pass's tokens would be "
+                          "split over the context axis")  # fmt: skip
+    if speculation.kind == "ngram":
+        return NgramDrafter(speculation.k)
+    draft = load_draft(speculation.path, target.placement.mesh, dtype)
+    return ModelDrafter(draft, target.config.model.vocab, speculation.k, rows, max_len, blocks,
+                        block)  # fmt: skip

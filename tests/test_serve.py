@@ -894,6 +894,8 @@ def test_sigterm_to_process_0_drains_the_job_and_exits_0(run, generated):
      "serve.ssl_certfile '/no/cert' does not exist"),
     (["serve.open_metrics=yes"], "serve.open_metrics='yes' must be one of loopback, all, none"),
     (["serve.queue_timeout_s=nan"], "'serve.queue_timeout_s' must be positive"),
+    (["serve.decode_steps=0"], "'serve.decode_steps' must be positive"),
+    (["serve.speculative=ngram"], "serve.speculative 'ngram' must be ngram:K or draft:PATH:K"),
 ])  # fmt: skip
 def test_serve_bad_input(capsys, run, args, fragment):
     assert main(["serve", "--run", str(run), *args]) == 2

@@ -115,8 +115,8 @@ class ModelDrafter:
     draft the target kept in full (whose keys and values it never computed) before the next.
 
     Args:
-        model: the draft model (a `LoadedModel`), on the target's mesh.
-        vocab: the target's vocabulary size, which the draft's must equal.
+        model: the draft model (a `LoadedModel`, with the target's vocabulary: `load_draft`),
+            on the target's mesh.
         k: tokens drafted per target pass.
         rows, max_len: the target generator's.
         blocks, block: the target's paged cache (0: unpaged), which the draft's mirrors: the
@@ -125,14 +125,8 @@ class ModelDrafter:
 
     on_device = True  # drafts with its own steps, from the last token
 
-    def __init__(self, model, vocab: int, k: int, rows: int, max_len: int, blocks: int = 0,
+    def __init__(self, model, k: int, rows: int, max_len: int, blocks: int = 0,
                  block: int = 16):  # fmt: skip
-        draft_vocab = model.config.model.vocab
-        if draft_vocab != vocab:
-            raise JaxparError(
-                f"the draft model {model.source} has a vocabulary of {draft_vocab:,} tokens and "
-                f"the target {vocab:,}: a draft model must share the target's tokenizer"
-            )
         if model.context < max_len:
             raise JaxparError(
                 f"the draft model {model.source} has a context of {model.context} tokens, "
@@ -196,24 +190,34 @@ class ModelDrafter:
         self.cache = g.decode(self.cache, last_draft_B, at_B, None, full_B, span, table_BN)[0]
 
 
-def load_draft(path: str, mesh: jax.sharding.Mesh, dtype: str):
-    """The draft model at `path`: a jaxpar run folder or a Hugging Face folder.
+def load_draft(path: str, mesh: jax.sharding.Mesh, dtype: str, vocab: int):
+    """The draft model at `path` (a jaxpar run folder or a Hugging Face folder) on `mesh`, once
+    its configuration shows it has the target's `vocab` tokens.
 
     Raises:
-        JaxparError: `path` is neither.
+        JaxparError: `path` is neither kind of folder, or the vocabularies differ.
     """
+    from jaxpar.config import load_config
     from jaxpar.infer.load import load_hf, load_run
+    from jaxpar.interop.hf_config import read_hf_config
     from jaxpar.runs import CONFIG
 
     folder = Path(path)
     if (folder / CONFIG).is_file():
-        return load_run(folder, mesh, dtype)
-    if (folder / "config.json").is_file():
-        return load_hf(folder, mesh, dtype)
-    raise JaxparError(
-        f"the draft model {path!r} is neither a jaxpar run folder ({CONFIG}) nor a Hugging Face "
-        "folder (config.json)"
-    )
+        load, model = load_run, load_config(folder / CONFIG).model
+    elif (folder / "config.json").is_file():
+        load, model = load_hf, read_hf_config(folder)[0]
+    else:
+        raise JaxparError(
+            f"the draft model {path!r} is neither a jaxpar run folder ({CONFIG}) nor a Hugging "
+            "Face folder (config.json)"
+        )
+    if model.vocab != vocab:
+        raise JaxparError(
+            f"the draft model {path!r} has a vocabulary of {model.vocab:,} tokens and the target "
+            f"{vocab:,}: a draft model must share the target's tokenizer"
+        )
+    return load(folder, mesh, dtype)
 
 
 def make_drafter(speculation: Speculation | None, target, rows: int, max_len: int,
@@ -232,6 +236,5 @@ def make_drafter(speculation: Speculation | None, target, rows: int, max_len: in
                           "split over the context axis")  # fmt: skip
     if speculation.kind == "ngram":
         return NgramDrafter(speculation.k)
-    draft = load_draft(speculation.path, target.placement.mesh, dtype)
-    return ModelDrafter(draft, target.config.model.vocab, speculation.k, rows, max_len, blocks,
-                        block)  # fmt: skip
+    draft = load_draft(speculation.path, target.placement.mesh, dtype, target.config.model.vocab)
+    return ModelDrafter(draft, speculation.k, rows, max_len, blocks, block)

@@ -94,7 +94,9 @@ class Generation:
 
     new_ids: list[list[int]]
     prefill_s: float  # time to first token: prefill and the first sample, on the host
-    decode_s: list[float]  # each later token's step
+    # each later token's time: a round's (a decode block's, a verify pass's) over the tokens a
+    # row drew in it on average, once for each of its steps
+    decode_s: list[float]
     compile_s: float
     # Speculative decoding: target passes (`Generator.verify`), tokens drafted and kept.
     passes: int = 0
@@ -756,6 +758,7 @@ class Generator:
         first, start = True, call  # the block in hand is the prefill's token
         while True:
             drawn = 0  # the block's steps that drew a token in some row
+            rows_in, tokens_in = live[:n].sum(), sum(map(len, new))
             for column in block.T:
                 step_ids: list[int | None] = [None] * n
                 for i in np.flatnonzero(live[:n] & (column[:n] >= 0)):
@@ -770,8 +773,9 @@ class Generator:
                 drawn += 1
                 if on_tokens is not None:
                     on_tokens(step_ids)
-            if not first:  # (each of a block's tokens took its share of the block's time)
-                decode_s += [(time.perf_counter() - start) / drawn] * drawn
+            if not first:  # each token a row drew took its share of the round's time
+                per_row = (sum(map(len, new)) - tokens_in) / rows_in
+                decode_s += [(time.perf_counter() - start) / per_row] * drawn
             first = False
             if not live.any():
                 break

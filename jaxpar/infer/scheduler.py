@@ -630,7 +630,8 @@ class Engine:
     def _device(self, step: str, **inputs: Any) -> Any:
         """Runs device step `step` on the engine's cache with host `inputs` (numpy arrays and
         numbers); in a multi-process job it first hands them to the other processes, which run
-        the same step (`follow`). Returns the step's new tokens, if it draws any."""
+        the same step (`follow`). Returns the step's new tokens ((B, steps) for a decode block),
+        and for a verify pass also each row's count of drafts."""
         if self.handoff is not None:
             self.handoff.send(step, inputs)
         return self._apply(step, inputs)

@@ -377,17 +377,25 @@ class _Api:
 
     async def events(self, request: Request, first: Event, queue: asyncio.Queue, head: dict,
                      chat: bool, include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
-        """The streaming answer: a chunk per piece of text, the finish, usage, `[DONE]`."""
+        """The streaming answer: a chunk per piece of text (the text of every event at hand:
+        a decode block's tokens in one), the finish, usage, `[DONE]`."""
 
         def sse(doc: dict) -> str:
             return f"data: {json.dumps(doc)}\n\n"
 
         if chat:
             yield sse({**head, "choices": [_choice(chat, None, None, role=True)]})
-        event = first
-        while event.finish is None:
-            if event.text:
-                yield sse({**head, "choices": [_choice(chat, event.text, None)]})
+        event, text = first, ""
+        while True:
+            text += event.text
+            if event.finish is None and not queue.empty():  # a decode block's tokens come
+                event = queue.get_nowait()  # together: one chunk of text for all of them
+                continue
+            if text:
+                yield sse({**head, "choices": [_choice(chat, text, None)]})
+                text = ""
+            if event.finish is not None:
+                break
             event = await queue.get()
         if request.finish == "error":  # an error object mid-stream, as vLLM sends (the openai
             # client raises it)

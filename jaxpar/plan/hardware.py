@@ -54,6 +54,9 @@ class Hardware:
     network_link: Link
     overlap: float
     layer_overhead_us: float
+    # The device memory's read bandwidth (GB/s): a decode step reads every weight once, so a
+    # token takes at least the weights' bytes over it (0: not known).
+    memory_gbytes_per_s: float = 0.0
     # "datasheet": `peak_tflops` are the vendor's dense peaks, the MFU denominator of `jaxpar
     # bench`; "measured": calibrated on a device without one (a CPU), used by the planner only.
     peak_source: str = "datasheet"
@@ -146,7 +149,7 @@ def parse_hardware(raw: Any, source: str) -> Hardware:
     fields = tuple(Hardware.__dataclass_fields__)
     raw = _mapping(source, "(top level)", raw)
     _known(source, "", raw, fields)
-    for key in fields[:-1]:  # all but peak_source, which may be left out
+    for key in fields[:-2]:  # all but memory_gbytes_per_s and peak_source, which may be left out
         if key not in raw:
             raise JaxparError(f"hardware profile {source!r}: missing field {key!r}")
     devices = raw["devices_per_node"]
@@ -172,6 +175,8 @@ def parse_hardware(raw: Any, source: str) -> Hardware:
         network_link=_link(source, "network_link", raw["network_link"]),
         overlap=float(overlap),
         peak_source=_peak_source(source, raw.get("peak_source", "datasheet")),
+        memory_gbytes_per_s=_number(source, "memory_gbytes_per_s",
+                                    raw.get("memory_gbytes_per_s", 0.0), minimum=-1e-12),
         layer_overhead_us=_number(
             source, "layer_overhead_us", raw["layer_overhead_us"], minimum=-1e-12
         ),

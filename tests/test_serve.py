@@ -156,11 +156,15 @@ def alone(engine) -> list:
 def test_concurrent_requests_get_the_tokens_they_get_alone(run, engine, alone, spec):
     # 16 greedy requests of different lengths over 4 slots (prompts up to 70 tokens: several
     # 32-token pieces each), against each alone (on one device) and against the static batch of
-    # `generate`.
-    mesh_engine = engine if spec == "data=1" else Engine(loaded(run, spec), SERVE).start()
+    # `generate`; on the 3-D mesh, with n-gram speculation (each slot's drafts checked in one
+    # target pass).
+    ngram = dataclasses.replace(SERVE, speculative="ngram:3")
+    mesh_engine = engine if spec == "data=1" else Engine(loaded(run, spec), ngram).start()
     work = jobs(16)
     together = [r.tokens for r in submit_and_wait(mesh_engine, work)]
     assert together == [r.tokens for r in alone]
+    if mesh_engine is not engine:
+        assert 0 < mesh_engine.accepted_tokens <= mesh_engine.drafted_tokens
     assert [len(t) for t in together] == [p.max_tokens for _, p in work]
     if spec == "data=1":  # (on data=2, a shard's 2 slots fit its 32 blocks)
         assert mesh_engine.preemptions > 0
@@ -257,20 +261,15 @@ def test_a_request_starts_within_one_block_of_the_others(engine):
     assert first.tokens == alone.new_ids[0]
 
 
-@pytest.mark.parametrize("how", ["ngram:3", "draft:RUN:3"])
-def test_speculative_serving_gives_the_tokens_of_plain_decoding(run, alone, how):
-    # Continuous batching with preemption and the prefix cache, each request's drafts checked in
-    # one target pass: n-gram lookups on a 3-D mesh, the run itself as its own draft model on
-    # one device (every draft kept).
-    spec = "data=2,pipeline=2,tensor=2" if how.startswith("ngram") else "data=1"
-    config = dataclasses.replace(SERVE, speculative=how.replace("RUN", str(run)))
-    engine = Engine(loaded(run, spec), config).start()
+def test_a_draft_model_serves_the_tokens_of_plain_decoding(run, alone):
+    # Continuous batching with preemption and the prefix cache, each request's drafts from a
+    # draft model (the run itself: every draft kept) whose paged cache mirrors the target's.
+    config = dataclasses.replace(SERVE, speculative=f"draft:{run}:3")
+    engine = Engine(loaded(run, "data=1"), config).start()
     try:
         together = submit_and_wait(engine, jobs(16))
         assert [r.tokens for r in together] == [r.tokens for r in alone]
-        assert 0 < engine.accepted_tokens <= engine.drafted_tokens
-        if how.startswith("draft"):
-            assert engine.accepted_tokens == engine.drafted_tokens
+        assert 0 < engine.accepted_tokens == engine.drafted_tokens
         blocks = engine.decode_blocks
         prompt, params = list(b"import "), Params(16, Sampling(1.0, top_k=20), seed=11)
         a, b = submit_and_wait(engine, [(prompt, params), (prompt, params)])
@@ -414,9 +413,11 @@ def _open_streams(server, n: int):
 
 
 def slow_decoding(engine, monkeypatch, seconds: float = 0.02) -> None:
-    """Engine turns this much slower: a long request then runs for seconds, not milliseconds."""
+    """Engine turns this much slower, one token a turn: a long request then runs for seconds,
+    not milliseconds."""
     step = engine.step
     monkeypatch.setattr(engine, "step", lambda: (time.sleep(seconds), step()))
+    monkeypatch.setattr(engine, "config", dataclasses.replace(engine.config, decode_steps=1))
 
 
 def test_a_client_that_goes_away_frees_its_slot(server, engine, monkeypatch):
@@ -464,7 +465,8 @@ def test_a_full_queue_gives_429_and_a_long_wait_503(server, engine, monkeypatch)
         assert full.json()["error"]["type"] == "rate_limit_error"
         assert "serve.max_queue = 2" in full.json()["error"]["message"]
         # The two waiting (one streamed) have waited long enough: 503, and no stream begun.
-        monkeypatch.setattr(engine, "config", dataclasses.replace(SERVE, queue_timeout_s=0.01))
+        monkeypatch.setattr(engine, "config",
+                            dataclasses.replace(engine.config, queue_timeout_s=0.01))  # fmt: skip
         for t in threads:
             t.join(WAIT_S)
     finally:

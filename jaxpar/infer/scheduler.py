@@ -316,9 +316,9 @@ class Engine:
         for local, span in itertools.product(self.row_counts, self.spans):
             n = local * data
             if self.drafter is None:
-                for steps in {1, self.config.decode_steps}:
-                    self._apply("decode", idle(n, span=span, steps=steps, stops=stop_table(n),
-                                               limit=np.zeros(n, np.int32)))  # fmt: skip
+                self._apply("decode", idle(n, span=span, steps=self.config.decode_steps,
+                                           stops=stop_table(n),
+                                           limit=np.zeros(n, np.int32)))  # fmt: skip
                 continue
             self._apply("verify", idle(n, span=span, room=np.zeros(n, np.int32),
                                        drafts=np.zeros((n, k), np.int32),
@@ -553,8 +553,9 @@ class Engine:
         return groups
 
     def _decode_rows(self, requests: list[Request], steps: int) -> None:
-        """One decode block of `requests` (`_rows_of`). A request's tokens after its end (a stop
-        the device did not know, a stop string) are dropped."""
+        """One decode block of `requests` (`_rows_of`), of up to `steps` tokens a row. A
+        request's tokens after its end (a stop the device did not know, a stop string) are
+        dropped."""
         g = self.generator
         rows = self._rows_of(requests)
         token, position, limit = (np.zeros(len(rows), np.int32) for _ in range(3))
@@ -570,8 +571,9 @@ class Engine:
                 p = request.params
                 stops[i] = (*(() if p.ignore_eos else self.eos_ids), *p.stop_ids)
         span = g.span_for(int((position + limit).max()))
+        # (one program for every block: a shorter one is the same with smaller limits)
         new = self._device("decode", token=token, position=position, active=active, span=span,
-                           table=table, steps=steps, limit=limit,
+                           table=table, steps=self.config.decode_steps, limit=limit,
                            stops=stop_table(len(rows), stops),
                            **self._sampling(rows)._asdict())  # fmt: skip
         self.decode_blocks += 1

@@ -780,11 +780,13 @@ class Generator:
             if not live.any():
                 break
             start = time.perf_counter()
-            # Every live row has drawn as many tokens: the same count, limit and position
-            # offset (the cache holds each row's sequence but its last token, the next input).
-            done = len(new[int(np.flatnonzero(live)[0])])
-            rows = rows._replace(count=np.full(self.rows, done, np.int32))
-            limit = np.where(live, min(steps, max_new_tokens - done), 0).astype(np.int32)
+            # Each row's draws so far (after a verify pass, rows have kept different numbers
+            # of drafts) number its next draw and bound what it may draw; the cache holds each
+            # row's sequence but its last token, the next input.
+            done = np.zeros(self.rows, np.int32)
+            done[:n] = [len(ids) for ids in new]
+            rows = rows._replace(count=done)
+            limit = np.where(live, np.minimum(steps, max_new_tokens - done), 0).astype(np.int32)
             if drafter is None:
                 cache, _, block = self.decode(cache, last_B, position_B - 1, rows, live,
                                               span, steps=steps, limit_B=limit,

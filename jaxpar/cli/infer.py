@@ -119,7 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = _load_model(args, text=not args.prompt_ids)
     import json
 
-    from jaxpar.infer.speculate import make_drafter
+    from jaxpar.infer.load import make_drafter
 
     prompts = _prompts(args, model)
     longest = max(len(p) for p in prompts)

@@ -16,9 +16,10 @@ from collections.abc import Callable
 
 from jaxpar.errors import JaxparError
 from jaxpar.infer.engine import DECODE_STEPS
+from jaxpar.infer.load import make_drafter
 from jaxpar.infer.loaded import LoadedModel
 from jaxpar.infer.sampling import Sampling
-from jaxpar.infer.speculate import Speculation, make_drafter
+from jaxpar.infer.speculate import Speculation
 
 PLAIN_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -48,6 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxpar.distributed import global_array
 from jaxpar.errors import JaxparError
 from jaxpar.infer.sampling import GREEDY, RowSampling, Sampling, sample, speculative_accept
+from jaxpar.infer.speculate import verify_round
 from jaxpar.mesh import DATA, PIPELINE
 from jaxpar.model import context
 from jaxpar.model.llama import BLOCK_WEIGHT_AXES, BlockWeights, KVCache, Llama
@@ -795,17 +796,19 @@ class Generator:
                 continue
             # A round keeps at most max_new_tokens - done tokens: that less one drafts.
             room = np.where(live, max_new_tokens - done - 1, 0).astype(np.int32)
-            sequences = [list(p) + new[i] for i, p in enumerate(prompts)]
-            sequences += [[]] * (self.rows - n)
-            drafts, drafted_B, draft_logits = drafter.draft(sequences, last_B, position_B - 1,
-                                                            rows, room)  # fmt: skip
-            cache, _, block = self.verify(cache, last_B, position_B - 1, drafts, drafted_B, rows,
-                                          live, span, draft_logits_BKV=draft_logits)  # fmt: skip
-            block = np.asarray(block)
-            drafter.kept(block, drafts, drafted_B, last_B, position_B - 1)
+            drafts = drafted_B = None
+            if not drafter.on_device:
+                sequences = [list(p) + ids for p, ids in zip(prompts, new, strict=True)]
+                sequences += [[]] * (self.rows - n)
+                drafts, drafted_B, _ = drafter.draft(sequences, last_B, position_B - 1, rows,
+                                                     room)  # fmt: skip
+            cache, block, drafted_B, kept_B = verify_round(
+                self, drafter, cache, last_B, position_B - 1, rows, live, room, span,
+                drafts_BK=drafts, drafted_B=drafted_B,
+            )  # fmt: skip
             passes += 1
             drafted += int(drafted_B[:n].sum())
-            accepted += int(((block[:n] >= 0).sum(axis=1) - 1).clip(0).sum())
+            accepted += int(kept_B[:n].clip(0).sum())
         self._spare = cache
         return Generation(new, prefill_s, decode_s, self.compile_s - compile_before, passes,
                           drafted, accepted)

@@ -19,6 +19,7 @@ from jaxpar.checkpoint import Checkpointer
 from jaxpar.config import Config, load_config
 from jaxpar.errors import JaxparError
 from jaxpar.infer.loaded import LoadedModel
+from jaxpar.infer.speculate import ModelDrafter, NgramDrafter, Speculation
 from jaxpar.placement import Placement, compute_dtype
 from jaxpar.runs import CHECKPOINTS, CONFIG
 
@@ -122,3 +123,50 @@ def read_chat_template(config: dict) -> tuple[str | None, dict[str, str]]:
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_draft(path: str, mesh: jax.sharding.Mesh, dtype: str, vocab: int):
+    """The draft model at `path` (a jaxpar run folder or a Hugging Face folder) on `mesh`, once
+    its configuration shows it has the target's `vocab` tokens.
+
+    Raises:
+        JaxparError: `path` is neither kind of folder, or the vocabularies differ.
+    """
+    from jaxpar.interop.hf_config import read_hf_config
+
+    folder = Path(path)
+    if (folder / CONFIG).is_file():
+        load, model = load_run, load_config(folder / CONFIG).model
+    elif (folder / "config.json").is_file():
+        load, model = load_hf, read_hf_config(folder)[0]
+    else:
+        raise JaxparError(
+            f"the draft model {path!r} is neither a jaxpar run folder ({CONFIG}) nor a Hugging "
+            "Face folder (config.json)"
+        )
+    if model.vocab != vocab:
+        raise JaxparError(
+            f"the draft model {path!r} has a vocabulary of {model.vocab:,} tokens and the target "
+            f"{vocab:,}: a draft model must share the target's tokenizer"
+        )
+    return load(folder, mesh, dtype)
+
+
+def make_drafter(speculation: Speculation | None, target, rows: int, max_len: int,
+                 dtype: str = "auto", blocks: int = 0, block: int = 16):  # fmt: skip
+    """The drafter `speculation` names for `target`'s generator of `rows` rows up to `max_len`
+    (paged: `blocks` blocks of `block` positions; None: none); a draft model is loaded onto the
+    target's mesh.
+
+    Raises:
+        JaxparError: the draft model cannot be read, or does not fit the target.
+    """
+    if speculation is None:
+        return None
+    if target.placement.spec.context > 1:
+        raise JaxparError("speculative decoding needs context=1: a verify pass's tokens would be "
+                          "split over the context axis")  # fmt: skip
+    if speculation.kind == "ngram":
+        return NgramDrafter(speculation.k)
+    draft = load_draft(speculation.path, target.placement.mesh, dtype, target.config.model.vocab)
+    return ModelDrafter(draft, speculation.k, rows, max_len, blocks, block)

@@ -92,5 +92,7 @@ class LoadedModel:
         """Refuses a prompt and a number of new tokens that together exceed the context."""
         check_context(prompt_len, new_tokens, self.context, "--max-new-tokens")
 
-    def generator(self, batch: int, max_len: int) -> Generator:
-        return Generator(self.placement, self.params, batch=batch, max_len=max_len)
+    def generator(self, batch: int, max_len: int, blocks: int = 0, block: int = 16) -> Generator:
+        """A generator of this model (paged: `blocks` blocks of `block` positions)."""
+        return Generator(self.placement, self.params, batch=batch, max_len=max_len,
+                         blocks=blocks, block=block)  # fmt: skip

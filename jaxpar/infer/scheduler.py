@@ -60,9 +60,10 @@ from jaxpar.config import ServeConfig
 from jaxpar.errors import JaxparError
 from jaxpar.infer.blocks import BlockPool
 from jaxpar.infer.engine import MIN_PROMPT_WIDTH, Generator, check_context, stop_table
+from jaxpar.infer.load import make_drafter
 from jaxpar.infer.loaded import LoadedModel
 from jaxpar.infer.sampling import GREEDY, RowSampling, Sampling
-from jaxpar.infer.speculate import Speculation, make_drafter
+from jaxpar.infer.speculate import Speculation, verify_round
 
 
 class QueueFull(JaxparError):
@@ -593,17 +594,19 @@ class Engine:
                 token[i], position[i] = request.tokens[-1], request.cached_length
                 room[i] = self._limit(request, k + 1) - 1
                 table[i] = self._tables[request.slot]
-                if not self.drafter.on_device and room[i]:
-                    found = self.drafter.propose(request.prompt + request.tokens, int(room[i]))
-                    drafts[i, : len(found)], drafted[i] = found, len(found)
+        sampling = self._sampling(rows)
+        if not self.drafter.on_device:  # (drafted here, handed to every process)
+            sequences = [r.prompt + r.tokens if r is not None else [] for r in rows]
+            drafts, drafted, _ = self.drafter.draft(sequences, token, position, sampling, room)
         span = g.span_for(int((position + room).max()) + 1)
         active = np.array([r is not None for r in rows])
-        new, drafted = self._device("verify", token=token, position=position, active=active,
-                                    room=room, drafts=drafts, drafted=drafted, table=table,
-                                    span=span, **self._sampling(rows)._asdict())  # fmt: skip
+        new, drafted, kept = self._device("verify", token=token, position=position,
+                                          active=active, room=room, drafts=drafts,
+                                          drafted=drafted, table=table, span=span,
+                                          **sampling._asdict())  # fmt: skip
         self.decode_blocks += 1
         self.drafted_tokens += int(drafted.sum())
-        self.accepted_tokens += int(((new >= 0).sum(axis=1) - 1).clip(0).sum())
+        self.accepted_tokens += int(kept.clip(0).sum())
         self._take(rows, new)
 
     def _rows_of(self, requests: list[Request]) -> list[Request | None]:
@@ -633,7 +636,7 @@ class Engine:
         """Runs device step `step` on the engine's cache with host `inputs` (numpy arrays and
         numbers); in a multi-process job it first hands them to the other processes, which run
         the same step (`follow`). Returns the step's new tokens ((B, steps) for a decode block),
-        and for a verify pass also each row's count of drafts."""
+        and for a verify pass also each row's drafts and kept drafts (`verify_round`)."""
         if self.handoff is not None:
             self.handoff.send(step, inputs)
         return self._apply(step, inputs)
@@ -655,16 +658,11 @@ class Engine:
                                               x["limit"], x["stops"])  # fmt: skip
             return tokens
         assert step == "verify", step
-        token, position, table = x["token"], x["position"], x["table"]
-        drafts, drafted, draft_logits = x["drafts"], x["drafted"], None
-        if self.drafter.on_device:  # (n-gram drafts come from process 0, in `x`)
-            drafts, drafted, draft_logits = self.drafter.draft(None, token, position, rows,
-                                                               x["room"], table)  # fmt: skip
-        self._cache, _, block = g.verify(self._cache, token, position, drafts, drafted, rows,
-                                         x["active"], span, table, draft_logits)  # fmt: skip
-        block = np.asarray(block)
-        self.drafter.kept(block, drafts, drafted, token, position, table)
-        return block, drafted
+        self._cache, block, drafted, kept = verify_round(
+            g, self.drafter, self._cache, x["token"], x["position"], rows, x["active"],
+            x["room"], span, x["table"], x["drafts"], x["drafted"],
+        )  # fmt: skip
+        return block, drafted, kept
 
     def follow(self) -> None:
         """Runs a process other than 0 of a multi-process job: the steps that process 0 hands

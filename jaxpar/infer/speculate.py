@@ -20,15 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from jaxpar.errors import JaxparError
-
-if TYPE_CHECKING:
-    import jax
 
 # Longest and shortest suffix `NgramDrafter` looks up.
 NGRAM_MAX, NGRAM_MIN = 3, 1
@@ -86,7 +81,7 @@ class NgramDrafter:
                 drafts[b, : len(found)], drafted[b] = found, len(found)
         return drafts, drafted, None
 
-    def kept(self, block_BJ, drafts_BK, drafted_B, last_B, position_B, table_BN=None) -> None:
+    def kept(self, kept_B, drafts_BK, drafted_B, position_B, table_BN=None) -> None:
         """The target's verdict (nothing to catch up on)."""
 
     def prefill_chunk(self, *args) -> None:
@@ -115,8 +110,8 @@ class ModelDrafter:
     draft the target kept in full (whose keys and values it never computed) before the next.
 
     Args:
-        model: the draft model (a `LoadedModel`, with the target's vocabulary: `load_draft`),
-            on the target's mesh.
+        model: the draft model (a `LoadedModel` with the target's vocabulary,
+            `jaxpar.infer.load.load_draft`), on the target's mesh.
         k: tokens drafted per target pass.
         rows, max_len: the target generator's.
         blocks, block: the target's paged cache (0: unpaged), which the draft's mirrors: the
@@ -132,11 +127,8 @@ class ModelDrafter:
                 f"the draft model {model.source} has a context of {model.context} tokens, "
                 f"shorter than the {max_len} this generation needs"
             )
-        from jaxpar.infer.engine import Generator
-
         self.model, self.k = model, k
-        self.generator = Generator(model.placement, model.params, batch=rows, max_len=max_len,
-                                   blocks=blocks, block=block)  # fmt: skip
+        self.generator = model.generator(rows, max_len, blocks, block)
         self.cache = self.generator.empty_cache() if blocks else None
 
     def _rows(self, rows):
@@ -175,66 +167,39 @@ class ModelDrafter:
         drafted_B = (drafts_BK >= 0).sum(axis=1).astype(np.int32)
         return np.maximum(drafts_BK, 0), drafted_B, logits_BKV
 
-    def kept(self, block_BJ, drafts_BK, drafted_B, last_B, position_B, table_BN=None) -> None:
+    def kept(self, kept_B, drafts_BK, drafted_B, position_B, table_BN=None) -> None:
         """Where the target kept every draft, feeds the last one (its keys and values were never
         computed: a block feeds each draw but the last), so that the next draft starts from a
         full cache."""
-        kept_B = (block_BJ >= 0).sum(axis=1) - 1
         full_B = (kept_B == drafted_B) & (drafted_B > 0)
         if not full_B.any():
             return
-        g, rows = self.generator, len(last_B)
+        g, rows = self.generator, len(position_B)
         last_draft_B = drafts_BK[np.arange(rows), np.maximum(drafted_B - 1, 0)]
         at_B = position_B + drafted_B
         span = g.span_for(int(at_B.max()) + 1)
         self.cache = g.decode(self.cache, last_draft_B, at_B, None, full_B, span, table_BN)[0]
 
 
-def load_draft(path: str, mesh: jax.sharding.Mesh, dtype: str, vocab: int):
-    """The draft model at `path` (a jaxpar run folder or a Hugging Face folder) on `mesh`, once
-    its configuration shows it has the target's `vocab` tokens.
+def verify_round(gen, drafter, cache, token_B, position_B, rows, active_B, room_B, span: int,
+                 table_BN=None, drafts_BK=None, drafted_B=None):  # fmt: skip
+    """One round of speculative decoding on `gen`'s `cache`: each row's drafts, at most
+    `room_B[b]` (a drafter on the device makes them here; one on the host made them before,
+    `drafts_BK` and `drafted_B`, so that every process of a job checks the same ones), checked
+    in one target pass (`Generator.verify`) from each row's last token `token_B` at
+    `position_B`; the drafter then hears which it kept.
 
-    Raises:
-        JaxparError: `path` is neither kind of folder, or the vocabularies differ.
+    Returns:
+        the cache, the tokens (B, k + 1) as `verify` gives them, the drafts each row had (B,)
+        and the drafts each row kept (B,; -1 for an inactive row).
     """
-    from jaxpar.config import load_config
-    from jaxpar.infer.load import load_hf, load_run
-    from jaxpar.interop.hf_config import read_hf_config
-    from jaxpar.runs import CONFIG
-
-    folder = Path(path)
-    if (folder / CONFIG).is_file():
-        load, model = load_run, load_config(folder / CONFIG).model
-    elif (folder / "config.json").is_file():
-        load, model = load_hf, read_hf_config(folder)[0]
-    else:
-        raise JaxparError(
-            f"the draft model {path!r} is neither a jaxpar run folder ({CONFIG}) nor a Hugging "
-            "Face folder (config.json)"
-        )
-    if model.vocab != vocab:
-        raise JaxparError(
-            f"the draft model {path!r} has a vocabulary of {model.vocab:,} tokens and the target "
-            f"{vocab:,}: a draft model must share the target's tokenizer"
-        )
-    return load(folder, mesh, dtype)
-
-
-def make_drafter(speculation: Speculation | None, target, rows: int, max_len: int,
-                 dtype: str = "auto", blocks: int = 0, block: int = 16):  # fmt: skip
-    """The drafter `speculation` names for `target`'s generator of `rows` rows up to `max_len`
-    (paged: `blocks` blocks of `block` positions; None: none); a draft model is loaded onto the
-    target's mesh.
-
-    Raises:
-        JaxparError: the draft model cannot be read, or does not fit the target.
-    """
-    if speculation is None:
-        return None
-    if target.placement.spec.context > 1:
-        raise JaxparError("speculative decoding needs context=1: a verify pass's tokens would be "
-                          "split over the context axis")  # fmt: skip
-    if speculation.kind == "ngram":
-        return NgramDrafter(speculation.k)
-    draft = load_draft(speculation.path, target.placement.mesh, dtype, target.config.model.vocab)
-    return ModelDrafter(draft, speculation.k, rows, max_len, blocks, block)
+    draft_logits = None
+    if drafter.on_device:
+        drafts_BK, drafted_B, draft_logits = drafter.draft(None, token_B, position_B, rows,
+                                                           room_B, table_BN)  # fmt: skip
+    cache, _, block_BJ = gen.verify(cache, token_B, position_B, drafts_BK, drafted_B, rows,
+                                    active_B, span, table_BN, draft_logits)  # fmt: skip
+    block_BJ = np.asarray(block_BJ)
+    kept_B = (block_BJ >= 0).sum(axis=1) - 1
+    drafter.kept(kept_B, drafts_BK, drafted_B, position_B, table_BN)
+    return cache, block_BJ, drafted_B, kept_B

@@ -35,10 +35,15 @@ ATTENTION = ("auto", "xla", "dot_product")
 CONTEXT_ATTENTION = ("ring", "all_gather")
 STAGE_SPLITS = ("balanced", "auto")
 OPEN_METRICS = ("loopback", "all", "none")
+TRACKERS = ("jsonl", "tensorboard", "wandb")
 # Keys whose values are lists, kept as canonical text ("[3, 3, 1, 1]") so that a config stays
 # hashable and reads back from YAML as it was written; each with its element type.
 # The words each also takes.
-_LIST_KEYS = {"pipeline.stage_layers": (int, STAGE_SPLITS), "parallel.stage_speeds": (float, ())}
+_LIST_KEYS = {
+    "pipeline.stage_layers": (int, STAGE_SPLITS),
+    "parallel.stage_speeds": (float, ()),
+    "train.fault_nan_steps": (int, ()),
+}
 
 
 def parse_list(key: str, text: str, kind: type) -> tuple:
@@ -151,6 +156,39 @@ class TrainConfig:
     # give (twice in a row), move the layers to that split (`jaxpar.train.balance`).
     rebalance_every: int = 0
     rebalance_threshold: float = 0.1
+    # Where each step's scalars go besides OUT/metrics.jsonl, which is always written: a comma-
+    # separated list of jsonl (that file alone), tensorboard (event files under OUT/tensorboard/)
+    # and wandb (Weights & Biases, the `wandb` extra; WANDB_MODE=offline needs no network).
+    tracker: str = "tensorboard"
+    # The loss on `eval_batches` held-out batches (`data.eval_path` or `data.eval_fraction`)
+    # every this many steps and after the last, on the same mesh, with no gradient.
+    eval_every: int = 50
+    eval_batches: int = 4
+    # No step finished for this long ends the run, after every process has written its threads'
+    # stacks to OUT/stacks/ (`jaxpar.train.watchdog`). 0: 20 x the slowest step so far, at least
+    # 300 s (room for compiles and saves).
+    hang_timeout_s: float = 0.0
+    # Every this many steps each process's own time per step (its host's work: data, dispatch)
+    # is gathered; one above the median by more than `straggler_threshold`, three checks in a
+    # row, is reported once. (Multi-process runs only.)
+    straggler_every: int = 10
+    straggler_threshold: float = 0.5
+    # Fault injection, for tests: a non-finite loss at these steps; process `fault_process` (-1:
+    # every process) hangs before step `fault_hang_step` (-1: never) and sleeps `fault_slow_s`
+    # more per step.
+    fault_nan_steps: str = ""
+    fault_hang_step: int = -1
+    fault_slow_s: float = 0.0
+    fault_process: int = -1
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """`tracker` as names, each once, in the order given."""
+        return tuple(dict.fromkeys(n.strip() for n in self.tracker.split(",") if n.strip()))
+
+    @property
+    def nan_steps(self) -> tuple[int, ...]:
+        return parse_list("train.fault_nan_steps", self.fault_nan_steps, int)
 
 
 @dataclass(frozen=True)
@@ -158,6 +196,10 @@ class DataConfig:
     """A glob of local text files; `{stdlib}` expands to the Python standard library's folder."""
 
     path: str = "{stdlib}/*.py"
+    # Held-out text for `train.eval_every`: a glob of files, or this share of `path`'s bytes (its
+    # end, then left out of training). Neither: no held-out loss.
+    eval_path: str = ""
+    eval_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -429,6 +471,7 @@ def validate(config: Config) -> None:
     """
     _validate_model(config.model)
     _validate_train(config.train)
+    _validate_data(config.data)
     config.pipeline.split, config.parallel.speeds  # noqa: B018 (each raises if malformed)
     _validate_checkpoint(config.checkpoint)
     p = config.pipeline
@@ -494,6 +537,29 @@ def _validate_train(t: TrainConfig) -> None:
     _positive("train.rebalance_threshold", t.rebalance_threshold)
     _one_of("train.dtype", t.dtype, DTYPES)
     _one_of("train.opt_dtype", t.opt_dtype, OPT_DTYPES)
+    if not t.trackers:
+        raise JaxparError(f"train.tracker={t.tracker!r} names no tracker; give one or more of "
+                          f"{', '.join(TRACKERS)}")  # fmt: skip
+    for name in t.trackers:
+        _one_of("train.tracker", name, TRACKERS)
+    for name in ("eval_every", "eval_batches", "straggler_every"):
+        if getattr(t, name) < 1:
+            raise JaxparError(f"train.{name}={getattr(t, name)} must be at least 1")
+    if not (math.isfinite(t.hang_timeout_s) and t.hang_timeout_s >= 0):
+        raise JaxparError(f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0: auto)")
+    _positive("train.straggler_threshold", t.straggler_threshold)
+    if not (math.isfinite(t.fault_slow_s) and t.fault_slow_s >= 0):
+        raise JaxparError(f"train.fault_slow_s={t.fault_slow_s} must be >= 0")
+
+
+def _validate_data(d: DataConfig) -> None:
+    if not 0 <= d.eval_fraction < 1:
+        raise JaxparError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+    if d.eval_path and d.eval_fraction:
+        raise JaxparError(
+            f"data.eval_path={d.eval_path!r} and data.eval_fraction={d.eval_fraction} both give "
+            "held-out text; give one"
+        )
 
 
 def _validate_checkpoint(c: CheckpointConfig) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import with_device_count
+from jaxpar.train.watchdog import HANG_EXIT
 
 GRACE_S = 5.0  # between SIGTERM and SIGKILL when stopping the others after a failure
 INTERRUPT_GRACE_S = 120.0  # after Ctrl-C or SIGTERM: healthy processes save a checkpoint first
@@ -107,6 +108,8 @@ def launch(
             rank, code = failed
             with lock:
                 how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited {code}"
+                if code == HANG_EXIT:
+                    how += " (its hang watchdog: see its line above and the stacks it wrote)"
                 print(f"[launch] process {rank} {how}; stopping the others", flush=True)
         _stop(procs)
         for pump in pumps:

@@ -4,6 +4,9 @@
     OUT/config.yaml     the resolved config of the run
     OUT/metrics.jsonl   one JSON object per step
     OUT/checkpoints/    orbax checkpoints (`jaxpar.checkpoint`)
+    OUT/tensorboard/    TensorBoard event files (`train.tracker`, `jaxpar.train.trackers`)
+    OUT/goodput.json    where the run's wall time went, every attempt (`jaxpar.train.goodput`)
+    OUT/stacks/         each process's threads' stacks on a hang or SIGUSR1 (`train.watchdog`)
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from jaxpar.errors import JaxparError
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
+GOODPUT = "goodput.json"
+STACKS = "stacks"
 
 
 def new_run_dir(root: Path = Path("runs")) -> Path:
@@ -53,12 +59,26 @@ def check_run_dir(run: Path) -> None:
         raise JaxparError(f"{str(run)!r} holds no checkpoints (no {CHECKPOINTS}/ folder)")
 
 
-def keep_metrics_before(path: Path, step: int) -> None:
-    """Drops the rows of steps >= `step` (they will be run again), atomically."""
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl (none if it does not exist), without a line torn by a kill
+    mid-write."""
     if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["step"] < step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in rows if isinstance(r, dict) and "step" in r]
+
+
+def keep_metrics_before(path: Path, step: int) -> list[dict]:
+    """Drops the rows of steps >= `step` (they will be run again), atomically; returns the rows
+    there were (what an earlier attempt had done)."""
+    rows = read_metrics(path)
+    if rows:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] < step))
+        tmp.replace(path)
+    return rows

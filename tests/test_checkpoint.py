@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from rich.console import Console
@@ -123,34 +122,16 @@ def test_restore_onto_another_mesh_continues_the_run(reference, tmp_path, mesh_s
     print(f"{mesh_spec} {extra}: largest relative loss difference {diff:.2e}")
 
 
-@pytest.fixture
-def nan_loss_at(monkeypatch):
-    """Fault injection by wrapping the loss: after `nan_loss_at(4, 5, 6)`, the Trainers built
-    next trace a step whose loss is NaN at those steps (read from the state's step counter on the
-    devices). The production step has no hook for it. (The tests below poison the same steps, so
-    that they share one compiled step.)"""
-    step, loss = Trainer._step, Placement.loss
-
-    def inject(*bad_steps: int) -> None:
-        def poisoned_step(self, state, *inputs):
-            poison = jnp.where(jnp.isin(state.step, jnp.array(bad_steps)), jnp.nan, 0.0)
-            with pytest.MonkeyPatch.context() as m:  # while the step is traced
-                m.setattr(Placement, "loss", lambda p, *args: loss(p, *args) + poison)
-                return step(self, state, *inputs)
-
-        monkeypatch.setattr(Trainer, "_step", poisoned_step)
-
-    return inject
+NAN = "train.fault_nan_steps=[4, 5, 6]"  # fault injection: the loss is NaN at these steps
 
 
-def test_non_finite_steps_are_skipped(tmp_path, nan_loss_at):
+def test_non_finite_steps_are_skipped(tmp_path):
     # Skipped steps leave parameters and optimizer state as they were: after steps 0-5 with 4
     # and 5 skipped, they equal a clean run's after steps 0-3, bit for bit.
     clean = tmp_path / "clean"
     train(config(), mesh("data=2,tensor=4"), clean, QUIET, stop_after=4)
     out = tmp_path / "run"
-    nan_loss_at(4, 5, 6)
-    train(config(), mesh("data=2,tensor=4"), out, QUIET, stop_after=6)  # steps 0-5
+    train(config(NAN), mesh("data=2,tensor=4"), out, QUIET, stop_after=6)  # steps 0-5
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in rows] == [False] * 4 + [True, True]
     assert [r["bad_in_row"] for r in rows] == [0, 0, 0, 0, 1, 2]
@@ -160,13 +141,12 @@ def test_non_finite_steps_are_skipped(tmp_path, nan_loss_at):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def test_too_many_bad_steps_abort_and_keep_the_last_good_checkpoint(tmp_path, capsys, nan_loss_at):
+def test_too_many_bad_steps_abort_and_keep_the_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    nan_loss_at(4, 5, 6)
     with pytest.raises(TrainingAborted, match=r"3 steps in a row \(up to step 6\)"):
-        train(config(), mesh("data=2,tensor=4"), out, QUIET)
+        train(config(NAN), mesh("data=2,tensor=4"), out, QUIET)
     assert [r.step for r in list_checkpoints(out)] == [5]  # saved after step 4, none after 6
-    rc = main(["train", "--out", str(tmp_path / "cli"), "--mesh", "data=2,tensor=4", *SIZES])
+    rc = main(["train", "--out", str(tmp_path / "cli"), "--mesh", "data=2,tensor=4", *SIZES, NAN])
     err = capsys.readouterr().err
     assert (
         rc == 1

@@ -277,7 +277,10 @@ def test_train_end_to_end(capsys, tmp_path, text_file):
     assert config.train.steps == 3
     assert config.model.dim == 32 and config.model.layers == 1
     assert config.data.path == str(text_file)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoints", "config.yaml", "goodput.json", "metrics.jsonl", "stacks", "tensorboard",
+    ]  # fmt: skip
+    assert "goodput " in stdout
 
     assert f"run folder: {out}" in stdout
     assert f"metrics: {out / 'metrics.jsonl'}" in stdout

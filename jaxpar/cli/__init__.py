@@ -34,6 +34,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 COMMANDS = {
     "train": train.cmd_train,
     "checkpoints": train.cmd_checkpoints,
+    "report": train.cmd_report,
     "mesh": train.cmd_mesh,
     "shardings": train.cmd_shardings,
     "analyze": train.cmd_analyze,

@@ -21,6 +21,7 @@ code 2.
 commands:
   train        train a model (defaults: a small model on 8 simulated CPU devices)
   checkpoints  list a run's checkpoints
+  report       summarise runs: steps, losses, tokens/s, MFU, goodput (--plot: the losses as a PNG)
   mesh         print a mesh: sizes, devices and groups
   shardings    print every parameter's layout on the mesh
   analyze      compile the train step without running it: memory, FLOPs, collectives, bubble
@@ -132,6 +133,12 @@ def _checkpoints_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", metavar="OUT", help="the run folder")
 
 
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("outs", nargs="+", metavar="OUT", help="run folders (the --out of jaxpar train)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the training and held-out losses of "
+                   "the runs to a new PNG")  # fmt: skip
+
+
 def _mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", metavar="SPEC", help="e.g. data=2,pipeline=2,tensor=2")
     _add_devices(p)
@@ -224,6 +231,7 @@ def _export_hf_args(p: argparse.ArgumentParser) -> None:
 _ARGUMENTS = {
     "train": _train_args,
     "checkpoints": _checkpoints_args,
+    "report": _report_args,
     "mesh": _mesh_args,
     "shardings": _add_config_args,
     "analyze": _analyze_args,

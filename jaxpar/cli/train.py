@@ -1,4 +1,5 @@
-"""The training wing's commands: train, checkpoints, mesh, shardings, analyze, bench and plan.
+"""The training wing's commands: train, checkpoints, mesh, shardings, analyze, bench, report and
+plan.
 
 Each command sets up its devices first (`jaxpar.cli.devices`) and imports the library, and with it
 JAX, inside the function afterwards."""
@@ -38,12 +39,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jaxpar.distributed import current
     from jaxpar.infer.train_sample import sample_text
     from jaxpar.mesh import make_mesh
+    from jaxpar.train.goodput import process_start
     from jaxpar.train.loop import TrainingAborted, train
 
     console = Console(highlight=False, soft_wrap=True, quiet=not current().primary)
     console.print(f"run folder: {out}")
     try:
-        summary = train(config, make_mesh(spec), out, console)
+        summary = train(config, make_mesh(spec), out, console, started=process_start())
     except TrainingAborted as e:
         print(f"jaxpar: training aborted: {e}", file=sys.stderr)
         return 1
@@ -124,24 +126,30 @@ def _wide_console():
     return Console(highlight=False, soft_wrap=True, width=max(160, Console().width))
 
 
-def _check_timeline_path(path: str) -> Path:
+def _check_png_path(path: str, option: str, without: str) -> Path:
+    """Refuses the PNG an `option` (--timeline, --plot) names before any work: not a .png, in a
+    folder that does not exist, or no matplotlib to draw it (`without`: what works without it)."""
     out = Path(path)
     if out.suffix.lower() != ".png":
-        raise JaxparError(f"--timeline {path!r} must name a .png file")
+        raise JaxparError(f"{option} {path!r} must name a .png file")
     if not out.parent.is_dir():
-        raise JaxparError(f"--timeline {path!r}: folder {str(out.parent)!r} does not exist")
+        raise JaxparError(f"{option} {path!r}: folder {str(out.parent)!r} does not exist")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise JaxparError(
-            "--timeline needs matplotlib: pip install -e '.[plot]' (the terminal timeline does not)"
+            f"{option} needs matplotlib: pip install -e '.[plot]' ({without} does not)"
         ) from None
     return out
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """`jaxpar analyze`: compiles the train step and reports its costs without running it."""
-    timeline = _check_timeline_path(args.timeline) if args.timeline else None
+    timeline = (
+        _check_png_path(args.timeline, "--timeline", "the terminal timeline")
+        if args.timeline
+        else None
+    )
     placement = placement_of(args)
     import json
 
@@ -240,6 +248,25 @@ def _bench_stages(placement: Placement, args: argparse.Namespace, log: Callable)
     gain = proposal.now_cost / proposal.best_cost
     log(f"proposed: pipeline.stage_layers={best} (its slowest stage {gain:.2f}x faster by the "
         f"cost model), or parallel.stage_speeds=[{listed}] pipeline.stage_layers=auto")  # fmt: skip
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """`jaxpar report`: a summary of each run folder; --plot: their losses in one new PNG."""
+    plot = _check_png_path(args.plot, "--plot", "the terminal summary") if args.plot else None
+    if plot is not None and plot.exists():
+        raise JaxparError(f"--plot {args.plot!r} exists; give a new file name")
+    from rich.console import Console
+
+    from jaxpar.train.report import plot_losses, read_run, render
+
+    runs = [read_run(Path(out)) for out in args.outs]
+    if plot is not None:
+        plot_losses(runs, plot)
+    console = Console(highlight=False)
+    render(runs, console)
+    if plot is not None:
+        console.print(f"\nplot: {plot}")
     return 0
 
 

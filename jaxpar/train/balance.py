@@ -221,13 +221,15 @@ class Rebalancer:
     threshold: float
     measure: Callable[[Trainer], Sequence[float]]
     seen: tuple[int, ...] | None = None
+    times: Sequence[float] = ()  # the last check's, for the trackers
 
     def due(self, done: int, last: int) -> bool:
         return self.every > 0 and done % self.every == 0 and done < last
 
     def check(self, trainer: Trainer) -> Proposal | None:
         """The proposal to act on now, or None."""
-        proposal = propose(trainer.placement, self.measure(trainer), max_stage_layers(trainer))
+        self.times = self.measure(trainer)
+        proposal = propose(trainer.placement, self.times, max_stage_layers(trainer))
         target = proposal.best if proposal.worth(self.threshold) else None
         confirmed = target is not None and target == self.seen
         self.seen = None if confirmed else target

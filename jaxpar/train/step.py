@@ -131,6 +131,10 @@ class Trainer:
     def _step(
         self, state: TrainState, tokens_BT: jax.Array, fence: jax.Array
     ) -> tuple[TrainState, dict]:
+        bad = self.placement.config.train.nan_steps  # fault injection (train.fault_nan_steps)
+        if bad:
+            fence = fence + jnp.where(jnp.isin(state.step, jnp.array(bad)), jnp.nan, 0.0)
+
         def loss(params: nnx.State) -> jax.Array:
             return self.placement.loss(params, tokens_BT) + fence  # + 0.0: the same loss
 
@@ -184,6 +188,28 @@ class Trainer:
     def compile(self) -> tuple[jax.stages.Compiled, float]:
         """The compiled train step (compiled once) and the seconds its compilation took."""
         return self._compiled
+
+    @cached_property
+    def _compiled_eval(self) -> tuple[jax.stages.Compiled, float]:
+        """The held-out loss of a (B, T+1) batch: the step's loss, without its gradient (the
+        schedules with their own backward run their forward ticks alone)."""
+        p = self.placement
+        start = time.perf_counter()
+        tokens = jax.ShapeDtypeStruct(self.batch_shape(), jnp.int32, sharding=p.batch_sharding)
+        params = self.abstract_state().params
+        program = jax.jit(p.loss, in_shardings=(p.param_shardings, p.batch_sharding),
+                          out_shardings=p.replicated)  # fmt: skip
+        with jax.set_mesh(p.mesh):
+            compiled = program.lower(params, tokens).compile()
+        return compiled, time.perf_counter() - start
+
+    def compile_eval(self) -> float:
+        """Compiles the held-out loss (once); returns the seconds it took."""
+        return self._compiled_eval[1]
+
+    def eval_loss(self, params: nnx.State, tokens_BT: jax.Array) -> jax.Array:
+        """The mean next-token loss of a (B, T+1) held-out batch, as the step computes it."""
+        return self._compiled_eval[0](params, tokens_BT)
 
     def step(self, state: TrainState, tokens_BT: jax.Array) -> tuple[TrainState, dict]:
         """One update on a (B, T+1) token batch laid out by `batch_sharding`; donates `state`."""

@@ -156,10 +156,13 @@ def test_decode_is_compiled_once():
 
 def test_sampling_filters():
     logits = jax.numpy.asarray([[0.0, 3.0, 1.0, 2.0]] * 64)
+    # compiled once, as the decode step holds it: the settings are traced values (called
+    # eagerly, each call would compile its lax.cond again)
+    jitted = jax.jit(sample)
 
     def draw(temperature, top_k, top_p, seed):
         rows = RowSampling.fill(64, Sampling(temperature, top_k, top_p), seed + np.arange(64))
-        return np.asarray(sample(logits, rows))
+        return np.asarray(jitted(logits, rows))
 
     assert (draw(0.0, 0, 1.0, 0) == 1).all()
     for seed in range(0, 20 * 64, 64):
@@ -291,10 +294,14 @@ def test_chat_answers_each_line_after_the_history_that_fits(capsys, run_dir, mon
         (["--prompt", "ab", "--max-new-tokens", "40"], "exceeds the model's context of 32"),
         (["--prompt", "ab", "--top-p", "0"], "--top-p 0.0 must be in (0, 1]"),
         (["--prompt", "ab", "--decode-steps", "0"], "--decode-steps 0 must be at least 1"),
-        (["--prompt", "ab", "--speculative", "ngram:0"],
-         "--speculative 'ngram:0' must be ngram:K or draft:PATH:K"),
-        (["--prompt", "ab", "--max-new-tokens", "4", "--speculative", "draft:/no/model:2"],
-         "the draft model '/no/model' is neither a jaxpar run folder"),
+        (
+            ["--prompt", "ab", "--speculative", "ngram:0"],
+            "--speculative 'ngram:0' must be ngram:K or draft:PATH:K",
+        ),
+        (
+            ["--prompt", "ab", "--max-new-tokens", "4", "--speculative", "draft:/no/model:2"],
+            "the draft model '/no/model' is neither a jaxpar run folder",
+        ),
     ],
 )
 def test_generate_bad_input(capsys, run_dir, args, fragment):

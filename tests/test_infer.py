@@ -30,9 +30,28 @@ ROWS, MAX_LEN = 4, 24
 
 
 @functools.cache
+def logical_params() -> nnx.State:
+    """The model's parameters in layer order, on the host: initialised once, on one device (an
+    initialisation is a compile per layout; that it is the same on every layout is
+    test_parallel's to show)."""
+    mesh = make_mesh(parse_mesh("data=1"), jax.devices()[:1])
+    placement = Placement(serving_config(load_config(None, SIZES)), mesh)
+    with jax.set_mesh(mesh):
+        params = Trainer(placement).init_state(0).params
+        return jax.tree.map(np.asarray, jax.jit(placement.to_logical)(params))
+
+
+def params_for(placement: Placement) -> nnx.State:
+    """`logical_params` in `placement`'s (training) layout."""
+    move = jax.jit(placement.from_logical, out_shardings=placement.param_shardings)
+    with jax.set_mesh(placement.mesh):
+        return move(logical_params())
+
+
+@functools.cache
 def setup(spec: str, kv_blocks: int = 0):
-    """A model initialised identically on `spec`, its generator (paged: `kv_blocks` blocks of 4
-    positions per data shard) and a full-recompute forward."""
+    """The model (the same parameters on every `spec`), its generator (paged: `kv_blocks` blocks
+    of 4 positions per data shard) and a full-recompute forward."""
     # Over `context`, a piece's queries are attended 4 at a time (several blocks a piece); on two
     # stages, the first holds one layer and a padded slot, the second two layers.
     blocks = ["model.attention_block=4"] if "context" in spec else []
@@ -40,13 +59,13 @@ def setup(spec: str, kv_blocks: int = 0):
     config = serving_config(load_config(None, [*SIZES, *blocks, *split]))
     s = parse_mesh(spec)
     mesh = make_mesh(s, jax.devices()[: s.size])
-    trainer = Trainer(Placement(config, mesh))
-    params = trainer.init_state(0).params
+    placement = Placement(config, mesh)
+    params = params_for(placement)
     gen = Generator(Placement(config, mesh, serving=True), params, batch=ROWS, max_len=MAX_LEN,
                     blocks=kv_blocks, block=4)  # fmt: skip
     tokens = np.random.default_rng(0).integers(0, 256, (ROWS, 20)).astype(np.int32)
     with jax.set_mesh(mesh):
-        full = jax.jit(lambda p, t: nnx.merge(trainer.placement.graphdef, p)(t))(params, tokens)
+        full = jax.jit(lambda p, t: nnx.merge(placement.graphdef, p)(t))(params, tokens)
     return gen, tokens, np.asarray(full)
 
 
@@ -98,7 +117,7 @@ def test_blocks_and_speculation_give_the_tokens_of_one_step_decoding():
     stop = one_step[1][6]
     stopped = gen.generate(prompts, 12, GREEDY, steps=1, stop_ids=[stop]).new_ids
     assert len(stopped[1]) < 12  # (stops after its 7th token: within the second block of 5)
-    params = Trainer(Placement(gen.placement.config, gen.mesh)).init_state(0).params
+    params = params_for(Placement(gen.placement.config, gen.mesh))
     itself = LoadedModel(gen.placement, params, MAX_LEN, None, (), "the target")
     drafters = {"ngram": NgramDrafter(3), "wrong": WrongDrafter(3, prompts, one_step),
                 "model": ModelDrafter(itself, 3, gen.rows, MAX_LEN)}  # fmt: skip

@@ -1,7 +1,7 @@
 """What watching a run costs, and how fast the hang watchdog ends a job.
 
-1. The default `jaxpar train` (150 steps, data=2,tensor=4 on 8 simulated CPU devices; no closing
-   sample) with `train.tracker=jsonl` (metrics.jsonl alone), `tensorboard` (the default) and,
+1. The default `jaxpar train` (its model, batch and data=2,tensor=4 mesh on 8 simulated CPU
+   devices; 50 of its 150 steps, no closing sample) with `train.tracker=jsonl` (metrics.jsonl alone), `tensorboard` (the default) and,
    where it is installed, `wandb` (offline), and with a held-out loss every 25 steps
    (`data.eval_fraction=0.01`). Runs alternate, `--repeats` rounds; the figure is the median step
    time (which includes writing the previous step's row) and its ratio to jsonl's, and for the
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "monitor_overhead.json"
-BASE = ["train.sample_tokens=0"]
+BASE = ["train.sample_tokens=0", "train.steps=50"]
 VARIANTS = {
     "jsonl": ["train.tracker=jsonl"],
     "tensorboard": ["train.tracker=tensorboard"],

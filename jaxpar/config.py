@@ -166,11 +166,11 @@ class TrainConfig:
     eval_batches: int = 4
     # No step finished for this long ends the run, after every process has written its threads'
     # stacks to OUT/stacks/ (`jaxpar.train.watchdog`). 0: 20 x the slowest step so far, at least
-    # 300 s (room for compiles and saves).
+    # 300 s; the first step, saves and evaluations (which may compile) get at least that much.
     hang_timeout_s: float = 0.0
-    # Every this many steps each process's own time per step (its host's work: data, dispatch)
-    # is gathered; one above the median by more than `straggler_threshold`, three checks in a
-    # row, is reported once. (Multi-process runs only.)
+    # Every this many steps each process's own time per step (its host's work: building its
+    # batch) is gathered; one above the median by more than `straggler_threshold`, three checks
+    # in a row, is reported once. (Multi-process runs only.)
     straggler_every: int = 10
     straggler_threshold: float = 0.5
     # Fault injection, for tests: a non-finite loss at these steps; process `fault_process` (-1:

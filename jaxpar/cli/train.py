@@ -126,14 +126,17 @@ def _wide_console():
     return Console(highlight=False, soft_wrap=True, width=max(160, Console().width))
 
 
-def _check_png_path(path: str, option: str, without: str) -> Path:
+def _check_png_path(path: str, option: str, without: str, new: bool = False) -> Path:
     """Refuses the PNG an `option` (--timeline, --plot) names before any work: not a .png, in a
-    folder that does not exist, or no matplotlib to draw it (`without`: what works without it)."""
+    folder that does not exist, a file that exists where it must be `new`, or no matplotlib to
+    draw it (`without`: what works without it)."""
     out = Path(path)
     if out.suffix.lower() != ".png":
         raise JaxparError(f"{option} {path!r} must name a .png file")
     if not out.parent.is_dir():
         raise JaxparError(f"{option} {path!r}: folder {str(out.parent)!r} does not exist")
+    if new and out.exists():
+        raise JaxparError(f"{option} {path!r} exists; give a new file name")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -253,9 +256,9 @@ def _bench_stages(placement: Placement, args: argparse.Namespace, log: Callable)
 
 def cmd_report(args: argparse.Namespace) -> int:
     """`jaxpar report`: a summary of each run folder; --plot: their losses in one new PNG."""
-    plot = _check_png_path(args.plot, "--plot", "the terminal summary") if args.plot else None
-    if plot is not None and plot.exists():
-        raise JaxparError(f"--plot {args.plot!r} exists; give a new file name")
+    plot = None
+    if args.plot:
+        plot = _check_png_path(args.plot, "--plot", "the terminal summary", new=True)
     from rich.console import Console
 
     from jaxpar.train.report import plot_losses, read_run, render

@@ -43,9 +43,22 @@ def tokens() -> np.ndarray:
 
 
 @functools.cache
+def logical_params() -> nnx.State:
+    """The initial parameters in layer order, on the host: one initialisation, on one device (an
+    initialisation is a compile per layout; that it is the same on every layout is
+    test_parallel's to show)."""
+    p = placement("data=1", "xla")
+    with jax.set_mesh(p.mesh):
+        return jax.tree.map(np.asarray, jax.jit(p.to_logical)(Trainer(p).init_state(0).params))
+
+
+@functools.cache
 def initial_params(spec: str, extra: tuple[str, ...] = ()) -> nnx.State:
-    """Parameters on `spec`, one initialisation for both implementations (it is the same)."""
-    return Trainer(placement(spec, "xla", *extra)).init_state(0).params
+    """`logical_params` on `spec`, for both implementations (the parameters are the same)."""
+    p = placement(spec, "xla", *extra)
+    move = jax.jit(p.from_logical, out_shardings=p.param_shardings)
+    with jax.set_mesh(p.mesh):
+        return move(logical_params())
 
 
 def loss_and_grads(spec: str, impl: str, extra: tuple[str, ...]) -> tuple[float, dict]:

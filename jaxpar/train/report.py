@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -213,12 +214,21 @@ def _final_and_best(final: tuple[int, float] | None, best: tuple[int, float] | N
     return f"final {final[1]:.4f} (step {final[0]}), best {best[1]:.4f} (step {best[0]})"
 
 
+def _ended(attempt: dict[str, Any], last: bool) -> str:
+    """How an attempt ended: as it recorded, else killed (or running: the last one, written to
+    in the last minute)."""
+    if attempt.get("ended"):
+        return str(attempt["ended"])
+    recent = time.time() - float(attempt.get("updated", 0)) < 60
+    return "running" if last and recent else "killed"
+
+
 def _add_goodput(table: Table, goodput: dict[str, Any]) -> None:
     """The restarts, the goodput, each non-zero part of the wall time (largest first) and the
     steps done, recomputed and skipped."""
     from rich.table import Table
 
-    ended = Counter(str(a.get("ended") or "unknown") for a in goodput["attempts"])
+    ended = Counter(_ended(a, a is goodput["attempts"][-1]) for a in goodput["attempts"])
     attempts = ", ".join(f"{n} {how}" for how, n in ended.items())
     down = goodput["down_s"]
     notes = [f"attempts: {attempts}"] if attempts else []

@@ -50,7 +50,11 @@ def test_two_processes_train_as_one_and_share_checkpoints(tmp_path, corpus, caps
     assert re.search(r"^\[0\] done: steps 0-3", output, re.M), output
     assert not re.search(r"^\[1\] (step|done)", output, re.M), output
     assert "[launch] process 1 of 2" in output
-    assert sorted(p.name for p in two.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
+    assert sorted(p.name for p in two.iterdir()) == [
+        "checkpoints", "config.yaml", "goodput.json", "metrics.jsonl", "stacks", "tensorboard",
+    ]  # fmt: skip
+    assert len(list((two / "tensorboard").iterdir())) == 1  # process 0's
+    assert sorted(p.name for p in (two / "stacks").iterdir()) == ["process-0.txt", "process-1.txt"]
 
     one = tmp_path / "one"  # (its closing sample is the two processes' to show)
     assert main([*train, "train.sample_tokens=0", "--out", str(one)]) == 0

@@ -292,7 +292,8 @@ def _compile(trainer: Trainer, console: Console, evaluates: bool = False) -> flo
     compiled, compile_s = trainer.compile()
     if evaluates:
         compile_s += trainer.compile_eval()
-    console.print(f"compiled the train step in {compile_s:.1f}s")
+    what = "the train step and the held-out loss" if evaluates else "the train step"
+    console.print(f"compiled {what} in {compile_s:.1f}s")
     p = trainer.placement
     overhead = compute_overhead(p, compiled.as_text())
     console.print(

@@ -1,6 +1,12 @@
-"""The planner's predicted step time against the measured one, on this host's 8 simulated devices.
+"""The planner's predicted step time against the measured one: on this host's 8 simulated
+devices, and (`--gpu`) on the GPU runs of `jaxpar/plan/measured.yaml`.
 
 Usage: python experiments/plan_vs_measured.py [--profile FILE.yaml]
+       python experiments/plan_vs_measured.py --gpu
+(--gpu: the cost model alone, nothing runs: each measured run's predicted step time and memory on
+its profile against the measured time, and the layout the planner picks for the same model, batch
+and devices. Writes results/plan_vs_measured_gpu.json, .md, .png. Seconds.)
+
 (8 simulated CPU devices. Calibrates this host first (`jaxpar plan --calibrate`'s measurements)
 unless given a profile, then plans the model below and times a spread of its layouts with
 `jaxpar.train.bench`: for every data x pipeline x tensor mesh of 8 devices the layout the planner
@@ -75,10 +81,82 @@ def plot(rows: list[dict], rho: float) -> None:
     plt.close(fig)
 
 
+def gpu_table() -> int:
+    """Predicted against measured for every run of `measured.yaml`, and the planner's pick."""
+    from jaxpar.plan.hardware import load_hardware
+    from jaxpar.plan.measured import measured_runs, predict
+    from jaxpar.plan.planner import plan
+
+    rows = []
+    for run in measured_runs():
+        e = predict(run)
+        label = (f"{run.model}\n{run.batch} x {run.seq:,}, {run.remat}\n"
+                 f"{run.devices} x {run.hardware}")  # fmt: skip
+        row = {"run": run.name, "label": label, "hardware": run.hardware,
+               "layout": e.candidate.describe(),
+               "remat": run.remat, "measured_s": run.step_s, "predicted_s": e.step_s,
+               "measured_over_predicted": run.step_s / e.step_s,
+               "predicted_gib": e.memory_bytes / 2**30, "fits": e.fits, "source": run.source,
+               "date": run.date, "pick": "-"}  # fmt: skip
+        if run.devices <= GPU_PICK_DEVICES:  # larger searches take minutes: no pick
+            best = plan(run.config(), run.devices, load_hardware(run.hardware), top=1).best
+            c = best.candidate
+            row["pick"] = (f"{c.describe()} M={c.microbatches} remat={c.remat}: "
+                           f"{best.step_s:.3f} s, {best.memory_bytes / 2**30:.1f} GiB")
+        rows.append(row)
+        print(f"{run.name} on {run.hardware}: predicted {e.step_s:.3f} s, measured "
+              f"{run.step_s:.3f} s; pick {row['pick']}", flush=True)  # fmt: skip
+    header = ["run", "hardware", "measured s", "predicted s", "measured / predicted",
+              "predicted GiB", "the planner's pick", "source"]  # fmt: skip
+    write_results("plan_vs_measured_gpu", rows, header, lambda r: [
+        r["run"], r["hardware"], f"{r['measured_s']:.3f}", f"{r['predicted_s']:.3f}",
+        f"{r['measured_over_predicted']:.3f}", f"{r['predicted_gib']:.1f}", r["pick"],
+        f"{r['source']} ({r['date']})",
+    ])  # fmt: skip
+    plot_gpu(rows)
+    return 0
+
+
+GPU_PICK_DEVICES = 64
+
+
+def plot_gpu(rows: list[dict]) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("no matplotlib: no plot")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["measured_s"] for r in rows], 0.4, label="measured")
+    ax.bar(x + 0.2, [r["predicted_s"] for r in rows], 0.4, label="predicted (cost model)")
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['measured_over_predicted']:.2f}x", (i, max(r["measured_s"],
+                    r["predicted_s"])), ha="center", xytext=(0, 3), textcoords="offset points",
+                    fontsize=8)  # fmt: skip
+    ax.set_xticks(x, [r["label"] for r in rows], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("step s")
+    ax.set_title("measured train steps against the planner's prediction (label: measured / "
+                 "predicted)", fontsize=9)  # fmt: skip
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y", which="both")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "plan_vs_measured_gpu.png", dpi=130)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--profile", help="a hardware profile (default: calibrate this host now)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="the measured GPU runs against the cost model (nothing runs)")
     args = parser.parse_args()
+    if args.gpu:
+        return gpu_table()
     prepare(MeshSpec(data=DEVICES), tune_runtime=True)
     from jaxpar.config import load_config
     from jaxpar.mesh import make_mesh

@@ -12,15 +12,18 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from jaxpar.analysis.memory import estimate_memory
 from jaxpar.analysis.params import param_rows
 from jaxpar.cli import main
 from jaxpar.config import REMAT, SCHEDULES, load_config, validate_for_mesh
 from jaxpar.errors import JaxparError
 from jaxpar.mesh import make_mesh, parse_mesh
+from jaxpar.model.attention import implementation
 from jaxpar.pipeline.schedule import ScheduleError, layout_for
 from jaxpar.placement import Placement
-from jaxpar.plan.cost import estimate
+from jaxpar.plan.cost import attention_impl, estimate
 from jaxpar.plan.hardware import load_hardware, parse_hardware, profile_names
+from jaxpar.plan.measured import fit_rates, measured_runs, predict
 from jaxpar.plan.planner import auto_layout, estimate_split, plan
 from jaxpar.plan.space import Candidate, candidates, check, schedule_of
 from jaxpar.plan.traffic import param_bytes
@@ -133,6 +136,8 @@ def test_shipped_profiles_load(name):
         ({"peak_tflops": {"bfloat16": 1, "fp8": 2}}, "unknown field 'peak_tflops.fp8'"),
         ({"overlap": 2}, "field 'overlap' must be a number from 0 to 1"),
         ({"colour": "red"}, "unknown field 'colour'"),
+        ({"platform": "fpga"}, "field 'platform' must be one of cpu, gpu, tpu, got 'fpga'"),
+        ({"attention_tflops": {"int8": 1}}, "unknown field 'attention_tflops.int8'"),
     ],
 )
 def test_a_malformed_profile_names_the_field(change, message):
@@ -148,6 +153,85 @@ def test_missing_field_and_unknown_name():
         parse_hardware({k: vars(v) if hasattr(v, "latency_us") else v for k, v in raw.items()}, "x")
     with pytest.raises(JaxparError, match="neither a profile"):
         load_hardware("h900")
+
+
+def test_attention_follows_the_profiles_platform():
+    """One decision for the model and the planner: cuDNN's kernel on GPUs in half precision,
+    the XLA path elsewhere; the memory and time terms follow it."""
+    assert implementation("auto", "gpu", "bfloat16") == "cudnn"
+    assert implementation("dot_product", "gpu", "float16") == "cudnn"
+    assert implementation("auto", "gpu", "float32") == "xla"
+    assert implementation("auto", "cpu", "bfloat16") == "xla"
+    assert implementation("auto", "tpu", "bfloat16") == "xla"
+    assert implementation("xla", "gpu", "bfloat16") == "xla"
+    assert implementation("dot_product", "cpu", "float32") == "dot_product"
+    config = load_config(None, [*SMALL[:-1], "train.dtype=auto"])
+    assert attention_impl(config, load_hardware("h200")) == "cudnn"
+    assert attention_impl(config, load_hardware("cpu")) == "xla"
+    assert load_hardware("tpu-v5e").platform == "tpu"
+
+
+@pytest.mark.parametrize("remat", ["none", "dots_no_batch_attn", "full"])
+def test_cudnn_residuals_have_no_quadratic_term(remat):
+    """At twice the sequence, cuDNN's path keeps exactly twice the residuals and no mask; the
+    XLA path's plain einsums keep (T, S) scores."""
+    def memory(seq, attention, block=1024):
+        config = load_config(None, [*SMALL, f"train.seq_len={seq}", f"model.remat={remat}",
+                                    f"model.attention_block={block}"])  # fmt: skip
+        c = Candidate(1, 1, 1, 1, False, "gpipe", 1, 1, remat)
+        return estimate_memory(c.apply(config), c.spec, c.schedule_in(config), 10**6, 2,
+                               attention)  # fmt: skip
+
+    short, long = memory(4096, "cudnn"), memory(8192, "cudnn")
+    assert long.residuals_bytes == 2 * short.residuals_bytes
+    assert long.mask_bytes == short.mask_bytes == 0
+    assert long.logits_bytes == 2 * short.logits_bytes
+    # the layer's working set: its weights, and four activations per token
+    assert long.layer_working_bytes - short.layer_working_bytes == pytest.approx(
+        4 * 8192 // 2 * 32 * 2 * 16
+    )
+    plain = memory(4096, "xla", block=0), memory(8192, "xla", block=0)
+    assert plain[1].mask_bytes == 4 * plain[0].mask_bytes > 0
+    if remat == "none":
+        assert plain[1].residuals_bytes > 3 * plain[0].residuals_bytes
+
+
+GPU_RUNS = [r for r in measured_runs() if r.hardware == "h200"]
+
+
+@pytest.mark.parametrize("run", GPU_RUNS, ids=lambda r: r.name)
+def test_predictions_hold_to_measured_gpu_steps(run):
+    """Every measured H200 step (`jaxpar/plan/measured.yaml`) predicted within 15%, and fitting
+    for it."""
+    e = predict(run)
+    assert e.fits
+    assert e.step_s == pytest.approx(run.step_s, rel=0.15)
+
+
+def test_gpu_profiles_are_the_fit_to_the_measured_steps():
+    """The shipped rates are what `fit_rates` makes of the runs marked `fit` (the H100's are
+    the H200's: see its profile)."""
+    h200 = load_hardware("h200")
+    fitted = fit_rates(h200, [r for r in GPU_RUNS if r.fit])
+    for hw in (h200, load_hardware("h100-sxm")):
+        assert hw.sustained_tflops["bfloat16"] == pytest.approx(
+            fitted.sustained_tflops["bfloat16"], abs=0.05
+        )
+        assert hw.attention_tflops == pytest.approx(fitted.attention_tflops, abs=0.05)
+
+
+def test_one_h200_trains_the_1b_at_8x2048_without_recomputation():
+    """The run that was measured fastest is the planner's pick."""
+    run = next(r for r in GPU_RUNS if (r.batch, r.seq) == (8, 2048))
+    best = plan(run.config(), 1, load_hardware("h200"), top=1).best
+    assert (best.candidate.remat, best.candidate.microbatches) == ("none", 1)
+
+
+def test_the_published_megatron_run_is_no_more_optimistic_than_before():
+    """Megatron-LM's 145.6B on 1536 A100s: measured over predicted no worse than the 1.26x of
+    the cost model before GPU attention and calibration (1.2614)."""
+    run = next(r for r in measured_runs() if r.hardware == "a100-80g")
+    assert 1 <= run.step_s / predict(run).step_s <= 1.2615
 
 
 def test_ranking_prefers_what_the_terms_say():

@@ -42,13 +42,13 @@ def model_flops(cfg: ModelConfig, batch: int, seq: int, causal: bool = False) ->
 
 
 def recompute_flops(
-    cfg: ModelConfig, batch: int, seq: int, remat: str, causal: bool = False
+    cfg: ModelConfig, batch: int, seq: int, remat: str, impl: str = "xla"
 ) -> int:
-    """Matmul FLOPs a train step runs again in its backward pass under `remat` (flash
-    attention's included, `jaxpar.model.flops.recomputed`): what hardware FLOPs (HFU) add to the
-    model's."""
-    forward = layer_forward(cfg, seq, causal)
-    per_layer = sum(forward[name] for name in recomputed(cfg, seq, remat))
+    """Matmul FLOPs a train step runs again in its backward pass under `remat` with the
+    attention implementation `impl` (flash attention's and cuDNN's kernel's included,
+    `jaxpar.model.flops.recomputed`): what hardware FLOPs (HFU) add to the model's."""
+    forward = layer_forward(cfg, seq, causal=impl == "cudnn")
+    per_layer = sum(forward[name] for name in recomputed(cfg, seq, remat, impl))
     return int(batch * seq * cfg.layers * per_layer)
 
 
@@ -57,20 +57,24 @@ def recompute_flops(
 ATTENTION_BATCH_DIMS = 2
 
 
-def attention_work(config: Config, spec: MeshSpec) -> tuple[float, tuple[str, ...]]:
+def attention_work(
+    config: Config, spec: MeshSpec, impl: str = "xla"
+) -> tuple[float, tuple[str, ...]]:
     """(the keys each query on one device computes scores for, on average; the forward matmuls
-    its backward pass computes again, `model.remat`'s and attention's own).
+    its backward pass computes again, `model.remat`'s and attention's own), with the attention
+    implementation `impl` (`jaxpar.model.attention.implementation`).
 
-    One device holds T / C positions of each row. The XLA path computes every key (T), in query
-    blocks for flash attention (a block of a causal call computes its masked keys, the blocks
-    running in one loop; `jaxpar.model.flops.recomputed`). The ring computes 3 + 2 (C - 1)
-    blocks of c x c, c = T / 2C, per device (3 + 4 (C - 1) unbalanced), and recomputes the
-    scores; all_gather computes every key and recomputes both matmuls (the gather is
-    checkpointed).
+    One device holds T / C positions of each row. cuDNN's causal kernel computes the visible
+    half (T / 2). The XLA path computes every key (T), in query blocks for flash attention (a
+    block of a causal call computes its masked keys, the blocks running in one loop;
+    `jaxpar.model.flops.recomputed`). The ring computes 3 + 2 (C - 1) blocks of c x c,
+    c = T / 2C, per device (3 + 4 (C - 1) unbalanced), and recomputes the scores; all_gather
+    computes every key and recomputes both matmuls (the gather is checkpointed).
     """
     m, seq, c = config.model, config.train.seq_len, spec.context
     if c == 1:
-        return float(seq), tuple(recomputed(m, seq))
+        keys = seq / 2 if impl == "cudnn" else float(seq)
+        return keys, tuple(recomputed(m, seq, impl=impl))
     if m.context_attention == "all_gather":
         return float(seq), (*RECOMPUTED[m.remat], "scores", "values")
     half = seq // (2 * c)

@@ -14,7 +14,8 @@ the sequence), and attention keeps no scores: the ring keeps each query head's l
 (N / t float32 per token) in their place, all_gather (checkpointed) nothing; its scores are
 recomputed in the backward pass and counted in `layer_working`. Query blocks on one device
 (`model.attention_block`, `attention.flash`) likewise keep the log-sum-exp alone and hold
-one block's scores in `layer_working`.
+one block's scores in `layer_working`. cuDNN's fused kernel (`attention="cudnn"`, on GPUs in
+half precision) keeps the log-sum-exp too and builds no mask: no term grows with T^2.
 
 Arguments (the state is donated: its outputs are written in place):
     params, opt_state   exact from the shardings; AdamW's two moments are laid out like the
@@ -139,9 +140,11 @@ class MemoryEstimate:
         }
 
 
-def _kept_per_token(config: Config, spec: MeshSpec, compute_bytes: int) -> list[tuple[int, float]]:
-    """What one layer keeps for its backward pass per token under `model.remat`: (how many
-    arrays, bytes per token of each)."""
+def _kept_per_token(
+    config: Config, spec: MeshSpec, compute_bytes: int, attention: str
+) -> list[tuple[int, float]]:
+    """What one layer keeps for its backward pass per token under `model.remat` with the
+    attention implementation `attention`: (how many arrays, bytes per token of each)."""
     m, tensor = config.model, spec.tensor
     d, h, n, k, f, s = m.dim, m.head_dim, m.heads, m.kv_heads, m.mlp_dim, config.train.seq_len
     cb = compute_bytes
@@ -150,12 +153,16 @@ def _kept_per_token(config: Config, spec: MeshSpec, compute_bytes: int) -> list[
     projections = [(1, d * cb), (1, qkv), (1, gate_up), (2, d * cb)]
     # what attention itself keeps beyond q, k, v and its output: the softmax over every key, or
     # (split over context) the ring's log-sum-exp per query head, or nothing (all_gather and
-    # query blocks are checkpointed: their backward recomputes the scores)
+    # query blocks are checkpointed: their backward recomputes the scores; cuDNN's kernel keeps
+    # the log-sum-exp as its softmax statistics, and `dots` does not keep its outputs at all: the
+    # kernel is no dot)
     scores = [(2, n * s / tensor * F32)]
+    kernel = spec.context == 1 and attention == "cudnn"
     if spec.context > 1 and m.context_attention == "all_gather":
         scores = []
-    elif spec.context > 1 or _block(config, spec):
+    elif spec.context > 1 or kernel or _block(config, spec, attention):
         scores = [(1, n / tensor * F32)]
+    dots = projections if kernel else [*projections, (1, n * h / tensor * cb), *scores[:1]]
     return {
         "none": [
             (6, d * cb),
@@ -165,19 +172,21 @@ def _kept_per_token(config: Config, spec: MeshSpec, compute_bytes: int) -> list[
             *scores,
         ],
         "full": [(1, d * cb)],
-        "dots": [*projections, (1, n * h / tensor * cb), *scores[:1]],
+        "dots": dots,
         "dots_no_batch": projections,
         "dots_no_batch_attn": [*projections, (1, n * h / tensor * cb)],
     }[config.model.remat]
 
 
-def _block(config: Config, spec: MeshSpec) -> int:
+def _block(config: Config, spec: MeshSpec, attention: str) -> int:
     """The query block of attention on one device (`jaxpar.model.attention.query_block`; 0: the
-    plain einsums)."""
+    plain einsums, or not the XLA path)."""
+    if attention != "xla":
+        return 0
     return query_block(config.train.seq_len // spec.context, config.model.attention_block)
 
 
-def _attention_working(config: Config, spec: MeshSpec, rows: int) -> float:
+def _attention_working(config: Config, spec: MeshSpec, rows: int, attention: str) -> float:
     """One layer's attention scores live at once in its backward pass, where they are not kept
     as residuals (query blocks, or the sequence split over context).
 
@@ -193,8 +202,8 @@ def _attention_working(config: Config, spec: MeshSpec, rows: int) -> float:
     m, c = config.model, spec.context
     heads = rows * m.heads / spec.tensor
     seq = config.train.seq_len
-    if c == 1:
-        block = _block(config, spec)
+    if c == 1:  # (cuDNN's kernel: its blocks stay on chip)
+        block = _block(config, spec, attention)
         return heads * seq * (4 * F32 * block + 2 * seq) if block else 0
     if m.context_attention == "ring":
         blocks = 3 + (2 if m.context_load_balance else 4) * (c - 1)
@@ -228,7 +237,12 @@ def _reused(temps: list[float], buffers: list[int]) -> float:
 
 
 def estimate_memory(
-    config: Config, spec: MeshSpec, schedule: Schedule, params_bytes: int, compute_bytes: int
+    config: Config,
+    spec: MeshSpec,
+    schedule: Schedule,
+    params_bytes: int,
+    compute_bytes: int,
+    attention: str = "xla",
 ) -> MemoryEstimate:
     """Estimates one device's peak memory for `config` on the mesh `spec`, run by `schedule`:
     arithmetic only, nothing is traced or compiled.
@@ -236,6 +250,7 @@ def estimate_memory(
     Args:
         params_bytes: the parameters one device holds (exact, from the shardings).
         compute_bytes: bytes of one element of the compute dtype (4 float32, 2 bfloat16).
+        attention: the attention implementation (`jaxpar.model.attention.implementation`).
 
     Returns:
         The terms in bytes per device (the module docstring defines each).
@@ -258,7 +273,7 @@ def estimate_memory(
     looped = schedule.hand_backward or schedule.ticks > 1
     stacks = [
         stacked * chunk * job_tokens * per_token
-        for count, per_token in _kept_per_token(config, spec, cb)
+        for count, per_token in _kept_per_token(config, spec, cb, attention)
         for _ in range(count)
     ]
     one_job = sum(stacks) / stacked
@@ -267,7 +282,8 @@ def estimate_memory(
     opt = 2 * params_bytes  # AdamW: first and second moments, laid out like the parameters
     reused = min(_reused(stacks, opt_buffers), opt)
     layer_weights = d * ((n + 2 * k) * h + n * h + 3 * f) / tensor * F32 / shard
-    layer = layer_weights + 4 * job_tokens * d * cb + _attention_working(config, spec, rows)
+    layer = (layer_weights + 4 * job_tokens * d * cb
+             + _attention_working(config, spec, rows, attention))  # fmt: skip
     derived = slots * d * ((n + 2 * k) * h + 2 * f) / tensor * F32 / shard
     pipeline_buffers = 3 * replica_tokens * d * cb if looped else 0
     held_w = schedule.routes.slots["wstash"] if schedule.split else 0
@@ -276,8 +292,9 @@ def estimate_memory(
     # fused ticks also hold the job their B writes while their W reads another
     w_jobs = held_w + (1 if held_w and schedule.granularity == "fused" else 0)
     weight_grad_inputs = w_jobs * chunk * job_tokens * taps * cb
-    # one causal mask outside the layer loop; in query blocks or pieces, the blocks' own
-    whole = spec.context == 1 and not _block(config, spec)
+    # one causal mask outside the layer loop; in query blocks or pieces, the blocks' own; none
+    # for cuDNN's causal kernel
+    whole = spec.context == 1 and attention != "cudnn" and not _block(config, spec, attention)
     mask = rows * n / tensor * seq * seq * (F32 + 1) if whole else 0
     logits = outer_tokens * m.vocab / tensor * (2 * F32 + cb)
     return MemoryEstimate(

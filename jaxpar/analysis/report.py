@@ -203,6 +203,7 @@ def placement_estimate(placement: Placement) -> MemoryEstimate:
     return estimate_memory(
         placement.config, placement.spec, placement.schedule,
         sum(r.bytes_per_device for r in rows), compute_bytes=placement.dtype.itemsize,
+        attention=placement.attention,
     )  # fmt: skip
 
 

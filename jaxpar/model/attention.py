@@ -376,6 +376,18 @@ def _xla(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.
     return out_BTKGH.reshape(b, t, n, h)
 
 
+def implementation(name: str, platform: str, dtype: str) -> str:
+    """The implementation `model.attention=name` runs on `platform` (jax's backend name: cpu,
+    gpu, tpu) in the compute dtype `dtype`, where cuDNN's kernel works: the one decision that
+    `resolve` (the model, `jaxpar bench`, `jaxpar analyze`) and the planner's cost model (for a
+    hardware profile's platform) share. cuDNN's flash kernel exists on GPUs, for half precision
+    only."""
+    fused = platform == "gpu" and dtype in ("bfloat16", "float16")
+    if name == "xla" or (name == "auto" and not fused):
+        return "xla"
+    return "cudnn" if fused else "dot_product"
+
+
 def resolve(
     name: str,
     heads: int,
@@ -389,12 +401,9 @@ def resolve(
     Raises:
         JaxparError: `dot_product` on a GPU where cuDNN's kernel fails for this model.
     """
-    # cuDNN's flash kernel exists on GPUs, for half precision only.
-    fused = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-    if name == "xla" or (name == "auto" and not fused):
-        return "xla"
-    if not fused:
-        return "dot_product"
+    impl = implementation(name, jax.default_backend(), jnp.dtype(dtype).name)
+    if impl != "cudnn":
+        return impl
     failure = _cudnn_failure(heads, kv_heads, head_dim, jnp.dtype(dtype).name)
     if failure is None:
         return "cudnn"

@@ -31,15 +31,32 @@ def layer_forward(cfg: ModelConfig, seq: int, causal: bool = False) -> dict[str,
     }  # fmt: skip
 
 
-def recomputed(cfg: ModelConfig, seq: int, remat: str | None = None) -> list[str]:
-    """The forward matmuls a layer's backward pass runs again on one device (compiled, counted):
-    those `remat` (the config's by default) recomputes, and where the XLA path runs flash
-    attention (`jaxpar.model.attention.query_block`) the scores its backward recomputes. A policy
-    that keeps no attention output but its matmuls' then recomputes attention's whole forward,
-    the log-sum-exp being no matmul; in one block XLA computes the forward's scores and the
-    backward's once."""
+# With cuDNN's fused kernel (`jaxpar.model.remat`): the kernel's backward always recomputes the
+# scores; a policy that does not keep the kernel's outputs (every one but `none` and
+# `dots_no_batch_attn`: the kernel is no dot) runs its forward, both matmuls, again.
+KERNEL_RECOMPUTED = {
+    "none": ("scores",),
+    "full": ("qkv", "out", "gate_up", "scores", "values", "scores"),
+    "dots": ("scores", "values", "scores"),
+    "dots_no_batch": ("scores", "values", "scores"),
+    "dots_no_batch_attn": ("scores",),
+}
+
+
+def recomputed(
+    cfg: ModelConfig, seq: int, remat: str | None = None, impl: str = "xla"
+) -> list[str]:
+    """The forward matmuls a layer's backward pass runs again on one device (compiled, counted)
+    with the attention implementation `impl`: those `remat` (the config's by default)
+    recomputes, and attention's own. cuDNN's: `KERNEL_RECOMPUTED`. Where the XLA path runs
+    flash attention (`jaxpar.model.attention.query_block`), the scores its backward recomputes;
+    a policy that keeps no attention output but its matmuls' then recomputes attention's whole
+    forward, the log-sum-exp being no matmul; in one block XLA computes the forward's scores and
+    the backward's once."""
+    if impl == "cudnn":
+        return list(KERNEL_RECOMPUTED[remat or cfg.remat])
     again = list(RECOMPUTED[remat or cfg.remat])
-    block = query_block(seq, cfg.attention_block)
+    block = query_block(seq, cfg.attention_block) if impl == "xla" else 0
     if block:
         if "scores" in again and "values" not in again:
             again.append("values")

@@ -1,14 +1,17 @@
 """`jaxpar plan --calibrate`: measure the devices present and write a hardware profile.
 
-Four measurements, each the median of a few timed runs after a warm-up:
+Each measurement is the median of a few timed runs after a warm-up:
 - the matmul rate per device and dtype: every device multiplies its own square matrices at once
   (a batched matmul sharded over all devices), so devices that share a host's cores, as simulated
   CPU devices do, are measured as they run in a step;
 - a reference train step (4 layers, d=256, data-parallel over every device) with one and with
   four micro-batches: the difference, at equal FLOPs, is the fixed cost of the 24 extra layer
-  passes (`layer_overhead_us`); the one-micro-batch step's matmul FLOPs over its time, less that
-  overhead and its gradient all-reduce, is the sustained rate a step reaches in the platform's
-  compute dtype (the other dtype's is scaled by the matmul rates' ratio);
+  passes (`layer_overhead_us`);
+- the rates a step reaches in the platform's compute dtype (the other dtype's sustained rate is
+  scaled by the matmul rates' ratio), fitted to measured steps as the shipped GPU profiles are
+  (`jaxpar.plan.measured.fit_rates`): on a CPU the one-micro-batch reference step; on a GPU four
+  layers of the 1.1B Llama at 8 x 2,048 tokens per device without recomputation and at 1 x 16,384
+  with full recomputation, which tell the sustained rate and cuDNN's attention kernel's apart;
 - the bus bandwidth of an all-reduce over all devices (NCCL's convention: 2 (g - 1) / g of the
   array per device over the time);
 - the latency of a collective: an all-reduce of one number.
@@ -18,12 +21,14 @@ datasheet's where `jaxpar.train.bench` knows the chip, else the measured rate.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
 from collections.abc import Callable
 
 from jaxpar.plan.hardware import DTYPES, Hardware, Link, peak_flops
+from jaxpar.plan.measured import MeasuredRun, fit_rates
 
 
 def _median_s(run: Callable[[], object], repeats: int) -> float:
@@ -79,27 +84,38 @@ def allreduce_seconds(elements: int, repeats: int = 5) -> float:
 
 REFERENCE = [
     "model.layers=4", "model.dim=256", "model.heads=8", "model.kv_heads=8", "model.mlp_dim=768",
-    "model.vocab=256", "train.seq_len=128", "model.remat=none", "pipeline.schedule=gpipe",
+    "model.vocab=256", "pipeline.schedule=gpipe",
 ]  # fmt: skip
+# On GPUs, four layers of the 1.1B Llama of `measured.yaml` at the two shapes that tell its rates
+# apart: a short sequence (the matmuls) and a long one (cuDNN's attention kernel).
+GPU_REFERENCE = [
+    "model.layers=4", "model.dim=2048", "model.heads=32", "model.kv_heads=4",
+    "model.mlp_dim=5632", "model.vocab=32000", "pipeline.schedule=gpipe",
+]  # fmt: skip
+GPU_SHAPES = [(8, 2048, "none"), (1, 16384, "full")]  # rows per device, sequence, remat
 
 
-def step_seconds(microbatches: int, rows_per_device: int = 4) -> tuple[float, object]:
-    """The reference step's median seconds on all devices (data-parallel), and its config."""
+def reference_run(name: str, model: list[str], rows: int, seq: int, remat: str, dtype: str,
+                  microbatches: int = 1) -> MeasuredRun:  # fmt: skip
+    """A train step of `model` data-parallel over every device (`rows` per device), timed by
+    `jaxpar.train.bench`, as a measured run of this host."""
     import jax
 
-    from jaxpar.config import load_config
     from jaxpar.mesh import MeshSpec, make_mesh
     from jaxpar.placement import Placement
     from jaxpar.train.bench import bench
     from jaxpar.train.step import Trainer
 
     n = jax.device_count()
-    config = load_config(None, [
-        *REFERENCE, f"parallel.mesh=data={n}", f"train.batch_size={rows_per_device * n}",
-        f"pipeline.microbatches={microbatches}",
-    ])  # fmt: skip
+    run = MeasuredRun(
+        hardware=name, devices=n, model="reference",
+        overrides=(*model, f"pipeline.microbatches={microbatches}"), batch=rows * n, seq=seq,
+        remat=remat, step_s=0.0, source="jaxpar plan --calibrate", date=time.strftime("%Y-%m-%d"),
+        dtype=dtype, microbatches=microbatches,
+    )  # fmt: skip
+    config = run.config().replace(**{"parallel.mesh": f"data={n}"})
     result = bench(Trainer(Placement(config, make_mesh(MeshSpec(data=n)))), steps=4, warmup=1)
-    return result.median_step_s, config
+    return dataclasses.replace(run, step_s=result.median_step_s)
 
 
 def _memory_gib(device) -> float:
@@ -138,29 +154,30 @@ def calibrate(name: str, progress: Callable[[str], None] = lambda line: None) ->
         link = Link(gbytes_per_s=1e3, latency_us=0.0)  # one device: nothing to measure
         progress("one device: no collectives to measure")
     from jaxpar.placement import compute_dtype
-    from jaxpar.plan.cost import comm_terms, outer_flops, stack_flops
-    from jaxpar.plan.space import Candidate
-    from jaxpar.plan.traffic import predict_traffic
 
-    one, config = step_seconds(1)
-    four, _ = step_seconds(4)
-    layers = config.model.layers
-    overhead = max(four - one, 0.0) / (2 * layers * (4 - 1))  # F and B of each layer, 3 more M
-    layer_overhead_us = round(overhead * 1e6, 1)
-    progress(f"reference step: {one * 1e3:,.1f} ms with 1 micro-batch, {four * 1e3:,.1f} ms with "
-             f"4: {layer_overhead_us:,.1f} us per layer pass")  # fmt: skip
     step_dtype = compute_dtype("auto").name
-    candidate = Candidate(n, 1, 1, 1, False, "gpipe", 1, 1, "none")
-    spec = candidate.spec
-    flops = stack_flops(config, candidate).total + outer_flops(config, spec)
-    traffic = predict_traffic(config, spec, 4 if step_dtype == "float32" else 2)
-    fake = Hardware(name, "", 1.0, peak, sustained, n, link, link, 0.0, 0.0)
-    comm = sum(t.seconds for t in comm_terms(traffic, spec, fake))
-    busy = max(one - comm - 2 * layers * overhead, one * 0.1)
-    rate = flops / busy / 1e12
-    scale = rate / sustained[step_dtype]
+    one = reference_run(name, REFERENCE, 4, 128, "none", step_dtype)
+    four = reference_run(name, REFERENCE, 4, 128, "none", step_dtype, microbatches=4)
+    layers = 4
+    overhead = max(four.step_s - one.step_s, 0.0) / (2 * layers * (4 - 1))  # F and B, 3 more M
+    layer_overhead_us = round(overhead * 1e6, 1)
+    progress(f"reference step: {one.step_s * 1e3:,.1f} ms with 1 micro-batch, "
+             f"{four.step_s * 1e3:,.1f} ms with 4: {layer_overhead_us:,.1f} us per layer pass")
+    runs = [one]
+    if device.platform == "gpu":
+        runs = []
+        for rows, seq, remat in GPU_SHAPES:
+            runs.append(reference_run(name, GPU_REFERENCE, rows, seq, remat, step_dtype))
+            progress(f"reference step at {rows} x {seq:,} per device, remat={remat}: "
+                     f"{runs[-1].step_s * 1e3:,.1f} ms")  # fmt: skip
+    measured = Hardware(name, "", 1.0, peak, sustained, n, link, link, 0.0, overhead * 1e6,
+                        platform=device.platform)  # fmt: skip
+    fitted = fit_rates(measured, runs, step_dtype)
+    scale = fitted.sustained_tflops[step_dtype] / sustained[step_dtype]
     sustained = {d: v * scale for d, v in sustained.items()}
-    progress(f"sustained in a step: {rate:,.4f} TFLOP/s per device in {step_dtype}")
+    progress(f"sustained in a step: {sustained[step_dtype]:,.4f} TFLOP/s per device in "
+             f"{step_dtype}" + "".join(f", attention kernel {v:,.1f}"
+                                       for v in fitted.attention_tflops.values()))  # fmt: skip
     return Hardware(
         name=name,
         description=f"{n} x {device.device_kind}, calibrated by jaxpar plan --calibrate",
@@ -173,4 +190,6 @@ def calibrate(name: str, progress: Callable[[str], None] = lambda line: None) ->
         overlap=0.0 if cpu else 0.8,
         layer_overhead_us=layer_overhead_us,
         peak_source="datasheet" if all(datasheet.values()) else "measured",
+        platform=device.platform,
+        attention_tflops={d: round(v, 1) for d, v in fitted.attention_tflops.items()},
     )

@@ -15,7 +15,14 @@ Nothing here compiles or touches a device; a candidate costs well under a millis
                ticks of the first and last chunk's stage for the schedules with their own
                backward (with a 128K vocabulary Llama-3's head costs about two layers), else
                outside the pipeline on this device's share of the batch; all over the profile's
-               sustained FLOP/s for the compute dtype.
+               sustained FLOP/s for the compute dtype, but for attention's matmuls in cuDNN's
+               fused kernel (where `jaxpar.model.attention.implementation` runs it for the
+               profile's platform and dtype): the causal half of the keys and the kernel's own
+               recomputation, over the profile's `attention_tflops`. A remat policy that
+               recomputes the layer's elementwise work (norms, RoPE, SwiGLU's activation) but
+               not its matmuls (`dots*`) adds those bytes, read and written, over the memory
+               bandwidth; the sustained rate of a step covers the elementwise work that goes
+               with its matmuls.
                With `context` a device holds T / C positions of each row, and its attention
                computes the blocks `jaxpar.analysis.flops.attention_work` counts: balanced,
                (2C + 1) blocks of (T / 2C)^2, 1/C of one device's blocked causal attention.
@@ -48,7 +55,8 @@ from jaxpar.analysis.flops import attention_work, model_flops
 from jaxpar.analysis.memory import MemoryEstimate, estimate_memory
 from jaxpar.config import Config
 from jaxpar.mesh import AXES, CONTEXT, DATA, MeshSpec
-from jaxpar.model.flops import layer_forward, top_costs
+from jaxpar.model.attention import implementation
+from jaxpar.model.flops import RECOMPUTED, layer_forward, top_costs
 from jaxpar.pipeline.schedule import layout_for
 from jaxpar.plan.hardware import Hardware, Link
 from jaxpar.plan.space import Candidate
@@ -169,6 +177,8 @@ class StackFlops:
         attention: of which attention's (scores and values, forward and backward).
         bubble: the lockstep bubble.
         passes: the slowest stage's layer passes over the ticks.
+        elementwise_bytes: the bytes of elementwise work its backward passes redo without
+            their matmuls (`elementwise_redone`), tick by tick.
     """
 
     total: float
@@ -176,21 +186,42 @@ class StackFlops:
     attention: float
     bubble: float
     passes: float
+    elementwise_bytes: float
 
 
-def stack_flops(config: Config, candidate: Candidate) -> StackFlops:
+def attention_impl(config: Config, hw: Hardware) -> str:
+    """The attention `model.attention` runs on the profile's devices in its compute dtype."""
+    dtype = compute_dtype_for(config.train.dtype, hw)
+    return implementation(config.model.attention, hw.platform, dtype)
+
+
+def elementwise_redone(config: Config, tensor: int, compute_bytes: int) -> float:
+    """Bytes per token of one layer that `model.remat` recomputes without their matmuls: under
+    the `dots*` policies the two RMSNorms (input and output, D each), RoPE on q and k, and
+    SwiGLU's activation (gate and up in, its output out), read and written once."""
+    m = config.model
+    if m.remat == "none" or "qkv" in RECOMPUTED[m.remat]:
+        return 0.0
+    rope = 2 * (m.heads + m.kv_heads) * m.head_dim / tensor
+    return (4 * m.dim + rope + 3 * m.mlp_dim / tensor) * compute_bytes
+
+
+def stack_flops(
+    config: Config, candidate: Candidate, impl: str = "xla", compute_bytes: int = 4
+) -> StackFlops:
     """One layer's F, B and W from the model's shapes on one device (B and W each as F; remat and
     attention's backward add their recomputed matmuls to B), charged tick by tick as
     `Schedule.lockstep_cost` does: each job by its chunk's real layers, the embedding and head
     on the stages that run them (`top_costs`). With `context` a job is T / C positions of its
-    rows, and attention computes `attention_work`'s keys per query."""
+    rows, and attention computes `attention_work`'s keys per query (for the attention
+    implementation `impl`); `compute_bytes` sizes the redone elementwise work."""
     m, t = config.model, config.train
     applied = candidate.apply(config)
     schedule = candidate.schedule_in(config)
     layout = layout_for(applied, candidate.pipeline)
     layers, speeds = layout.chunk_sizes, applied.parallel.speeds
     rows = t.batch_size / (candidate.data * candidate.microbatches)
-    keys, redone = attention_work(applied, candidate.spec)
+    keys, redone = attention_work(applied, candidate.spec, impl)
     forward = {**layer_forward(m, t.seq_len), "scores": 2 * keys * m.heads * m.head_dim,
                "values": 2 * keys * m.heads * m.head_dim}  # fmt: skip
     per_job = rows * t.seq_len / candidate.context / candidate.tensor  # one layer's tokens
@@ -207,21 +238,52 @@ def stack_flops(config: Config, candidate: Candidate) -> StackFlops:
     a_f = per_job * (forward["scores"] + forward["values"])
     a_redo = per_job * sum(forward[name] for name in redone if name in ("scores", "values"))
     a_b, a_w = (a_f + a_redo, 0.0) if schedule.split else (2 * a_f + a_redo, 0.0)
+    redo_bytes = per_job * elementwise_redone(applied, candidate.tensor, compute_bytes)
     return StackFlops(
         total=schedule.lockstep_cost(f, b, w, layers, speeds, ends),
         recomputed=schedule.microbatches * max(layout.stage_sizes) * redo,
         attention=schedule.lockstep_cost(a_f, a_b, a_w, layers, speeds),
         bubble=schedule.lockstep_bubble(f, b, w, layers, speeds, ends),
         passes=passes,
+        elementwise_bytes=schedule.lockstep_cost(0.0, redo_bytes, 0.0, layers, speeds),
+    )
+
+
+@dataclass(frozen=True)
+class ComputeSeconds:
+    """The time of the layer stack's and the outer matmuls (`total`), of which attention's and
+    the recomputation's."""
+
+    total: float
+    attention: float
+    recomputed: float
+
+
+def compute_seconds(stack: StackFlops, outer: float, hw: Hardware, dtype: str,
+                    impl: str) -> ComputeSeconds:  # fmt: skip
+    """`stack` and `outer` FLOPs at the profile's rates: attention's at the fused kernel's where
+    `impl` is cuDNN's, the rest at the sustained rate; the redone elementwise bytes over the
+    memory bandwidth (where the profile gives one)."""
+    rate = hw.sustained_flops(dtype)
+    attention_s = stack.attention / (hw.attention_flops(dtype) if impl == "cudnn" else rate)
+    bandwidth = hw.memory_gbytes_per_s * 1e9
+    elementwise_s = stack.elementwise_bytes / bandwidth if bandwidth else 0.0
+    matmuls_s = (stack.total - stack.attention + outer) / rate
+    return ComputeSeconds(
+        total=matmuls_s + attention_s + elementwise_s,
+        attention=attention_s,
+        recomputed=stack.recomputed / rate + elementwise_s,
     )
 
 
 def stack_seconds(config: Config, candidate: Candidate, hw: Hardware) -> float:
     """The layer stack's compute and per-layer overhead on the slowest stage, tick by tick (as
     `estimate` counts them): the terms a split of the layers over the stages changes."""
-    stack = stack_flops(config, candidate)
-    rate = hw.sustained_flops(compute_dtype_for(config.train.dtype, hw))
-    return stack.total / rate + stack.passes * hw.layer_overhead_us * 1e-6
+    impl = attention_impl(config, hw)
+    dtype = compute_dtype_for(config.train.dtype, hw)
+    stack = stack_flops(config, candidate, impl, 4 if dtype == "float32" else 2)
+    seconds = compute_seconds(stack, 0.0, hw, dtype, impl)
+    return seconds.total + stack.passes * hw.layer_overhead_us * 1e-6
 
 
 def outer_flops(config: Config, spec: MeshSpec) -> float:
@@ -263,7 +325,7 @@ def compute_dtype_for(name: str, hw: Hardware) -> str:
     """`train.dtype` on the profile's devices: `auto` is float32 on CPU, bfloat16 elsewhere (as
     `jaxpar.placement.compute_dtype` resolves it on the devices themselves)."""
     if name == "auto":
-        return "float32" if hw.name == "cpu" else "bfloat16"
+        return "float32" if hw.platform == "cpu" else "bfloat16"
     return "bfloat16" if name == "float16" else name
 
 
@@ -273,18 +335,17 @@ def estimate(config: Config, candidate: Candidate, hw: Hardware) -> Estimate:
     layout = candidate.apply(config)
     spec, schedule = candidate.spec, candidate.schedule_in(config)
     dtype = compute_dtype_for(t.dtype, hw)
+    impl = attention_impl(config, hw)
     compute_bytes = 4 if dtype == "float32" else 2
     memory: MemoryEstimate = estimate_memory(
-        layout, spec, schedule, param_bytes(layout, spec), compute_bytes
+        layout, spec, schedule, param_bytes(layout, spec), compute_bytes, impl
     )
-    stack = stack_flops(config, candidate)
-    outer = outer_flops(layout, spec)
-    rate = hw.sustained_flops(dtype)
-    compute_s = (stack.total + outer) / rate
+    stack = stack_flops(config, candidate, impl, compute_bytes)
+    seconds = compute_seconds(stack, outer_flops(layout, spec), hw, dtype, impl)
     comm = comm_terms(predict_traffic(layout, spec, compute_bytes), spec, hw)
     overhead_s = stack.passes * hw.layer_overhead_us * 1e-6
-    attention_s = stack.attention / rate
-    hidden_s, step_s = step_time(compute_s, overhead_s, comm, hw, attention_s, spec.context)
+    hidden_s, step_s = step_time(seconds.total, overhead_s, comm, hw, seconds.attention,
+                                 spec.context)  # fmt: skip
     tokens = t.batch_size * t.seq_len
     useful = model_flops(m, t.batch_size, t.seq_len, causal=True)
     devices = spec.size
@@ -292,10 +353,10 @@ def estimate(config: Config, candidate: Candidate, hw: Hardware) -> Estimate:
         candidate=candidate,
         memory=memory.to_json(),
         memory_bytes=memory.total_bytes,
-        compute_s=compute_s,
+        compute_s=seconds.total,
         overhead_s=overhead_s,
-        recompute_s=stack.recomputed / rate,
-        attention_s=attention_s,
+        recompute_s=seconds.recomputed,
+        attention_s=seconds.attention,
         bubble=stack.bubble,
         comm=comm,
         hidden_s=hidden_s,

@@ -8,7 +8,15 @@ data-parallel gradient reduction hidden behind the backward pass (XLA's asynchro
 tensor-parallel all-reduces and pipeline sends sit on the critical path and are never hidden.
 `layer_overhead_us` is the fixed time of one layer's forward or backward on one micro-batch beyond
 its matmuls (kernel launches, the tick loop's bookkeeping): what makes many small micro-batches
-slower than few large ones at equal FLOPs.
+slower than few large ones at equal FLOPs. `platform` is jax's backend of the devices (`cpu`,
+`gpu`, `tpu`): with the compute dtype it decides which attention `model.attention` runs there
+(`jaxpar.model.attention.implementation`), and `attention_tflops` is the rate of a fused
+attention kernel where the platform has one (cuDNN's on GPUs: the matmul FLOPs of the causal half
+it computes over its time, its backward's recomputation included).
+
+The GPU profiles' sustained and attention rates are fitted to measured train steps
+(`jaxpar/plan/measured.yaml`, `jaxpar.plan.calibrate.fit_rates`): a step's rate, all its other
+work (norms, activations, the optimizer) included, not a bare matmul's.
 
 Shipped profiles live in `jaxpar/plan/profiles/` (`h100-sxm`, `h200`, `a100-80g`, `tpu-v5e`, `cpu`);
 `jaxpar plan --calibrate` measures the devices it runs on and writes one; any file of the same
@@ -17,7 +25,7 @@ fields works (`--hardware my-cluster.yaml`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +36,8 @@ from jaxpar.errors import JaxparError
 PROFILES = Path(__file__).parent / "profiles"
 DTYPES = ("bfloat16", "float32")
 PEAK_SOURCES = ("datasheet", "measured")
+PLATFORMS = ("cpu", "gpu", "tpu")
+OPTIONAL = ("memory_gbytes_per_s", "peak_source", "platform", "attention_tflops")
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,11 @@ class Hardware:
     # "datasheet": `peak_tflops` are the vendor's dense peaks, the MFU denominator of `jaxpar
     # bench`; "measured": calibrated on a device without one (a CPU), used by the planner only.
     peak_source: str = "datasheet"
+    # jax's backend of the devices: cpu, gpu or tpu (left out of a file: cpu for a profile named
+    # cpu, else gpu).
+    platform: str = "gpu"
+    # A fused attention kernel's rate per dtype (left out: the sustained rate).
+    attention_tflops: dict[str, float] = field(default_factory=dict)
 
     @property
     def memory_bytes(self) -> int:
@@ -70,6 +85,10 @@ class Hardware:
 
     def sustained_flops(self, dtype: str) -> float:
         return self.sustained_tflops[dtype] * 1e12
+
+    def attention_flops(self, dtype: str) -> float:
+        """The fused attention kernel's FLOP/s in `dtype` (the sustained rate where not given)."""
+        return self.attention_tflops.get(dtype, self.sustained_tflops[dtype]) * 1e12
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)
@@ -129,10 +148,11 @@ def _link(source: str, key: str, value: Any) -> Link:
     )
 
 
-def _rates(source: str, key: str, value: Any) -> dict[str, float]:
+def _rates(source: str, key: str, value: Any, every: bool = True) -> dict[str, float]:
+    """A rate per dtype: every dtype's, or (`every` False) those given."""
     raw = _mapping(source, key, value)
     _known(source, key, raw, DTYPES)
-    return {d: _number(source, f"{key}.{d}", raw.get(d)) for d in DTYPES}
+    return {d: _number(source, f"{key}.{d}", raw.get(d)) for d in DTYPES if every or d in raw}
 
 
 def _known(source: str, where: str, raw: dict[str, Any], fields: tuple[str, ...]) -> None:
@@ -149,8 +169,8 @@ def parse_hardware(raw: Any, source: str) -> Hardware:
     fields = tuple(Hardware.__dataclass_fields__)
     raw = _mapping(source, "(top level)", raw)
     _known(source, "", raw, fields)
-    for key in fields[:-2]:  # all but memory_gbytes_per_s and peak_source, which may be left out
-        if key not in raw:
+    for key in fields:
+        if key not in raw and key not in OPTIONAL:
             raise JaxparError(f"hardware profile {source!r}: missing field {key!r}")
     devices = raw["devices_per_node"]
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
@@ -174,13 +194,22 @@ def parse_hardware(raw: Any, source: str) -> Hardware:
         node_link=_link(source, "node_link", raw["node_link"]),
         network_link=_link(source, "network_link", raw["network_link"]),
         overlap=float(overlap),
-        peak_source=_peak_source(source, raw.get("peak_source", "datasheet")),
+        peak_source=_one_of(source, "peak_source", raw.get("peak_source", "datasheet"),
+                            PEAK_SOURCES),
         memory_gbytes_per_s=_number(source, "memory_gbytes_per_s",
                                     raw.get("memory_gbytes_per_s", 0.0), minimum=-1e-12),
         layer_overhead_us=_number(
             source, "layer_overhead_us", raw["layer_overhead_us"], minimum=-1e-12
         ),
+        platform=_one_of(source, "platform", raw.get("platform", _platform(raw)), PLATFORMS),
+        attention_tflops=_rates(source, "attention_tflops", raw.get("attention_tflops", {}),
+                                every=False),  # fmt: skip
     )
+
+
+def _platform(raw: dict[str, Any]) -> str:
+    """The platform of a profile that does not say: cpu for one named cpu, else gpu."""
+    return "cpu" if raw.get("name") == "cpu" else "gpu"
 
 
 # Device kinds (as JAX reports them) and their shipped profiles.
@@ -188,11 +217,11 @@ _KINDS = (("H100", "h100-sxm"), ("H200", "h200"), ("A100", "a100-80g"), ("v5 lit
           ("v5e", "tpu-v5e"), ("cpu", "cpu"))  # fmt: skip
 
 
-def _peak_source(source: str, value: Any) -> str:
-    if value not in PEAK_SOURCES:
+def _one_of(source: str, key: str, value: Any, valid: tuple[str, ...]) -> str:
+    if value not in valid:
         raise JaxparError(
-            f"hardware profile {source!r}: field 'peak_source' must be one of "
-            f"{', '.join(PEAK_SOURCES)}, got {value!r}"
+            f"hardware profile {source!r}: field {key!r} must be one of {', '.join(valid)}, "
+            f"got {value!r}"
         )
     return value
 

@@ -64,10 +64,10 @@ def step_flops(trainer: Trainer) -> tuple[int, int]:
     """(model, hardware) matmul FLOPs of one train step, as the module docstring defines them."""
     placement = trainer.placement
     m, t = placement.config.model, placement.config.train
-    kernel_causal = placement.attention == "cudnn"  # its causal kernel skips the masked half
+    impl = placement.attention
     model = model_flops(m, t.batch_size, t.seq_len, causal=True)
-    hardware = model_flops(m, t.batch_size, t.seq_len, causal=kernel_causal)
-    hardware += recompute_flops(m, t.batch_size, t.seq_len, m.remat, causal=kernel_causal)
+    hardware = model_flops(m, t.batch_size, t.seq_len, causal=impl == "cudnn")
+    hardware += recompute_flops(m, t.batch_size, t.seq_len, m.remat, impl)
     return model, hardware
 
 

@@ -297,6 +297,7 @@ def test_plan_json_schema_and_written_config(capsys, tmp_path):
     assert best.model.layers == 4 and best.train.batch_size == 16
     assert main(["plan", "--no-compile", "--write", str(written), *SMALL]) == 2  # never overwrites
     assert len(doc["candidates"]) == 3 and doc["compile_checked"] is False
+    assert doc["attention"] == "xla"  # float32 on a GPU: no fused kernel
     for c in doc["candidates"]:
         assert set(c) >= {"mesh", "overrides", "memory_bytes", "step_s", "tokens_per_s", "mfu",
                           "compiled", "terms"}  # fmt: skip

@@ -4,7 +4,8 @@ estimate redone with what XLA assigned and the collectives it emitted.
 The step is compiled for the devices present (on a CPU host, simulated ones) in the profile's
 compute dtype. For an accelerator's profile checked on CPU that is the same program but XLA:CPU's
 buffer assignment, and XLA:CPU moves bfloat16 all-reduces as float32; the compiled memory and
-traffic are what this compiler allocates and emits.
+traffic are what this compiler allocates and emits, and its attention is XLA's path where the
+profile's devices would run cuDNN's kernel (a note says so).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxpar.config import Config
-from jaxpar.plan.cost import Estimate, comm_terms, compute_dtype_for, step_time
+from jaxpar.plan.cost import Estimate, attention_impl, comm_terms, compute_dtype_for, step_time
 from jaxpar.plan.hardware import Hardware
 
 
@@ -34,6 +35,11 @@ def compile_check(config: Config, estimate: Estimate, hw: Hardware) -> Estimate:
                                  estimate.attention_s, c.context)  # fmt: skip
     fits = memory.peak_bytes <= hw.memory_bytes
     notes = list(estimate.notes)
+    if placement.attention != attention_impl(config, hw):
+        notes.append(
+            f"compiled with attention={placement.attention} on this host; the profile's devices "
+            f"run {attention_impl(config, hw)}, whose memory the estimate counts"
+        )
     if not fits:
         notes.append(
             f"dropped: compiled peak {memory.peak_bytes / 2**30:,.2f} GiB exceeds the profile's "

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from jaxpar.config import Config
 from jaxpar.errors import JaxparError
-from jaxpar.plan.cost import Estimate, estimate, stack_seconds
+from jaxpar.plan.cost import Estimate, attention_impl, estimate, stack_seconds
 from jaxpar.plan.hardware import Hardware
 from jaxpar.plan.space import Candidate, candidates, uneven
 
@@ -36,6 +36,7 @@ class Plan:
     compiled: bool  # whether the best ones were compile-checked
     search_s: float
     compile_s: float
+    attention: str  # the implementation the cost model priced (`attention_impl`)
 
     @property
     def best(self) -> Estimate:
@@ -47,6 +48,7 @@ class Plan:
             "hardware": self.hardware.name,
             "searched": self.searched,
             "compile_checked": self.compiled,
+            "attention": self.attention,
             "search_s": self.search_s,
             "compile_s": self.compile_s,
             "candidates": [e.to_json() for e in self.ranked[:top]],
@@ -135,6 +137,7 @@ def plan(
         compiled=bool(compile_top),
         search_s=search_s,
         compile_s=time.perf_counter() - start - search_s,
+        attention=attention_impl(config, hw),
     )
 
 
@@ -163,7 +166,7 @@ def render(p: Plan, top: int, console: Console) -> None:
     """The ranked table, one row per layout, with the terms that decide it."""
     console.print(
         f"[bold]plan for {p.devices} x {p.hardware.name}[/bold] ({p.hardware.description}): "
-        f"{p.searched:,} layouts searched in {p.search_s:.2f}s"
+        f"{p.searched:,} layouts searched in {p.search_s:.2f}s (attention: {p.attention})"
         + (
             f"; the best {sum(e.compiled for e in p.ranked) + len(p.dropped)} compiled in "
             f"{p.compile_s:.1f}s"

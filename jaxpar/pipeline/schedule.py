@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 
 import numpy as np
 
@@ -281,7 +281,15 @@ def schedule_for(config: Config, stages: int) -> Schedule:
     settings, with the model's per-job F, B and W FLOPs choosing the tick granularity."""
     pipe = config.pipeline
     costs = job_costs(config.model, config.train.seq_len)
-    return Schedule(pipe.schedule, stages, pipe.microbatches, pipe.repeats, pipe.tick, costs)
+    return _schedule(pipe.schedule, stages, pipe.microbatches, pipe.repeats, pipe.tick, costs)
+
+
+@cache
+def _schedule(name: str, stages: int, microbatches: int, repeats: int, tick: str,
+              costs: tuple[float, float, float]) -> Schedule:  # fmt: skip
+    """A schedule is immutable: each distinct table is built (and checked) once per process,
+    however many configs share it (`jaxpar plan` prices thousands)."""
+    return Schedule(name, stages, microbatches, repeats, tick, costs)
 
 
 def layout_for(config: Config, stages: int) -> StageLayout:

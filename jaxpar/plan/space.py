@@ -97,16 +97,7 @@ def _applied(config: Config, candidate: Candidate) -> Config:
 
 
 def schedule_of(config: Config, stages: int) -> Schedule:
-    """`schedule_for`, built once per config but its layers per stage (the table does not
-    depend on them): building one checks its whole table."""
-    if config.pipeline.stage_layers != "balanced":
-        pipe = dataclasses.replace(config.pipeline, stage_layers="balanced")
-        config = dataclasses.replace(config, pipeline=pipe)
-    return _schedule_of(config, stages)
-
-
-@cache
-def _schedule_of(config: Config, stages: int) -> Schedule:
+    """`schedule_for` (built once per distinct table: building one checks it)."""
     return schedule_for(config, stages)
 
 

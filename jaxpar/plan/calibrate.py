@@ -158,7 +158,7 @@ def calibrate(name: str, progress: Callable[[str], None] = lambda line: None) ->
     step_dtype = compute_dtype("auto").name
     one = reference_run(name, REFERENCE, 4, 128, "none", step_dtype)
     four = reference_run(name, REFERENCE, 4, 128, "none", step_dtype, microbatches=4)
-    layers = 4
+    layers = one.config().model.layers
     overhead = max(four.step_s - one.step_s, 0.0) / (2 * layers * (4 - 1))  # F and B, 3 more M
     layer_overhead_us = round(overhead * 1e6, 1)
     progress(f"reference step: {one.step_s * 1e3:,.1f} ms with 1 micro-batch, "

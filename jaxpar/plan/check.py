@@ -35,10 +35,11 @@ def compile_check(config: Config, estimate: Estimate, hw: Hardware) -> Estimate:
                                  estimate.attention_s, c.context)  # fmt: skip
     fits = memory.peak_bytes <= hw.memory_bytes
     notes = list(estimate.notes)
-    if placement.attention != attention_impl(config, hw):
+    runs = attention_impl(config, hw)
+    if placement.attention != runs:
         notes.append(
             f"compiled with attention={placement.attention} on this host; the profile's devices "
-            f"run {attention_impl(config, hw)}, whose memory the estimate counts"
+            f"run {runs}, whose memory the estimate counts"
         )
     if not fits:
         notes.append(

@@ -21,6 +21,7 @@ import yaml
 
 from jaxpar.config import Config, load_config
 from jaxpar.errors import JaxparError
+from jaxpar.mesh import MeshSpec, parse_mesh
 from jaxpar.plan.cost import (
     Estimate,
     attention_impl,
@@ -66,11 +67,8 @@ class MeasuredRun:
         ])  # fmt: skip
 
     def candidate(self) -> Candidate:
-        sizes = dict(part.split("=") for part in self.mesh.split(",")) if self.mesh else {}
-        data, pipeline = int(sizes.get("data", self.devices)), int(sizes.get("pipeline", 1))
-        tensor = int(sizes.get("tensor", 1))
-        return Candidate(data, pipeline, 1, tensor, False, self.schedule, self.microbatches, 1,
-                         self.remat)  # fmt: skip
+        spec = parse_mesh(self.mesh) if self.mesh else MeshSpec(data=self.devices)
+        return Candidate(*spec.sizes, False, self.schedule, self.microbatches, 1, self.remat)
 
 
 def measured_runs(path: Path = MEASURED) -> list[MeasuredRun]:
